@@ -1,0 +1,15 @@
+// One registration function per area; module.cpp only calls them.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace livemig::py_bindings {
+
+void register_errors(pybind11::module_& m);
+void register_bitmap(pybind11::module_& m);
+void register_dest(pybind11::module_& m);
+void register_source(pybind11::module_& m);
+void register_wire(pybind11::module_& m);
+void register_guest(pybind11::module_& m);
+
+}  // namespace livemig::py_bindings

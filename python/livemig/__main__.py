@@ -1,0 +1,3 @@
+from livemig.cli import main
+
+main()
