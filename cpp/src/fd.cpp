@@ -1,0 +1,37 @@
+#include "livemig/fd.hpp"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "livemig/errors.hpp"
+
+namespace livemig {
+
+Mapping Mapping::anonymous(std::size_t len) {
+  void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw_errno("mmap", "anonymous mapping of " + std::to_string(len) + " bytes");
+  return Mapping(p, len);
+}
+
+Mapping Mapping::memfd(std::size_t len, const std::string& name, UniqueFd& fd_out) {
+  UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC));
+  if (!fd) throw_errno("memfd_create", name);
+  if (::ftruncate(fd.get(), static_cast<off_t>(len)) != 0)
+    throw_errno("ftruncate", name + " to " + std::to_string(len) + " bytes");
+  Mapping m = shared(fd.get(), len);
+  fd_out = std::move(fd);
+  return m;
+}
+
+Mapping Mapping::shared(int fd, std::size_t len) {
+  void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) throw_errno("mmap", "shared mapping of " + std::to_string(len) + " bytes");
+  return Mapping(p, len);
+}
+
+std::size_t page_size() noexcept {
+  static const std::size_t ps = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  return ps;
+}
+
+}  // namespace livemig
