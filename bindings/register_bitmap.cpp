@@ -4,9 +4,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "bitmap_args.hpp"
 #include "livemig/page_bitmap.hpp"
@@ -30,6 +34,59 @@ void check_same_size(const PageBitmap& a, const PageBitmap& b) {
                           std::to_string(b.size()) + " pages");
 }
 
+// Benchmark support: `threads` threads each do `ops` test_and_set calls over the same page
+// sequence (so they contend on every word) and the bits are cleared again between passes; returns
+// the seconds taken. With plain = true the same loop uses a non-atomic read-modify-write of a
+// private copy: the baseline that shows what atomicity costs.
+double bench_test_and_set(PageBitmap& b, int threads, std::size_t ops, bool plain) {
+  const std::size_t n = b.size();
+  if (n == 0 || threads < 1) throw py::value_error("need a non-empty bitmap and threads >= 1");
+  std::vector<std::thread> ts;
+  std::vector<std::vector<PageBitmap::Word>> privates(static_cast<std::size_t>(threads),
+                                                      std::vector<PageBitmap::Word>(b.word_count()));
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int t = 0; t < threads; ++t) {
+    ts.emplace_back([&, t] {
+      auto& mine = privates[static_cast<std::size_t>(t)];
+      std::size_t won = 0;
+      for (std::size_t k = 0; k < ops; ++k) {
+        const std::size_t i = (k * 64 + k / (n / 64 == 0 ? 1 : n / 64)) % n;  // walks words, then bits
+        if (plain) {
+          PageBitmap::Word& w = mine[i / 64];
+          const PageBitmap::Word bit = PageBitmap::Word{1} << (i % 64);
+          won += (w & bit) == 0;
+          w |= bit;
+        } else {
+          won += !b.test_and_set(i);
+        }
+      }
+      mine[0] += won;  // keep the work observable
+    });
+  }
+  for (auto& th : ts) th.join();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Benchmark support: walks every set (or clear) page with find_next and returns how many it found.
+std::size_t bench_find_walk(const PageBitmap& b, bool set) {
+  std::size_t hits = 0;
+  const auto next = [&](std::size_t from) { return set ? b.find_next_set(from) : b.find_next_clear(from); };
+  for (std::size_t i = next(0); i != PageBitmap::npos; i = next(i + 1)) ++hits;
+  return hits;
+}
+
+// Benchmark support: the raw cost of one locked exchange per word over `words` words that are all
+// non-zero (what a dense harvest must do at minimum); returns seconds.
+double bench_exchange_loop(std::size_t words) {
+  std::vector<std::atomic<PageBitmap::Word>> a(words);
+  std::vector<PageBitmap::Word> out(words);
+  for (auto& w : a) w.store(~PageBitmap::Word{0}, std::memory_order_relaxed);
+  const auto t0 = std::chrono::steady_clock::now();
+  for (std::size_t i = 0; i < words; ++i) out[i] = a[i].exchange(0, std::memory_order_acq_rel);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return out[words / 2] == 0 ? -1.0 : secs;
+}
+
 }  // namespace
 
 py::array_t<PageBitmap::Word> words_view(const std::shared_ptr<PageBitmap>& bm, py::handle owner) {
@@ -40,6 +97,14 @@ py::array_t<PageBitmap::Word> words_view(const std::shared_ptr<PageBitmap>& bm, 
 }
 
 void register_bitmap(py::module_& m) {
+  m.def("_bench_exchange_loop", &bench_exchange_loop, py::arg("words"), py::call_guard<py::gil_scoped_release>(),
+        "Benchmark support: seconds for one locked exchange per word over `words` words.");
+  m.def("_bench_find_walk", &bench_find_walk, py::arg("bitmap"), py::arg("set") = true,
+        py::call_guard<py::gil_scoped_release>(), "Benchmark support: count pages by walking find_next.");
+  m.def("_bench_test_and_set", &bench_test_and_set, py::arg("bitmap"), py::arg("threads"), py::arg("ops"),
+        py::arg("plain") = false, py::call_guard<py::gil_scoped_release>(),
+        "Benchmark support: seconds for `threads` threads doing `ops` test_and_set calls each.");
+
   py::class_<PageBitmap, std::shared_ptr<PageBitmap>>(m, "PageBitmap",
                                                       "One bit per page; every mutation is atomic and lock-free.")
       .def(py::init([](py::ssize_t size, bool fill) {
@@ -126,6 +191,30 @@ void register_bitmap(py::module_& m) {
           },
           py::arg("start") = 0, py::arg("end") = py::none(),
           "Maximal runs of set pages in [start, end) as an (n, 2) uint64 array of (start, length).")
+      .def(
+          "nonzero",
+          [](const PageBitmap& b, py::ssize_t start, std::optional<py::ssize_t> end) {
+            const auto r = check_range(b, start, end);
+            std::size_t n = 0;
+            {
+              py::gil_scoped_release rel;
+              n = b.count(r.begin, r.end);
+            }
+            py::array_t<std::uint64_t> out(static_cast<py::ssize_t>(n));
+            std::uint64_t* dst = out.mutable_data();
+            std::size_t k = 0;
+            {
+              py::gil_scoped_release rel;
+              // Bits set by other threads since the count are left out rather than overrun.
+              b.for_each_set(r.begin, r.end, [&](std::size_t i) {
+                if (k < n) dst[k++] = i;
+              });
+            }
+            if (k < n) out.resize({static_cast<py::ssize_t>(k)});
+            return out;
+          },
+          py::arg("start") = 0, py::arg("end") = py::none(),
+          "The set pages in [start, end), ascending, as a uint64 array.")
       .def(
           "harvest",
           [](PageBitmap& b, py::ssize_t start, std::optional<py::ssize_t> end, std::optional<Words> out) {

@@ -95,41 +95,6 @@ bool PageBitmap::none(std::size_t begin, std::size_t end) const noexcept {
   return find_next_set(begin, end) == npos;
 }
 
-std::size_t PageBitmap::find_next_set(std::size_t from) const noexcept { return find_next_set(from, size_); }
-std::size_t PageBitmap::find_next_clear(std::size_t from) const noexcept { return find_next_clear(from, size_); }
-
-std::size_t PageBitmap::find_next_set(std::size_t from, std::size_t end) const noexcept {
-  if (end > size_) end = size_;
-  if (from >= end) return npos;
-  std::size_t w = from / kBits;
-  Word x = data_[w].load(kLoad) & (kAll << (from % kBits));
-  const std::size_t last = (end - 1) / kBits;
-  for (;;) {
-    if (x != 0) {
-      const std::size_t pos = w * kBits + static_cast<std::size_t>(std::countr_zero(x));
-      return pos < end ? pos : npos;
-    }
-    if (++w > last) return npos;
-    x = data_[w].load(kLoad);
-  }
-}
-
-std::size_t PageBitmap::find_next_clear(std::size_t from, std::size_t end) const noexcept {
-  if (end > size_) end = size_;
-  if (from >= end) return npos;
-  std::size_t w = from / kBits;
-  Word x = ~data_[w].load(kLoad) & (kAll << (from % kBits));
-  const std::size_t last = (end - 1) / kBits;
-  for (;;) {
-    if (x != 0) {
-      const std::size_t pos = w * kBits + static_cast<std::size_t>(std::countr_zero(x));
-      return pos < end ? pos : npos;
-    }
-    if (++w > last) return npos;
-    x = ~data_[w].load(kLoad);
-  }
-}
-
 std::vector<std::pair<std::size_t, std::size_t>> PageBitmap::runs(std::size_t begin, std::size_t end) const {
   std::vector<std::pair<std::size_t, std::size_t>> out;
   for_each_run(begin, end, [&](std::size_t s, std::size_t n) { out.emplace_back(s, n); });
@@ -139,18 +104,25 @@ std::vector<std::pair<std::size_t, std::size_t>> PageBitmap::runs(std::size_t be
 std::size_t PageBitmap::harvest(std::size_t begin, std::size_t end, std::span<Word> taken) noexcept {
   if (begin >= end) return 0;
   const std::size_t wb = begin / kBits, we = (end - 1) / kBits;
+  // Edge words: only the bits inside the range are taken.
+  const auto take_masked = [&](std::size_t w) -> Word {
+    const Word mask = range_mask_for_word(w, begin, end);
+    return (data_[w].load(kLoad) & mask) != 0 ? data_[w].fetch_and(~mask, kRmw) & mask : 0;
+  };
   std::size_t n = 0;
-  for (std::size_t w = wb; w <= we; ++w) {
-    const Word mask = (w == wb || w == we) ? range_mask_for_word(w, begin, end) : kAll;
-    Word got = 0;
-    // Skip the locked RMW for words that read as empty: a bit set after this load is simply
-    // left for the next harvest, as if it had been set after the whole call.
-    if ((data_[w].load(kLoad) & mask) != 0) {
-      got = (mask == kAll ? data_[w].exchange(0, kRmw) : data_[w].fetch_and(~mask, kRmw)) & mask;
-      n += static_cast<std::size_t>(std::popcount(got));
-    }
+  taken[0] = take_masked(wb);
+  n += static_cast<std::size_t>(std::popcount(taken[0]));
+  if (we == wb) return n;
+  for (std::size_t w = wb + 1; w < we; ++w) {
+    // Skip the locked exchange (about 10 ns here) for words that read as empty: a bit set after
+    // this load is left for the next harvest, as if it had been set after the whole call.
+    const Word v = data_[w].load(kLoad);
+    const Word got = v != 0 ? data_[w].exchange(0, kRmw) : 0;
     taken[w - wb] = got;
+    n += static_cast<std::size_t>(std::popcount(got));
   }
+  taken[we - wb] = take_masked(we);
+  n += static_cast<std::size_t>(std::popcount(taken[we - wb]));
   return n;
 }
 

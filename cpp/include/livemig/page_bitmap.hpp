@@ -14,6 +14,7 @@
 #pragma once
 
 #include <atomic>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -80,6 +81,10 @@ class PageBitmap {
   /// First clear bit in [from, end), or npos.
   std::size_t find_next_clear(std::size_t from, std::size_t end) const noexcept;
 
+  /// Calls fn(page) for each set bit in [begin, end), ascending; each word is loaded once.
+  template <class Fn>
+  void for_each_set(std::size_t begin, std::size_t end, Fn&& fn) const;
+
   /// Calls fn(start, length) for each maximal run of set bits in [begin, end), in order.
   /// fn returns void, or bool where false stops the walk. Reads are per word: a run that
   /// concurrent writers change while it is walked is reported as it was seen.
@@ -143,6 +148,58 @@ inline PageBitmap::Word range_mask_for_word(std::size_t w, std::size_t begin, st
   const std::size_t e = end - lo >= PageBitmap::kWordBits ? PageBitmap::kWordBits : end - lo;
   const PageBitmap::Word hi_mask = e == PageBitmap::kWordBits ? ~PageBitmap::Word{0} : (PageBitmap::Word{1} << e) - 1;
   return hi_mask & (~PageBitmap::Word{0} << b);
+}
+
+// find_next_* are inline: they are the inner loop of every scanner.
+inline std::size_t PageBitmap::find_next_set(std::size_t from) const noexcept { return find_next_set(from, size_); }
+inline std::size_t PageBitmap::find_next_clear(std::size_t from) const noexcept { return find_next_clear(from, size_); }
+
+inline std::size_t PageBitmap::find_next_set(std::size_t from, std::size_t end) const noexcept {
+  if (end > size_) end = size_;
+  if (from >= end) return npos;
+  std::size_t w = from / kWordBits;
+  Word x = data_[w].load(std::memory_order_acquire) & (~Word{0} << (from % kWordBits));
+  const std::size_t last = (end - 1) / kWordBits;
+  for (;;) {
+    if (x != 0) {
+      const std::size_t pos = w * kWordBits + static_cast<std::size_t>(std::countr_zero(x));
+      return pos < end ? pos : npos;
+    }
+    if (++w > last) return npos;
+    x = data_[w].load(std::memory_order_acquire);
+  }
+}
+
+inline std::size_t PageBitmap::find_next_clear(std::size_t from, std::size_t end) const noexcept {
+  if (end > size_) end = size_;
+  if (from >= end) return npos;
+  std::size_t w = from / kWordBits;
+  Word x = ~data_[w].load(std::memory_order_acquire) & (~Word{0} << (from % kWordBits));
+  const std::size_t last = (end - 1) / kWordBits;
+  for (;;) {
+    if (x != 0) {
+      const std::size_t pos = w * kWordBits + static_cast<std::size_t>(std::countr_zero(x));
+      return pos < end ? pos : npos;
+    }
+    if (++w > last) return npos;
+    x = ~data_[w].load(std::memory_order_acquire);
+  }
+}
+
+template <class Fn>
+void PageBitmap::for_each_set(std::size_t begin, std::size_t end, Fn&& fn) const {
+  if (end > size_) end = size_;
+  if (begin >= end) return;
+  const std::size_t wb = begin / kWordBits, we = (end - 1) / kWordBits;
+  for (std::size_t w = wb; w <= we; ++w) {
+    Word x = data_[w].load(std::memory_order_acquire);
+    if (x == 0) continue;
+    if (w == wb || w == we) x &= range_mask_for_word(w, begin, end);
+    while (x != 0) {
+      fn(w * kWordBits + static_cast<std::size_t>(std::countr_zero(x)));
+      x &= x - 1;
+    }
+  }
 }
 
 template <class Fn>
