@@ -18,6 +18,7 @@ constexpr std::size_t kVecLen = 1024;  // regions per PAGEMAP_SCAN call (24 KiB)
 
 DirtyTracker::DirtyTracker(std::uint8_t* base, std::size_t npages, TrackMode mode)
     : base_(base), npages_(npages), mode_(mode), written_(mode == TrackMode::Explicit ? npages : 0) {
+  page_shift_ = static_cast<unsigned>(__builtin_ctzll(page_size()));
   if (mode_ == TrackMode::Explicit || npages_ == 0) return;
   const std::size_t len = npages_ * page_size();
   // WP_ASYNC: write faults resolve in the kernel and mark the page written; WP_UNPOPULATED: pages

@@ -55,11 +55,37 @@ std::size_t Source::sync() {
   std::lock_guard lock(sync_mu_);
   PageBitmap& d = *dirty_;
   PageBitmap& h = *hinted_;
-  // D first, then H: a scanner that sees H cleared for a page also finds it dirty.
+  using Word = PageBitmap::Word;
+  constexpr std::size_t kBits = PageBitmap::kWordBits;
+  // Runs arrive in address order; the bits of runs that share a word are gathered and applied with
+  // one locked RMW per word (sparse writes give several runs per word). D first, then H: a scanner
+  // that sees H cleared for a page also finds it dirty. H is usually clear: test before the RMW.
+  std::size_t acc_word = PageBitmap::npos;
+  Word acc = 0;
+  auto flush = [&] {
+    if (acc == 0) return;
+    d.word(acc_word).fetch_or(acc, std::memory_order_acq_rel);
+    if ((h.word(acc_word).load(std::memory_order_acquire) & acc) != 0)
+      h.word(acc_word).fetch_and(~acc, std::memory_order_acq_rel);
+    acc = 0;
+  };
   const std::size_t n = tracker_.harvest([&](std::size_t first, std::size_t len) {
-    d.set_range(first, first + len);
-    h.clear_range(first, first + len);
+    const std::size_t end = first + len;
+    const std::size_t w = first / kBits;
+    if ((end - 1) / kBits == w) {  // within one word
+      if (w != acc_word) {
+        flush();
+        acc_word = w;
+      }
+      acc |= range_mask_for_word(w, first, end);
+      return;
+    }
+    flush();
+    acc_word = PageBitmap::npos;
+    d.set_range(first, end);
+    if (!h.none(first, end)) h.clear_range(first, end);
   });
+  flush();
   syncs_.fetch_add(1, std::memory_order_relaxed);
   pages_written_.fetch_add(n, std::memory_order_relaxed);
   return n;

@@ -19,7 +19,7 @@ std::size_t pagemap_scan_loop(const void* addr, std::size_t len, std::size_t vec
   std::vector<page_region> vec(vec_len);
   const std::uint64_t start = reinterpret_cast<std::uintptr_t>(addr), end = start + len;
   std::uint64_t pos = start;
-  std::size_t pages = 0;
+  std::uint64_t bytes = 0;
   while (pos < end) {
     pm_scan_arg arg{};
     arg.size = sizeof arg;
@@ -33,11 +33,11 @@ std::size_t pagemap_scan_loop(const void* addr, std::size_t len, std::size_t vec
     // PAGEMAP_SCAN: the bare harvest-and-re-protect the engine's sync is compared against.
     const int n = ::ioctl(pagemap.get(), PAGEMAP_SCAN, &arg);
     if (n < 0) throw_errno("pagemap_scan", "baseline", pos);
-    for (int i = 0; i < n; ++i) pages += (vec[static_cast<std::size_t>(i)].end - vec[static_cast<std::size_t>(i)].start) / page_size();
+    for (int i = 0; i < n; ++i) bytes += vec[static_cast<std::size_t>(i)].end - vec[static_cast<std::size_t>(i)].start;
     if (static_cast<std::size_t>(n) < vec.size() || arg.walk_end <= pos) break;
     pos = arg.walk_end;
   }
-  return pages;
+  return bytes / page_size();
 }
 
 namespace {
