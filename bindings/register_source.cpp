@@ -288,6 +288,14 @@ void register_bench(py::module_& parent) {
       },
       py::arg("address"), py::arg("nbytes"), py::arg("vec_len") = 1024);
   m.def(
+      "pagemap_reset_chunks",
+      [](std::uintptr_t addr, std::size_t len, std::size_t chunk_pages) {
+        if (chunk_pages == 0) throw py::value_error("chunk_pages must be > 0");
+        py::gil_scoped_release rel;
+        return bench::pagemap_reset_chunks(reinterpret_cast<const void*>(addr), len, chunk_pages);
+      },
+      py::arg("address"), py::arg("nbytes"), py::arg("chunk_pages"));
+  m.def(
       "read_bandwidth",
       [](std::uintptr_t addr, std::size_t len) {
         py::gil_scoped_release rel;
@@ -309,6 +317,7 @@ void register_bench(py::module_& parent) {
         return bench::count_zero_pages(reinterpret_cast<const void*>(addr), npages);
       },
       py::arg("address"), py::arg("npages"));
+  m.def("is_zero_impl", &is_zero_impl, "The zero-page detector in use: avx512, avx2 or scalar.");
   m.def(
       "hint_loop",
       [](HintSink& sink, std::int64_t id, std::uint64_t first, std::uint64_t npages_per_hint, std::uint64_t count) {

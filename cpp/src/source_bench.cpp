@@ -40,6 +40,27 @@ std::size_t pagemap_scan_loop(const void* addr, std::size_t len, std::size_t vec
   return bytes / page_size();
 }
 
+std::size_t pagemap_reset_chunks(const void* addr, std::size_t len, std::size_t chunk_pages) {
+  static const UniqueFd pagemap(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+  if (!pagemap) throw_errno("open", "/proc/self/pagemap");
+  const std::uint64_t start = reinterpret_cast<std::uintptr_t>(addr), end = start + len;
+  const std::uint64_t step = chunk_pages * page_size();
+  std::size_t calls = 0;
+  for (std::uint64_t pos = start; pos < end; pos += step) {
+    pm_scan_arg arg{};
+    arg.size = sizeof arg;
+    arg.flags = PM_SCAN_WP_MATCHING;
+    arg.start = pos;
+    arg.end = pos + step < end ? pos + step : end;
+    arg.category_mask = PAGE_IS_WRITTEN;
+    arg.return_mask = PAGE_IS_WRITTEN;
+    // PAGEMAP_SCAN without an output vector: re-protect only, as a hint does.
+    if (::ioctl(pagemap.get(), PAGEMAP_SCAN, &arg) < 0) throw_errno("pagemap_scan", "baseline reset", pos);
+    ++calls;
+  }
+  return calls;
+}
+
 namespace {
 __attribute__((target("avx512f"))) std::uint64_t read_avx512(const std::uint8_t* p, std::size_t len) noexcept {
   __m512i a = _mm512_setzero_si512(), b = a, c = a, d = a;

@@ -10,6 +10,9 @@ namespace livemig::bench {
 /// The bare harvest: PAGEMAP_SCAN with WP matching over [addr, addr + len), vec_len regions per
 /// call, looping until the walk ends; returns the written pages found. Throws KernelError.
 std::size_t pagemap_scan_loop(const void* addr, std::size_t len, std::size_t vec_len);
+/// The bare form of a hint's tracking reset: one PAGEMAP_SCAN with WP matching and no output vector
+/// per `chunk_pages` pages of [addr, addr + len); returns the number of calls. Throws KernelError.
+std::size_t pagemap_reset_chunks(const void* addr, std::size_t len, std::size_t chunk_pages);
 /// Reads every byte of [p, p + len) (len a multiple of 256) as fast as the CPU can; returns an
 /// XOR of the data so the loop is not optimised away.
 std::uint64_t read_bandwidth(const void* p, std::size_t len) noexcept;
