@@ -147,3 +147,18 @@ def test_zero_page_detection() -> None:
     assert _core._source_bench.count_zero_pages(src.address, 8) == 5
     with pytest.raises(IndexError):
         src.is_zero(8)
+
+
+def test_zero_page_detection_every_offset() -> None:
+    """One non-zero byte anywhere in a page (each 64-byte line, each position in a line) makes it
+    non-zero, whatever SIMD path is used."""
+    n = PAGE // 64
+    buf = np.zeros((n + 1) * PAGE, dtype=np.uint8)
+    base = (-buf.ctypes.data) % PAGE  # page-align the view
+    pages = buf[base : base + n * PAGE].reshape(n, PAGE) if base + n * PAGE <= buf.size else None
+    assert pages is not None
+    for k in range(n):
+        pages[k, k * 64 + (k * 7) % 64] = 1 << (k % 8)
+    assert _core._source_bench.count_zero_pages(pages.ctypes.data, n) == 0
+    pages[:] = 0
+    assert _core._source_bench.count_zero_pages(pages.ctypes.data, n) == n
