@@ -218,6 +218,18 @@ void register_source_class(py::module_& m) {
       .def("dirty_hinted_unsent", &Source::dirty_hinted_unsent, py::call_guard<py::gil_scoped_release>(),
            "D |= H & ~S (for a peer without local fill); returns the pages newly dirty.")
       .def(
+          "resync_with_received",
+          [](Source& s, const PageBitmap& received, bool local_fill) {
+            if (received.size() != s.pages())
+              throw py::value_error("received bitmap has " + std::to_string(received.size()) + " pages, the region " +
+                                    std::to_string(s.pages()));
+            py::gil_scoped_release rel;
+            return s.resync_with_received(received, local_fill);
+          },
+          py::arg("received"), py::arg("local_fill"),
+          "Recovery: pages not received become dirty and unsent again (hinted-local ones kept when "
+          "local_fill); returns how many.")
+      .def(
           "request",
           [](Source& s, std::uint64_t first, std::uint64_t n) {
             py::gil_scoped_release rel;

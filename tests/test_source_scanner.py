@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from livemig import _core
 from livemig.source import CMD_DONE, CMD_FIRST, CMD_STOP, RunFlag, Source, next_cmd_id
 
 from source_helpers import bits, make_source, runs_to_pages
@@ -242,3 +243,25 @@ def test_scanner_matches_model(ops: list[tuple[str, int, object]]) -> None:
                 d -= set(pages)
                 s |= set(pages)
         assert bits(src.dirty) == d and bits(src.sent) == s
+
+
+@settings(max_examples=100, deadline=None)
+@given(d=page_sets, s=page_sets, h=page_sets, r=page_sets, local_fill=st.booleans())
+def test_resync_with_received_matches_model(
+    d: set[int], s: set[int], h: set[int], r: set[int], local_fill: bool
+) -> None:
+    src = Source(300, mode="explicit")
+    src.dirty.reset()
+    for bm, which in ((src.dirty, d), (src.sent, s), (src.hinted, h)):
+        for p in which:
+            bm.set(p)
+    received = _core.PageBitmap(300)
+    for p in r:
+        received.set(p)
+    local = (h - d - s) if local_fill else set()
+    lost = set(range(300)) - r - local
+    assert src.resync_with_received(received, local_fill=local_fill) == len(lost)
+    assert bits(src.dirty) == d | lost
+    assert bits(src.sent) == s - lost
+    with pytest.raises(ValueError):
+        src.resync_with_received(_core.PageBitmap(299), local_fill=False)

@@ -137,6 +137,31 @@ std::size_t Source::dirty_hinted_unsent() noexcept {
   return n;
 }
 
+std::size_t Source::resync_with_received(const PageBitmap& received, bool local_fill) {
+  if (received.size() != npages_)
+    throw std::invalid_argument("received bitmap has " + std::to_string(received.size()) + " pages, the region " +
+                                std::to_string(npages_));
+  PageBitmap& d = *dirty_;
+  PageBitmap& s = *sent_;
+  const PageBitmap& h = *hinted_;
+  std::size_t n = 0;
+  const std::size_t words = d.word_count();
+  for (std::size_t w = 0; w < words; ++w) {
+    const std::size_t lo = w * PageBitmap::kWordBits;
+    const PageBitmap::Word valid = range_mask_for_word(w, lo, npages_);
+    const PageBitmap::Word dw = d.word(w).load(std::memory_order_acquire);
+    const PageBitmap::Word sw = s.word(w).load(std::memory_order_acquire);
+    const PageBitmap::Word local = local_fill ? (h.word(w).load(std::memory_order_acquire) & ~dw & ~sw) : 0;
+    const PageBitmap::Word lost = ~received.word(w).load(std::memory_order_acquire) & ~local & valid;
+    if (lost == 0) continue;
+    // S first, then D: in between, a request sees the page clean and unsent, and serves it.
+    s.word(w).fetch_and(~lost, std::memory_order_acq_rel);
+    d.word(w).fetch_or(lost, std::memory_order_acq_rel);
+    n += static_cast<std::size_t>(__builtin_popcountll(lost));
+  }
+  return n;
+}
+
 SyncCounters Source::sync_counters() const noexcept {
   return {syncs_.load(std::memory_order_relaxed), pages_written_.load(std::memory_order_relaxed)};
 }

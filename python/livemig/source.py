@@ -158,6 +158,12 @@ class Source:
         """For a peer without local fill: make hinted, unsent pages dirty; returns how many."""
         return self._core.dirty_hinted_unsent()
 
+    def resync_with_received(self, received: _core.PageBitmap, *, local_fill: bool) -> int:
+        """Recovery after a broken channel: every page the destination has not received (its
+        ``received`` bitmap) becomes dirty and unsent again, except hinted pages it fills locally
+        when ``local_fill``. Returns how many pages are queued again."""
+        return self._core.resync_with_received(received, local_fill)
+
     # ---- hints ----
     @property
     def hints(self) -> _core.HintSink:

@@ -71,6 +71,11 @@ class Source {
   /// For a peer without local fill: makes hinted, unsent, clean pages dirty (D |= H & ~S) so the
   /// background scan pushes them; returns how many.
   std::size_t dirty_hinted_unsent() noexcept;
+  /// Recovery after a broken channel (DESIGN.md "Recovery"): `received` is the destination's R
+  /// (same size, else invalid_argument). Every page not received becomes dirty and unsent again,
+  /// except, when `local_fill`, pages the destination fills itself (H, not D, not S). Returns how
+  /// many pages were not received and are now queued again.
+  std::size_t resync_with_received(const PageBitmap& received, bool local_fill);
   SyncCounters sync_counters() const noexcept;
 
  private:
