@@ -329,6 +329,19 @@ void register_bench(py::module_& parent) {
         return bench::count_zero_pages(reinterpret_cast<const void*>(addr), npages);
       },
       py::arg("address"), py::arg("npages"));
+  m.def(
+      "touch_pages_marked",
+      [](Source& src, std::size_t stride, std::uint8_t value) {
+        if (stride == 0) throw py::value_error("stride must be > 0");
+        py::gil_scoped_release rel;
+        auto* b = reinterpret_cast<volatile std::uint8_t*>(src.data());
+        for (std::size_t i = 0; i < src.pages(); i += stride) {
+          b[i * page_size()] = value;
+          src.mark_written(i, 1);
+        }
+      },
+      py::arg("source"), py::arg("stride") = 1, py::arg("value") = 1,
+      "The explicit-mode writer: touch_pages, marking each page written after the store.");
   m.def("is_zero_impl", &is_zero_impl, "The zero-page detector in use: avx512, avx2 or scalar.");
   m.def(
       "hint_loop",
