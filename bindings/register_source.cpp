@@ -37,16 +37,6 @@ Backing parse_backing(const std::string& backing) {
   throw py::value_error("backing must be 'anonymous' or 'memfd', got '" + backing + "'");
 }
 
-const char* state_name(BalloonState s) {
-  switch (s) {
-    case BalloonState::Stop: return "STOP";
-    case BalloonState::Requested: return "REQUESTED";
-    case BalloonState::Start: return "START";
-    case BalloonState::Done: return "DONE";
-  }
-  return "?";
-}
-
 std::uint32_t check_cmd_id(std::int64_t id) {
   if (id < 0 || id > 0xFFFFFFFFLL) throw py::value_error("command id must fit in 32 bits, got " + std::to_string(id));
   return static_cast<std::uint32_t>(id);
@@ -107,7 +97,9 @@ void register_hint_sink(py::module_& m) {
       .def("host_done", &HintSink::host_done, py::call_guard<py::gil_scoped_release>(),
            "The device shows DONE: the guest may reuse its hinted pages.")
       .def_property_readonly("cmd_id", &HintSink::cmd_id)
-      .def_property_readonly("state", [](const HintSink& s) { return state_name(s.state()); })
+      .def_property_readonly(
+          "state", [](const HintSink& s) { return static_cast<int>(s.state()); },
+          "The device state as an int: 0 STOP, 1 REQUESTED, 2 START, 3 DONE (livemig.balloon.BalloonState).")
       .def("guest_ack", [](HintSink& s, std::int64_t id) { return s.guest_ack(check_cmd_id(id)); }, py::arg("cmd_id"),
            "The guest echoes cmd_id: REQUESTED -> START when current.")
       .def(

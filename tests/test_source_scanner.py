@@ -13,20 +13,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig import _core
-from livemig.source import CMD_DONE, CMD_FIRST, CMD_STOP, RunFlag, Source, next_cmd_id
+from livemig.source import RunFlag, Source
 
 from source_helpers import bits, make_source, runs_to_pages
 
 PAGE = mmap.PAGESIZE
 pytestmark = pytest.mark.timeout(60)
-ID = CMD_FIRST
+ID = 0x80000001  # the first round id
+CMD_STOP, CMD_DONE = 0, 1
+# Device states (livemig.balloon.BalloonState).
+STOP, REQUESTED, START, DONE = 0, 1, 2, 3
 
 
 def _started(src: Source, cmd_id: int = ID) -> None:
     src.hints.host_request(cmd_id)
-    assert src.hints.state == "REQUESTED" and src.hints.cmd_id == cmd_id
+    assert src.hints.state == REQUESTED and src.hints.cmd_id == cmd_id
     assert src.hints.guest_ack(cmd_id)
-    assert src.hints.state == "START"
+    assert src.hints.state == START
 
 
 def _snapshot(src: Source) -> tuple[bytes, bytes, bytes]:
@@ -34,18 +37,19 @@ def _snapshot(src: Source) -> tuple[bytes, bytes, bytes]:
 
 
 def test_round_ids_and_states() -> None:
-    assert next_cmd_id(0xFFFFFFFF) == 0x80000000 and next_cmd_id(0x80000000) == 0x80000001
+    assert _core.next_cmd_id(0xFFFFFFFF) == 0x80000000
+    assert _core.next_cmd_id(0x80000000) == 0x80000001
     src = Source(16, mode="explicit")
     h = src.hints
-    assert (h.state, h.cmd_id) == ("STOP", CMD_STOP)
+    assert (h.state, h.cmd_id) == (STOP, CMD_STOP)
     with pytest.raises(ValueError):
         h.host_request(CMD_DONE)
     assert not h.guest_ack(ID)  # nothing requested
     _started(src)
     assert not h.guest_stop(ID + 1)
-    assert h.guest_stop(ID) and h.state == "STOP"
+    assert h.guest_stop(ID) and h.state == STOP
     h.host_done()
-    assert (h.state, h.cmd_id) == ("DONE", CMD_DONE)
+    assert (h.state, h.cmd_id) == (DONE, CMD_DONE)
 
 
 def test_stale_hints_change_nothing() -> None:
@@ -64,7 +68,8 @@ def test_stale_hints_change_nothing() -> None:
     assert not h.hint(ID, 250, 10)  # outside the region
     assert _snapshot(src) == before
     c = src.counters()
-    assert (c.hints_accepted, c.pages_hinted, c.hints_dropped_stale, c.hints_dropped_invalid) == (0, 0, 5, 1)
+    counts = (c.hints_accepted, c.pages_hinted, c.hints_dropped_stale, c.hints_dropped_invalid)
+    assert counts == (0, 0, 5, 1)
 
 
 def test_accepted_hint_clears_dirty_sets_hinted() -> None:
@@ -130,7 +135,8 @@ def test_requests_served_or_dropped_by_rule_2() -> None:
         [500, 1, RunFlag.URGENT | RunFlag.DIRTY_TAKEN | RunFlag.SENT_WAS_CLEAR],
     ]
     c = src.counters()
-    assert (c.requests, c.request_pages_served, c.request_pages_dropped, c.requests_invalid) == (4, 3, 1, 1)
+    counts = (c.requests, c.request_pages_served, c.request_pages_dropped, c.requests_invalid)
+    assert counts == (4, 3, 1, 1)
     # Rule 6: the background scan continues just after the last requested page.
     assert src.cursor == 501
     assert runs_to_pages(src.next_batch(3)) == [501, 502, 503]
@@ -144,7 +150,8 @@ def test_urgent_batch_respects_max_pages() -> None:
     src = Source(64, mode="explicit")
     src.request(0, 10)
     first = src.next_batch(4)
-    assert runs_to_pages(first) == [0, 1, 2, 3] and all(int(f) & RunFlag.URGENT for _, _, f in first)
+    assert runs_to_pages(first) == [0, 1, 2, 3]
+    assert all(int(f) & RunFlag.URGENT for _, _, f in first)
     assert src.pending_requests == 6
     assert runs_to_pages(src.next_batch(100)) == list(range(4, 10))
     assert runs_to_pages(src.next_batch(100)) == list(range(10, 64))
@@ -184,9 +191,14 @@ def _ranges(pages: set[int]) -> list[list[int]]:
 page_sets = st.sets(st.integers(0, 299), max_size=120)
 
 
+blocks_st = st.lists(st.tuples(st.integers(0, 299), st.integers(1, 130)), max_size=4)
+
+
 @settings(max_examples=150, deadline=None)
-@given(d=page_sets, s=page_sets, h=page_sets, blocks=st.lists(st.tuples(st.integers(0, 299), st.integers(1, 130)), max_size=4))
-def test_switchover_sets_match_model(d: set[int], s: set[int], h: set[int], blocks: list[tuple[int, int]]) -> None:
+@given(d=page_sets, s=page_sets, h=page_sets, blocks=blocks_st)
+def test_switchover_sets_match_model(
+    d: set[int], s: set[int], h: set[int], blocks: list[tuple[int, int]]
+) -> None:
     for start, n in blocks:  # long runs too, crossing words
         d |= set(range(start, min(300, start + n)))
     src = Source(300, mode="explicit")

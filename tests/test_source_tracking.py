@@ -80,7 +80,8 @@ def test_adopt_rejects_bad_buffers() -> None:
 
 def test_many_scattered_writes_cross_the_output_vector() -> None:
     """More written runs than one PAGEMAP_SCAN output vector holds (1024): the walk continues
-    from walk_end when the vector is full and stops when it is not, so each page is reported once."""
+    from walk_end when the vector is full and stops when it is not, so each page is reported
+    once."""
     src = make_source(8192)
     _clean(src)
     calls = src.counters().scan_calls

@@ -18,17 +18,6 @@ from livemig import _core
 TrackMode = Literal["kernel", "explicit"]
 Backing = Literal["anonymous", "memfd"]
 
-#: Command ids of the virtio-balloon free page hinting protocol.
-CMD_STOP: int = _core.CMD_STOP
-CMD_DONE: int = _core.CMD_DONE
-CMD_FIRST: int = _core.CMD_FIRST
-
-
-def next_cmd_id(cmd_id: int) -> int:
-    """The round id after ``cmd_id`` (0x80000001 onwards, wrapping from 0xFFFFFFFF to 0x80000000)."""
-    return _core.next_cmd_id(cmd_id)
-
-
 class RunFlag(enum.IntFlag):
     """Flags of a run taken by :meth:`Source.next_batch`."""
 
@@ -74,7 +63,9 @@ class Source:
     all set: every page is sent at least once.
     """
 
-    def __init__(self, pages: int, *, mode: TrackMode = "kernel", backing: Backing = "anonymous") -> None:
+    def __init__(
+        self, pages: int, *, mode: TrackMode = "kernel", backing: Backing = "anonymous"
+    ) -> None:
         self._core = _core.Source(pages, mode, backing)
         self._buffer: mmap.mmap | None = None
 
@@ -211,13 +202,4 @@ class Source:
         )
 
 
-__all__ = [
-    "CMD_DONE",
-    "CMD_FIRST",
-    "CMD_STOP",
-    "RunFlag",
-    "Source",
-    "SourceCounters",
-    "SwitchoverSets",
-    "next_cmd_id",
-]
+__all__ = ["RunFlag", "Source", "SourceCounters", "SwitchoverSets"]
