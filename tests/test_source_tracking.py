@@ -193,3 +193,24 @@ def test_writes_racing_syncs_are_never_lost() -> None:
     src.sync()
     expected = {int(p) for pages in py_pages for p in pages} | {int(p) for p in cpp_pages}
     assert bits(src.dirty) == expected
+
+
+def test_guest_discarding_a_page_is_a_change_and_tracking_survives() -> None:
+    """MADV_DONTNEED on anonymous memory turns a page to zeros: the next sync reports it (its
+    content changed), and writes after it are still tracked."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    src = make_source(16)
+    _clean(src)
+    mem = src.memory
+    mem[3 * PAGE] = 1
+    assert src.sync() == 1
+    src.dirty.reset()
+    assert libc.madvise(src.address + 3 * PAGE, PAGE, mmap.MADV_DONTNEED) == 0
+    assert mem[3 * PAGE] == 0
+    assert src.sync() == 1 and bits(src.dirty) == {3}
+    src.dirty.reset()
+    mem[3 * PAGE] = 2
+    assert src.sync() == 1 and bits(src.dirty) == {3}
