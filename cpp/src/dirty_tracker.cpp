@@ -91,8 +91,8 @@ bool DirtyTracker::reset(std::size_t first, std::size_t n) noexcept {
     written_.clear_range(first, first + n);
     return true;
   }
-  const std::uint64_t start = reinterpret_cast<std::uintptr_t>(base_) + first * page_size();
-  const std::uint64_t end = start + n * page_size();
+  const std::uint64_t start = reinterpret_cast<std::uintptr_t>(base_) + (std::uint64_t{first} << page_shift_);
+  const std::uint64_t end = start + (std::uint64_t{n} << page_shift_);
   std::uint64_t walk_end = 0;
   // With no output vector the walk never stops early: it re-protects every written page.
   return scan(start, end, nullptr, 0, &walk_end) >= 0;
