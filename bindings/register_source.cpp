@@ -228,6 +228,15 @@ void register_source_class(py::module_& m) {
             return s.scanner().request(first, n);
           },
           py::arg("first_page"), py::arg("npages") = 1, "Queue an urgent request; False (counted) if outside the region.")
+      .def(
+          "wait_for_request",
+          [](Source& s, double timeout) {
+            if (!(timeout >= 0)) throw py::value_error("timeout must be >= 0 seconds");
+            py::gil_scoped_release rel;
+            return s.scanner().wait_for_request(std::chrono::microseconds(static_cast<std::int64_t>(timeout * 1e6)));
+          },
+          py::arg("timeout"), "Block (GIL released) until a request is queued or timeout seconds pass.")
+      .def("wake", [](Source& s) { s.scanner().wake(); }, "Wake every wait_for_request.")
       .def_property_readonly("pending_requests", [](Source& s) { return s.scanner().pending_requests(); })
       .def_property(
           "cursor", [](Source& s) { return s.scanner().cursor(); },

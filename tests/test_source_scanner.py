@@ -6,6 +6,7 @@ These use explicit-mode sources where kernel tracking is not the point, so they 
 from __future__ import annotations
 
 import mmap
+import threading
 
 import numpy as np
 import pytest
@@ -277,3 +278,31 @@ def test_resync_with_received_matches_model(
     assert bits(src.sent) == s - lost
     with pytest.raises(ValueError):
         src.resync_with_received(_core.PageBitmap(299), local_fill=False)
+
+
+@pytest.mark.timeout(20)
+def test_wait_for_request_wakes_on_request_and_on_wake() -> None:
+    src = Source(64, mode="explicit")
+    assert not src.wait_for_request(0.0)
+    ready = threading.Event()
+    results: list[bool] = []
+
+    def waiter() -> None:
+        ready.set()
+        results.append(src.wait_for_request(10.0))
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    ready.wait()
+    src.request(7)
+    t.join(15)
+    assert results == [True]
+    assert runs_to_pages(src.next_batch(8)) == [7]
+    results.clear()
+    t = threading.Thread(target=waiter)
+    ready.clear()
+    t.start()
+    ready.wait()
+    src.wake()  # before or while the waiter blocks: either way it returns at once
+    t.join(15)
+    assert results == [False]

@@ -6,6 +6,7 @@ so these tests run in-process.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import threading
 
@@ -198,8 +199,6 @@ def test_writes_racing_syncs_are_never_lost() -> None:
 def test_guest_discarding_a_page_is_a_change_and_tracking_survives() -> None:
     """MADV_DONTNEED on anonymous memory turns a page to zeros: the next sync reports it (its
     content changed), and writes after it are still tracked."""
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     src = make_source(16)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <thread>
 
 namespace livemig {
 namespace {
@@ -36,8 +37,33 @@ bool PageScanner::request(std::uint64_t first_page, std::uint64_t npages) {
     // Under the lock, so a sender that sees the count also finds the entry.
     queued_.fetch_add(1, std::memory_order_release);
   }
+  cv_.notify_all();
   requests_.fetch_add(1, std::memory_order_relaxed);
   return true;
+}
+
+bool PageScanner::wait_for_request(std::chrono::microseconds timeout) {
+  // A hand-off to a halted CPU costs tens of microseconds here: spin a little first.
+  for (int i = 0; i < 2000; ++i) {
+    if (queued_.load(std::memory_order_acquire) != 0) return true;
+    if (i > 200) std::this_thread::yield();
+  }
+  std::unique_lock lock(mu_);
+  if (!wake_pending_) {
+    const std::uint64_t epoch = wake_epoch_;
+    cv_.wait_for(lock, timeout, [&] { return !queue_.empty() || wake_epoch_ != epoch; });
+  }
+  wake_pending_ = false;
+  return !queue_.empty();
+}
+
+void PageScanner::wake() {
+  {
+    std::lock_guard lock(mu_);
+    ++wake_epoch_;
+    wake_pending_ = true;
+  }
+  cv_.notify_all();
 }
 
 std::size_t PageScanner::pending_requests() const {

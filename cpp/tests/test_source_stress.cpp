@@ -108,7 +108,7 @@ void scanner_senders_requests_writer() {
       const bool quiet = writer_done.load(std::memory_order_acquire) && requests_done.load(std::memory_order_acquire);
       if (scanner.next_batch(1 + rng() % 300, runs) == 0) {
         if (quiet && scanner.pending_requests() == 0 && dirty.count() == 0) return;
-        std::this_thread::yield();
+        scanner.wait_for_request(std::chrono::microseconds(200));
         continue;
       }
       for (const PageRun& r : runs) {

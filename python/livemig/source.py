@@ -175,6 +175,15 @@ class Source:
         """Put back what ``runs`` (as returned by :meth:`next_batch`) took: nothing is lost."""
         self._core.send_failed(runs)
 
+    def wait_for_request(self, timeout: float) -> bool:
+        """Block (without the GIL) until a request is queued or ``timeout`` seconds pass; True
+        when requests are queued."""
+        return self._core.wait_for_request(timeout)
+
+    def wake(self) -> None:
+        """Wake every :meth:`wait_for_request` (for shutdown)."""
+        self._core.wake()
+
     @property
     def pending_requests(self) -> int:
         """Requested pages queued and not yet taken."""

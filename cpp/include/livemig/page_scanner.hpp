@@ -17,6 +17,8 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -60,6 +62,13 @@ class PageScanner {
   bool request(std::uint64_t first_page, std::uint64_t npages);
   /// Requested pages queued and not yet looked at.
   std::size_t pending_requests() const;
+  /// For an idle sender (nothing dirty left, e.g. late in postcopy): spins briefly, then blocks
+  /// until a request is queued, wake() is called, or `timeout` passes. True when requests are
+  /// queued. Any thread; never needs the GIL.
+  bool wait_for_request(std::chrono::microseconds timeout);
+  /// Wakes every blocked wait_for_request; if none is blocked, the next call returns at once
+  /// (the wake is kept until a wait consumes it, so a wake racing a wait's start is not lost).
+  void wake();
 
   /// Takes up to max_pages pages into `out` (cleared first) and returns how many. Queued requests
   /// first: if any page was served for a request, the batch holds urgent runs only. Otherwise the
@@ -89,6 +98,9 @@ class PageScanner {
   PageBitmap& dirty_;
   PageBitmap& sent_;
   mutable std::mutex mu_;
+  std::condition_variable cv_;    // request() and wake() notify; guarded by mu_
+  std::uint64_t wake_epoch_ = 0;  // bumped by wake(), guarded by mu_
+  bool wake_pending_ = false;     // set by wake(), consumed by a wait; guarded by mu_
   std::deque<std::pair<std::uint64_t, std::uint64_t>> queue_;  // (first, npages), guarded by mu_
   std::atomic<std::size_t> queued_{0};  // requests in queue_: a lock-free "anything to do?" check
   std::atomic<std::size_t> cursor_{0};
