@@ -79,7 +79,8 @@ const char* state_name(DestRegion::State s) {
 }
 
 void register_bench(py::module_& m) {
-  auto b = m.def_submodule("dest_bench", "Benchmark and test support: raw userfaultfd baselines, C++ touchers (not a public API).");
+  auto b = m.def_submodule("dest_bench",
+                           "Benchmark and test support: raw userfaultfd baselines, C++ touchers (not public API).");
   py::class_<dest_bench::RawCopy>(b, "RawCopy", "A plain UFFDIO_COPY loop over a registered region.")
       .def(py::init<std::size_t>(), py::arg("nbytes"), py::call_guard<py::gil_scoped_release>())
       .def("run", &dest_bench::RawCopy::run, py::arg("run_pages"), py::call_guard<py::gil_scoped_release>(),

@@ -370,12 +370,13 @@ def test_counters_and_latency_types() -> None:
 # ---- property test against a plain model ----
 
 N_PROP = 48
+_first, _count = st.integers(0, N_PROP - 1), st.integers(1, 8)
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("place"), st.integers(0, N_PROP - 1), st.integers(1, 8), st.integers(0, 255)),
-        st.tuples(st.just("zero"), st.integers(0, N_PROP - 1), st.integers(1, 8), st.just(0)),
-        st.tuples(st.just("fill"), st.integers(0, N_PROP - 1), st.integers(1, 8), st.integers(1, 2**32 - 1)),
-        st.tuples(st.just("discard"), st.integers(0, N_PROP - 1), st.integers(1, 8), st.just(0)),
+        st.tuples(st.just("place"), _first, _count, st.integers(0, 255)),
+        st.tuples(st.just("zero"), _first, _count, st.just(0)),
+        st.tuples(st.just("fill"), _first, _count, st.integers(1, 2**32 - 1)),
+        st.tuples(st.just("discard"), _first, _count, st.just(0)),
     ),
     max_size=25,
 )

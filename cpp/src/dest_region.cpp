@@ -261,10 +261,11 @@ void DestRegion::mark_received(std::uint64_t first_page, std::size_t npages) {
 void DestRegion::placed_pages(std::uint64_t first, std::size_t n) noexcept {
   received_->set_range(first, first + n);
   if (fault_ts_) {
-    // Pairs with the fence in handle_fault: we set R then read the fault stamp, it writes the stamp
-    // then reads R; with a seq_cst fence on both sides at least one of us sees the other, so a
-    // fault is never left untimed (and at most one side takes the stamp: exchange).
-    std::atomic_thread_fence(std::memory_order_seq_cst);
+    // Pairs with handle_fault: we set R then read the fault stamp, it writes the stamp then reads
+    // R. Both sides do an acq_rel RMW on order_ in between (a fence TSan understands): whichever
+    // RMW comes second synchronises with the first, so at least one side sees the other's write
+    // and a fault is never left untimed (at most one side takes the stamp: exchange).
+    order_.fetch_add(1, std::memory_order_acq_rel);
     std::uint64_t now = 0;
     for (std::size_t p = first; p < first + n; ++p) {
       if (fault_ts_[p].load(kRelaxed) == 0) continue;
@@ -607,8 +608,8 @@ void DestRegion::handle_fault(std::uint64_t page, std::uint64_t now, std::vector
   do {
     nv = v == 0 ? (kWaiter | (now & kTsMask)) : ((v >> 56) == 255 ? v : v + kWaiter);
   } while (!ts.compare_exchange_weak(v, nv, std::memory_order_acq_rel, kRelaxed));
-  // Pairs with the fence in placed_pages (stamp written, then R read).
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  // Pairs with placed_pages (stamp written, then R read; see there).
+  order_.fetch_add(1, std::memory_order_acq_rel);
   if (received_->test(page)) {
     // A placement won the race; it may or may not have taken the stamp.
     const std::uint64_t old = ts.exchange(0, std::memory_order_acq_rel);

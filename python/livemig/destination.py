@@ -74,7 +74,9 @@ def _runs_array(runs: Runs) -> npt.NDArray[np.uint64]:
     if arr.size == 0:
         return np.zeros((0, 2), np.uint64)
     if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"page runs must be an (n, 2) array of (first_page, count), got shape {arr.shape}")
+        raise ValueError(
+            f"page runs must be an (n, 2) array of (first_page, count), got shape {arr.shape}"
+        )
     if (arr < 0).any():
         raise ValueError("page runs must not be negative")
     return arr.astype(np.uint64)

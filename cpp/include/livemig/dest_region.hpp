@@ -178,8 +178,14 @@ class DestRegion {
   /// Marks `runs` as local-fill pages: a fault on one is resolved by the fault thread with a page
   /// of `value` (0: zero page) and no request. One value per region: the last call's wins.
   void set_local_fill(std::span<const PageRun> runs, std::uint32_t value);
-  /// Drops `runs` (MADV_DONTNEED) and clears their received bits (rule 3, before the guest runs).
-  /// Returns the number of pages that were received.
+  /// Drops `runs` (MADV_DONTNEED; MADV_REMOVE for shared memory) and clears their received bits
+  /// (rule 3, before the guest runs); returns how many were received. In postcopy it returns only
+  /// after the fault thread has handled the REMOVE events it caused. Must not race placement of
+  /// the same pages (at switchover it does not: the guest is stopped, the stream is ordered).
+  /// A REMOVE by the guest itself that races a placement of the page can leave the page present
+  /// with R clear (a later placement then gets EEXIST: R set, counted) or absent with R set (the
+  /// next fault sees that through /proc/self/pagemap, clears R and requests it): never a page
+  /// placed twice or over guest data.
   std::size_t discard(std::span<const PageRun> runs);
 
   /// A snapshot of the counters.
@@ -229,6 +235,7 @@ class DestRegion {
   // Per page: when the first still-unresolved fault on it was read (ns, steady clock, low 56 bits)
   // and how many fault events are waiting on it (top 8 bits). 0 = no fault pending.
   std::unique_ptr<std::atomic<std::uint64_t>[]> fault_ts_;
+  std::atomic<std::uint64_t> order_{0};  // RMW'd by placers and the fault thread as a store-load fence
 
   std::atomic<State> state_{State::precopy};
   Userfaultfd uffd_;
