@@ -117,6 +117,15 @@ void register_bench(py::module_& m) {
       py::arg("region"), py::arg("wire"), py::arg("run_pages"), py::arg("move"),
       "memcpy each run into a staging buffer, then UFFDIO_COPY (move=False) or UFFDIO_MOVE it.");
   b.def(
+      "place_move",
+      [](DestRegion& r, std::uint64_t first, const py::buffer& staging) {
+        const auto a = pages_of(staging, r.page_bytes(), true);
+        py::gil_scoped_release rel;
+        return r.place_move(first, a.npages, const_cast<std::uint8_t*>(a.ptr));
+      },
+      py::arg("region"), py::arg("first_page"), py::arg("staging"),
+      "DestRegion.place_move from a writable, page-aligned anonymous staging buffer (pages leave it).");
+  b.def(
       "touch_pages",
       [](DestRegion& r, std::size_t npages) {
         if (npages > r.pages()) throw py::index_error("npages past the region");

@@ -251,6 +251,55 @@ def test_eexist_marks_received_without_overwriting() -> None:
     run_in_child(_eexist_on_present_page)
 
 
+def _partial_copy_continues() -> None:
+    d = Destination(8 * PAGE)
+    d.array[3 * PAGE : 4 * PAGE] = 0x33  # present, not received: the run's copy stops here
+    d.array[5 * PAGE : 6 * PAGE] = 0x55
+    d.start_postcopy()
+    data = np.full(8 * PAGE, 0xEE, np.uint8)
+    assert d.place(0, data) == 6  # 0-2, 4, 6-7: partial copies continue past each EEXIST
+    pages = d.array.reshape(8, PAGE)
+    assert [int(pages[p][0]) for p in range(8)] == [0xEE] * 3 + [0x33, 0xEE, 0x55, 0xEE, 0xEE]
+    assert all(np.all(pages[p] == pages[p][0]) for p in range(8))
+    c = d.counters()
+    assert c.eexist == 2 and c.placed == 6 and c.errors == 0
+    assert d.received.count() == 8
+    d.stop()
+
+
+@needs_uffd
+@pytest.mark.timeout(30)
+def test_partial_copy_continues_where_it_stopped() -> None:
+    run_in_child(_partial_copy_continues)
+
+
+def _place_move() -> None:
+    d = Destination(8 * PAGE)
+    d.place(1, np.full(PAGE, 1, np.uint8))
+    d.start_postcopy()
+    staging = mmap.mmap(-1, 4 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = np.frombuffer(staging, np.uint8)
+    for k in range(4):
+        view[k * PAGE : (k + 1) * PAGE] = 0x40 + k
+    assert dest_bench.place_move(d.region, 0, staging) == 3  # page 1 was received: dropped
+    assert [int(d.array[p * PAGE]) for p in range(4)] == [0x40, 1, 0x42, 0x43]
+    assert view[PAGE] == 0x41  # the dropped page stays in the staging buffer
+    c = d.counters()
+    assert c.placed == 4 and c.duplicates == 1  # 1 precopy placement + 3 moved
+    m = Destination(8 * PAGE, memfd=True)
+    m.start_postcopy()
+    with pytest.raises(UnsupportedError, match="anonymous"):
+        dest_bench.place_move(m.region, 0, staging)
+    m.stop()
+    d.stop()
+
+
+@needs_uffd
+@pytest.mark.timeout(30)
+def test_place_move_from_staging_buffer() -> None:
+    run_in_child(_place_move)
+
+
 def _local_fill(memfd: bool) -> None:
     for value in (0xDEADBEEF, 0):
         d = Destination(64 * PAGE, memfd=memfd)

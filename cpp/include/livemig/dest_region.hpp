@@ -134,14 +134,21 @@ class DestRegion {
   /// Stops (wakes every waiter, unregisters, joins) and unmaps an owned region.
   ~DestRegion();
 
+  /// The region's first byte (reading a missing page in postcopy blocks until it is placed).
   std::uint8_t* data() const noexcept { return base_; }
+  /// Size in bytes, pages, and the page size.
   std::size_t bytes() const noexcept { return bytes_; }
   std::size_t pages() const noexcept { return pages_; }
   std::size_t page_bytes() const noexcept { return ps_; }
+  /// True for an owned memfd (shared memory) region.
   bool is_memfd() const noexcept { return memfd_; }
+  /// precopy, postcopy or stopped.
   State state() const noexcept { return state_.load(std::memory_order_acquire); }
+  /// R: set only after a page was placed (or the kernel said EEXIST); cleared by discard/REMOVE.
   const std::shared_ptr<PageBitmap>& received() const noexcept { return received_; }
+  /// Pages requested from the sink and not yet placed.
   const std::shared_ptr<PageBitmap>& requested() const noexcept { return requested_; }
+  /// Pages the fault thread resolves itself (set_local_fill).
   const std::shared_ptr<PageBitmap>& local_fill() const noexcept { return local_fill_; }
   /// The local-fill value (a 32-bit pattern; 0 = zero page).
   std::uint32_t local_fill_value() const noexcept { return fill_value_.load(std::memory_order_acquire); }
