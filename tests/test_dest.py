@@ -365,6 +365,27 @@ def test_removed_page_faults_again_and_is_placed_again(memfd: bool) -> None:
     run_in_child(_removed_page_faults_again, memfd)
 
 
+def _stale_received_bit_is_repaired() -> None:
+    d = Destination(8 * PAGE)
+    d.mark_received(4, 1)  # claims page 4 although nothing was written: it is missing
+    d.start_postcopy()
+    assert d.place(4, np.full(PAGE, 8, np.uint8)) == 0  # dropped: R says received
+    t, box = touch_async(d, [[4]])
+    assert d.wait_requests(10)  # the fault thread saw R set and the page absent: R cleared
+    assert d.drain_requests().tolist() == [[4, 1]]
+    assert not d.received.test(4) and d.counters().removed == 1
+    assert d.place(4, np.full(PAGE, 9, np.uint8)) == 1
+    t.join(10)
+    assert box[0].tolist() == [[9]]
+    d.stop()
+
+
+@needs_uffd
+@pytest.mark.timeout(30)
+def test_fault_on_page_with_stale_received_bit_is_served() -> None:
+    run_in_child(_stale_received_bit_is_repaired)
+
+
 def _one_request_per_page() -> None:
     d = Destination(16 * PAGE)
     d.start_postcopy()
