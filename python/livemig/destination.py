@@ -1,0 +1,229 @@
+"""The destination side of a migration: the region, its received bitmap, and postcopy placement.
+
+A :class:`Destination` owns a region of memory (anonymous, or shared memory with ``memfd=True``;
+4 KiB base pages, huge pages are not supported). During precopy it is plain memory: ``place``
+copies pages in (overwriting older versions) and marks them received. ``start_postcopy()``
+registers it with userfaultfd in MISSING mode and starts a C++ fault thread that never takes the
+GIL: faults on pages marked local-fill are resolved on the spot, others become page requests that
+``drain_requests()`` hands out (or that a C++ request sink sends to the source). In postcopy
+``place`` never places a page twice and never overwrites one the guest may have written.
+
+Reading a missing page of ``array``/``memoryview`` in postcopy blocks the reading thread (with the
+GIL held, if it is a Python thread) until the page is placed by another thread or process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig import _core
+from livemig._core import PageBitmap
+
+Runs = npt.ArrayLike | Sequence[tuple[int, int]]
+"""Page runs: an (n, 2) array-like of (first_page, count) rows."""
+
+State = Literal["precopy", "postcopy", "stopped"]
+
+
+@dataclass(frozen=True)
+class DestCounters:
+    """Destination counters, in pages unless named otherwise."""
+
+    faults: int  # fault events read (one per faulting thread and page)
+    requests: int  # requests sent to the sink (one per run of adjacent pages)
+    requested_pages: int  # pages in those requests
+    placed: int  # pages placed with data
+    zero: int  # pages placed as zero pages
+    local_fills: int  # faults resolved locally from the local-fill set
+    filled: int  # pages placed with a non-zero fill pattern
+    duplicates: int  # pages dropped because already received
+    eexist: int  # pages the kernel already had (EEXIST): marked received and woken
+    eagain: int  # placement retries after EAGAIN (pending REMOVE/UNMAP events)
+    removed: int  # received pages dropped by REMOVE/UNMAP events
+    discarded: int  # received pages dropped by discard()
+    stale_faults: int  # fault events for pages placed meanwhile (only woken)
+    errors: int  # errors caught on the fault thread (see Destination.last_error)
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Fault-to-placement latency. ``buckets[0]`` counts [0, 1) us, ``buckets[k]`` [2^(k-1), 2^k) us
+    (the last bucket also everything longer). Quantiles are bucket upper bounds, capped at max."""
+
+    buckets: npt.NDArray[np.uint64]
+    count: int
+    p50_us: float
+    p99_us: float
+    max_us: float
+    blocked_us: float  # total time threads were blocked (waiters x latency)
+
+    @staticmethod
+    def bucket_upper_us(k: int) -> float:
+        """Upper bound of bucket ``k`` in microseconds."""
+        return 1.0 if k == 0 else float(2**k)
+
+
+def _runs_array(runs: Runs) -> npt.NDArray[np.uint64]:
+    arr = np.asarray(runs, dtype=np.int64)
+    if arr.size == 0:
+        return np.zeros((0, 2), np.uint64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(
+            f"page runs must be an (n, 2) array of (first_page, count), got shape {arr.shape}"
+        )
+    if (arr < 0).any():
+        raise ValueError("page runs must not be negative")
+    return arr.astype(np.uint64)
+
+
+class Destination:
+    """A destination region with received bitmap, placement and (in postcopy) a fault thread."""
+
+    def __init__(self, nbytes: int, *, memfd: bool = False) -> None:
+        """A new region of ``nbytes`` (a positive page multiple); ``memfd`` for shared memory."""
+        self._r = _core.DestRegion(nbytes, memfd)
+        self._array: npt.NDArray[np.uint8] | None = None
+
+    @classmethod
+    def adopt(cls, buffer: Any) -> Destination:
+        """A destination over an existing writable, page-aligned buffer (e.g. an ``mmap``)."""
+        self = cls.__new__(cls)
+        self._r = _core.DestRegion.adopt(buffer)
+        self._array = None
+        return self
+
+    # ---- the region ----
+    @property
+    def region(self) -> _core.DestRegion:
+        """The C++ engine (for C++ request sinks and receivers)."""
+        return self._r
+
+    @property
+    def nbytes(self) -> int:
+        return self._r.nbytes
+
+    @property
+    def pages(self) -> int:
+        return self._r.pages
+
+    @property
+    def page_size(self) -> int:
+        return self._r.page_size
+
+    @property
+    def state(self) -> State:
+        """``"precopy"``, ``"postcopy"`` or ``"stopped"``."""
+        s: State = self._r.state  # type: ignore[assignment]
+        return s
+
+    @property
+    def array(self) -> npt.NDArray[np.uint8]:
+        """The region as a zero-copy, writable uint8 numpy array."""
+        if self._array is None:
+            self._array = self._r.memory()
+        return self._array
+
+    @property
+    def memoryview(self) -> memoryview:
+        """The region as a writable memoryview (zero-copy)."""
+        return memoryview(self.array)
+
+    @property
+    def received(self) -> PageBitmap:
+        """Pages placed (set only after a successful placement)."""
+        return self._r.received
+
+    @property
+    def requested(self) -> PageBitmap:
+        """Pages requested and not yet placed."""
+        return self._r.requested
+
+    @property
+    def local_fill(self) -> PageBitmap:
+        """Pages the fault thread resolves itself (with ``local_fill_value``)."""
+        return self._r.local_fill
+
+    @property
+    def last_error(self) -> str:
+        """The last error the fault thread caught, or ``""``."""
+        return self._r.last_error
+
+    # ---- life cycle ----
+    def start_postcopy(self) -> None:
+        """Register the region (MISSING mode) and start the fault thread.
+
+        Raises UnsupportedError when userfaultfd or the mapping kind cannot do it."""
+        self._r.start_postcopy()
+
+    def stop(self) -> None:
+        """Unregister (waiters wake; missing pages then read as zero) and join. Idempotent."""
+        self._r.stop()
+
+    def __enter__(self) -> Destination:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # ---- placement ----
+    def place(self, first_page: int, data: Any) -> int:
+        """Place whole pages from a buffer at ``first_page``; returns pages placed (received pages
+        are dropped and counted in postcopy)."""
+        return self._r.place(first_page, data)
+
+    def place_zero(self, first_page: int, npages: int) -> int:
+        """Place zero pages; returns pages placed."""
+        return self._r.place_zero(first_page, npages)
+
+    def place_fill(self, first_page: int, npages: int, pattern: int) -> int:
+        """Place pages of the 32-bit ``pattern`` repeated (0: zero pages); returns pages placed."""
+        return self._r.place_fill(first_page, npages, pattern)
+
+    def mark_received(self, first_page: int, npages: int) -> None:
+        """Mark pages written directly into ``array`` as received (precopy only)."""
+        self._r.mark_received(first_page, npages)
+
+    def set_local_fill(self, runs: Runs, value: int) -> None:
+        """Mark page runs the fault thread resolves itself with ``value`` (32-bit; 0: zero page)."""
+        self._r.set_local_fill(_runs_array(runs), value)
+
+    def discard(self, runs: Runs) -> int:
+        """Drop page runs and clear their received bits; returns how many were received."""
+        return self._r.discard(_runs_array(runs))
+
+    # ---- requests and statistics ----
+    def drain_requests(self) -> npt.NDArray[np.uint64]:
+        """Queued requests as an (n, 2) uint64 array of (first_page, count), oldest first."""
+        return self._r.drain_requests()
+
+    def wait_requests(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a request; True when one is queued."""
+        return self._r.wait_requests(timeout)
+
+    def counters(self) -> DestCounters:
+        """A snapshot of the counters."""
+        c = self._r.counters()
+        return DestCounters(**{f.name: int(c[f.name]) for f in fields(DestCounters)})
+
+    def latency(self) -> LatencyStats:
+        """The fault latency histogram with p50, p99, max and total blocked time."""
+        d = self._r.latency()
+        return LatencyStats(
+            buckets=d["buckets"],
+            count=int(d["count"]),
+            p50_us=float(d["p50_us"]),
+            p99_us=float(d["p99_us"]),
+            max_us=float(d["max_us"]),
+            blocked_us=float(d["blocked_us"]),
+        )
+
+
+__all__ = ["DestCounters", "Destination", "LatencyStats"]
