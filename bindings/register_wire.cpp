@@ -112,7 +112,7 @@ class PyFrameReader {
       : cfg_(cfg), input_(fd, cfg.timeout_ms), reader_(input_, cfg, dir), handler_(cfg) {}
 
   void attach_region(const py::buffer& region, std::shared_ptr<PageBitmap> received) {
-    auto info = std::make_unique<py::buffer_info>(region.request(true));
+    auto info = std::make_unique<py::buffer_info>(region.request());
     const auto n = static_cast<std::size_t>(info->size * info->itemsize);
     if (info->readonly) throw py::value_error("region must be writable");
     if (n < cfg_.region_pages * cfg_.page_size)
@@ -325,7 +325,7 @@ void register_wire(py::module_& m) {
   m.def(
       "wire_bench_raw_recv",
       [](int fd, const py::buffer& data, std::size_t chunk) {
-        auto info = data.request(true);
+        auto info = data.request();
         if (info.readonly) throw py::value_error("buffer must be writable");
         const auto n = static_cast<std::size_t>(info.size * info.itemsize);
         py::gil_scoped_release rel;
@@ -348,7 +348,8 @@ void register_wire(py::module_& m) {
   m.def(
       "wire_bench_request_client",
       [](int ret_fd, int urgent_fd, const WireConfig& cfg, const py::buffer& region, std::size_t iters) {
-        auto info = region.request(true);
+        auto info = region.request();
+        if (info.readonly) throw py::value_error("region must be writable");
         if (static_cast<std::size_t>(info.size * info.itemsize) < cfg.region_pages * cfg.page_size)
           throw py::value_error("region smaller than the config's region");
         std::vector<std::uint64_t> v;
