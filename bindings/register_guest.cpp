@@ -28,8 +28,13 @@ using namespace livemig::guest;
 class BufferHold {
  public:
   BufferHold(py::handle obj, bool writable) {
-    if (PyObject_GetBuffer(obj.ptr(), &view_, writable ? PyBUF_CONTIG : PyBUF_CONTIG_RO) != 0)
-      throw py::error_already_set();
+    if (PyObject_CheckBuffer(obj.ptr()) == 0)
+      throw py::type_error(std::string(writable ? "region" : "state") + " must support the buffer protocol");
+    if (PyObject_GetBuffer(obj.ptr(), &view_, writable ? PyBUF_CONTIG : PyBUF_CONTIG_RO) != 0) {
+      PyErr_Clear();
+      throw py::value_error(writable ? "region must be a writable, C-contiguous buffer"
+                                     : "state must be a C-contiguous buffer");
+    }
   }
   BufferHold(const BufferHold&) = delete;
   BufferHold& operator=(const BufferHold&) = delete;
@@ -155,6 +160,11 @@ void register_guest(py::module_& m) {
            "Starts the round after the last one requested; returns its id.")
       .def("host_stop", &LocalBalloonDevice::host_stop, "The device shows STOP.")
       .def("host_done", &LocalBalloonDevice::host_done, "The device shows DONE; forgets the pages hinted so far.")
+      .def("guest_ack", &LocalBalloonDevice::ack, py::arg("cmd_id"),
+           "Guest side: acknowledges round cmd_id (REQUESTED -> START); False when not current.")
+      .def("guest_hint", &LocalBalloonDevice::hint, py::arg("cmd_id"), py::arg("first_page"), py::arg("npages"),
+           "Guest side: reports pages free; True when accepted (current id, START, in range).")
+      .def("guest_stop", &LocalBalloonDevice::stop, py::arg("cmd_id"), "Guest side: ends round cmd_id.")
       .def_property_readonly("cmd_id", &LocalBalloonDevice::cmd_id)
       .def_property_readonly("state", [](const LocalBalloonDevice& d) { return state_name(d.state()); })
       .def_property_readonly("last_round_id", &LocalBalloonDevice::last_round_id)

@@ -112,12 +112,6 @@ struct Header {
 // Reads and checks the header (and the checksum of the whole state).
 Header read_header(In& in, std::span<const std::uint8_t> all) {
   if (all.size() < 16) throw std::invalid_argument("guest state is truncated");
-  const std::uint64_t sum = [&] {
-    std::uint64_t s;
-    std::memcpy(&s, all.data() + all.size() - 8, 8);
-    return s;
-  }();
-  if (fnv1a(all.first(all.size() - 8)) != sum) throw std::invalid_argument("guest state checksum mismatch");
   auto magic = in.bytes(8);
   if (!std::equal(magic.begin(), magic.end(), reinterpret_cast<const std::uint8_t*>(kMagic.data())))
     throw std::invalid_argument("not a livemig guest state (bad magic)");
@@ -125,6 +119,12 @@ Header read_header(In& in, std::span<const std::uint8_t> all) {
   if (version != kStateVersion)
     throw std::invalid_argument("guest state version " + std::to_string(version) + " is not supported (want " +
                                 std::to_string(kStateVersion) + ")");
+  const std::uint64_t sum = [&] {
+    std::uint64_t s;
+    std::memcpy(&s, all.data() + all.size() - 8, 8);
+    return s;
+  }();
+  if (fnv1a(all.first(all.size() - 8)) != sum) throw std::invalid_argument("guest state checksum mismatch");
   Header h;
   h.cfg.page_size = in.get<std::uint64_t>();
   h.npages = in.get<std::uint64_t>();
