@@ -34,7 +34,9 @@ def expected_page(index: int, gen: int, page_size: int = PAGE) -> npt.NDArray[np
     words = page_size // 8
     k = np.arange(words, dtype=np.uint64)
     # numpy wraps uint64 array arithmetic modulo 2**64, like the C++.
-    z = np.full(words, page_key(index, gen), dtype=np.uint64) ^ (k * np.full(words, K_INDEX, dtype=np.uint64))
+    z = np.full(words, page_key(index, gen), dtype=np.uint64) ^ (
+        k * np.full(words, K_INDEX, dtype=np.uint64)
+    )
     z ^= z >> np.uint64(32)
     z *= np.full(words, WORD_MUL, dtype=np.uint64)
     z ^= z >> np.uint64(29)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from guest_helpers import PAGE, wait_until
 from livemig.guest import (
     CMD_DONE,
@@ -66,7 +65,12 @@ def test_device_semantics_without_guest() -> None:
     assert not dev.guest_hint(b, 20, 1)
     assert dev.accepted().tolist() == [[a, 0, 4], [b, 10, 2]]
     c = dev.counters()
-    assert (c["hints_accepted"], c["pages_hinted"], c["hints_dropped_stale"], c["hints_invalid"]) == (2, 6, 4, 1)
+    assert (
+        c["hints_accepted"],
+        c["pages_hinted"],
+        c["hints_dropped_stale"],
+        c["hints_invalid"],
+    ) == (2, 6, 4, 1)
     assert c["hints_unacked"] == 2  # a before its ack, and a + 1
     assert dev.hinted_since_done(100).count() == 6
     dev.host_done()
@@ -75,7 +79,7 @@ def test_device_semantics_without_guest() -> None:
 
 
 def test_round_hints_free_pages_and_holds_them_until_done() -> None:
-    r, dev, g = make(128, free_fraction=0.5)
+    _r, dev, g = make(128, free_fraction=0.5)
     with g:
         g.start()
         a = dev.host_request_next()
@@ -83,7 +87,13 @@ def test_round_hints_free_pages_and_holds_them_until_done() -> None:
         round_done(dev, 1)
         assert dev.accepted().tolist() == [[a, 64, 64]]
         st = g.stats()
-        assert (st.rounds, st.hints_sent, st.pages_hinted, st.pages_held, st.free_pages) == (1, 1, 64, 64, 0)
+        assert (st.rounds, st.hints_sent, st.pages_hinted, st.pages_held, st.free_pages) == (
+            1,
+            1,
+            64,
+            64,
+            0,
+        )
         assert list(g.page_states()[64:]) == [PAGE_HELD] * 64
         # STOP and a further round: nothing left to hint, the held pages stay held.
         dev.host_stop()
@@ -103,7 +113,7 @@ def test_round_hints_free_pages_and_holds_them_until_done() -> None:
 
 
 def test_hints_are_runs_of_at_most_512_pages() -> None:
-    r, dev, g = make(2048 + 100, free_fraction=0.5)
+    _r, dev, g = make(2048 + 100, free_fraction=0.5)
     with g:
         g.start()
         dev.host_request_next()
@@ -117,7 +127,7 @@ def test_hints_are_runs_of_at_most_512_pages() -> None:
 
 
 def test_only_the_current_id_is_used() -> None:
-    r, dev, g = make(64, free_fraction=0.5)
+    _r, dev, g = make(64, free_fraction=0.5)
     a = dev.host_request_next()
     b = dev.host_request_next()  # the host moved on before the guest ran
     with g:
@@ -131,7 +141,7 @@ def test_only_the_current_id_is_used() -> None:
 
 
 def test_ids_wrap() -> None:
-    r, dev, g = make(64, free_fraction=0.5, churn=5000)
+    _r, dev, g = make(64, free_fraction=0.5, churn=5000)
     with g:
         g.start()
         dev.host_request(0xFFFFFFFE)
@@ -149,7 +159,7 @@ def test_ids_wrap() -> None:
 
 
 def test_held_pages_are_not_written_until_done_then_reused() -> None:
-    r, dev, g = make(64, free_fraction=0.5, churn=4000, seed=5, hint_reserve=0.5)
+    _r, dev, g = make(64, free_fraction=0.5, churn=4000, seed=5, hint_reserve=0.5)
     with g:
         g.start()
         dev.host_request_next()

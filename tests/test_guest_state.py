@@ -6,14 +6,21 @@ import time
 
 import numpy as np
 import pytest
-
 from guest_helpers import PAGE, wait_until
 from livemig.guest import PAGE_HELD, Guest, GuestConfig, LocalBalloonDevice
 
 pytestmark = pytest.mark.timeout(60)
 
-BUSY = GuestConfig(workload="random", rate=40000, free_fraction=0.5, churn=5000, threads=2, poll_interval_us=200,
-                   hint_reserve=0.25, seed=9)
+BUSY = GuestConfig(
+    workload="random",
+    rate=40000,
+    free_fraction=0.5,
+    churn=5000,
+    threads=2,
+    poll_interval_us=200,
+    hint_reserve=0.25,
+    seed=9,
+)
 
 
 def busy_guest(pages: int = 256) -> tuple[np.ndarray, LocalBalloonDevice, Guest]:
@@ -36,7 +43,7 @@ def test_pause_parks_every_thread() -> None:
         dev.host_request_next()
         g.kick()
         g.pause()  # idempotent: returns at once, still parked
-        # Observe for a while (this sleep synchronises nothing: it gives a stray thread time to act).
+        # Observe a while: this sleep synchronises nothing, it gives a stray thread time to act.
         t_end = time.monotonic() + 0.1
         while time.monotonic() < t_end:
             time.sleep(0.01)
@@ -47,12 +54,14 @@ def test_pause_parks_every_thread() -> None:
         assert not g.running
         g.resume()
         assert g.running
-        wait_until(lambda: dev.state in ("start", "stop") and dev.counters()["acks"] == 2, what="the ack")
+        wait_until(
+            lambda: dev.state in ("start", "stop") and dev.counters()["acks"] == 2, what="the ack"
+        )
         wait_until(lambda: g.stats().pages_written > st.pages_written, what="writes after resume")
 
 
 def test_pause_resume_cycles_stay_consistent() -> None:
-    r, dev, g = busy_guest()
+    _r, dev, g = busy_guest()
     with g:
         for i in range(20):
             g.pause()
@@ -69,7 +78,7 @@ def test_pause_resume_cycles_stay_consistent() -> None:
 
 
 def test_export_import_resumes_on_another_region() -> None:
-    r, dev, g = busy_guest()
+    r, _dev, g = busy_guest()
     with g:
         g.pause()
         state = g.export_state()
@@ -87,9 +96,14 @@ def test_export_import_resumes_on_another_region() -> None:
             # The destination's device ends the migration with DONE: the driver frees its pages.
             dev2.host_done()
             g2.start()
-            wait_until(lambda: g2.stats().done_seen == st.done_seen + 1, what="DONE on the destination")
+            wait_until(
+                lambda: g2.stats().done_seen == st.done_seen + 1, what="DONE on the destination"
+            )
             assert g2.stats().pages_held == 0
-            wait_until(lambda: g2.stats().pages_written >= st.pages_written + 1000, what="writes on the destination")
+            wait_until(
+                lambda: g2.stats().pages_written >= st.pages_written + 1000,
+                what="writes on the destination",
+            )
             g2.pause()
             v = g2.verify()
             assert v.ok and v.pages_checked == g2.stats().allocated_pages
@@ -116,7 +130,7 @@ def test_increment_continues_after_import() -> None:
 
 
 def test_state_errors() -> None:
-    r, dev, g = busy_guest(64)
+    _r, _dev, g = busy_guest(64)
     with g:
         with pytest.raises(ValueError, match="paused or stopped"):
             g.export_state()

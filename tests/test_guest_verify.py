@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
+from guest_helpers import PAGE, expected_page, increment_model, page, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from guest_helpers import PAGE, expected_page, increment_model, page, wait_until
 from livemig.guest import Guest, GuestConfig, check_increment
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def written() -> tuple[np.ndarray, Guest, np.ndarray]:
+def written() -> Iterator[tuple[np.ndarray, Guest, np.ndarray]]:
     """A paused random-workload guest whose pages 0..7 all carry generation >= 2."""
     r = np.zeros(64 * PAGE, dtype=np.uint8)
-    g = Guest(r, GuestConfig(workload="hotset", hotset_pages=8, hot_fraction=1.0, rate=50000, free_fraction=0.25))
+    g = Guest(
+        r,
+        GuestConfig(
+            workload="hotset", hotset_pages=8, hot_fraction=1.0, rate=50000, free_fraction=0.25
+        ),
+    )
     g.start()
 
     def hot_written() -> bool:
@@ -43,7 +49,12 @@ def test_stale_generation(written: tuple[np.ndarray, Guest, np.ndarray]) -> None
     v = g.verify()
     assert v.mismatches == 1
     m = v.first_mismatches[0]
-    assert (m.page, m.kind, m.found_generation, m.expected_generation) == (3, "generation", gens[3] - 1, gens[3])
+    assert (m.page, m.kind, m.found_generation, m.expected_generation) == (
+        3,
+        "generation",
+        gens[3] - 1,
+        gens[3],
+    )
 
 
 def test_torn_page(written: tuple[np.ndarray, Guest, np.ndarray]) -> None:
@@ -56,7 +67,7 @@ def test_torn_page(written: tuple[np.ndarray, Guest, np.ndarray]) -> None:
 
 
 def test_misplaced_and_lost_pages(written: tuple[np.ndarray, Guest, np.ndarray]) -> None:
-    r, g, gens = written
+    r, g, _gens = written
     page(r, 5)[:] = page(r, 6)  # page 6's content placed at 5
     page(r, 7)[:] = 0  # never placed
     assert kinds(g) == {5: "misplaced", 7: "zero"}
@@ -105,9 +116,15 @@ def test_increment_oracle_excepts_pages() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 255), min_size=1, max_size=40) | st.builds(
-    lambda v, n, k: [v] * k + [(v - 1) % 256] * (n - k) if k <= n else [v] * n,
-    st.integers(0, 255), st.integers(1, 40), st.integers(0, 40)))
+@given(
+    st.lists(st.integers(0, 255), min_size=1, max_size=40)
+    | st.builds(
+        lambda v, n, k: [v] * k + [(v - 1) % 256] * (n - k) if k <= n else [v] * n,
+        st.integers(0, 255),
+        st.integers(1, 40),
+        st.integers(0, 40),
+    )
+)
 def test_increment_oracle_matches_model(values: list[int]) -> None:
     ok, brk = oracle(values)
     assert (ok, brk if ok else None) == increment_model(values)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from guest_helpers import PAGE, expected_page, page, wait_until
 from livemig.guest import PAGE_ALLOCATED, PAGE_FREE, Guest, GuestConfig
 
@@ -35,7 +34,11 @@ def test_zero_fill_keeps_region_zero() -> None:
     assert g.verify().ok
     r[5 * PAGE + 100] = 1
     v = g.verify()
-    assert v.mismatches == 1 and v.first_mismatches[0].page == 5 and v.first_mismatches[0].kind == "nonzero"
+    assert (
+        v.mismatches == 1
+        and v.first_mismatches[0].page == 5
+        and v.first_mismatches[0].kind == "nonzero"
+    )
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -58,7 +61,9 @@ def test_random_writes_latest_generation(threads: int) -> None:
 
 def test_hotset_concentrates_writes() -> None:
     r = region(256)
-    with Guest(r, GuestConfig(workload="hotset", rate=40000, hotset_pages=8, hot_fraction=0.9, seed=3)) as g:
+    with Guest(
+        r, GuestConfig(workload="hotset", rate=40000, hotset_pages=8, hot_fraction=0.9, seed=3)
+    ) as g:
         g.start()
         wait_until(lambda: g.stats().pages_written >= 2000, what="2000 writes")
         g.pause()
@@ -96,7 +101,9 @@ def test_increment_walks_pages_in_order() -> None:
 
 def test_increment_skips_free_pages() -> None:
     r = region(64)
-    with Guest(r, GuestConfig(workload="increment", rate=50000, free_fraction=0.25, fill="zero")) as g:
+    with Guest(
+        r, GuestConfig(workload="increment", rate=50000, free_fraction=0.25, fill="zero")
+    ) as g:
         g.start()
         wait_until(lambda: g.stats().passes >= 2, what="2 passes")
         g.pause()

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import Buffer
+from typing_extensions import Buffer, Self
 
 from livemig import _core
 from livemig._core import BalloonPort, LocalBalloonDevice
 
 Workload = Literal["idle", "increment", "random", "hotset"]
 FillMode = Literal["pattern", "zero"]
+#: A guest region or a state: anything exporting a contiguous buffer (writable for regions).
+RegionLike: TypeAlias = Buffer | npt.NDArray[Any]
 
 #: Values of Guest.page_states().
 PAGE_ALLOCATED = 0
@@ -49,7 +51,9 @@ class GuestConfig:
     hotset_pages: int = 64  #: hot range per writer thread (hotset)
     hot_fraction: float = 0.9  #: share of hotset writes that hit the hot range
     seed: int = 1
-    fill: FillMode = "pattern"  #: "pattern": generation 0 in every page; "zero": keep the region zero
+    fill: FillMode = (
+        "pattern"  #: "pattern": generation 0 in every page; "zero": keep the region zero
+    )
     threads: int = 1  #: writer threads (increment always uses one)
     poll_interval_us: int = 1000  #: how often the balloon driver looks at the command id
     hint_reserve: float = 0.0  #: share of the free pool the balloon driver leaves unhinted
@@ -122,7 +126,7 @@ def _increment_check(d: dict[str, Any]) -> IncrementCheck:
 
 
 def check_increment(
-    region: Buffer, page_size: int, excepted: npt.NDArray[np.uint8] | None = None
+    region: RegionLike, page_size: int, excepted: npt.NDArray[np.uint8] | None = None
 ) -> IncrementCheck:
     """The increment oracle over ``region``: byte 0 of every page (not marked in ``excepted``) is
     equal except one place where the next page is exactly one lower, mod 256."""
@@ -130,7 +134,7 @@ def check_increment(
 
 
 class Guest:
-    """A running guest on ``region`` (a writable buffer: numpy array, mmap), kept alive by the guest.
+    """A guest on ``region`` (a writable buffer: numpy array, mmap), which it keeps alive.
 
     Construction writes generation 0 into every page (unless ``fill="zero"``). Threads start with
     ``start()``; ``pause()`` returns once every guest thread is parked.
@@ -138,7 +142,7 @@ class Guest:
 
     def __init__(
         self,
-        region: Buffer,
+        region: RegionLike,
         config: GuestConfig | None = None,
         device: BalloonPort | None = None,
         *,
@@ -152,8 +156,12 @@ class Guest:
         self._g = _core.Guest(region, device=device, **asdict(c))
 
     @classmethod
-    def from_state(cls, region: Buffer, state: Buffer, device: BalloonPort | None = None) -> Guest:
-        """A guest resumed from ``export_state()`` bytes on a region holding its memory (not started)."""
+    def from_state(
+        cls, region: RegionLike, state: RegionLike, device: BalloonPort | None = None
+    ) -> Guest:
+        """A guest resumed from ``export_state()`` bytes on a region holding its memory.
+
+        Not started: call ``start()``."""
         return cls(region, None, device, _core_guest=_core.Guest.from_state(region, state, device))
 
     def start(self) -> None:
@@ -197,7 +205,9 @@ class Guest:
         return GuestStats(**self._g.stats())
 
     def verify(self) -> VerifyResult:
-        """Checks every allocated page against the generation table (pauses a running guest meanwhile)."""
+        """Checks every allocated page against the generation table.
+
+        A running guest is paused for the check and resumed after it."""
         d: dict[str, Any] = self._g.verify()
         first = tuple(Mismatch(*m) for m in d["first_mismatches"])
         return VerifyResult(d["pages_checked"], d["pages_excepted"], d["mismatches"], first)
@@ -210,7 +220,7 @@ class Guest:
         """The guest's state (paused or stopped guests only; ValueError otherwise)."""
         return self._g.export_state()
 
-    def import_state(self, state: Buffer) -> None:
+    def import_state(self, state: RegionLike) -> None:
         """Replaces the state (stopped guests only; same page size and count)."""
         self._g.import_state(state)
 
@@ -222,7 +232,7 @@ class Guest:
         """The generation table (paused or stopped guests only)."""
         return self._g.generations()
 
-    def __enter__(self) -> Guest:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
