@@ -160,3 +160,21 @@ def test_bad_configs_are_value_errors() -> None:
         Guest(bytes(PAGE), GuestConfig())
     with pytest.raises(TypeError, match="buffer protocol"):
         Guest(42, GuestConfig())  # type: ignore[arg-type]
+
+
+def test_region_is_kept_alive_by_the_guest() -> None:
+    import gc
+    import mmap
+
+    m = mmap.mmap(-1, 32 * PAGE)
+    g = Guest(m, GuestConfig(workload="random", rate=40000))
+    with pytest.raises(BufferError):
+        m.close()  # the guest holds an export of the mapping
+    del m
+    gc.collect()
+    with g:
+        g.start()
+        wait_until(lambda: g.stats().pages_written >= 200, what="200 writes")
+        assert g.verify().ok
+    del g
+    gc.collect()
