@@ -199,9 +199,40 @@ void stress_increment() {
   CHECK(g.check_increment().ok);
 }
 
+// A device with the host HintSink's guest-side names, to check SinkPort adapts it.
+struct SinkShaped {
+  LocalBalloonDevice& d;
+  std::uint32_t cmd_id() const noexcept { return d.cmd_id(); }
+  bool guest_ack(std::uint32_t id) noexcept { return d.ack(id); }
+  bool hint(std::uint32_t id, std::uint64_t first, std::uint64_t n) noexcept { return d.hint(id, first, n); }
+  bool guest_stop(std::uint32_t id) noexcept {
+    d.stop(id);
+    return true;
+  }
+};
+
+void sink_port_round() {
+  constexpr std::size_t kN = 64;
+  auto region = livemig::Mapping::anonymous(kN * kPage);
+  auto dev = std::make_shared<LocalBalloonDevice>(kN);
+  auto shaped = std::make_shared<SinkShaped>(SinkShaped{*dev});
+  GuestConfig cfg;
+  cfg.free_fraction = 0.5;
+  cfg.poll_interval_us = 100;
+  Guest g(region.data(), region.size(), cfg, std::make_shared<SinkPort<SinkShaped>>(*shaped, shaped));
+  g.start();
+  const auto id = dev->host_request_next();
+  wait_for([&] { return dev->counters().stops == 1; }, 30, "a round through SinkPort");
+  const auto acc = dev->accepted();
+  CHECK(acc.size() == 1 && acc[0].id == id && acc[0].first == 32 && acc[0].npages == 32);
+  CHECK(g.stats().pages_held == 32);
+  g.stop();
+}
+
 }  // namespace
 
 int main() {
+  sink_port_round();
   stress_driver_and_writers();
   stress_increment();
   std::puts("test_guest_stress: ok");

@@ -65,6 +65,25 @@ struct BalloonPort {
   virtual void stop(std::uint32_t id) noexcept = 0;
 };
 
+/// Adapts any device with the host sink's guest-side API (cmd_id(), guest_ack(id),
+/// hint(id, first, n), guest_stop(id): livemig::HintSink) to a BalloonPort. `keepalive` owns
+/// whatever keeps `sink` alive (may be null when the caller guarantees it outlives the port).
+template <class Sink>
+class SinkPort final : public BalloonPort {
+ public:
+  SinkPort(Sink& sink, std::shared_ptr<const void> keepalive) : sink_(sink), keepalive_(std::move(keepalive)) {}
+  std::uint32_t cmd_id() const noexcept override { return sink_.cmd_id(); }
+  bool ack(std::uint32_t id) noexcept override { return sink_.guest_ack(id); }
+  bool hint(std::uint32_t id, std::uint64_t first, std::uint64_t n) noexcept override {
+    return sink_.hint(id, first, n);
+  }
+  void stop(std::uint32_t id) noexcept override { static_cast<void>(sink_.guest_stop(id)); }
+
+ private:
+  Sink& sink_;
+  std::shared_ptr<const void> keepalive_;
+};
+
 enum class DeviceState : std::uint8_t { Stop = 0, Requested = 1, Start = 2, Done = 3 };
 
 /// One accepted or dropped hint, as the local device saw it.
