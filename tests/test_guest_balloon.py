@@ -1,0 +1,194 @@
+"""The guest's balloon driver against the in-process device: acknowledge, hint with the current id
+only, hold until DONE, then free the pages so the guest reuses and writes them; ids wrap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from guest_helpers import PAGE, wait_until
+from livemig.guest import (
+    CMD_DONE,
+    CMD_FIRST,
+    CMD_STOP,
+    PAGE_FREE,
+    PAGE_HELD,
+    Guest,
+    GuestConfig,
+    LocalBalloonDevice,
+    next_round_id,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = 200  # driver poll interval, microseconds
+
+
+def make(pages: int, **kw: object) -> tuple[np.ndarray, LocalBalloonDevice, Guest]:
+    r = np.zeros(pages * PAGE, dtype=np.uint8)
+    dev = LocalBalloonDevice(pages)
+    cfg = GuestConfig(poll_interval_us=FAST, **kw)  # type: ignore[arg-type]
+    return r, dev, Guest(r, cfg, dev)
+
+
+def round_done(dev: LocalBalloonDevice, stops: int) -> None:
+    wait_until(lambda: dev.counters()["stops"] >= stops, what=f"guest STOP #{stops}")
+
+
+def test_round_ids() -> None:
+    assert next_round_id(CMD_STOP) == CMD_FIRST == 0x80000001
+    assert next_round_id(CMD_DONE) == CMD_FIRST
+    assert next_round_id(0x80000001) == 0x80000002
+    assert next_round_id(0xFFFFFFFF) == 0x80000000
+    assert next_round_id(0x80000000) == 0x80000001
+    dev = LocalBalloonDevice(8)
+    with pytest.raises(ValueError, match="round id"):
+        dev.host_request(1)
+    dev.host_request(0xFFFFFFFF)
+    assert dev.host_request_next() == 0x80000000
+
+
+def test_device_semantics_without_guest() -> None:
+    dev = LocalBalloonDevice(100)
+    assert (dev.cmd_id, dev.state) == (CMD_STOP, "stop")
+    a = dev.host_request_next()
+    assert not dev.guest_hint(a, 0, 4)  # REQUESTED: not yet acknowledged
+    assert not dev.guest_ack(a + 1)
+    assert dev.guest_ack(a) and dev.state == "start"
+    assert dev.guest_hint(a, 0, 4)
+    assert not dev.guest_hint(a + 1, 4, 4)  # another id
+    assert not dev.guest_hint(a, 98, 4)  # past the end
+    b = dev.host_request_next()
+    assert not dev.guest_hint(a, 10, 1)  # the old round's id
+    assert dev.guest_ack(b) and dev.guest_hint(b, 10, 2)
+    dev.guest_stop(b)
+    assert (dev.cmd_id, dev.state) == (CMD_STOP, "stop")
+    assert not dev.guest_hint(b, 20, 1)
+    assert dev.accepted().tolist() == [[a, 0, 4], [b, 10, 2]]
+    c = dev.counters()
+    assert (
+        c["hints_accepted"],
+        c["pages_hinted"],
+        c["hints_dropped_stale"],
+        c["hints_invalid"],
+    ) == (2, 6, 4, 1)
+    assert c["hints_unacked"] == 2  # a before its ack, and a + 1
+    assert dev.hinted_since_done(100).count() == 6
+    dev.host_done()
+    assert (dev.cmd_id, dev.state) == (CMD_DONE, "done")
+    assert dev.hinted_since_done(100).count() == 0
+
+
+def test_round_hints_free_pages_and_holds_them_until_done() -> None:
+    _r, dev, g = make(128, free_fraction=0.5)
+    with g:
+        g.start()
+        a = dev.host_request_next()
+        g.kick()
+        round_done(dev, 1)
+        assert dev.accepted().tolist() == [[a, 64, 64]]
+        st = g.stats()
+        assert (st.rounds, st.hints_sent, st.pages_hinted, st.pages_held, st.free_pages) == (
+            1,
+            1,
+            64,
+            64,
+            0,
+        )
+        assert list(g.page_states()[64:]) == [PAGE_HELD] * 64
+        # STOP and a further round: nothing left to hint, the held pages stay held.
+        dev.host_stop()
+        b = dev.host_request_next()
+        round_done(dev, 2)
+        assert g.stats().rounds == 2 and g.stats().pages_held == 64
+        assert dev.accepted().tolist() == [[a, 64, 64]]
+        assert b == a + 1
+        # After its own STOP the device shows STOP, and the driver takes note of that too.
+        wait_until(lambda: g.stats().last_cmd_id == CMD_STOP, what="driver sees STOP")
+        dev.host_done()
+        wait_until(lambda: g.stats().done_seen == 1, what="DONE seen")
+        st = g.stats()
+        assert (st.pages_held, st.free_pages, st.last_cmd_id) == (0, 64, CMD_DONE)
+        assert list(g.page_states()[64:]) == [PAGE_FREE] * 64
+        assert dev.counters()["hints_unacked"] == 0
+
+
+def test_hints_are_runs_of_at_most_512_pages() -> None:
+    _r, dev, g = make(2048 + 100, free_fraction=0.5)
+    with g:
+        g.start()
+        dev.host_request_next()
+        round_done(dev, 1)
+        rows = dev.accepted()
+        assert rows[:, 2].max() <= 512
+        assert int(rows[:, 2].sum()) == g.stats().pages_hinted == 1074
+        # Contiguous, in order, covering the free pool exactly.
+        assert rows[0, 1] == 2148 - 1074
+        assert (rows[1:, 1] == rows[:-1, 1] + rows[:-1, 2]).all()
+
+
+def test_only_the_current_id_is_used() -> None:
+    _r, dev, g = make(64, free_fraction=0.5)
+    a = dev.host_request_next()
+    b = dev.host_request_next()  # the host moved on before the guest ran
+    with g:
+        g.start()
+        round_done(dev, 1)
+        assert dev.accepted()[:, 0].tolist() == [b]
+        c = dev.counters()
+        assert (c["acks"], c["hints_unacked"], c["hints_dropped_stale"]) == (1, 0, 0)
+        wait_until(lambda: g.stats().last_cmd_id == CMD_STOP, what="driver sees STOP")
+        assert a != b
+
+
+def test_ids_wrap() -> None:
+    _r, dev, g = make(64, free_fraction=0.5, churn=5000)
+    with g:
+        g.start()
+        dev.host_request(0xFFFFFFFE)
+        round_done(dev, 1)
+        dev.host_done()
+        wait_until(lambda: g.stats().done_seen == 1, what="DONE")
+        ids = []
+        for n in (2, 3, 4):
+            ids.append(dev.host_request_next())
+            round_done(dev, n)
+        assert ids == [0xFFFFFFFF, 0x80000000, 0x80000001]
+        assert g.stats().rounds == 4
+        assert set(dev.accepted()[:, 0].tolist()) <= {0xFFFFFFFE, *ids}
+        assert dev.counters()["hints_unacked"] == 0
+
+
+def test_held_pages_are_not_written_until_done_then_reused() -> None:
+    _r, dev, g = make(64, free_fraction=0.5, churn=4000, seed=5, hint_reserve=0.5)
+    with g:
+        g.start()
+        dev.host_request_next()
+        round_done(dev, 1)
+        g.pause()
+        held = np.flatnonzero(g.page_states() == PAGE_HELD)
+        assert len(held) > 0
+        hinted = np.frombuffer(dev.hinted_since_done(64).to_bytes(), np.uint8)
+        assert np.array_equal(held, np.flatnonzero(np.unpackbits(hinted, bitorder="little")[:64]))
+        gens0 = g.generations()[held].copy()
+        alloc0 = g.stats().allocations
+        g.resume()
+        # Churn keeps going, but never into the held pages.
+        wait_until(lambda: g.stats().allocations >= alloc0 + 200, what="200 allocations")
+        g.pause()
+        assert (g.page_states()[held] == PAGE_HELD).all()
+        assert np.array_equal(g.generations()[held], gens0)
+        assert g.verify().ok
+        g.resume()
+        dev.host_done()
+        wait_until(lambda: g.stats().done_seen == 1, what="DONE")
+
+        def all_rewritten() -> bool:
+            g.pause()
+            done = bool((g.generations()[held] > gens0).all())
+            g.resume()
+            return done
+
+        wait_until(all_rewritten, what="every hinted page reused and written")
+        g.pause()
+        assert g.verify().ok
+        assert g.stats().pages_held == 0

@@ -1,0 +1,155 @@
+"""pause() parks every guest thread; export_state/import_state carry a guest to another region."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from guest_helpers import PAGE, wait_until
+from livemig.guest import PAGE_HELD, Guest, GuestConfig, LocalBalloonDevice
+
+pytestmark = pytest.mark.timeout(60)
+
+BUSY = GuestConfig(
+    workload="random",
+    rate=40000,
+    free_fraction=0.5,
+    churn=5000,
+    threads=2,
+    poll_interval_us=200,
+    hint_reserve=0.25,
+    seed=9,
+)
+
+
+def busy_guest(pages: int = 256) -> tuple[np.ndarray, LocalBalloonDevice, Guest]:
+    r = np.zeros(pages * PAGE, dtype=np.uint8)
+    dev = LocalBalloonDevice(pages)
+    g = Guest(r, BUSY, dev)
+    g.start()
+    dev.host_request_next()
+    wait_until(lambda: dev.counters()["stops"] == 1, what="a hint round")
+    wait_until(lambda: g.stats().pages_written >= 500, what="500 writes")
+    return r, dev, g
+
+
+def test_pause_parks_every_thread() -> None:
+    r, dev, g = busy_guest()
+    with g:
+        g.pause()
+        snap, st, states = r.copy(), g.stats(), g.page_states()
+        # A new round while paused: a running driver would acknowledge it within a poll (200 us).
+        dev.host_request_next()
+        g.kick()
+        g.pause()  # idempotent: returns at once, still parked
+        # Observe a while: this sleep synchronises nothing, it gives a stray thread time to act.
+        t_end = time.monotonic() + 0.1
+        while time.monotonic() < t_end:
+            time.sleep(0.01)
+        assert np.array_equal(r, snap)
+        assert g.stats() == st
+        assert np.array_equal(g.page_states(), states)
+        assert dev.state == "requested"
+        assert not g.running
+        g.resume()
+        assert g.running
+        wait_until(
+            lambda: dev.state in ("start", "stop") and dev.counters()["acks"] == 2, what="the ack"
+        )
+        wait_until(lambda: g.stats().pages_written > st.pages_written, what="writes after resume")
+
+
+def test_pause_resume_cycles_stay_consistent() -> None:
+    _r, dev, g = busy_guest()
+    with g:
+        for i in range(20):
+            g.pause()
+            v = g.verify()
+            assert v.ok, v.first_mismatches
+            st = g.stats()
+            assert st.allocated_pages + st.free_pages + st.pages_held == 256
+            assert int(np.count_nonzero(g.page_states() == PAGE_HELD)) == st.pages_held
+            g.resume()
+            if i % 5 == 0:
+                dev.host_request_next()
+        # verify() on a running guest pauses it for the check and resumes it.
+        assert g.verify().ok and g.running
+
+
+def test_export_import_resumes_on_another_region() -> None:
+    r, _dev, g = busy_guest()
+    with g:
+        g.pause()
+        state = g.export_state()
+        st, gens, states = g.stats(), g.generations(), g.page_states()
+        assert st.pages_held > 0
+        r2 = r.copy()  # the migration: memory to the destination's region
+        snap = r.copy()
+        dev2 = LocalBalloonDevice(256)
+        with Guest.from_state(r2, state, dev2) as g2:
+            assert g2.stats() == st
+            assert np.array_equal(g2.generations(), gens)
+            assert np.array_equal(g2.page_states(), states)
+            assert g2.verify().ok
+            assert g2.export_state() == state
+            # The destination's device ends the migration with DONE: the driver frees its pages.
+            dev2.host_done()
+            g2.start()
+            wait_until(
+                lambda: g2.stats().done_seen == st.done_seen + 1, what="DONE on the destination"
+            )
+            assert g2.stats().pages_held == 0
+            wait_until(
+                lambda: g2.stats().pages_written >= st.pages_written + 1000,
+                what="writes on the destination",
+            )
+            g2.pause()
+            v = g2.verify()
+            assert v.ok and v.pages_checked == g2.stats().allocated_pages
+            assert int((g2.generations() >= gens).sum()) == 256  # generations only grow
+        # The source guest, paused, never wrote again.
+        assert np.array_equal(r, snap)
+
+
+def test_increment_continues_after_import() -> None:
+    r = np.zeros(64 * PAGE, dtype=np.uint8)
+    with Guest(r, GuestConfig(workload="increment", rate=50000)) as g:
+        g.start()
+        wait_until(lambda: g.stats().passes >= 1, what="a pass")
+        g.pause()
+        state = g.export_state()
+        r2 = r.copy()
+    with Guest.from_state(r2, state) as g2:
+        passes = g2.stats().passes
+        g2.start()
+        wait_until(lambda: g2.stats().passes >= passes + 2, what="two more passes")
+        g2.pause()
+        assert g2.check_increment().ok
+        assert g2.verify().ok
+
+
+def test_state_errors() -> None:
+    _r, _dev, g = busy_guest(64)
+    with g:
+        with pytest.raises(ValueError, match="paused or stopped"):
+            g.export_state()
+        g.pause()
+        state = g.export_state()
+        with pytest.raises(ValueError, match="stop"):
+            g.import_state(state)
+        g.stop()
+        g.import_state(state)  # a stopped guest takes it back
+        assert g.verify().ok
+    with pytest.raises(ValueError, match="truncated|checksum"):
+        Guest.from_state(np.zeros(64 * PAGE, np.uint8), state[:-100])
+    bad = bytearray(state)
+    bad[200] ^= 1
+    with pytest.raises(ValueError, match="checksum"):
+        Guest.from_state(np.zeros(64 * PAGE, np.uint8), bytes(bad))
+    with pytest.raises(ValueError, match="multiple|pages"):
+        Guest.from_state(np.zeros(32 * PAGE, np.uint8), state)
+    with pytest.raises(ValueError, match="magic"):
+        Guest.from_state(np.zeros(64 * PAGE, np.uint8), b"x" * 100)
+    with pytest.raises(ValueError, match="version"):
+        Guest.from_state(np.zeros(64 * PAGE, np.uint8), state[:8] + b"\x09" + state[9:])
