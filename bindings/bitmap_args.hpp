@@ -13,7 +13,7 @@
 
 namespace livemig::py_bindings {
 
-struct PageRange {
+struct CheckedRange {
   std::size_t begin;
   std::size_t end;
 };
@@ -29,7 +29,7 @@ inline std::size_t check_index(const PageBitmap& b, pybind11::ssize_t i) { retur
 
 /// [start, end) within a space of `size` pages (end None means size); IndexError past the end,
 /// ValueError when start > end.
-inline PageRange check_page_range(std::size_t size, pybind11::ssize_t start, std::optional<pybind11::ssize_t> end) {
+inline CheckedRange check_page_range(std::size_t size, pybind11::ssize_t start, std::optional<pybind11::ssize_t> end) {
   const pybind11::ssize_t e = end.value_or(static_cast<pybind11::ssize_t>(size));
   if (start < 0 || e < 0 || static_cast<std::size_t>(start) > size || static_cast<std::size_t>(e) > size)
     throw pybind11::index_error("range [" + std::to_string(start) + ", " + std::to_string(e) + ") out of range [0, " +
@@ -39,14 +39,14 @@ inline PageRange check_page_range(std::size_t size, pybind11::ssize_t start, std
   return {static_cast<std::size_t>(start), static_cast<std::size_t>(e)};
 }
 
-inline PageRange check_range(const PageBitmap& b, pybind11::ssize_t start, std::optional<pybind11::ssize_t> end) {
+inline CheckedRange check_range(const PageBitmap& b, pybind11::ssize_t start, std::optional<pybind11::ssize_t> end) {
   return check_page_range(b.size(), start, end);
 }
 
 /// Releases the GIL for ranges big enough that the release pays for itself (over 64 words).
 class ReleaseIfLarge {
  public:
-  explicit ReleaseIfLarge(PageRange r) {
+  explicit ReleaseIfLarge(CheckedRange r) {
     if (r.end - r.begin > 64 * PageBitmap::kWordBits) release_.emplace();
   }
 

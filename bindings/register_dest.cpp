@@ -21,23 +21,23 @@ namespace {
 
 using Runs = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>;
 
-// An (n, 2) array of (first, count) rows as PageRuns.
-std::vector<PageRun> to_runs(const Runs& a) {
+// An (n, 2) array of (first, count) rows as PageRanges.
+std::vector<PageRange> to_runs(const Runs& a) {
   if (a.size() == 0) return {};
   if (a.ndim() != 2 || a.shape(1) != 2)
     throw py::value_error("runs must be an (n, 2) array of (first_page, count) rows");
-  std::vector<PageRun> out(static_cast<std::size_t>(a.shape(0)));
+  std::vector<PageRange> out(static_cast<std::size_t>(a.shape(0)));
   auto v = a.unchecked<2>();
   for (py::ssize_t i = 0; i < a.shape(0); ++i) out[static_cast<std::size_t>(i)] = {v(i, 0), v(i, 1)};
   return out;
 }
 
-py::array_t<std::uint64_t> from_runs(const std::vector<PageRun>& runs) {
+py::array_t<std::uint64_t> from_runs(const std::vector<PageRange>& runs) {
   py::array_t<std::uint64_t> out({static_cast<py::ssize_t>(runs.size()), py::ssize_t{2}});
   auto v = out.mutable_unchecked<2>();
   for (py::ssize_t i = 0; i < static_cast<py::ssize_t>(runs.size()); ++i) {
     v(i, 0) = runs[static_cast<std::size_t>(i)].first;
-    v(i, 1) = runs[static_cast<std::size_t>(i)].count;
+    v(i, 1) = runs[static_cast<std::size_t>(i)].npages;
   }
   return out;
 }

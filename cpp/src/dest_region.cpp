@@ -67,9 +67,9 @@ void RequestQueue::request(std::uint64_t first_page, std::uint32_t npages) noexc
   }
 }
 
-std::vector<PageRun> RequestQueue::drain() {
+std::vector<PageRange> RequestQueue::drain() {
   std::lock_guard lk(mu_);
-  std::vector<PageRun> out;
+  std::vector<PageRange> out;
   out.swap(q_);
   return out;
 }
@@ -466,11 +466,11 @@ std::size_t DestRegion::place_fill(std::uint64_t first_page, std::size_t npages,
   return placed;
 }
 
-void DestRegion::set_local_fill(std::span<const PageRun> runs, std::uint32_t value) {
-  for (const auto& r : runs) check_run(r.first, r.count);
+void DestRegion::set_local_fill(std::span<const PageRange> runs, std::uint32_t value) {
+  for (const auto& r : runs) check_run(r.first, r.npages);
   // The value first: a fault thread that sees a bit must see its value (release/acquire).
   fill_value_.store(value, std::memory_order_release);
-  for (const auto& r : runs) local_fill_->set_range(r.first, r.first + r.count);
+  for (const auto& r : runs) local_fill_->set_range(r.first, r.first + r.npages);
 }
 
 void DestRegion::wait_events_handled() {
@@ -486,25 +486,25 @@ void DestRegion::wait_events_handled() {
   read_waiters_.fetch_sub(1, std::memory_order_seq_cst);
 }
 
-std::size_t DestRegion::discard(std::span<const PageRun> runs) {
-  for (const auto& r : runs) check_run(r.first, r.count);
+std::size_t DestRegion::discard(std::span<const PageRange> runs) {
+  for (const auto& r : runs) check_run(r.first, r.npages);
   std::size_t was_received = 0;
   for (const auto& r : runs) {
-    if (r.count == 0) continue;
+    if (r.npages == 0) continue;
     void* addr = base_ + r.first * ps_;
-    const std::size_t len = r.count * ps_;
+    const std::size_t len = r.npages * ps_;
     // R first (so the REMOVE event below counts only drops made by others), and again after the
     // drop, in case a placement hit EEXIST on a page in between and set it back.
-    was_received += received_->count(r.first, r.first + r.count);
-    received_->clear_range(r.first, r.first + r.count);
+    was_received += received_->count(r.first, r.first + r.npages);
+    received_->clear_range(r.first, r.first + r.npages);
     // Shared memory keeps pages in its page cache across MADV_DONTNEED: punch them out with
     // MADV_REMOVE. Private anonymous memory refuses MADV_REMOVE (EINVAL): MADV_DONTNEED drops it.
     // Either way a registered region sends us a REMOVE event (the fault thread clears R too).
     int rc = ::madvise(addr, len, MADV_REMOVE);
     if (rc != 0 && errno == EINVAL && !memfd_) rc = ::madvise(addr, len, MADV_DONTNEED);
-    if (rc != 0) throw_errno("discard", "madvise of " + std::to_string(r.count) + " pages at page " +
+    if (rc != 0) throw_errno("discard", "madvise of " + std::to_string(r.npages) + " pages at page " +
                                             std::to_string(r.first), reinterpret_cast<std::uintptr_t>(addr));
-    received_->clear_range(r.first, r.first + r.count);
+    received_->clear_range(r.first, r.first + r.npages);
   }
   // In postcopy the fault thread also clears R for the REMOVE events; make sure it has, so it
   // cannot clear a page placed after we return.

@@ -15,7 +15,7 @@
 #include "livemig/errors.hpp"
 
 using livemig::DestRegion;
-using livemig::PageRun;
+using livemig::PageRange;
 
 #define CHECK(cond)                                                                   \
   do {                                                                                \
@@ -43,7 +43,7 @@ void serve(DestRegion& d, const std::vector<std::uint8_t>& ref, const std::atomi
   const std::size_t ps = d.page_bytes();
   while (!stop.load()) {
     d.queue().wait(2'000'000);
-    for (const PageRun& r : d.queue().drain()) d.place(r.first, r.count, ref.data() + r.first * ps);
+    for (const PageRange& r : d.queue().drain()) d.place(r.first, r.npages, ref.data() + r.first * ps);
   }
 }
 
@@ -83,7 +83,7 @@ void faults_requests_and_fills() {
   DestRegion d(kPages * livemig::page_size());
   const std::size_t ps = d.page_bytes();
   const auto ref = make_ref(kPages, ps, 1);
-  const PageRun fill{900, 124};
+  const PageRange fill{900, 124};
   d.set_local_fill({&fill, 1}, 0xA5A5A5A5u);
   d.start_postcopy();
   std::atomic<bool> stop{false};
@@ -131,7 +131,7 @@ void discards_race_placement() {
   std::thread discarder([&] {
     std::mt19937 rng(3);
     for (int k = 0; k < 200; ++k) {
-      const PageRun r{rng() % (half - 16), 1 + rng() % 16};
+      const PageRange r{rng() % (half - 16), 1 + rng() % 16};
       d.discard({&r, 1});
     }
   });

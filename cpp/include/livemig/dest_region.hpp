@@ -34,15 +34,10 @@
 
 #include "livemig/fd.hpp"
 #include "livemig/page_bitmap.hpp"
+#include "livemig/page_range.hpp"
 #include "livemig/userfaultfd.hpp"
 
 namespace livemig {
-
-/// A run of pages [first, first + count).
-struct PageRun {
-  std::uint64_t first;
-  std::uint64_t count;
-};
 
 /// Where the fault thread sends page requests (the wire issue implements one that sends a request
 /// frame to the source). Called on the fault thread, without the GIL; must not block for long and
@@ -58,7 +53,7 @@ class RequestQueue final : public RequestSink {
  public:
   void request(std::uint64_t first_page, std::uint32_t npages) noexcept override;
   /// Takes every queued request, oldest first.
-  std::vector<PageRun> drain();
+  std::vector<PageRange> drain();
   /// Waits until a request is queued or `timeout_ns` passes (or close() is called); true when one is.
   bool wait(std::int64_t timeout_ns);
   /// Wakes every wait() for good.
@@ -67,7 +62,7 @@ class RequestQueue final : public RequestSink {
  private:
   std::mutex mu_;
   std::condition_variable cv_;
-  std::vector<PageRun> q_;
+  std::vector<PageRange> q_;
   bool closed_ = false;
 };
 
@@ -184,7 +179,7 @@ class DestRegion {
 
   /// Marks `runs` as local-fill pages: a fault on one is resolved by the fault thread with a page
   /// of `value` (0: zero page) and no request. One value per region: the last call's wins.
-  void set_local_fill(std::span<const PageRun> runs, std::uint32_t value);
+  void set_local_fill(std::span<const PageRange> runs, std::uint32_t value);
   /// Drops `runs` (MADV_DONTNEED; MADV_REMOVE for shared memory) and clears their received bits
   /// (rule 3, before the guest runs); returns how many were received. In postcopy it returns only
   /// after the fault thread has handled the REMOVE events it caused. Must not race placement of
@@ -193,7 +188,7 @@ class DestRegion {
   /// with R clear (a later placement then gets EEXIST: R set, counted) or absent with R set (the
   /// next fault sees that through /proc/self/pagemap, clears R and requests it): never a page
   /// placed twice or over guest data.
-  std::size_t discard(std::span<const PageRun> runs);
+  std::size_t discard(std::span<const PageRange> runs);
 
   /// A snapshot of the counters.
   DestCounters counters() const noexcept;
