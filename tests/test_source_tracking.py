@@ -107,6 +107,14 @@ def test_explicit_mode() -> None:
     assert src.sync() == 0
     with pytest.raises(IndexError):
         src.mark_written(250, 7)
+    # A hint forgets marks made before it (rule 5), in explicit mode too.
+    src.dirty.reset()
+    src.mark_written(10, 4)
+    src.hints.host_request(0x80000001)
+    assert src.hints.guest_ack(0x80000001)
+    assert src.hints.hint(0x80000001, 8, 8)
+    src.hints.host_stop()
+    assert src.sync() == 0 and src.dirty.count() == 0 and bits(src.hinted) == set(range(8, 16))
 
 
 def test_sync_clears_hinted_bits_of_written_pages() -> None:

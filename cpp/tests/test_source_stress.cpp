@@ -34,7 +34,7 @@ namespace {
 
 void hint_sink_rounds() {
   constexpr std::size_t kPages = 1 << 16;
-  constexpr int kGuests = 2, kRounds = 100;
+  constexpr int kGuests = 2, kRounds = 300;
   PageBitmap dirty(kPages, true), hinted(kPages);
   HintSink sink(dirty, hinted, nullptr);
   std::atomic<bool> done{false};
@@ -124,7 +124,7 @@ void scanner_senders_requests_writer() {
   };
   std::thread writer([&] {
     std::mt19937 rng(7);
-    for (int i = 0; i < 20000; ++i) {
+    for (int i = 0; i < 60000; ++i) {
       const std::size_t p = rng() % kPages;
       version[p].fetch_add(1, std::memory_order_relaxed);
       dirty.set(p);  // acq_rel: the new version is visible to whoever takes the bit
@@ -133,9 +133,10 @@ void scanner_senders_requests_writer() {
   });
   std::thread requester([&] {
     std::mt19937 rng(11);
-    for (int i = 0; i < 5000; ++i) {
+    for (int i = 0; i < 15000; ++i) {
       const std::uint64_t p = rng() % kPages;
-      CHECK(scanner.request(p, 1 + rng() % 4 > kPages - p ? 1 : 1 + rng() % 4));
+      const std::uint64_t n = std::min<std::uint64_t>(1 + rng() % 4, kPages - p);
+      CHECK(scanner.request(p, n));
     }
     CHECK(!scanner.request(kPages, 1));
     requests_done.store(true, std::memory_order_release);
@@ -151,7 +152,7 @@ void scanner_senders_requests_writer() {
     CHECK(delivered[p].load() == version[p].load());
   }
   const ScannerCounters c = scanner.counters();
-  CHECK(c.requests == 5000 && c.requests_invalid == 1);
+  CHECK(c.requests == 15000 && c.requests_invalid == 1);
   CHECK(c.pages_put_back > 0);
   std::printf("scanner: %llu background, %llu urgent served, %llu dropped, %llu put back\n",
               static_cast<unsigned long long>(c.background_pages), static_cast<unsigned long long>(c.request_pages_served),
