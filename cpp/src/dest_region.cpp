@@ -667,6 +667,8 @@ void DestRegion::fault_loop() noexcept {
       batch.swap(deferred_);  // handle_fault may append (EAGAIN retries read more events)
       to_request.clear();
       for (const auto& [addr, t] : batch) {
+        // Stopping: the region is (being) unregistered and its waiters woken by the kernel.
+        if (state() != State::postcopy) break;
         if (addr < base || addr >= base + bytes_) continue;
         try {
           handle_fault((addr - base) / ps_, t, to_request);
