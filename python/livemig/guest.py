@@ -148,12 +148,17 @@ class Guest:
         *,
         _core_guest: _core.Guest | None = None,
     ) -> None:
-        self.config = config
         if _core_guest is not None:
             self._g = _core_guest
             return
         c = config or GuestConfig()
         self._g = _core.Guest(region, device=device, **asdict(c))
+
+    @property
+    def config(self) -> GuestConfig:
+        """The guest's configuration (for an imported guest: the exported one)."""
+        d: dict[str, Any] = self._g.config()
+        return GuestConfig(**d)
 
     @classmethod
     def from_state(

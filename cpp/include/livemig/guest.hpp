@@ -53,6 +53,10 @@ constexpr bool is_round_id(std::uint32_t id) noexcept { return id >= 0x80000000U
 
 /// The guest's view of the balloon device. Implementations are called from the driver thread only
 /// (never with the GIL), must not block for long, and must be thread-safe against the host side.
+/// Like Linux's driver, the guest acts on a *change* of the command id it reads (polled every
+/// poll_interval_us, or at once after Guest::kick()): a new round id starts a round, DONE frees the
+/// held pages. The host must leave DONE showing until the guest has seen it (stats().done_seen or
+/// last_cmd_id); DONE followed by DONE is no new event.
 struct BalloonPort {
   virtual ~BalloonPort() = default;
   /// The command id the device shows: a round id, kCmdStop or kCmdDone.
