@@ -271,7 +271,7 @@ class Guest {
         std::shared_ptr<BalloonPort> port);
   Guest(const Guest&) = delete;
   Guest& operator=(const Guest&) = delete;
-  /// Stops and joins every thread.
+  /// Stops and joins every thread (blocks while one is blocked in an unresolved page fault).
   ~Guest();
 
   /// Starts the threads; a no-op when running or paused. Restartable after stop().
@@ -282,7 +282,8 @@ class Guest {
   void pause();
   /// Lets parked threads run again; starts them if never started. Idempotent.
   void resume();
-  /// Stops and joins every thread (paused or not). Idempotent.
+  /// Stops and joins every thread (paused or not); blocks while a thread is blocked in a page
+  /// fault. Idempotent. Not to be called concurrently with start().
   void stop();
   /// True while threads exist and are not parked by pause().
   bool running() const;
