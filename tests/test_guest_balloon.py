@@ -217,7 +217,7 @@ class DeviceModel:
         self.cmd, self.state = CMD_DONE, "done"
 
     def ack(self, i: int) -> bool:
-        if self.cmd == i and self.state in ("requested", "start"):
+        if self.cmd == i and self.state == "requested":
             self.state = "start"
             return True
         return False

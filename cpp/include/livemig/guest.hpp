@@ -61,7 +61,7 @@ struct BalloonPort {
   virtual ~BalloonPort() = default;
   /// The command id the device shows: a round id, kCmdStop or kCmdDone.
   virtual std::uint32_t cmd_id() const noexcept = 0;
-  /// Acknowledges round `id` (REQUESTED -> START); false when `id` is no longer current.
+  /// Acknowledges round `id` (REQUESTED -> START); false unless `id` is current and REQUESTED.
   virtual bool ack(std::uint32_t id) noexcept = 0;
   /// Reports [first, first + n) free in round `id`; false when dropped (stale id or not START).
   virtual bool hint(std::uint32_t id, std::uint64_t first, std::uint64_t n) noexcept = 0;
