@@ -255,6 +255,24 @@ void register_guest(py::module_& m) {
       .def_property_readonly("pages", [](PyGuest& p) { return p.g().pages(); })
       .def_property_readonly("page_size", [](PyGuest& p) { return p.g().page_size(); })
       .def_property_readonly("workload", [](PyGuest& p) { return std::string(workload_name(p.g().config().workload)); })
+      .def("config",
+           [](PyGuest& p) {
+             const GuestConfig& c = p.g().config();
+             py::dict d;
+             d["workload"] = std::string(workload_name(c.workload));
+             d["page_size"] = c.page_size;
+             d["rate"] = c.rate;
+             d["free_fraction"] = c.free_fraction;
+             d["churn"] = c.churn;
+             d["hotset_pages"] = c.hotset_pages;
+             d["hot_fraction"] = c.hot_fraction;
+             d["seed"] = c.seed;
+             d["fill"] = c.fill == Fill::Zero ? "zero" : "pattern";
+             d["threads"] = c.threads;
+             d["poll_interval_us"] = c.poll_interval_us;
+             d["hint_reserve"] = c.hint_reserve;
+             return d;
+           })
       .def("stats", [](PyGuest& p) { return stats_dict(p.g().stats()); })
       .def("verify",
            [](PyGuest& p) {

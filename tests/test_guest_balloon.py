@@ -3,8 +3,12 @@ only, hold until DONE, then free the pages so the guest reuses and writes them; 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from guest_helpers import PAGE, wait_until
 from livemig.guest import (
     CMD_DONE,
@@ -192,3 +196,81 @@ def test_held_pages_are_not_written_until_done_then_reused() -> None:
         g.pause()
         assert g.verify().ok
         assert g.stats().pages_held == 0
+
+
+class DeviceModel:
+    """The device's state machine in plain Python (DESIGN.md "Free page hinting")."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages, self.cmd, self.state, self.last = pages, CMD_STOP, "stop", 0
+        self.accepted: list[tuple[int, int, int]] = []
+
+    def request_next(self) -> int:
+        self.last = next_round_id(self.last)
+        self.cmd, self.state = self.last, "requested"
+        return self.last
+
+    def stop(self) -> None:
+        self.cmd, self.state = CMD_STOP, "stop"
+
+    def done(self) -> None:
+        self.cmd, self.state = CMD_DONE, "done"
+
+    def ack(self, i: int) -> bool:
+        if self.cmd == i and self.state == "requested":
+            self.state = "start"
+            return True
+        return False
+
+    def hint(self, i: int, first: int, n: int) -> bool:
+        ok = self.cmd == i and self.state == "start" and n > 0 and first + n <= self.pages
+        if ok:
+            self.accepted.append((i, first, n))
+        return ok
+
+    def guest_stop(self, i: int) -> None:
+        if self.cmd == i and self.state == "start":
+            self.stop()
+
+
+ops = st.lists(
+    st.one_of(
+        st.just(("request",)),
+        st.just(("stop",)),
+        st.just(("done",)),
+        st.tuples(st.just("ack"), st.integers(-1, 1)),
+        st.tuples(st.just("hint"), st.integers(-1, 1), st.integers(0, 40), st.integers(0, 10)),
+        st.tuples(st.just("guest_stop"), st.integers(-1, 1)),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops, st.sampled_from([0, 0xFFFFFFFD]))
+def test_device_matches_model(seq: list[tuple[Any, ...]], start: int) -> None:
+    dev, model = LocalBalloonDevice(40), DeviceModel(40)
+    if start:
+        dev.host_request(start)
+        model.last, model.cmd, model.state = start, start, "requested"
+    for op in seq:
+        # Guest ops name an id relative to the last round: the current one, or a stale/future one.
+        rel = model.last + op[1] if len(op) > 1 else 0
+        rel &= 0xFFFFFFFF
+        if op[0] == "request":
+            assert dev.host_request_next() == model.request_next()
+        elif op[0] == "stop":
+            dev.host_stop()
+            model.stop()
+        elif op[0] == "done":
+            dev.host_done()
+            model.done()
+        elif op[0] == "ack":
+            assert dev.guest_ack(rel) == model.ack(rel)
+        elif op[0] == "hint":
+            assert dev.guest_hint(rel, op[2], op[3]) == model.hint(rel, op[2], op[3])
+        else:
+            dev.guest_stop(rel)
+            model.guest_stop(rel)
+        assert (dev.cmd_id, dev.state) == (model.cmd, model.state)
+    assert [tuple(r) for r in dev.accepted().tolist()] == model.accepted

@@ -88,6 +88,7 @@ def test_export_import_resumes_on_another_region() -> None:
         snap = r.copy()
         dev2 = LocalBalloonDevice(256)
         with Guest.from_state(r2, state, dev2) as g2:
+            assert g2.config == g.config == BUSY
             assert g2.stats() == st
             assert np.array_equal(g2.generations(), gens)
             assert np.array_equal(g2.page_states(), states)

@@ -166,15 +166,18 @@ def test_region_is_kept_alive_by_the_guest() -> None:
     import gc
     import mmap
 
+    def run(g: Guest) -> None:
+        with g:
+            g.start()
+            wait_until(lambda: g.stats().pages_written >= 200, what="200 writes")
+            assert g.verify().ok
+
     m = mmap.mmap(-1, 32 * PAGE)
-    g = Guest(m, GuestConfig(workload="random", rate=40000))
+    guest = Guest(m, GuestConfig(workload="random", rate=40000))
     with pytest.raises(BufferError):
         m.close()  # the guest holds an export of the mapping
     del m
     gc.collect()
-    with g:
-        g.start()
-        wait_until(lambda: g.stats().pages_written >= 200, what="200 writes")
-        assert g.verify().ok
-    del g
+    run(guest)
+    del guest
     gc.collect()

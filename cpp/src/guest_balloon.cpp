@@ -54,9 +54,8 @@ std::uint32_t LocalBalloonDevice::cmd_id() const noexcept { return id_of(word_.l
 
 bool LocalBalloonDevice::ack(std::uint32_t id) noexcept {
   std::lock_guard lk(mu_);
-  const std::uint64_t w = word_.load(std::memory_order_relaxed);
-  if (w == pack(id, DeviceState::Start)) return true;  // already acknowledged
-  if (w != pack(id, DeviceState::Requested)) {
+  // Like HintSink::guest_ack: only the REQUESTED -> START transition succeeds.
+  if (word_.load(std::memory_order_relaxed) != pack(id, DeviceState::Requested)) {
     ++counters_.acks_stale;
     return false;
   }

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from typing_extensions import Buffer, Self
+
+if TYPE_CHECKING:  # typing_extensions is not a runtime dependency
+    from typing_extensions import Buffer, Self
 
 from livemig import _core
 from livemig._core import BalloonPort, LocalBalloonDevice
@@ -21,7 +23,7 @@ from livemig._core import BalloonPort, LocalBalloonDevice
 Workload = Literal["idle", "increment", "random", "hotset"]
 FillMode = Literal["pattern", "zero"]
 #: A guest region or a state: anything exporting a contiguous buffer (writable for regions).
-RegionLike: TypeAlias = Buffer | npt.NDArray[Any]
+RegionLike: TypeAlias = "Buffer | npt.NDArray[Any]"
 
 #: Values of Guest.page_states().
 PAGE_ALLOCATED = 0
@@ -148,12 +150,17 @@ class Guest:
         *,
         _core_guest: _core.Guest | None = None,
     ) -> None:
-        self.config = config
         if _core_guest is not None:
             self._g = _core_guest
             return
         c = config or GuestConfig()
         self._g = _core.Guest(region, device=device, **asdict(c))
+
+    @property
+    def config(self) -> GuestConfig:
+        """The guest's configuration (for an imported guest: the exported one)."""
+        d: dict[str, Any] = self._g.config()
+        return GuestConfig(**d)
 
     @classmethod
     def from_state(

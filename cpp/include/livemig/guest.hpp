@@ -53,11 +53,15 @@ constexpr bool is_round_id(std::uint32_t id) noexcept { return id >= 0x80000000U
 
 /// The guest's view of the balloon device. Implementations are called from the driver thread only
 /// (never with the GIL), must not block for long, and must be thread-safe against the host side.
+/// Like Linux's driver, the guest acts on a *change* of the command id it reads (polled every
+/// poll_interval_us, or at once after Guest::kick()): a new round id starts a round, DONE frees the
+/// held pages. The host must leave DONE showing until the guest has seen it (stats().done_seen or
+/// last_cmd_id); DONE followed by DONE is no new event.
 struct BalloonPort {
   virtual ~BalloonPort() = default;
   /// The command id the device shows: a round id, kCmdStop or kCmdDone.
   virtual std::uint32_t cmd_id() const noexcept = 0;
-  /// Acknowledges round `id` (REQUESTED -> START); false when `id` is no longer current.
+  /// Acknowledges round `id` (REQUESTED -> START); false unless `id` is current and REQUESTED.
   virtual bool ack(std::uint32_t id) noexcept = 0;
   /// Reports [first, first + n) free in round `id`; false when dropped (stale id or not START).
   virtual bool hint(std::uint32_t id, std::uint64_t first, std::uint64_t n) noexcept = 0;
@@ -267,7 +271,7 @@ class Guest {
         std::shared_ptr<BalloonPort> port);
   Guest(const Guest&) = delete;
   Guest& operator=(const Guest&) = delete;
-  /// Stops and joins every thread.
+  /// Stops and joins every thread (blocks while one is blocked in an unresolved page fault).
   ~Guest();
 
   /// Starts the threads; a no-op when running or paused. Restartable after stop().
@@ -278,7 +282,8 @@ class Guest {
   void pause();
   /// Lets parked threads run again; starts them if never started. Idempotent.
   void resume();
-  /// Stops and joins every thread (paused or not). Idempotent.
+  /// Stops and joins every thread (paused or not); blocks while a thread is blocked in a page
+  /// fault. Idempotent. Not to be called concurrently with start().
   void stop();
   /// True while threads exist and are not parked by pause().
   bool running() const;
