@@ -145,7 +145,8 @@ py::array_t<T> to_array(const std::vector<T>& v) {
 
 void register_guest(py::module_& m) {
   py::class_<BalloonPort, std::shared_ptr<BalloonPort>>(
-      m, "BalloonPort", "The guest's view of a balloon device (implemented in C++ by LocalBalloonDevice and the host's sink).");
+      m, "BalloonPort",
+      "The guest's view of a balloon device (implemented in C++: LocalBalloonDevice, the host's sink).");
 
   py::class_<LocalBalloonDevice, BalloonPort, std::shared_ptr<LocalBalloonDevice>>(
       m, "LocalBalloonDevice", "An in-process balloon device with the host's free page hinting semantics.")
@@ -329,7 +330,8 @@ void register_guest(py::module_& m) {
 
   m.def(
       "increment_oracle",
-      [](py::handle region, std::size_t page_size, std::optional<py::array_t<std::uint8_t, py::array::c_style>> excepted) {
+      [](py::handle region, std::size_t page_size,
+         std::optional<py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>> excepted) {
         BufferHold buf(region, false);
         if (page_size == 0 || buf.size() % page_size != 0)
           throw py::value_error("region size " + std::to_string(buf.size()) + " is not a multiple of page_size " +

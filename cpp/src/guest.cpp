@@ -150,8 +150,8 @@ std::size_t checked_pages(const std::uint8_t* region, std::size_t bytes, const G
   if (reinterpret_cast<std::uintptr_t>(region) % 8 != 0)
     throw std::invalid_argument("region must be 8-byte aligned");
   if (bytes == 0 || bytes % c.page_size != 0)
-    throw std::invalid_argument("region size " + std::to_string(bytes) + " is not a non-zero multiple of the page size " +
-                                std::to_string(c.page_size));
+    throw std::invalid_argument("region size " + std::to_string(bytes) +
+                                " is not a non-zero multiple of the page size " + std::to_string(c.page_size));
   return bytes / c.page_size;
 }
 
@@ -210,7 +210,8 @@ void Guest::init_layout() {
     s.cursor = s.begin;
     // The free pool is the top of each slice, like the never-used high memory of a booted guest.
     const auto len = s.end - s.begin;
-    const auto nfree = std::min<std::uint64_t>(len, static_cast<std::uint64_t>(std::llround(cfg_.free_fraction * static_cast<double>(len))));
+    const auto nfree = std::min<std::uint64_t>(
+        len, static_cast<std::uint64_t>(std::llround(cfg_.free_fraction * static_cast<double>(len))));
     allocated_.set_range(s.begin, s.end - nfree);
     avail_.set_range(s.end - nfree, s.end);
     s.free_cursor = s.end - nfree;

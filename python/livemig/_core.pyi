@@ -299,5 +299,5 @@ class Guest:
 def increment_oracle(
     region: Buffer | npt.NDArray[np.generic],
     page_size: int,
-    excepted: npt.NDArray[np.uint8] | None = None,
+    excepted: npt.NDArray[np.uint8 | np.bool_] | None = None,
 ) -> dict[str, object]: ...

@@ -128,7 +128,7 @@ def _increment_check(d: dict[str, Any]) -> IncrementCheck:
 
 
 def check_increment(
-    region: RegionLike, page_size: int, excepted: npt.NDArray[np.uint8] | None = None
+    region: RegionLike, page_size: int, excepted: npt.NDArray[np.uint8 | np.bool_] | None = None
 ) -> IncrementCheck:
     """The increment oracle over ``region``: byte 0 of every page (not marked in ``excepted``) is
     equal except one place where the next page is exactly one lower, mod 256."""
