@@ -357,56 +357,79 @@ WireStats FrameWriter::stats() const {
 
 // ---- inputs ----
 
-FdInput::FdInput(int fd, int timeout_ms) : fd_(fd), timeout_ms_(timeout_ms), blocking_(fd_is_blocking(fd)) {
+FdInput::FdInput(int fd, int timeout_ms)
+    : fd_(fd), timeout_ms_(timeout_ms), blocking_(fd_is_blocking(fd)), ahead_(new std::uint8_t[kAhead]) {
   if (blocking_) set_timeout_option(fd_, SO_RCVTIMEO, timeout_ms_);
+}
+
+std::size_t FdInput::recv_some(struct iovec* iov, std::size_t iovcnt, int flags) {
+  for (;;) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = iovcnt;
+    syscalls += 1;
+    const ssize_t r = ::recvmsg(fd_, &msg, flags);
+    if (r >= 0) return static_cast<std::size_t>(r);
+    const int err = errno;
+    if (err == EINTR) continue;
+    if (err == EAGAIN || err == EWOULDBLOCK) {
+      if (blocking_) throw ConnectionLost("recv: the peer was silent for " + seconds(timeout_ms_) + " (timeout)");
+      wait_ready(fd_, POLLIN, timeout_ms_, "recv");
+      continue;
+    }
+    if (lost_errno(err)) throw ConnectionLost("recv: connection lost (" + std::string(std::strerror(err)) + ")");
+    throw_errno("recv", "recvmsg on fd " + std::to_string(fd_));
+  }
 }
 
 std::size_t FdInput::read_full(struct iovec* iov_in, int iovcnt) {
   std::array<struct iovec, 4> iov{};
   if (iovcnt < 1 || iovcnt > static_cast<int>(iov.size())) throw std::invalid_argument("read_full: 1 to 4 iovecs");
-  std::size_t total = 0;
-  for (int i = 0; i < iovcnt; ++i) {
-    iov[static_cast<std::size_t>(i)] = iov_in[i];
-    total += iov_in[i].iov_len;
+  const auto cnt = static_cast<std::size_t>(iovcnt);
+  std::size_t left = 0;
+  for (std::size_t i = 0; i < cnt; ++i) {
+    iov[i] = iov_in[i];
+    left += iov[i].iov_len;
   }
   std::size_t idx = 0;
   std::size_t done = 0;
-  const auto cnt = static_cast<std::size_t>(iovcnt);
-  while (idx < cnt) {
-    if (iov[idx].iov_len == 0) {
+  auto advance = [&](std::size_t k) {
+    done += k;
+    left -= k;
+    while (idx < cnt && k >= iov[idx].iov_len) {
+      k -= iov[idx].iov_len;
       ++idx;
+    }
+    if (k > 0) {
+      iov[idx].iov_base = static_cast<std::uint8_t*>(iov[idx].iov_base) + k;
+      iov[idx].iov_len -= k;
+    }
+  };
+  while (left > 0) {
+    if (ahead_pos_ < ahead_len_) {
+      // Serve what the read-ahead buffer holds.
+      while (idx < cnt && iov[idx].iov_len == 0) ++idx;
+      const std::size_t k = std::min(iov[idx].iov_len, ahead_len_ - ahead_pos_);
+      std::memcpy(iov[idx].iov_base, ahead_.get() + ahead_pos_, k);
+      ahead_pos_ += k;
+      advance(k);
       continue;
     }
-    msghdr msg{};
-    msg.msg_iov = iov.data() + idx;
-    msg.msg_iovlen = cnt - idx;
-    syscalls += 1;
-    const ssize_t r = ::recvmsg(fd_, &msg, MSG_WAITALL);
-    if (r == 0) return done;  // end of stream
-    if (r < 0) {
-      const int err = errno;
-      if (err == EINTR) continue;
-      if (err == EAGAIN || err == EWOULDBLOCK) {
-        if (blocking_)
-          throw ConnectionLost("recv: the peer was silent for " + seconds(timeout_ms_) + " (timeout)");
-        wait_ready(fd_, POLLIN, timeout_ms_, "recv");
-        continue;
-      }
-      if (lost_errno(err)) throw ConnectionLost("recv: connection lost (" + std::string(std::strerror(err)) + ")");
-      throw_errno("recv", "recvmsg on fd " + std::to_string(fd_), 0, done);
+    if (left >= kAhead) {
+      // Large: straight into the destination, all of it in as few calls as the kernel allows.
+      while (idx < cnt && iov[idx].iov_len == 0) ++idx;
+      const std::size_t r = recv_some(iov.data() + idx, cnt - idx, MSG_WAITALL);
+      if (r == 0) return done;
+      advance(r);
+      continue;
     }
-    auto left = static_cast<std::size_t>(r);
-    done += left;
-    while (idx < cnt && left >= iov[idx].iov_len) {
-      left -= iov[idx].iov_len;
-      ++idx;
-    }
-    if (left > 0) {
-      iov[idx].iov_base = static_cast<std::uint8_t*>(iov[idx].iov_base) + left;
-      iov[idx].iov_len -= left;
-    }
+    // Small: whatever is there (at least one byte) into the read-ahead buffer.
+    iovec a{ahead_.get(), kAhead};
+    const std::size_t r = recv_some(&a, 1, 0);
+    if (r == 0) return done;
+    ahead_pos_ = 0;
+    ahead_len_ = r;
   }
-  (void)total;
   return done;
 }
 

@@ -267,6 +267,8 @@ class Connection:
     urgent: Channel | None = None
     pages: list[Channel] = field(default_factory=list)
     timeout: float = 30.0
+    _writers: dict[tuple[str, int], _core.FrameWriter] = field(default_factory=dict, repr=False)
+    _readers: dict[tuple[str, int], _core.FrameReader] = field(default_factory=dict, repr=False)
 
     @property
     def region_pages(self) -> int:
@@ -287,13 +289,24 @@ class Connection:
         return [self.main, *([self.urgent] if self.urgent else []), *self.pages]
 
     def writer(self, channel: Channel | None = None) -> _core.FrameWriter:
-        """A FrameWriter on `channel` (default main; on the destination that is the return path)."""
-        return _core.FrameWriter((channel or self.main).fileno(), self.config())
+        """The FrameWriter of `channel` (default main; on the destination that is the return path).
+        One per channel, made on first use; thread-safe."""
+        ch = channel or self.main
+        key = (ch.kind, ch.index)
+        if key not in self._writers:
+            self._writers[key] = _core.FrameWriter(ch.fileno(), self.config())
+        return self._writers[key]
 
     def reader(self, channel: Channel | None = None) -> _core.FrameReader:
-        """A FrameReader on `channel` (default main) for frames coming from the peer."""
-        direction = "to_destination" if self.role == "destination" else "to_source"
-        return _core.FrameReader((channel or self.main).fileno(), self.config(), direction)
+        """The FrameReader of `channel` (default main) for frames coming from the peer. One per
+        channel for the channel's life (it reads ahead, so a second reader could miss bytes); use
+        it from one thread at a time."""
+        ch = channel or self.main
+        key = (ch.kind, ch.index)
+        if key not in self._readers:
+            direction = "to_destination" if self.role == "destination" else "to_source"
+            self._readers[key] = _core.FrameReader(ch.fileno(), self.config(), direction)
+        return self._readers[key]
 
     def close(self) -> None:
         """Shuts down and closes every channel."""

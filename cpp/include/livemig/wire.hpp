@@ -132,17 +132,27 @@ class FrameInput {
   std::uint64_t syscalls = 0;
 };
 
-/// Reads a blocking socket (not owned). A peer silent for timeout_ms is ConnectionLost.
+/// Reads a socket (not owned). A peer silent for timeout_ms is ConnectionLost.
+/// Small reads (headers, one-page frames, control frames) go through a 16 KiB read-ahead buffer,
+/// so a header and its small payload cost one recv between them; the rest of a large payload is
+/// received straight into its destination with MSG_WAITALL (no copy). Hence: one FdInput per
+/// socket for the socket's life, or bytes it read ahead are lost.
 class FdInput final : public FrameInput {
  public:
+  static constexpr std::size_t kAhead = 16 * 1024;
   FdInput(int fd, int timeout_ms);
   std::size_t read_full(struct iovec* iov, int iovcnt) override;
   [[noreturn]] void truncated(const std::string& what, std::size_t got, std::size_t want) override;
 
  private:
+  // One recvmsg into `iov` (with `flags`), retried on EINTR / EAGAIN; 0 at end of stream.
+  std::size_t recv_some(struct iovec* iov, std::size_t iovcnt, int flags);
   int fd_;
   int timeout_ms_;
   bool blocking_;
+  std::unique_ptr<std::uint8_t[]> ahead_;
+  std::size_t ahead_pos_ = 0;
+  std::size_t ahead_len_ = 0;
 };
 
 /// Reads a byte buffer (for decoding captured streams and fuzzing). Truncation is ProtocolError.
