@@ -74,9 +74,13 @@ void FrameWriter::check_range(std::uint64_t first, std::uint64_t n, const char* 
                             ") outside the region of " + std::to_string(cfg_.region_pages) + " pages");
 }
 
-void FrameWriter::queue_frame(const FrameHeader& h, std::span<const std::span<const std::uint8_t>> payload) {
-  const std::size_t need = 1 + payload.size() + (cfg_.checksums ? 1 : 0);
+void FrameWriter::make_room(std::size_t payload_iovs) {
+  const std::size_t need = 1 + payload_iovs + (cfg_.checksums ? 1 : 0);
   if (iovcnt_ + need > kMaxIov || nslots_ == kSlots) flush_locked();
+}
+
+void FrameWriter::queue_frame(const FrameHeader& h, std::span<const std::span<const std::uint8_t>> payload) {
+  make_room(payload.size());
   Slot& s = slots_[nslots_++];
   encode_header(h, s.bytes.data());
   iov_[iovcnt_++] = {s.bytes.data(), kHeaderBytes};
@@ -103,8 +107,10 @@ void FrameWriter::queue_pages_locked(std::uint64_t first, std::uint32_t n, const
   const std::size_t bytes = std::size_t{n} * cfg_.page_size;
   const std::uint8_t* src = data;
   if (cfg_.checksums) {
-    // Snapshot the pages: the CRC must describe exactly the bytes that go out.
+    // Snapshot the pages: the CRC must describe exactly the bytes that go out. Any flush happens
+    // before the copy, so a queued frame's snapshot is never reused under it.
     if (bounce_.empty()) bounce_.resize(cfg_.batch_bytes + std::size_t{cfg_.max_frame_pages()} * cfg_.page_size);
+    make_room(1);
     if (bounce_used_ + bytes > bounce_.size()) flush_locked();
     std::memcpy(bounce_.data() + bounce_used_, data, bytes);
     src = bounce_.data() + bounce_used_;

@@ -95,6 +95,8 @@ class FrameWriter {
   };
 
   // All below with mu_ held.
+  /// Flushes unless a frame with `payload_iovs` payload pieces fits in the current batch.
+  void make_room(std::size_t payload_iovs);
   void queue_frame(const FrameHeader& h, std::span<const std::span<const std::uint8_t>> payload);
   void queue_pages_locked(std::uint64_t first, std::uint32_t n, const std::uint8_t* data);
   void queue_zero_locked(std::uint64_t first, std::uint64_t n);
