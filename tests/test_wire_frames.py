@@ -452,3 +452,53 @@ def test_checksummed_pages_survive_a_flush_between_small_and_large_frames() -> N
         if f.kind == "pages":
             rebuilt[f.first * PAGE : (f.first + f.count) * PAGE] = np.frombuffer(f.data, np.uint8)
     assert np.array_equal(rebuilt, data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.booleans(),
+    st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255)), max_size=3),
+    st.integers(0, 40),
+    st.lists(st.integers(1, 6000), min_size=1, max_size=8),
+)
+def test_socket_reader_agrees_with_the_buffer_decoder(
+    checksums: bool, flips: list[tuple[int, int]], cut: int, chunks: list[int]
+) -> None:
+    # The same bytes, delivered over a real socket in arbitrary pieces (so the read-ahead sees
+    # headers and payloads split anywhere), decode to the same frames and fail at the same point.
+    data = bytearray(SEEDS[checksums])
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    data = data[: len(data) - cut]
+    cfg = config(checksums=checksums)
+    try:
+        expect: list[wire.Frame] | type[Exception] = wire.decode(bytes(data), cfg)
+    except ProtocolError as e:
+        expect = ConnectionLost if "truncated" in str(e) else ProtocolError
+    a, b = socket.socketpair()
+    with a, b:
+
+        def feed() -> None:
+            pos, k = 0, 0
+            try:
+                while pos < len(data):
+                    n = chunks[k % len(chunks)]
+                    a.sendall(bytes(data[pos : pos + n]))
+                    pos, k = pos + n, k + 1
+                a.shutdown(socket.SHUT_WR)
+            except OSError:  # the reader stopped early and shut its side
+                pass
+
+        t = threading.Thread(target=feed)
+        t.start()
+        r = _core.FrameReader(b.fileno(), cfg, "to_destination")
+        got: list[wire.Frame] = []
+        try:
+            while (f := wire.read_frame(r)) is not None:
+                got.append(f)
+            outcome: list[wire.Frame] | type[Exception] = got
+        except (ProtocolError, ConnectionLost) as e:
+            outcome = type(e)
+            b.shutdown(socket.SHUT_RD)  # unblock the feeder if we stopped early
+        t.join(10)
+    assert outcome == expect
