@@ -673,9 +673,31 @@ void RegionReceiver::discard(std::span<const Range> ranges) {
 
 StagingReceiver::StagingReceiver(const WireConfig& cfg, PlaceFn place, ZeroFn place_zero, FrameHandler* control)
     : ControlForwarder(control),
-      staging_(std::size_t{cfg.max_frame_pages()} * cfg.page_size),
+      staging_(Mapping::anonymous(std::size_t{cfg.max_frame_pages()} * cfg.page_size)),
       place_(std::move(place)),
       place_zero_(std::move(place_zero)) {}
+
+bool RequestSender::request(std::uint64_t first, std::uint32_t n) noexcept {
+  if (failed()) return false;
+  try {
+    writer_.send_request(first, n);
+    return true;
+  } catch (const std::exception& e) {
+    std::lock_guard lock(mu_);
+    if (error_.empty()) error_ = e.what();
+  } catch (...) {
+    std::lock_guard lock(mu_);
+    if (error_.empty()) error_ = "unknown error sending a page request";
+  }
+  // Release: error() readers that see failed() also see the message.
+  failed_.store(true, std::memory_order_release);
+  return false;
+}
+
+std::string RequestSender::error() const {
+  std::lock_guard lock(mu_);
+  return error_;
+}
 
 std::uint8_t* StagingReceiver::page_buffer(std::uint64_t, std::uint32_t) { return staging_.data(); }
 

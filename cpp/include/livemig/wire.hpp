@@ -7,6 +7,7 @@
 #include <sys/uio.h>
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -18,6 +19,7 @@
 #include <string_view>
 #include <vector>
 
+#include "livemig/fd.hpp"
 #include "livemig/page_bitmap.hpp"
 #include "livemig/wire_format.hpp"
 
@@ -276,7 +278,9 @@ class RegionReceiver : public ControlForwarder {
 
 /// Postcopy receiver: page payloads are read into one staging buffer (reused) and handed to
 /// `place`; zero runs go to `place_zero`. The placement engine copies them into the region (one
-/// UFFDIO_COPY; no copy besides). Control frames go to `control` (null: throw).
+/// UFFDIO_COPY; no copy besides). The staging buffer is page-aligned anonymous memory (one frame's
+/// worth), so `place` may also UFFDIO_MOVE its pages out; the next frame then faults fresh pages
+/// in. Control frames go to `control` (null: throw).
 class StagingReceiver : public ControlForwarder {
  public:
   using PlaceFn = std::function<void(std::uint64_t first, std::uint32_t n, const std::uint8_t* data)>;
@@ -287,9 +291,29 @@ class StagingReceiver : public ControlForwarder {
   void zero(std::uint64_t first, std::uint32_t n) override;
 
  private:
-  std::vector<std::uint8_t> staging_;
+  Mapping staging_;
   PlaceFn place_;
   ZeroFn place_zero_;
+};
+
+/// Sends page requests for a fault thread (the destination's RequestSink forwards to it): never
+/// throws and never blocks longer than the writer's timeout. The first failure is kept, later
+/// requests are dropped (the migration is failing; pausing and recovery are the caller's).
+class RequestSender {
+ public:
+  explicit RequestSender(FrameWriter& writer) : writer_(writer) {}
+  /// Sends REQUEST(first, n) at once; false (and nothing sent) once a send has failed.
+  bool request(std::uint64_t first, std::uint32_t n) noexcept;
+  /// True after a send failed.
+  bool failed() const noexcept { return failed_.load(std::memory_order_acquire); }
+  /// The first failure's message (empty while none). Call after failed() returned true.
+  std::string error() const;
+
+ private:
+  FrameWriter& writer_;
+  std::atomic<bool> failed_{false};
+  mutable std::mutex mu_;
+  std::string error_;
 };
 
 /// One decoded frame, owning its payload (for the Python layer, tests and the decoder).
