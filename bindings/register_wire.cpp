@@ -197,6 +197,17 @@ void register_wire(py::module_& m) {
           py::arg("first"), py::arg("data"), py::arg("detect_zero") = false,
           "Sends the pages in `data` (page `first` at offset 0) and flushes.")
       .def(
+          "send_urgent",
+          [](wire::FrameWriter& w, std::uint64_t first, const py::buffer& data) {
+            const Bytes b = bytes_of(data);
+            const std::size_t ps = w.config().page_size;
+            if (b.size() == 0 || b.size() % ps != 0)
+              throw py::value_error("data must be a non-empty whole number of " + std::to_string(ps) + "-byte pages");
+            py::gil_scoped_release rel;
+            w.send_urgent_pages(first, b.size() / ps, b.data());
+          },
+          py::arg("first"), py::arg("data"), "Sends the pages ahead of every queued page frame, then flushes.")
+      .def(
           "send_region",
           [](wire::FrameWriter& w, const py::buffer& region, const py::object& runs, bool detect_zero) {
             const Bytes b = bytes_of(region);

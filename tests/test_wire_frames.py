@@ -502,3 +502,18 @@ def test_socket_reader_agrees_with_the_buffer_decoder(
             b.shutdown(socket.SHUT_RD)  # unblock the feeder if we stopped early
         t.join(10)
     assert outcome == expect
+
+
+@pytest.mark.parametrize("checksums", [False, True])
+def test_urgent_pages_overtake_queued_bulk_frames(checksums: bool) -> None:
+    cfg = config(checksums=checksums)
+    w = _core.FrameWriter(-1, cfg)
+    w.send_zero(0, 3)  # queued, not flushed
+    w.send_zero(10, 2)
+    page = bytes(pattern(1, 5))
+    w.send_urgent(40, page)
+    assert wire.decode(w.take_bytes(), cfg) == [
+        wire.Frame("pages", 40, 1, data=page),
+        wire.Frame("zero", 0, 3),
+        wire.Frame("zero", 10, 2),
+    ]

@@ -168,6 +168,22 @@ void FrameWriter::send_pages(std::uint64_t first, std::uint64_t n, const std::ui
   }
 }
 
+void FrameWriter::send_urgent_pages(std::uint64_t first, std::uint64_t n, const std::uint8_t* data) {
+  check_range(first, n, "send_urgent_pages");
+  std::lock_guard lock(mu_);
+  const std::size_t mark = iovcnt_;
+  const std::uint64_t flushes = flushes_;
+  for (std::uint64_t k = 0; k < n; k += cfg_.frame_pages) {
+    const auto m = static_cast<std::uint32_t>(std::min<std::uint64_t>(cfg_.frame_pages, n - k));
+    queue_pages_locked(first + k, m, data + k * cfg_.page_size);
+  }
+  // Unless the queue was flushed meanwhile (then only urgent frames are left), move the urgent
+  // frames' iovecs in front of the bulk ones; each frame's iovecs stay together and in order.
+  if (flushes_ == flushes) std::rotate(iov_.begin(), iov_.begin() + static_cast<std::ptrdiff_t>(mark),
+                                       iov_.begin() + static_cast<std::ptrdiff_t>(iovcnt_));
+  flush_locked();
+}
+
 void FrameWriter::send_zero(std::uint64_t first, std::uint64_t n) {
   check_range(first, n, "send_zero");
   std::lock_guard lock(mu_);
@@ -299,6 +315,7 @@ void FrameWriter::flush() {
 
 void FrameWriter::flush_locked() {
   if (iovcnt_ == 0) return;
+  ++flushes_;
   const std::size_t cnt = std::exchange(iovcnt_, 0);
   const std::size_t total = std::exchange(queued_bytes_, 0);
   nslots_ = 0;

@@ -100,8 +100,7 @@ void shared_writer_full_duplex(bool checksums) {
       void pages(std::uint64_t, std::uint32_t, const std::uint8_t*) override {}
       void zero(std::uint64_t, std::uint32_t) override {}
       void request(std::uint64_t first, std::uint32_t n) override {
-        w->send_pages(first, n, region + first * kPage, true);
-        w->flush();
+        w->send_urgent_pages(first, n, region + first * kPage);
         answered->fetch_add(1, std::memory_order_relaxed);
       }
       void end() override {}

@@ -59,6 +59,9 @@ class FrameWriter {
   /// frames of cfg.frame_pages pages. With detect_zero, all-zero pages travel as ZERO frames.
   /// std::out_of_range when the range leaves the region.
   void send_pages(std::uint64_t first, std::uint64_t n, const std::uint8_t* data, bool detect_zero = false);
+  /// Sends pages [first, first + n) ahead of every page frame still queued (rule 6 when there is
+  /// no urgent channel), then flushes. Frames already handed to the kernel stay ahead of them.
+  void send_urgent_pages(std::uint64_t first, std::uint64_t n, const std::uint8_t* data);
   /// Queues a run of all-zero pages (split into frames of at most 2^32 - 1 pages).
   void send_zero(std::uint64_t first, std::uint64_t n);
   /// Sends discard ranges (split into frames of cfg.max_ranges). Ranges must be non-empty and in
@@ -116,6 +119,7 @@ class FrameWriter {
   std::array<Slot, kSlots> slots_{};
   std::size_t nslots_ = 0;
   std::size_t queued_bytes_ = 0;
+  std::uint64_t flushes_ = 0;  // flush_locked calls that sent something
   std::vector<std::uint8_t> bounce_;  // checksums: page copies of the queued frames
   std::size_t bounce_used_ = 0;
   std::vector<std::uint8_t> memory_;  // fd < 0: everything written
