@@ -5,6 +5,7 @@ run (rounds interleaved: raw, wire, raw, wire, ...), reported as ratios in extra
   (precopy receive, received bitmap marked) vs a raw sender/receiver moving the same bytes in
   1 MiB sendmsg / MSG_WAITALL recv calls into the same buffers. Goal: >= 85 %.
 - throughput with extra page channels (main + 2), vs 3 raw sockets.
+- throughput on one channel with the checksums capability (pages snapshotted, CRC32C both ends).
 - request round trip: REQUEST on the return path, the page back on the urgent channel, read into
   the region, vs a raw ping-pong of the same sizes (24 bytes out, 24 + 4096 back). Goal: p50 and
   p99 within 1.3x.
@@ -74,6 +75,24 @@ def connection() -> Iterator[Pair]:
         src = wire.connect(str(L.address), o)
         t.join(30)
     pair = Pair(src, box[0])
+    yield pair
+    pair.src.close()
+    pair.dst.close()
+
+
+@pytest.fixture(scope="module")
+def crc_connection() -> Iterator[Pair]:
+    """Like `connection`, main channel only, with the checksums capability (CRC32C per frame)."""
+    caps = wire.Capabilities.all().without("multichannel", "urgent-channel")
+    o = wire.WireOptions(page_size=PAGE, region_bytes=REGION_BYTES, capabilities=caps, timeout=60)
+    with wire.Listener("127.0.0.1:0") as L:
+        box: list[wire.Connection] = []
+        t = threading.Thread(target=lambda: box.append(L.accept(o)))
+        t.start()
+        src = wire.connect(str(L.address), o)
+        t.join(30)
+    pair = Pair(src, box[0])
+    assert pair.src.negotiated.checksums
     yield pair
     pair.src.close()
     pair.dst.close()
@@ -184,6 +203,13 @@ def test_throughput_one_channel(benchmark, connection: Pair, src_region: np.ndar
 @pytest.mark.benchmark(group="wire-throughput")
 def test_throughput_three_channels(benchmark, connection: Pair, src_region: np.ndarray, dst_region: np.ndarray) -> None:
     run_throughput(benchmark, connection, src_region, dst_region, 3)
+
+
+@pytest.mark.benchmark(group="wire-throughput")
+def test_throughput_one_channel_crc32c(
+    benchmark, crc_connection: Pair, src_region: np.ndarray, dst_region: np.ndarray
+) -> None:
+    run_throughput(benchmark, crc_connection, src_region, dst_region, 1)
 
 
 @pytest.mark.benchmark(group="wire-request-rtt")

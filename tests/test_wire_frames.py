@@ -35,6 +35,13 @@ def test_crc32c_matches_bitwise_reference(data: bytes) -> None:
     assert _core.crc32c(data) == crc32c_reference(data)
 
 
+@pytest.mark.parametrize("n", [767, 768, 769, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 768 + 13])
+def test_crc32c_three_way_path_matches_reference(n: int) -> None:
+    # Lengths around the 3 x 256 and 3 x 8192 byte blocks where the three-chain path kicks in.
+    data = bytes(pattern(8, seed=n)[:n])
+    assert _core.crc32c(data) == crc32c_reference(data)
+
+
 # ---- round trips ----
 
 ALL_FRAMES = [
