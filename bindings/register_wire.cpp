@@ -359,29 +359,29 @@ void register_wire(py::module_& m) {
   m.def(
       "wire_bench_raw_pingpong_client",
       [raw_region](int fd, std::size_t request, std::size_t reply, std::size_t iters,
-                   const std::optional<py::buffer>& region, std::size_t page_size) {
+                   const std::optional<py::buffer>& region, std::size_t page_size, int reply_fd) {
         std::unique_ptr<py::buffer_info> keep;
         const auto r = raw_region(region, page_size, keep);
         std::vector<std::uint64_t> v;
         {
           py::gil_scoped_release rel;
-          v = wire::bench::raw_pingpong_client(fd, request, reply, iters, r);
+          v = wire::bench::raw_pingpong_client(fd, request, reply, iters, r, reply_fd);
         }
         return to_array(v);
       },
       py::arg("fd"), py::arg("request"), py::arg("reply"), py::arg("iters"), py::arg("region") = py::none(),
-      py::arg("page_size") = 4096);
+      py::arg("page_size") = 4096, py::arg("reply_fd") = -1);
   m.def(
       "wire_bench_raw_pingpong_server",
       [raw_region](int fd, std::size_t request, std::size_t reply, const std::optional<py::buffer>& region,
-                   std::size_t page_size) {
+                   std::size_t page_size, int reply_fd) {
         std::unique_ptr<py::buffer_info> keep;
         const auto r = raw_region(region, page_size, keep);
         py::gil_scoped_release rel;
-        return wire::bench::raw_pingpong_server(fd, request, reply, r);
+        return wire::bench::raw_pingpong_server(fd, request, reply, r, reply_fd);
       },
       py::arg("fd"), py::arg("request"), py::arg("reply"), py::arg("region") = py::none(),
-      py::arg("page_size") = 4096);
+      py::arg("page_size") = 4096, py::arg("reply_fd") = -1);
   m.def(
       "wire_bench_request_client",
       [](int ret_fd, int urgent_fd, const WireConfig& cfg, const py::buffer& region, std::size_t iters) {

@@ -130,10 +130,21 @@ def crc32c(data: Buffer) -> int: ...
 def wire_bench_raw_send(fd: int, data: Buffer, chunk: int = 1048576) -> int: ...
 def wire_bench_raw_recv(fd: int, data: Buffer, chunk: int = 1048576) -> int: ...
 def wire_bench_raw_pingpong_client(
-    fd: int, request: int, reply: int, iters: int, region: Buffer | None = None, page_size: int = 4096
+    fd: int,
+    request: int,
+    reply: int,
+    iters: int,
+    region: Buffer | None = None,
+    page_size: int = 4096,
+    reply_fd: int = -1,
 ) -> npt.NDArray[np.uint64]: ...
 def wire_bench_raw_pingpong_server(
-    fd: int, request: int, reply: int, region: Buffer | None = None, page_size: int = 4096
+    fd: int,
+    request: int,
+    reply: int,
+    region: Buffer | None = None,
+    page_size: int = 4096,
+    reply_fd: int = -1,
 ) -> int: ...
 def wire_bench_request_client(
     ret_fd: int, urgent_fd: int, config: WireConfig, region: Buffer, iters: int

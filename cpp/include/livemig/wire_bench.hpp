@@ -28,11 +28,15 @@ struct RawRegion {
 /// Raw ping-pong client: `iters` times, sends `request` bytes and waits for `reply` bytes (with a
 /// region: a 24-byte header into a buffer, the rest into round i's page); returns each round trip
 /// in nanoseconds.
+/// With reply_fd >= 0 the replies come on that socket instead (the wire's layout: requests on
+/// the return path, pages on the urgent channel).
 std::vector<std::uint64_t> raw_pingpong_client(int fd, std::size_t request, std::size_t reply, std::size_t iters,
-                                               RawRegion region = {});
+                                               RawRegion region = {}, int reply_fd = -1);
 /// Raw ping-pong server: answers each `request`-byte message with `reply` bytes (with a region: a
 /// 24-byte header and round i's page, one sendmsg) until end of stream; returns messages answered.
-std::uint64_t raw_pingpong_server(int fd, std::size_t request, std::size_t reply, RawRegion region = {});
+/// With reply_fd >= 0 the replies go out on that socket.
+std::uint64_t raw_pingpong_server(int fd, std::size_t request, std::size_t reply, RawRegion region = {},
+                                  int reply_fd = -1);
 
 /// Wire request client (the destination's side): `iters` times, sends a REQUEST for one page on
 /// the return path `ret_fd` and reads the PAGES frame that answers it on `urgent_fd` straight into
