@@ -4,9 +4,8 @@ checks the design's oracle (increment) or every page's generation (the other wor
 from __future__ import annotations
 
 import pytest
-from migration_helpers import run_migration
-
 from livemig.guest import GuestConfig
+from livemig.loopback import migrate_locally as run_migration
 from livemig.migration import DestinationConfig, MigrationConfig
 
 WORKLOADS = ["increment", "random", "hotset", "idle"]

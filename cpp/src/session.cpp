@@ -287,26 +287,27 @@ SendStats SourceSession::postcopy_push(double max_seconds) {
 
 // ---- DestSession ----
 
-// The fault thread's requests, as REQUEST frames on the return path (the writer serialises).
+// The fault thread's requests, as REQUEST frames on the return path (wire::RequestSender keeps
+// the first failure and sends nothing after it); a failure is reported once as an event, and the
+// guest's faulting threads then wait until the migration is recovered or torn down.
 class DestSession::WireRequestSink final : public RequestSink {
  public:
-  WireRequestSink(wire::FrameWriter& w, EventQueue& events) : w_(w), events_(events) {}
+  WireRequestSink(wire::FrameWriter& w, EventQueue& events) : sender_(w), events_(events) {}
   void request(std::uint64_t first_page, std::uint32_t npages) noexcept override {
-    if (failed_.load(std::memory_order_relaxed)) return;
+    if (sender_.request(first_page, npages) || reported_.exchange(true)) return;
     try {
-      w_.send_request(first_page, npages);
-    } catch (const std::exception& e) {
-      // The return path is gone: the guest's threads wait until the migration is recovered or
-      // torn down; say so once.
-      failed_.store(true, std::memory_order_relaxed);
-      events_.push(failed_event(e));
+      SessionEvent e;
+      e.kind = SessionEvent::Kind::Failed;
+      e.text = "return path: " + sender_.error();
+      events_.push(std::move(e));
+    } catch (...) {  // out of memory: the failure stays visible through the channel readers
     }
   }
 
  private:
-  wire::FrameWriter& w_;
+  wire::RequestSender sender_;
   EventQueue& events_;
-  std::atomic<bool> failed_{false};
+  std::atomic<bool> reported_{false};
 };
 
 // One channel's frames into the region: pages are read straight into place while the region is

@@ -1,5 +1,6 @@
-"""Run a migration with the destination in a child process (it may block on faults) and a
-deadline on everything."""
+"""A migration on one machine: the destination in a child process (its guest may block on faults,
+so it never shares a process with the caller), the source here, a deadline on everything. Used by
+the tests, the benchmarks and anyone scripting an experiment."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import asdict
 from typing import Any
 
 from livemig import migration, wire
+from livemig.errors import MigrationError
 from livemig.guest import GuestConfig
 
 
@@ -18,11 +20,11 @@ def _destination(q: Any, config: migration.DestinationConfig, settle_s: float) -
         try:
             s = migration.serve(lst, config, settle_s=settle_s)
             q.put(("summary", asdict(s)))
-        except Exception as e:  # reported to the test, which asserts on it
+        except Exception as e:  # reported to the caller, which raises it
             q.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def run_migration(
+def migrate_locally(
     guest: GuestConfig,
     config: migration.MigrationConfig,
     *,
@@ -38,15 +40,15 @@ def run_migration(
     proc = ctx.Process(target=_destination, args=(q, dest or migration.DestinationConfig(timeout=20), settle_s))
     proc.start()
     try:
-        kind, address = q.get(timeout=deadline_s)
-        assert kind == "address"
+        _, address = q.get(timeout=deadline_s)
         result = migration.migrate(address, size, guest, config)
         kind, summary = q.get(timeout=deadline_s)
-        assert kind == "summary", summary
+        if kind != "summary":
+            raise MigrationError(f"destination: {summary}")
         proc.join(deadline_s)
         return result, summary
     except queue.Empty:
-        raise AssertionError(f"the destination did not answer within {deadline_s} s") from None
+        raise MigrationError(f"the destination did not answer within {deadline_s} s") from None
     finally:
         if proc.is_alive():
             proc.kill()
