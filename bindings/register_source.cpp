@@ -47,7 +47,7 @@ py::array_t<std::uint64_t> ranges_array(const RangeList& ranges) {
   auto v = out.mutable_unchecked<2>();
   for (py::ssize_t k = 0; k < static_cast<py::ssize_t>(ranges.size()); ++k) {
     v(k, 0) = ranges[static_cast<std::size_t>(k)].first;
-    v(k, 1) = ranges[static_cast<std::size_t>(k)].second;
+    v(k, 1) = ranges[static_cast<std::size_t>(k)].npages;
   }
   return out;
 }

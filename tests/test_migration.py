@@ -71,7 +71,7 @@ def test_hinted_pages_reused_in_postcopy_resolve_locally() -> None:
     hinted; none is requested from the source and none stalls (each resolves locally, far under a
     millisecond)."""
     guest = GuestConfig(workload="idle", free_fraction=0.5, churn=50000.0, seed=3)
-    result, _ = run_migration(guest, MigrationConfig(postcopy=True, verify=True), settle_s=10.0)
+    result, _ = run_migration(guest, MigrationConfig(postcopy=True, verify=True), settle_s=10.0, await_reuse=True)
     pc = result.postcopy
     assert pc.local_fill_pages > 0
     assert pc.local_fills == pc.local_fill_pages  # every hinted page was written, each resolved here

@@ -39,13 +39,6 @@ SessionEvent failed_event(const std::exception& e) {
   return ev;
 }
 
-std::vector<PageRange> to_page_ranges(std::span<const wire::Range> ranges) {
-  std::vector<PageRange> out;
-  out.reserve(ranges.size());
-  for (const auto& r : ranges) out.push_back({r.first, r.npages});
-  return out;
-}
-
 }  // namespace
 
 // ---- SourceSession ----
@@ -344,13 +337,11 @@ class DestSession::ChannelHandler final : public wire::FrameHandler {
   }
   void discard(std::span<const wire::Range> ranges) override {
     control_frame();
-    const auto runs = to_page_ranges(ranges);
-    s_.region_->discard(runs);
+    s_.region_->discard(ranges);
   }
   void local_fill(std::span<const wire::Range> ranges, std::uint32_t value) override {
     control_frame();
-    const auto runs = to_page_ranges(ranges);
-    s_.region_->set_local_fill(runs, value);
+    s_.region_->set_local_fill(ranges, value);
   }
   void device_state(std::span<const std::uint8_t> blob) override {
     control_frame();

@@ -99,8 +99,8 @@ SwitchoverSets Source::switchover_sets() const {
   const std::size_t words = d.word_count();
   // Word by word: a run is extended while consecutive set bits continue across words.
   auto add = [](RangeList& list, std::size_t first, std::size_t len) {
-    if (!list.empty() && list.back().first + list.back().second == first)
-      list.back().second += len;
+    if (!list.empty() && list.back().first + list.back().npages == first)
+      list.back().npages += len;
     else
       list.emplace_back(first, len);
   };

@@ -14,11 +14,11 @@ from livemig.errors import MigrationError
 from livemig.guest import GuestConfig
 
 
-def _destination(q: Any, config: migration.DestinationConfig, settle_s: float) -> None:
+def _destination(q: Any, config: migration.DestinationConfig, settle_s: float, await_reuse: bool) -> None:
     with wire.Listener("127.0.0.1:0") as lst:
         q.put(("address", str(lst.address)))
         try:
-            s = migration.serve(lst, config, settle_s=settle_s)
+            s = migration.serve(lst, config, settle_s=settle_s, await_reuse=await_reuse, wait=config.timeout)
             q.put(("summary", asdict(s)))
         except Exception as e:  # reported to the caller, which raises it
             q.put(("error", f"{type(e).__name__}: {e}"))
@@ -31,13 +31,16 @@ def migrate_locally(
     size: int = 16 << 20,
     dest: migration.DestinationConfig | None = None,
     settle_s: float = 3.0,
+    await_reuse: bool = False,
     deadline_s: float = 60.0,
 ) -> tuple[migration.MigrationResult, dict[str, Any]]:
     """Migrates a fresh guest of ``size`` bytes; returns the source's result and the
-    destination's own summary. The destination runs in a spawned process, killed at the deadline."""
+    destination's own summary. The destination runs in a spawned process, killed at the deadline;
+    ``settle_s``/``await_reuse`` are :func:`livemig.migration.serve`'s."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_destination, args=(q, dest or migration.DestinationConfig(timeout=20), settle_s))
+    dest = dest or migration.DestinationConfig(timeout=20)
+    proc = ctx.Process(target=_destination, args=(q, dest, settle_s, await_reuse))
     proc.start()
     try:
         _, address = q.get(timeout=deadline_s)

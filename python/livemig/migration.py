@@ -394,9 +394,21 @@ class _SourceRun:
                 raise MigrationError("the destination sent no report")
             kind, _a, _b, data, text = ev
             if kind == "report":
-                return _summary_from_report(data)
+                summary = _summary_from_report(data)
+                self._await_end()
+                return summary
             if kind in ("peer_error", "failed", "end"):
                 raise MigrationError(f"destination: {text or kind}")
+
+    def _await_end(self) -> None:
+        """The destination ends the return path after its report; closing first would make its END
+        fail. A destination that does not end it within a second is not waited for."""
+        assert self.session is not None
+        deadline = time.monotonic() + 1.0
+        while (left := deadline - time.monotonic()) > 0:
+            ev = self.session.wait_event(left)
+            if ev is None or ev[0] in ("end", "failed", "peer_error"):
+                return
 
     def cancel(self) -> None:
         """After a failure: the source guest gets DONE and keeps running, unless the destination
@@ -558,21 +570,24 @@ class _DestinationRun:
                                local_fill_pages=region.local_fill.count())
         return DestinationSummary(ok=True, mode=self.mode, region_bytes=region.nbytes, postcopy=pc)
 
-    def _settled(self, summary: DestinationSummary) -> bool:
+    def _settled(self, summary: DestinationSummary, await_reuse: bool) -> bool:
         assert self.guest is not None
         gs = self.guest.stats()
         if gs.pages_held > 0 or gs.last_cmd_id != self.device.cmd_id:
             return False
-        if self.mode == "postcopy" and summary.postcopy.local_fill_pages:
+        if await_reuse and self.mode == "postcopy" and summary.postcopy.local_fill_pages:
             return self.dest.counters().local_fills >= summary.postcopy.local_fill_pages
         return True
 
-    def settle_and_report(self, summary: DestinationSummary, verify: bool, settle_s: float) -> DestinationSummary:
-        """Lets the guest run on for up to ``settle_s``: until its balloon driver released what it
-        held and (postcopy) it reused every page it had hinted; then pauses and checks it."""
+    def settle_and_report(
+        self, summary: DestinationSummary, verify: bool, settle_s: float, await_reuse: bool
+    ) -> DestinationSummary:
+        """Lets the guest run on for up to ``settle_s``: until its balloon driver saw the device's
+        last command and released what it held (and, with ``await_reuse``, until it wrote every page
+        it had hinted); then pauses and checks it."""
         assert self.guest is not None
         deadline = time.monotonic() + settle_s
-        while time.monotonic() < deadline and not self._settled(summary):
+        while time.monotonic() < deadline and not self._settled(summary, await_reuse):
             time.sleep(0.005)  # the guest runs at its own pace meanwhile
         self.guest.pause()
         gs = self.guest.stats()
@@ -611,14 +626,18 @@ def serve(
     *,
     verify: bool = True,
     settle_s: float = 2.0,
+    await_reuse: bool = False,
+    wait: float | None = None,
 ) -> DestinationSummary:
-    """Accept one migration on ``listener``, resume its guest here and run until the source
-    completes; the summary (with verification) also goes back to the source as its report."""
+    """Accept one migration on ``listener`` (waiting ``wait`` seconds for a source, None: forever),
+    resume its guest here and run until the source completes; the summary (with verification)
+    also goes back to the source as its report. ``settle_s`` and ``await_reuse``: see
+    :meth:`_DestinationRun.settle_and_report`."""
     prog = progress or NoProgress()
     caps = wire.Capabilities.all(extra_channels=wire.MAX_EXTRA_CHANNELS).without(*config.disable_capabilities)
     opts = wire.WireOptions(page_size=_page_size(), region_bytes=config.max_region_bytes,
                             capabilities=caps, secret=config.secret, timeout=config.timeout)
-    conn = listener.accept(opts)
+    conn = listener.accept(opts, wait=wait)
     try:
         run = _DestinationRun(conn, config, prog)
     except BaseException:
@@ -626,9 +645,12 @@ def serve(
         raise
     try:
         summary = run.run()
-        summary = run.settle_and_report(summary, verify, settle_s)
+        summary = run.settle_and_report(summary, verify, settle_s, await_reuse)
         run.return_path.send_device_state(json.dumps(_summary_json(summary)).encode())
-        run.return_path.send_end()
+        try:
+            run.return_path.send_end()
+        except LivemigError:
+            pass  # the source may close as soon as it has the report: nothing is lost
     except (LivemigError, OSError) as e:
         summary = DestinationSummary(ok=False, mode=run.mode, region_bytes=conn.region_bytes, error=str(e))
         try:

@@ -670,7 +670,7 @@ class Listener:
             host, port = self._sock.getsockname()[:2]
             self.address = Address("tcp", host=host, port=port)
 
-    def _accept_one(self, timeout: float) -> socket.socket:
+    def _accept_one(self, timeout: float | None) -> socket.socket:
         self._sock.settimeout(timeout)
         try:
             conn, _ = self._sock.accept()
@@ -680,11 +680,12 @@ class Listener:
             ) from None
         return conn
 
-    def accept(self, opts: WireOptions) -> Connection:
+    def accept(self, opts: WireOptions, wait: float | None | Literal["timeout"] = "timeout") -> Connection:
         """Accepts a source's main channel and then its urgent and extra page channels, each
         with its handshake; a connection that fails its handshake is refused and dropped, and the
-        error raised (a wrong secret never gets past this)."""
-        sock = self._accept_one(opts.timeout)
+        error raised (a wrong secret never gets past this). ``wait``: how long to wait for the
+        source to connect (None: forever; default: ``opts.timeout``)."""
+        sock = self._accept_one(opts.timeout if wait == "timeout" else wait)
         try:
             res = handshake_destination(sock, opts)
         except BaseException:

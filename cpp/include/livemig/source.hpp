@@ -18,13 +18,14 @@
 #include "livemig/fd.hpp"
 #include "livemig/hint_sink.hpp"
 #include "livemig/page_bitmap.hpp"
+#include "livemig/page_range.hpp"
 #include "livemig/page_scanner.hpp"
 
 namespace livemig {
 
 enum class Backing : std::uint8_t { Anonymous = 0, Memfd = 1 };
 
-using RangeList = std::vector<std::pair<std::size_t, std::size_t>>;  // (first page, npages)
+using RangeList = std::vector<PageRange>;
 
 struct SwitchoverSets {
   RangeList discard;     // D and S: the destination drops these before its guest runs (rule 3)

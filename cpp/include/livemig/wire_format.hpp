@@ -17,6 +17,8 @@
 #include <cstring>
 #include <string>
 
+#include "livemig/page_range.hpp"
+
 namespace livemig::wire {
 
 /// Protocol version spoken by this build; a peer with another version is refused.
@@ -67,11 +69,7 @@ enum class Direction : std::uint8_t {
 };
 
 /// A half-open page range [first, first + npages).
-struct Range {
-  std::uint64_t first = 0;
-  std::uint64_t npages = 0;
-  friend bool operator==(const Range&, const Range&) = default;
-};
+using Range = livemig::PageRange;
 
 /// What both ends agreed on in the handshake, plus local limits.
 struct WireConfig {
