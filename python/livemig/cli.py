@@ -34,7 +34,7 @@ Side = Literal["both", "src", "dst"]
 
 # ---- parsers (pure functions: ValueError with the message the user sees) ----
 
-_SIZE_RE = re.compile(r"(?P<num>[0-9]+)\s*(?:(?P<unit>[KMGT])(?:I?B)?)?", re.IGNORECASE)
+_SIZE_RE = re.compile(r"(?P<num>[0-9]+) *(?:(?P<unit>[KMGT])(?:I?B)?)?", re.IGNORECASE | re.ASCII)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
