@@ -1,0 +1,171 @@
+"""livemig migrate / listen end to end, as real processes. These need the orchestration
+(migration.migrate / serve); they are skipped until it is merged."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cli_helpers import LIVEMIG, ORCHESTRATION_READY, free_port, one_error_line, run
+
+pytestmark = pytest.mark.skipif(not ORCHESTRATION_READY, reason="orchestration not merged yet")
+
+M16 = 16 << 20
+CONTRACT_KEYS = {"ok", "mode", "region_bytes", "page_size", "total_ms", "downtime_ms", "precopy_rounds",
+                 "bytes_sent", "pages_sent", "zero_pages", "postcopy", "hints", "balloon"}
+
+
+def _one_json(stdout: str) -> dict[str, Any]:
+    """stdout is exactly one JSON object (one line) and nothing else."""
+    lines = stdout.splitlines()
+    assert len(lines) == 1, stdout
+    obj = json.loads(lines[0])
+    assert isinstance(obj, dict)
+    return obj
+
+
+def _check_contract(obj: dict[str, Any]) -> None:
+    assert set(obj) >= CONTRACT_KEYS
+    assert set(obj["postcopy"]) >= {"requests", "local_fills", "fault_latency_us"}
+    assert set(obj["postcopy"]["fault_latency_us"]) >= {"p50", "p99", "max"}
+    assert set(obj["hints"]) >= {"rounds", "pages_hinted", "stale_dropped"}
+    assert set(obj["balloon"]) >= {"last_cmd_id", "done_delivered", "held_pages_after"}
+
+
+def _migrate(*args: str, timeout: float = 90) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    r = run("migrate", "--size", "16M", "--json", "--no-progress", *args, timeout=timeout)
+    assert "Traceback" not in r.stderr, r.stderr
+    obj = _one_json(r.stdout)
+    _check_contract(obj)
+    return r, obj
+
+
+@pytest.mark.timeout(120)
+def test_precopy_embedded_destination_json() -> None:
+    r, obj = _migrate("--workload", "increment", "--verify")
+    assert r.returncode == 0, r.stderr
+    assert obj["ok"] is True and obj["mode"] == "precopy"
+    assert obj["region_bytes"] == M16 and obj["page_size"] == os.sysconf("SC_PAGE_SIZE")
+    assert obj["precopy_rounds"] >= 1
+    assert obj["pages_sent"] >= 1 and obj["bytes_sent"] > 0
+    assert obj["verify"] == {"pages_checked": obj["verify"]["pages_checked"], "mismatches": 0, "placed_twice": 0}
+    assert obj["verify"]["pages_checked"] > 0
+    assert obj["balloon"]["done_delivered"] is True and obj["balloon"]["held_pages_after"] == 0
+    assert "livemig migrate: ok" in r.stderr  # the summary table went to stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workload", ["random", "hotset", "idle", "increment"])
+def test_postcopy_with_hints_verifies(workload: str) -> None:
+    r, obj = _migrate("--postcopy", "--workload", workload, "--dirty-rate", "2000", "--free-fraction", "0.25",
+                      "--churn", "200", "--verify", "--hints")
+    assert r.returncode == 0, r.stderr
+    assert obj["ok"] is True and obj["mode"] == "postcopy"
+    assert obj["verify"]["mismatches"] == 0 and obj["verify"]["placed_twice"] == 0
+    assert obj["balloon"]["done_delivered"] is True and obj["balloon"]["held_pages_after"] == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("side", ["src", "dst"])
+def test_withholding_hints_postcopy_on_one_side_disables_hints(side: str) -> None:
+    r, obj = _migrate("--postcopy", "--free-fraction", "0.5", "--verify",
+                      "--disable-capability", f"{side}:hints-postcopy")
+    assert r.returncode == 0, r.stderr
+    assert obj["ok"] is True
+    assert "hints-postcopy" not in obj["capabilities"]
+    assert obj["hints"]["pages_hinted"] == 0
+    assert obj["verify"]["mismatches"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_progress_lines_when_asked_without_a_terminal() -> None:
+    r = run("migrate", "--size", "16M", "--progress", "--quiet", timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    assert "livemig: phase precopy" in r.stderr.splitlines()
+
+
+def _start_listen(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """`livemig listen 127.0.0.1:0 --once --announce ARGS` and the address it announced."""
+    proc = subprocess.Popen([*LIVEMIG, "listen", "127.0.0.1:0", "--once", "--announce", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(30):
+            proc.kill()
+            proc.wait()
+            pytest.fail("listen did not announce within 30 s")
+    line = proc.stdout.readline()
+    assert line.startswith("listening on "), line
+    return proc, line.removeprefix("listening on ").strip()
+
+
+@pytest.mark.timeout(120)
+def test_migrate_to_a_separate_listen_process() -> None:
+    proc, address = _start_listen("--json", "--no-progress")
+    try:
+        r, obj = _migrate("--to", address, "--workload", "random", "--dirty-rate", "1000")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert r.returncode == 0, r.stderr
+    assert proc.returncode == 0, err
+    assert obj["ok"] is True
+    summary = _one_json(out)
+    assert summary["ok"] is True and summary["region_bytes"] == M16
+
+
+@pytest.mark.timeout(120)
+def test_wrong_secret_fails_with_json_ok_false(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("right\n")
+    (tmp_path / "b").write_text("wrong\n")
+    proc, address = _start_listen("--secret-file", str(tmp_path / "a"), "--no-progress", "--quiet")
+    try:
+        r = run("migrate", "--to", address, "--size", "16M", "--json", "--quiet", "--no-progress",
+                "--secret-file", str(tmp_path / "b"), timeout=90)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert r.returncode == 1
+    obj = _one_json(r.stdout)
+    assert obj["ok"] is False and obj["error"]
+    assert "Traceback" not in r.stderr and "Traceback" not in err
+    assert proc.returncode == 1
+
+
+@pytest.mark.timeout(120)
+def test_migrate_to_an_address_nobody_listens_on() -> None:
+    port = free_port()
+    t0 = time.monotonic()
+    r = run("migrate", "--to", f"127.0.0.1:{port}", "--size", "16M", "--quiet", "--timeout", "5", timeout=60)
+    assert r.returncode == 1
+    line = one_error_line(r)
+    assert f"127.0.0.1:{port}" in line
+    assert "refused" in line.lower()
+    assert time.monotonic() - t0 < 60
+    # and with --json: the same failure as one JSON object
+    r = run("migrate", "--to", f"127.0.0.1:{port}", "--size", "16M", "--quiet", "--json", timeout=60)
+    assert r.returncode == 1
+    obj = _one_json(r.stdout)
+    assert obj["ok"] is False and f"127.0.0.1:{port}" in obj["error"]
+
+
+@pytest.mark.timeout(120)
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib (the plot extra) is not installed")
+    out = tmp_path / "run.png"
+    r, obj = _migrate("--postcopy", "--plot", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
