@@ -13,4 +13,5 @@ PYBIND11_MODULE(_core, m) {
   livemig::py_bindings::register_source(m);
   livemig::py_bindings::register_wire(m);
   livemig::py_bindings::register_guest(m);
+  livemig::py_bindings::register_session(m);
 }

@@ -11,5 +11,6 @@ void register_dest(pybind11::module_& m);
 void register_source(pybind11::module_& m);
 void register_wire(pybind11::module_& m);
 void register_guest(pybind11::module_& m);
+void register_session(pybind11::module_& m);
 
 }  // namespace livemig::py_bindings

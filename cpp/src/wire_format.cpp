@@ -60,7 +60,8 @@ bool known_frame_type(std::uint8_t type) noexcept {
 }
 
 bool allowed_in(FrameType type, Direction dir) noexcept {
-  if (type == FrameType::kEnd || type == FrameType::kError) return true;
+  // DEVICE_STATE goes both ways: on the return path it carries the destination's final report.
+  if (type == FrameType::kEnd || type == FrameType::kError || type == FrameType::kDeviceState) return true;
   const bool to_dest = static_cast<std::uint8_t>(type) < 0x10;
   return to_dest == (dir == Direction::kToDestination);
 }

@@ -16,6 +16,7 @@ is the C++ hint sink; this class decides which id is current and tells the sink.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,10 +68,19 @@ class BalloonDevice:
     ``enabled=False`` (hinting off, e.g. postcopy possible against a peer without
     ``hints-postcopy``) starts no rounds but still sends DONE at the end, which is harmless.
     ``last_id`` continues the id sequence of a previous migration (it travels in the device state).
+    ``notify`` is called after the device shows a new command (the guest driver's doorbell).
     """
 
-    def __init__(self, sink: HintSinkHost, *, enabled: bool = True, last_id: int | None = None) -> None:
+    def __init__(
+        self,
+        sink: HintSinkHost,
+        *,
+        enabled: bool = True,
+        last_id: int | None = None,
+        notify: Callable[[], None] | None = None,
+    ) -> None:
         self._sink = sink
+        self._notify = notify or (lambda: None)
         self.enabled = enabled
         self._last_round_id = last_id
         self._cmd_id = CMD_STOP
@@ -93,6 +103,7 @@ class BalloonDevice:
         self._last_round_id = next_round_id(self._last_round_id)
         self._cmd_id = self._last_round_id
         self._sink.host_request(self._cmd_id)
+        self._notify()
         self.stats.rounds += 1
         self.stats.last_cmd_id = self._cmd_id
         self.stats.done_sent = False
@@ -109,6 +120,7 @@ class BalloonDevice:
         """Tell the guest it may reuse every page it hinted (idempotent)."""
         self._cmd_id = CMD_DONE
         self._sink.host_done()
+        self._notify()
         self.stats.last_cmd_id = CMD_DONE
         self.stats.done_sent = True
 

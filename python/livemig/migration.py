@@ -10,8 +10,18 @@ guest. See ../shared/DESIGN.md for the rules every step keeps.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+import struct
+import time
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
+
+from livemig import _core, wire
+from livemig.balloon import CMD_DONE, BalloonDevice
+from livemig.destination import Destination
+from livemig.errors import LivemigError, MigrationError
+from livemig.guest import Guest, GuestConfig
+from livemig.source import Source
 
 Mode = Literal["precopy", "postcopy"]
 
@@ -26,6 +36,7 @@ class MigrationConfig:
     downtime_limit_ms: float = 300.0  #: switch over once the rest fits this at the measured rate
     hints: bool = True  #: free page hinting (off under postcopy against a peer without hints-postcopy)
     channels: int = 1  #: page channels in precopy (1: the main channel only)
+    checksums: bool = False  #: offer CRC32C on every frame (costs a copy of every page)
     disable_capabilities: frozenset[str] = frozenset()  #: capabilities this side withholds
     secret: bytes | None = None  #: shared secret for the handshake
     verify: bool = False  #: prove the destination holds exactly the guest's latest memory
@@ -158,25 +169,467 @@ class DestinationSummary:
     error: str | None = None
 
 
+# ---- device state: what travels with the guest at switchover ----
+
+_DEVICE_MAGIC = b"LMDS"
+_ACK_RESUMED = 0  # ack kind: the destination guest runs (value: the command it answered)
+
+
+def pack_device_state(guest_state: bytes, balloon: dict[str, Any]) -> bytes:
+    """The device state blob: magic, a JSON header (the balloon device), then the guest's state."""
+    header = json.dumps({"balloon": balloon}).encode()
+    return _DEVICE_MAGIC + struct.pack("<I", len(header)) + header + guest_state
+
+
+def unpack_device_state(blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """Inverse of :func:`pack_device_state`; ProtocolError for anything else."""
+    if len(blob) < 8 or blob[:4] != _DEVICE_MAGIC:
+        raise wire.ProtocolError("device state: bad magic")
+    (n,) = struct.unpack_from("<I", blob, 4)
+    if 8 + n > len(blob):
+        raise wire.ProtocolError("device state: header runs past the blob")
+    try:
+        header = json.loads(blob[8 : 8 + n])
+    except ValueError as e:
+        raise wire.ProtocolError(f"device state: bad header: {e}") from None
+    return header, blob[8 + n :]
+
+
+def _latency(d: dict[str, Any]) -> LatencySummary:
+    return LatencySummary(p50=d.get("p50", 0.0), p99=d.get("p99", 0.0), max=d.get("max", 0.0))
+
+
+def _summary_from_report(data: bytes) -> DestinationSummary:
+    d = json.loads(data)
+    pc = d.get("postcopy", {})
+    return DestinationSummary(
+        ok=d["ok"],
+        mode=d["mode"],
+        region_bytes=d["region_bytes"],
+        postcopy=PostcopyStats(
+            requests=pc.get("requests", 0),
+            local_fills=pc.get("local_fills", 0),
+            fault_latency_us=_latency(pc.get("fault_latency_us", {})),
+            histogram=tuple(pc.get("histogram", ())),
+            outstanding_requests=pc.get("outstanding_requests", 0),
+        ),
+        balloon=BalloonReport(**d.get("balloon", {})),
+        verify=VerifyReport(**d["verify"]) if d.get("verify") else None,
+        error=d.get("error"),
+    )
+
+
+# ---- the source ----
+
+
+class _SourceRun:
+    """One outgoing migration: the region, its guest, the connection and the page pumps."""
+
+    def __init__(self, region_bytes: int, guest: GuestConfig, config: MigrationConfig, progress: Progress) -> None:
+        self.config = config
+        self.progress = progress
+        page = guest.page_size
+        if region_bytes <= 0 or region_bytes % page:
+            raise ValueError(f"region size must be a positive multiple of {page} bytes, got {region_bytes}")
+        self.source = Source(region_bytes // page, mode="kernel")
+        self.guest = Guest(self.source.memory, guest, device=_core.source_balloon_port(self.source._core))
+        self.result = MigrationResult(ok=False, mode="postcopy" if config.postcopy else "precopy",
+                                      region_bytes=region_bytes, page_size=page)
+        self.conn: wire.Connection | None = None
+        self.session: _core.SourceSession | None = None
+        self.balloon: BalloonDevice | None = None
+        self.writers: list[_core.FrameWriter] = []
+        self.dest_guest_running = False
+
+    # -- steps --
+    def connect(self, address: str) -> None:
+        self.progress.phase("connect")
+        caps = wire.Capabilities.all(extra_channels=max(0, self.config.channels - 1))
+        caps = caps.without(*self.config.disable_capabilities)
+        if not self.config.checksums:
+            caps = caps.without("checksums")
+        opts = wire.WireOptions(page_size=self.result.page_size, region_bytes=self.result.region_bytes,
+                                capabilities=caps, secret=self.config.secret, timeout=self.config.timeout)
+        self.conn = conn = wire.connect(address, opts)
+        self.result.capabilities = sorted(conn.negotiated.capabilities)
+        main = conn.writer()
+        extras = [conn.writer(ch) for ch in conn.pages]
+        urgent = conn.writer(conn.urgent) if conn.urgent is not None else None
+        self.writers = [main, *extras, *([urgent] if urgent is not None else [])]
+        self.main = main
+        self.extras = extras
+        self.urgent = urgent
+        self.session = _core.SourceSession(self.source._core, main, extras, urgent, conn.main.fileno(), conn.config())
+        self.session.start_return_path()
+        hinting = self.config.hints and conn.negotiated.hinting_allowed(postcopy_possible=self.config.postcopy)
+        self.balloon = BalloonDevice(self.source.hints, enabled=hinting, notify=self.guest.kick)
+
+    def _add(self, st: dict[str, Any]) -> None:
+        self.result.pages_sent += st["pages"]
+        self.result.zero_pages += st["zero_pages"]
+        self.result.bytes_sent += st["bytes"]
+
+    def _check_peer(self) -> None:
+        """Fails fast when the return path reported an error or broke."""
+        assert self.session is not None
+        ev = self.session.wait_event(0)
+        if ev is not None:
+            kind, _a, _b, _data, text = ev
+            if kind in ("peer_error", "failed", "end"):
+                raise MigrationError(f"destination: {text or kind}")
+            raise MigrationError(f"unexpected {kind} from the destination during precopy")
+
+    def precopy(self) -> None:
+        """Rounds until the rest fits the downtime limit, or the round limit, or postcopy time."""
+        assert self.session is not None and self.balloon is not None
+        self.progress.phase("precopy")
+        page, total = self.result.page_size, self.source.pages
+        bandwidth = 0.0
+        for index in range(self.config.max_rounds + 1):
+            self.balloon.before_sync()
+            self.source.sync()
+            self.balloon.after_sync()
+            dirty = self.source.dirty.count()
+            if index > 0:
+                fits = bandwidth > 0 and dirty * page / bandwidth * 1e3 <= self.config.downtime_limit_ms
+                if self.config.postcopy and index >= self.config.postcopy_after:
+                    break
+                if not self.config.postcopy and (fits or index >= self.config.max_rounds):
+                    break
+                if self.config.postcopy and index >= self.config.max_rounds:
+                    break
+            self._check_peer()
+            st = self.session.precopy_pass(max_seconds=3600.0, max_pages=dirty)
+            self._add(st)
+            bandwidth = st["bytes"] / st["seconds"] if st["seconds"] > 0 else bandwidth
+            remaining = self.source.dirty.count()
+            self.result.rounds.append(RoundStats(index, dirty, st["pages"], st["zero_pages"], st["bytes"],
+                                                 st["seconds"], bandwidth, remaining))
+            self.progress.update(round=index, remaining_pages=remaining, total_pages=total, bandwidth_bps=bandwidth)
+        self.result.precopy_rounds = len(self.result.rounds)
+
+    def switchover(self) -> float:
+        """Stops the guest, final sync, DONE, and (precopy) sends the rest; returns the pause time."""
+        assert self.session is not None and self.balloon is not None
+        self.progress.phase("switchover")
+        self.guest.pause()
+        t_pause = time.perf_counter()
+        self.balloon.before_sync()
+        self.source.sync()
+        self.balloon.final_sync()  # DONE before the device state is sent, precopy and postcopy alike
+        if not self.config.postcopy:
+            while True:
+                st = self.session.precopy_pass(max_seconds=3600.0)
+                self._add(st)
+                if st["drained"]:
+                    break
+        for w in self.extras:
+            w.send_end()
+        return t_pause
+
+    def device_state(self) -> bytes:
+        assert self.balloon is not None
+        balloon = {"cmd_id": self.balloon.cmd_id, "last_round_id": self.balloon.last_round_id}
+        return pack_device_state(self.guest.export_state(), balloon)
+
+    def wait_ack(self, command: int) -> None:
+        """Waits until the destination says its guest runs (after ``command``)."""
+        assert self.session is not None
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
+            if ev is None:
+                raise MigrationError(f"the destination did not resume the guest within {self.config.timeout} s")
+            kind, a, b, _data, text = ev
+            if kind == "ack" and a == _ACK_RESUMED and b == command:
+                return
+            if kind in ("peer_error", "failed", "end"):
+                raise MigrationError(f"destination: {text or kind}")
+
+    def finish_precopy(self, t_pause: float) -> None:
+        self.main.send_device_state(self.device_state())
+        self.main.send_command(wire.COMMAND_COMPLETE)
+        self.wait_ack(wire.COMMAND_COMPLETE)
+        self.dest_guest_running = True
+        self.result.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+
+    def postcopy(self, t_pause: float) -> None:
+        assert self.session is not None and self.conn is not None
+        sets = self.source.switchover_sets()
+        if self.conn.negotiated.local_fill:
+            self.main.send_discard(sets.discard)
+            self.main.send_local_fill(sets.local_fill, 0)  # the guest has no poison value
+        else:
+            self.source.dirty_hinted_unsent()  # served on request and pushed like any other page
+            self.main.send_discard(sets.discard)
+        self.main.send_device_state(self.device_state())
+        self.main.send_command(wire.COMMAND_POSTCOPY_START)
+        self.wait_ack(wire.COMMAND_POSTCOPY_START)
+        self.dest_guest_running = True
+        self.result.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        self.progress.phase("postcopy")
+        total = self.source.pages
+        while True:
+            st = self.session.postcopy_push(max_seconds=0.2)
+            self._add(st)
+            remaining = self.source.dirty.count()
+            self.progress.update(round=len(self.result.rounds), remaining_pages=remaining, total_pages=total,
+                                 bandwidth_bps=st["bytes"] / st["seconds"] if st["seconds"] else 0.0)
+            if st["drained"]:
+                break
+            self._check_peer()
+        if self.urgent is not None:
+            self.urgent.send_end()
+        self.main.send_command(wire.COMMAND_COMPLETE)
+
+    def report(self) -> DestinationSummary:
+        """The destination's summary, sent once it is done (and verified, when asked)."""
+        assert self.session is not None
+        deadline = time.monotonic() + self.config.timeout + 60.0
+        while True:
+            ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
+            if ev is None:
+                raise MigrationError("the destination sent no report")
+            kind, _a, _b, data, text = ev
+            if kind == "report":
+                return _summary_from_report(data)
+            if kind in ("peer_error", "failed", "end"):
+                raise MigrationError(f"destination: {text or kind}")
+
+    def cancel(self) -> None:
+        """After a failure: the source guest gets DONE and keeps running, unless the destination
+        guest already runs (then the source guest must not resume: it would be stale)."""
+        if self.balloon is not None:
+            self.balloon.cleanup()
+        if not self.dest_guest_running:
+            self.guest.resume()
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.interrupt()
+        if self.conn is not None:
+            self.conn.close()
+        if self.session is not None:
+            self.session.join_return_path()
+        self.guest.stop()
+
+
 def migrate(
     address: str,
     region_bytes: int,
-    guest: Any,
+    guest: GuestConfig,
     config: MigrationConfig = MigrationConfig(),
     progress: Progress | None = None,
 ) -> MigrationResult:
-    """Start a guest (a :class:`livemig.guest.GuestConfig`) on a fresh source region of
-    ``region_bytes``, and migrate it to the destination listening at ``address``.
+    """Start a guest on a fresh source region of ``region_bytes`` and migrate it to the
+    destination listening at ``address``.
 
-    Raises :class:`livemig.MigrationError` (with the step and cause) when the migration fails; the
-    source guest is then intact and has been sent DONE.
+    Raises :class:`livemig.MigrationError` (naming the step and cause) when the migration fails; the
+    source guest then keeps running and has been sent DONE, unless the destination guest had
+    already started (postcopy), in which case the source guest stays paused.
     """
-    raise NotImplementedError
+    prog = progress or NoProgress()
+    run = _SourceRun(region_bytes, guest, config, prog)
+    t0 = time.perf_counter()
+    step = "connect"
+    try:
+        run.guest.start()
+        run.connect(address)
+        step = "precopy"
+        run.precopy()
+        step = "switchover"
+        t_pause = run.switchover()
+        if config.postcopy:
+            step = "postcopy"
+            run.postcopy(t_pause)
+        else:
+            run.finish_precopy(t_pause)
+        step = "complete"
+        prog.phase("complete")
+        summary = run.report()
+    except (LivemigError, OSError) as e:
+        run.cancel()
+        run.close()
+        raise MigrationError(f"{step}: {e}") from e
+    except BaseException:
+        run.cancel()
+        run.close()
+        raise
+    run.close()
+    r = run.result
+    r.total_ms = (time.perf_counter() - t0) * 1e3
+    hs = run.source.counters()
+    r.hints = HintStats(rounds=run.balloon.stats.rounds if run.balloon else 0,
+                        pages_hinted=hs.pages_hinted, stale_dropped=hs.hints_dropped_stale)
+    r.postcopy = summary.postcopy
+    r.balloon = summary.balloon
+    r.verify = summary.verify
+    r.error = summary.error
+    r.ok = summary.ok
+    return r
+
+
+# ---- the destination ----
+
+
+class _DestinationRun:
+    """One incoming migration: the region, the channel readers and, after switchover, the guest."""
+
+    def __init__(self, conn: wire.Connection, config: DestinationConfig, progress: Progress) -> None:
+        self.conn = conn
+        self.config = config
+        self.progress = progress
+        self.dest = Destination(conn.region_bytes)
+        self.return_path = conn.writer()  # the main socket's other direction
+        extra_fds = [ch.fileno() for ch in conn.pages]
+        urgent_fd = conn.urgent.fileno() if conn.urgent is not None else -1
+        self.session = _core.DestSession(self.dest.region, conn.main.fileno(), extra_fds, urgent_fd,
+                                         self.return_path, conn.config())
+        self.device = _core.LocalBalloonDevice(self.dest.pages)
+        self.guest: Guest | None = None
+        self.mode: Mode = "precopy"
+        self.ended: set[int] = set()
+
+    def next_event(self) -> tuple[str, int, int, bytes, str]:
+        ev = self.session.wait_event(self.config.timeout)
+        if ev is None:
+            raise MigrationError(f"the source was silent for {self.config.timeout} s")
+        kind, a, b, data, text = ev
+        if kind in ("failed", "peer_error"):
+            raise MigrationError(f"source: {text}" if kind == "peer_error" else text)
+        if kind == "end":
+            self.ended.add(a)
+        return kind, a, b, data, text
+
+    def resume_guest(self, blob: bytes) -> None:
+        header, guest_state = unpack_device_state(blob)
+        balloon = header.get("balloon", {})
+        if balloon.get("cmd_id") == CMD_DONE:
+            self.device.host_done()
+        self.guest = Guest.from_state(self.dest.array, guest_state, device=self.device)
+        self.guest.start()
+
+    def run(self) -> DestinationSummary:
+        self.session.start()
+        self.progress.phase("precopy")
+        blob: bytes | None = None
+        while True:
+            kind, a, _b, data, _text = self.next_event()
+            if kind == "device_state":
+                blob = data
+            elif kind == "command" and a in (wire.COMMAND_POSTCOPY_START, wire.COMMAND_COMPLETE):
+                if blob is None:
+                    raise MigrationError("switchover without device state")
+                if a == wire.COMMAND_POSTCOPY_START:
+                    self.mode = "postcopy"
+                    self.progress.phase("postcopy")
+                self.resume_guest(blob)
+                self.return_path.send_ack(_ACK_RESUMED, a)
+                if self.mode == "postcopy":
+                    self._postcopy_until_complete()
+                break
+        return self.finish()
+
+    def _postcopy_until_complete(self) -> None:
+        while True:
+            kind, a, _b, _data, _text = self.next_event()
+            if kind == "command" and a == wire.COMMAND_COMPLETE:
+                break
+        # Requested pages may still be in flight on the urgent channel: it ends with END.
+        if self.conn.urgent is not None:
+            while 1 not in self.ended:
+                self.next_event()
+
+    def finish(self) -> DestinationSummary:
+        assert self.guest is not None
+        self.progress.phase("complete")
+        region = self.dest
+        pc = PostcopyStats()
+        if self.mode == "postcopy":
+            c = region.counters()
+            lat = region.latency()
+            outstanding = region.requested.count()  # requested and never placed
+            pc = PostcopyStats(requests=c.requests, local_fills=c.local_fills,
+                               fault_latency_us=LatencySummary(lat.p50_us, lat.p99_us, lat.max_us),
+                               histogram=tuple(int(x) for x in lat.buckets), outstanding_requests=outstanding)
+        return DestinationSummary(ok=True, mode=self.mode, region_bytes=region.nbytes, postcopy=pc)
+
+    def settle_and_report(self, summary: DestinationSummary, verify: bool, settle_s: float) -> DestinationSummary:
+        """Lets the guest run briefly (its balloon driver frees what it held), then checks it."""
+        assert self.guest is not None
+        deadline = time.monotonic() + settle_s
+        while time.monotonic() < deadline and self.guest.stats().pages_held > 0:
+            time.sleep(0.005)  # the guest's own pace; not synchronisation of a test
+        self.guest.pause()
+        gs = self.guest.stats()
+        summary.balloon = BalloonReport(last_cmd_id=gs.last_cmd_id, done_delivered=gs.done_seen > 0,
+                                        held_pages_after=gs.pages_held)
+        if verify:
+            self.progress.phase("verify")
+            v = self.guest.verify()
+            mismatches = v.mismatches
+            if self.guest.workload == "increment":
+                inc = self.guest.check_increment()
+                mismatches += 0 if inc.ok else 1
+            stale = sum(1 for m in v.first_mismatches
+                        if m.kind == "generation" and m.found_generation < m.expected_generation)
+            summary.verify = VerifyReport(pages_checked=v.pages_checked, mismatches=mismatches, placed_twice=stale)
+            summary.ok = summary.ok and mismatches == 0
+        return summary
+
+    def close(self) -> None:
+        if self.guest is not None:
+            self.guest.stop()
+        self.dest.stop()
+        self.conn.close()
+        self.session.join()
 
 
 def serve(
-    listener: Any, config: DestinationConfig = DestinationConfig(), progress: Progress | None = None
+    listener: wire.Listener,
+    config: DestinationConfig = DestinationConfig(),
+    progress: Progress | None = None,
+    *,
+    verify: bool = True,
+    settle_s: float = 2.0,
 ) -> DestinationSummary:
-    """Accept one migration on ``listener`` (a :class:`livemig.wire.Listener`), resume its guest
-    here and run until the source completes; the summary also goes back to the source."""
-    raise NotImplementedError
+    """Accept one migration on ``listener``, resume its guest here and run until the source
+    completes; the summary (with verification) also goes back to the source as its report."""
+    prog = progress or NoProgress()
+    caps = wire.Capabilities.all(extra_channels=wire.MAX_EXTRA_CHANNELS).without(*config.disable_capabilities)
+    opts = wire.WireOptions(page_size=_page_size(), region_bytes=config.max_region_bytes,
+                            capabilities=caps, secret=config.secret, timeout=config.timeout)
+    conn = listener.accept(opts)
+    run = _DestinationRun(conn, config, prog)
+    try:
+        summary = run.run()
+        summary = run.settle_and_report(summary, verify, settle_s)
+        run.return_path.send_device_state(json.dumps(_summary_json(summary)).encode())
+        run.return_path.send_end()
+    except (LivemigError, OSError) as e:
+        summary = DestinationSummary(ok=False, mode=run.mode, region_bytes=conn.region_bytes, error=str(e))
+        try:
+            run.return_path.send_error(str(e)[:4000])
+        except LivemigError:
+            pass
+        run.close()
+        raise MigrationError(str(e)) from e
+    run.close()
+    return summary
+
+
+def _summary_json(s: DestinationSummary) -> dict[str, Any]:
+    return asdict(s)
+
+
+def _page_size() -> int:
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+__all__ = [
+    "BalloonReport", "DestinationConfig", "DestinationSummary", "HintStats", "LatencySummary",
+    "MigrationConfig", "MigrationResult", "PostcopyStats", "Progress", "RoundStats", "VerifyReport",
+    "migrate", "serve",
+]

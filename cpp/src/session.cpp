@@ -1,0 +1,451 @@
+#include "livemig/session.hpp"
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "livemig/errors.hpp"
+#include "livemig/zero_page.hpp"
+
+namespace livemig {
+
+using Clock = std::chrono::steady_clock;
+
+// ---- EventQueue ----
+
+void EventQueue::push(SessionEvent e) {
+  {
+    std::lock_guard lk(mu_);
+    q_.push_back(std::move(e));
+  }
+  cv_.notify_all();
+}
+
+std::optional<SessionEvent> EventQueue::wait(std::chrono::nanoseconds timeout) {
+  std::unique_lock lk(mu_);
+  if (!cv_.wait_for(lk, timeout, [&] { return !q_.empty(); })) return std::nullopt;
+  SessionEvent e = std::move(q_.front());
+  q_.pop_front();
+  return e;
+}
+
+namespace {
+
+SessionEvent failed_event(const std::exception& e) {
+  SessionEvent ev;
+  ev.kind = SessionEvent::Kind::Failed;
+  ev.text = e.what();
+  return ev;
+}
+
+std::vector<PageRange> to_page_ranges(std::span<const wire::Range> ranges) {
+  std::vector<PageRange> out;
+  out.reserve(ranges.size());
+  for (const auto& r : ranges) out.push_back({r.first, r.npages});
+  return out;
+}
+
+}  // namespace
+
+// ---- SourceSession ----
+
+// Return-path frames: requests go straight to the scanner (no queue hop, no GIL); everything else
+// becomes an event for the orchestrator.
+class SourceSession::ReturnHandler final : public wire::FrameHandler {
+ public:
+  ReturnHandler(Source& source, EventQueue& events) : source_(source), events_(events) {}
+  std::uint8_t* page_buffer(std::uint64_t, std::uint32_t) override { throw ProtocolError("pages on the return path"); }
+  void pages(std::uint64_t, std::uint32_t, const std::uint8_t*) override {}
+  void zero(std::uint64_t, std::uint32_t) override { throw ProtocolError("zero pages on the return path"); }
+  void request(std::uint64_t first, std::uint32_t n) override { source_.scanner().request(first, n); }
+  void received_bitmap(std::span<const std::uint8_t> bits) override {
+    SessionEvent e;
+    e.kind = SessionEvent::Kind::ReceivedBitmap;
+    e.data.assign(bits.begin(), bits.end());
+    events_.push(std::move(e));
+  }
+  void device_state(std::span<const std::uint8_t> blob) override {
+    SessionEvent e;
+    e.kind = SessionEvent::Kind::Report;
+    e.data.assign(blob.begin(), blob.end());
+    events_.push(std::move(e));
+  }
+  void ack(std::uint32_t kind, std::uint64_t value) override {
+    SessionEvent e;
+    e.kind = SessionEvent::Kind::Ack;
+    e.a = kind;
+    e.b = value;
+    events_.push(std::move(e));
+  }
+  void error(std::string_view message) override {
+    SessionEvent e;
+    e.kind = SessionEvent::Kind::PeerError;
+    e.text = std::string(message);
+    events_.push(std::move(e));
+  }
+  void end() override {
+    SessionEvent e;
+    e.kind = SessionEvent::Kind::End;
+    events_.push(std::move(e));
+  }
+
+ private:
+  Source& source_;
+  EventQueue& events_;
+};
+
+SourceSession::SourceSession(std::shared_ptr<Source> source, wire::FrameWriter& main,
+                             std::vector<wire::FrameWriter*> extras, wire::FrameWriter* urgent, int return_fd,
+                             const wire::WireConfig& cfg)
+    : source_(std::move(source)), main_(main), extras_(std::move(extras)), urgent_(urgent), return_fd_(return_fd),
+      cfg_(cfg) {
+  if (!source_) throw std::invalid_argument("SourceSession needs a source");
+  if (cfg_.region_pages != source_->pages())
+    throw std::invalid_argument("the wire config's region (" + std::to_string(cfg_.region_pages) +
+                                " pages) is not the source's (" + std::to_string(source_->pages()) + " pages)");
+}
+
+SourceSession::~SourceSession() {
+  interrupt();
+  join_return_path();
+}
+
+std::chrono::nanoseconds SourceSession::to_ns(double s) {
+  if (s <= 0) return std::chrono::nanoseconds(0);
+  if (s > 1e6) s = 1e6;
+  return std::chrono::nanoseconds(static_cast<std::int64_t>(s * 1e9));
+}
+
+void SourceSession::start_return_path() {
+  if (return_thread_.joinable()) throw std::logic_error("the return path is already being read");
+  return_thread_ = std::thread([this] {
+    try {
+      // The return path may stay silent for a long time (no faults): no read timeout here; the
+      // orchestrator ends it by shutting the socket down.
+      wire::FdInput in(return_fd_, 0);
+      wire::FrameReader reader(in, cfg_, wire::Direction::kToSource);
+      ReturnHandler handler(*source_, events_);
+      if (!reader.run(handler)) {
+        SessionEvent e;
+        e.kind = SessionEvent::Kind::End;
+        e.a = 1;  // closed without an END frame
+        events_.push(std::move(e));
+      }
+    } catch (const std::exception& e) {
+      events_.push(failed_event(e));
+    }
+    source_->scanner().wake();  // a pump waiting for requests must not wait on a dead channel
+  });
+}
+
+void SourceSession::join_return_path() {
+  if (return_thread_.joinable()) return_thread_.join();
+}
+
+void SourceSession::interrupt() noexcept {
+  interrupted_.store(true, std::memory_order_release);
+  source_->scanner().wake();
+}
+
+SendStats SourceSession::pump(wire::FrameWriter& w, Clock::time_point deadline, std::uint64_t max_pages,
+                              std::atomic<std::uint64_t>& budget_used) {
+  constexpr std::size_t kBatchPages = 256;  // 1 MiB of 4 KiB pages: one sendmsg per batch
+  SendStats st;
+  const wire::WireStats before = w.stats();
+  const std::size_t ps = page_size();
+  std::uint8_t* base = source_->data();
+  std::vector<PageRun> runs;
+  for (;;) {
+    if (interrupted_.load(std::memory_order_acquire) || Clock::now() >= deadline) break;
+    const std::uint64_t used = budget_used.fetch_add(kBatchPages, std::memory_order_relaxed);
+    if (used >= max_pages) break;
+    runs.clear();
+    if (source_->scanner().next_batch(std::min<std::uint64_t>(kBatchPages, max_pages - used), runs) == 0) {
+      st.drained = source_->dirty()->none(0, source_->pages());
+      break;
+    }
+    try {
+      for (const PageRun& r : runs) w.send_pages(r.first, r.npages, base + r.first * ps, /*detect_zero=*/true);
+      // Flush per batch so a failure can put back exactly the runs that did not go (rule 7).
+      w.flush();
+    } catch (...) {
+      source_->scanner().send_failed(runs);
+      throw;
+    }
+  }
+  const wire::WireStats after = w.stats();
+  st.pages = after.pages - before.pages;
+  st.zero_pages = after.zero_pages - before.zero_pages;
+  st.bytes = after.bytes - before.bytes;
+  return st;
+}
+
+SendStats SourceSession::precopy_pass(double max_seconds, std::uint64_t max_pages) {
+  interrupted_.store(false, std::memory_order_release);
+  const auto t0 = Clock::now();
+  const auto deadline = t0 + to_ns(max_seconds);
+  std::atomic<std::uint64_t> budget{0};
+  std::vector<wire::FrameWriter*> writers{&main_};
+  writers.insert(writers.end(), extras_.begin(), extras_.end());
+  std::vector<SendStats> per(writers.size());
+  std::vector<std::exception_ptr> errors(writers.size());
+  std::vector<std::thread> threads;
+  for (std::size_t i = 1; i < writers.size(); ++i) {
+    threads.emplace_back([&, i] {
+      try {
+        per[i] = pump(*writers[i], deadline, max_pages, budget);
+      } catch (...) {
+        errors[i] = std::current_exception();
+        interrupt();
+      }
+    });
+  }
+  try {
+    per[0] = pump(main_, deadline, max_pages, budget);
+  } catch (...) {
+    errors[0] = std::current_exception();
+    interrupt();
+  }
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  SendStats total;
+  for (const auto& s : per) {
+    total.pages += s.pages;
+    total.zero_pages += s.zero_pages;
+    total.bytes += s.bytes;
+  }
+  total.drained = source_->dirty()->none(0, source_->pages());
+  total.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return total;
+}
+
+SendStats SourceSession::postcopy_push(double max_seconds) {
+  interrupted_.store(false, std::memory_order_release);
+  constexpr std::size_t kBatchPages = 64;  // small: requests are looked at between batches
+  const auto t0 = Clock::now();
+  const auto deadline = t0 + to_ns(max_seconds);
+  const std::size_t ps = page_size();
+  std::uint8_t* base = source_->data();
+  wire::FrameWriter& urgent = urgent_ != nullptr ? *urgent_ : main_;
+  const wire::WireStats main0 = main_.stats();
+  const wire::WireStats urg0 = urgent_ != nullptr ? urgent_->stats() : wire::WireStats{};
+  SendStats st;
+  std::vector<PageRun> runs;
+  while (!interrupted_.load(std::memory_order_acquire) && Clock::now() < deadline) {
+    runs.clear();
+    if (source_->scanner().next_batch(kBatchPages, runs) == 0) {
+      st.drained = source_->dirty()->none(0, source_->pages());
+      if (st.drained) break;
+      continue;
+    }
+    try {
+      // A batch is all urgent or all background (the scanner serves requests first).
+      if (runs.front().urgent()) {
+        for (const PageRun& r : runs) {
+          urgent.send_pages(r.first, r.npages, base + r.first * ps, true);
+          st.urgent_pages += r.npages;
+        }
+        urgent.flush();
+      } else {
+        for (const PageRun& r : runs) main_.send_pages(r.first, r.npages, base + r.first * ps, true);
+        main_.flush();
+      }
+    } catch (...) {
+      source_->scanner().send_failed(runs);
+      throw;
+    }
+  }
+  const wire::WireStats main1 = main_.stats();
+  st.pages = main1.pages - main0.pages;
+  st.zero_pages = main1.zero_pages - main0.zero_pages;
+  st.bytes = main1.bytes - main0.bytes;
+  if (urgent_ != nullptr) {
+    const wire::WireStats urg1 = urgent_->stats();
+    st.pages += urg1.pages - urg0.pages;
+    st.zero_pages += urg1.zero_pages - urg0.zero_pages;
+    st.bytes += urg1.bytes - urg0.bytes;
+  }
+  st.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return st;
+}
+
+// ---- DestSession ----
+
+// The fault thread's requests, as REQUEST frames on the return path (the writer serialises).
+class DestSession::WireRequestSink final : public RequestSink {
+ public:
+  WireRequestSink(wire::FrameWriter& w, EventQueue& events) : w_(w), events_(events) {}
+  void request(std::uint64_t first_page, std::uint32_t npages) noexcept override {
+    if (failed_.load(std::memory_order_relaxed)) return;
+    try {
+      w_.send_request(first_page, npages);
+    } catch (const std::exception& e) {
+      // The return path is gone: the guest's threads wait until the migration is recovered or
+      // torn down; say so once.
+      failed_.store(true, std::memory_order_relaxed);
+      events_.push(failed_event(e));
+    }
+  }
+
+ private:
+  wire::FrameWriter& w_;
+  EventQueue& events_;
+  std::atomic<bool> failed_{false};
+};
+
+// One channel's frames into the region: pages are read straight into place while the region is
+// in precopy, and placed with userfaultfd (never twice, rule 1) once postcopy started.
+class DestSession::ChannelHandler final : public wire::FrameHandler {
+ public:
+  ChannelHandler(DestSession& s, std::uint64_t index, bool is_extra) : s_(s), index_(index), is_extra_(is_extra) {}
+
+  std::uint8_t* page_buffer(std::uint64_t first, std::uint32_t n) override {
+    if (precopy()) return s_.region_->data() + first * s_.region_->page_bytes();
+    staging_.resize(static_cast<std::size_t>(n) * s_.region_->page_bytes());
+    return staging_.data();
+  }
+  void pages(std::uint64_t first, std::uint32_t n, const std::uint8_t* data) override {
+    if (precopy()) {
+      s_.region_->mark_received(first, n);
+    } else {
+      s_.region_->place(first, n, data);
+    }
+    s_.pages_received_.fetch_add(n, std::memory_order_relaxed);
+  }
+  void zero(std::uint64_t first, std::uint32_t n) override {
+    if (precopy()) {
+      const std::size_t ps = s_.region_->page_bytes();
+      for (std::uint64_t p = first; p < first + n; ++p) {
+        std::uint8_t* page = s_.region_->data() + p * ps;
+        if (!is_zero(page, ps)) std::memset(page, 0, ps);  // never-touched pages stay untouched
+      }
+      s_.region_->mark_received(first, n);
+    } else {
+      s_.region_->place_zero(first, n);
+    }
+    s_.pages_received_.fetch_add(n, std::memory_order_relaxed);
+  }
+  void discard(std::span<const wire::Range> ranges) override {
+    control_frame();
+    const auto runs = to_page_ranges(ranges);
+    s_.region_->discard(runs);
+  }
+  void local_fill(std::span<const wire::Range> ranges, std::uint32_t value) override {
+    control_frame();
+    const auto runs = to_page_ranges(ranges);
+    s_.region_->set_local_fill(runs, value);
+  }
+  void device_state(std::span<const std::uint8_t> blob) override {
+    control_frame();
+    SessionEvent e;
+    e.kind = SessionEvent::Kind::DeviceState;
+    e.data.assign(blob.begin(), blob.end());
+    s_.events_.push(std::move(e));
+  }
+  void command(wire::Command cmd, std::span<const std::uint8_t> /*args*/) override {
+    control_frame();
+    // Postcopy starts here, in stream order: every page before this frame was written in place,
+    // every page after it is placed through userfaultfd.
+    if (cmd == wire::Command::kPostcopyStart) s_.region_->start_postcopy();
+    SessionEvent e;
+    e.kind = SessionEvent::Kind::Command;
+    e.a = static_cast<std::uint64_t>(cmd);
+    s_.events_.push(std::move(e));
+  }
+  void end() override {
+    SessionEvent e;
+    e.kind = SessionEvent::Kind::End;
+    e.a = index_;
+    s_.events_.push(std::move(e));
+  }
+  void error(std::string_view message) override {
+    SessionEvent e;
+    e.kind = SessionEvent::Kind::PeerError;
+    e.text = std::string(message);
+    s_.events_.push(std::move(e));
+  }
+
+ private:
+  bool precopy() const { return s_.region_->state() == DestRegion::State::precopy; }
+  // Control frames come on the main channel only, after the extra page channels ended.
+  void control_frame() {
+    if (is_extra_) throw ProtocolError("control frame on an extra page channel");
+    s_.wait_extras_done();
+  }
+
+  DestSession& s_;
+  std::uint64_t index_;
+  bool is_extra_;
+  std::vector<std::uint8_t> staging_;
+};
+
+DestSession::DestSession(std::shared_ptr<DestRegion> region, int main_fd, std::vector<int> extra_fds, int urgent_fd,
+                         wire::FrameWriter& return_path, const wire::WireConfig& cfg)
+    : region_(std::move(region)), main_fd_(main_fd), extra_fds_(std::move(extra_fds)), urgent_fd_(urgent_fd),
+      return_path_(return_path), cfg_(cfg) {
+  if (!region_) throw std::invalid_argument("DestSession needs a region");
+  if (cfg_.region_pages != region_->pages())
+    throw std::invalid_argument("the wire config's region (" + std::to_string(cfg_.region_pages) +
+                                " pages) is not the destination's (" + std::to_string(region_->pages()) + " pages)");
+}
+
+DestSession::~DestSession() { join(); }
+
+void DestSession::start() {
+  if (!threads_.empty()) throw std::logic_error("the session already started");
+  region_->set_request_sink(std::make_shared<WireRequestSink>(return_path_, events_));
+  extras_active_ = extra_fds_.size();
+  threads_.emplace_back([this] { read_channel(main_fd_, 0, false); });
+  if (urgent_fd_ >= 0) threads_.emplace_back([this] { read_channel(urgent_fd_, 1, false); });
+  for (std::size_t i = 0; i < extra_fds_.size(); ++i)
+    threads_.emplace_back([this, i] { read_channel(extra_fds_[i], 2 + i, true); });
+}
+
+void DestSession::read_channel(int fd, std::uint64_t index, bool is_extra) noexcept {
+  try {
+    // No read timeout: in postcopy a channel may be quiet for long; the orchestrator ends a
+    // session by shutting its sockets down.
+    wire::FdInput in(fd, 0);
+    wire::FrameReader reader(in, cfg_, wire::Direction::kToDestination);
+    ChannelHandler handler(*this, index, is_extra);
+    if (!reader.run(handler)) {
+      SessionEvent e;
+      e.kind = SessionEvent::Kind::Failed;
+      e.a = index;
+      e.text = "channel " + std::to_string(index) + " closed without an END frame";
+      events_.push(std::move(e));
+    }
+  } catch (const std::exception& e) {
+    SessionEvent ev = failed_event(e);
+    ev.a = index;
+    events_.push(std::move(ev));
+  }
+  if (is_extra) extra_done();
+}
+
+void DestSession::extra_done() noexcept {
+  {
+    std::lock_guard lk(extras_mu_);
+    --extras_active_;
+  }
+  extras_cv_.notify_all();
+}
+
+void DestSession::wait_extras_done() {
+  std::unique_lock lk(extras_mu_);
+  extras_cv_.wait(lk, [&] { return extras_active_ == 0; });
+}
+
+std::optional<SessionEvent> DestSession::wait_event(double timeout_s) {
+  const double s = timeout_s <= 0 ? 0 : (timeout_s > 1e6 ? 1e6 : timeout_s);
+  return events_.wait(std::chrono::nanoseconds(static_cast<std::int64_t>(s * 1e9)));
+}
+
+void DestSession::join() {
+  for (auto& t : threads_)
+    if (t.joinable()) t.join();
+}
+
+}  // namespace livemig
