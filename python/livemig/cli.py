@@ -139,8 +139,9 @@ class NumberType(click.ParamType):
 
     name = "NUMBER"
 
-    def __init__(self, lo: float = 0.0, hi: float | None = None, positive: bool = False) -> None:
-        self.lo, self.hi, self.positive = lo, hi, positive
+    def __init__(self, lo: float = 0.0, hi: float | None = None, positive: bool = False,
+                 below_hi: bool = False) -> None:
+        self.lo, self.hi, self.positive, self.below_hi = lo, hi, positive, below_hi
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         try:
@@ -151,9 +152,13 @@ class NumberType(click.ParamType):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         if self.positive and x <= self.lo:
             self.fail(f"{value} must be greater than {self.lo:g}", param, ctx)
-        if x < self.lo or (self.hi is not None and x > self.hi):
-            where = f"between {self.lo:g} and {self.hi:g}" if self.hi is not None else f"at least {self.lo:g}"
-            self.fail(f"{value} must be {where}", param, ctx)
+        if self.hi is None:
+            if x < self.lo:
+                self.fail(f"{value} must be at least {self.lo:g}", param, ctx)
+        elif self.below_hi and not self.lo <= x < self.hi:
+            self.fail(f"{value} must be at least {self.lo:g} and below {self.hi:g}", param, ctx)
+        elif not self.lo <= x <= self.hi:
+            self.fail(f"{value} must be between {self.lo:g} and {self.hi:g}", param, ctx)
         return x
 
 
@@ -247,14 +252,14 @@ def _load_secret(path: str | None) -> bytes | None:
               help="What the guest does while migrating.")
 @click.option("--dirty-rate", type=NumberType(0.0), default=0.0, metavar="PAGES_PER_S",
               help="Pages/s the workload writes (0: as fast as it can).")
-@click.option("--free-fraction", type=NumberType(0.0, 1.0), default=0.0, metavar="F",
-              help="Share of guest memory free (0..1).")
+@click.option("--free-fraction", type=NumberType(0.0, 1.0, below_hi=True), default=0.0, metavar="F",
+              help="Share of guest memory free, in [0, 1).")
 @click.option("--churn", type=NumberType(0.0), default=0.0, metavar="PAGES_PER_S",
               help="Pages allocated, written and freed per second.")
 @click.option("--fill", type=click.Choice(("pattern", "zero")), default="pattern", show_default=True,
               help="Initial guest memory: non-zero pages, or all zero.")
-@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Guest writer threads.")
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Guest writer threads (increment: always 1).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Guest random seed.")
 @click.option("--postcopy", is_flag=True, help="Switch to postcopy (default: precopy only).")
 @click.option("--postcopy-after", type=click.IntRange(min=0), default=None, metavar="N",
@@ -308,6 +313,11 @@ def migrate(
     # Every usage error is found here, before a process or a byte of guest memory exists.
     if postcopy_after is not None and not postcopy:
         raise _usage("--postcopy-after needs --postcopy (the migration is precopy otherwise)")
+    if workload == "increment" and churn > 0:
+        raise _usage("--churn needs a workload other than increment (its oracle needs a fixed set of pages)")
+    if workload == "increment" and threads > 1:
+        raise _usage("the increment workload runs one writer thread (its oracle needs address order)",
+                     "--threads")
     if size > wire.physical_memory_bytes():
         raise _usage(f"{size} bytes is more than this machine's memory", "--size")
     src_off, dst_off = split_capabilities(disabled)
@@ -364,7 +374,7 @@ def migrate(
                 address = str(to)
             with display.progress_display(console, progress) as reporter:
                 result = migration.migrate(address, size, guest, config, reporter)
-        except (LivemigError, OSError) as e:
+        except (LivemigError, OSError, ValueError) as e:  # ValueError: a config the guest refused
             result = migration.MigrationResult(
                 ok=False, mode=mode, region_bytes=size, page_size=PAGE_SIZE, error=describe(e)
             )
