@@ -360,6 +360,7 @@ def migrate(
     mode: migration.Mode = "postcopy" if postcopy else "precopy"
     console = _stderr_console()
 
+    dest_stderr = ""
     with ExitStack() as stack:
         dest: local.LocalDestination | None = None
         try:
@@ -384,14 +385,15 @@ def migrate(
                 result.ok = False
                 result.error = f"the local destination exited with code {code}"
             if not result.ok:
-                _relay_destination(dest)
+                dest_stderr = dest.stderr_text()
 
-    if not quiet:
-        console.print(display.summary_table(result))
+    if not quiet and (result.ok or result.bytes_sent or result.rounds):
+        console.print(display.summary_table(result))  # a run that never started: the error line only
     if as_json:
         _print_json(result.to_json())
     if not result.ok:
         _error(f"migration failed: {result.error or 'see the summary'}")
+        _relay_destination(dest_stderr)
     if plot_file is not None:
         try:
             display.plot(result, plot_file)
@@ -401,9 +403,9 @@ def migrate(
     return 0 if result.ok else 1
 
 
-def _relay_destination(dest: local.LocalDestination) -> None:
+def _relay_destination(text: str) -> None:
     """The embedded destination's own error lines, so a failure there is not hidden."""
-    for line in dest.stderr_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             sys.stderr.write(f"livemig: destination: {line.removeprefix('livemig: ')}\n")
     sys.stderr.flush()

@@ -166,6 +166,10 @@ def _ms(v: float) -> str:
     return f"{v:,.1f} ms" if math.isfinite(v) else "-"
 
 
+def _latency(lat: Any) -> str:
+    return f"p50 {lat.p50:,.0f} us, p99 {lat.p99:,.0f} us, max {lat.max:,.0f} us"
+
+
 def summary_table(r: MigrationResult) -> Table:
     """The end-of-migration summary."""
     status = "[green]ok[/green]" if r.ok else "[red]FAILED[/red]"
@@ -185,7 +189,7 @@ def summary_table(r: MigrationResult) -> Table:
         p = r.postcopy
         lat = p.fault_latency_us
         t.add_row("postcopy", f"{p.requests:,} requests, {p.local_fills:,} local fills")
-        t.add_row("fault latency", f"p50 {lat.p50:g} us, p99 {lat.p99:g} us, max {lat.max:g} us")
+        t.add_row("fault latency", _latency(lat))
     h = r.hints
     t.add_row("hints", f"{h.rounds} rounds, {h.pages_hinted:,} pages hinted, {h.stale_dropped:,} stale dropped")
     b = r.balloon
@@ -213,7 +217,7 @@ def destination_table(s: DestinationSummary) -> Table:
     if s.mode == "postcopy":
         lat = s.postcopy.fault_latency_us
         t.add_row("postcopy", f"{s.postcopy.requests:,} requests, {s.postcopy.local_fills:,} local fills")
-        t.add_row("fault latency", f"p50 {lat.p50:g} us, p99 {lat.p99:g} us, max {lat.max:g} us")
+        t.add_row("fault latency", _latency(lat))
     t.add_row("balloon", f"last cmd 0x{s.balloon.last_cmd_id:x},"
               f" DONE {'delivered' if s.balloon.done_delivered else 'NOT delivered'},"
               f" {s.balloon.held_pages_after:,} pages held after")
