@@ -165,3 +165,36 @@ def test_listen_beyond_loopback_with_insecure_is_allowed(monkeypatch: pytest.Mon
     assert r.exit_code == 1  # the (recorded) migration failed
     assert r.stdout.startswith("listening on 0.0.0.0:")
     assert r.stderr == "livemig: error: migration failed: x\n"
+
+
+def test_embedded_destination_args_and_its_errors_are_relayed(recorder: Recorder, monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Any) -> None:
+    """Without --to: the destination gets the dst: capabilities, the size limit and the timeout;
+    when the migration fails, the destination's own error line follows ours."""
+    import sys
+
+    from livemig import local
+
+    seen: list[list[str]] = []
+    real = local.local_destination
+    child = [sys.executable, "-c", "import sys; print('listening on 127.0.0.1:5', flush=True);"
+             " sys.stdin.read(); print('livemig: error: boom', file=sys.stderr); sys.exit(1)"]
+
+    def fake(args: list[str], *, deadline: float) -> Any:
+        seen.append(list(args))
+        return real(args, deadline=deadline, command=child)  # a real child that fails like listen
+
+    monkeypatch.setattr(local, "local_destination", fake)
+    recorder.error = MigrationError("precopy: the destination went away")
+    r = invoke("migrate", "--size", "8M", "--quiet", "--timeout", "7", "--disable-capability", "dst:local-fill",
+               "--disable-capability", "checksums")
+    assert seen == [["--no-progress", "--quiet", "--max-size", str(8 << 20), "--timeout", "7",
+                     "--disable-capability", "checksums", "--disable-capability", "local-fill"]]
+    [(address, _, _, config)] = recorder.calls
+    assert address == "127.0.0.1:5"
+    assert config.disable_capabilities == {"checksums"}
+    assert r.exit_code == 1
+    assert r.stderr.splitlines() == [
+        "livemig: error: migration failed: precopy: the destination went away",
+        "livemig: destination: error: boom",
+    ]

@@ -361,6 +361,7 @@ def migrate(
     console = _stderr_console()
 
     dest_stderr = ""
+    returned = False  # migrate() returned a result (else it raised before or while running)
     with ExitStack() as stack:
         dest: local.LocalDestination | None = None
         try:
@@ -375,6 +376,7 @@ def migrate(
                 address = str(to)
             with display.progress_display(console, progress) as reporter:
                 result = migration.migrate(address, size, guest, config, reporter)
+            returned = True
         except (LivemigError, OSError, ValueError) as e:  # ValueError: a config the guest refused
             result = migration.MigrationResult(
                 ok=False, mode=mode, region_bytes=size, page_size=PAGE_SIZE, error=describe(e)
@@ -387,8 +389,8 @@ def migrate(
             if not result.ok:
                 dest_stderr = dest.stderr_text()
 
-    if not quiet and (result.ok or result.bytes_sent or result.rounds):
-        console.print(display.summary_table(result))  # a run that never started: the error line only
+    if not quiet and returned:
+        console.print(display.summary_table(result))  # a run that raised: its error line says it all
     if as_json:
         _print_json(result.to_json())
     if not result.ok:
