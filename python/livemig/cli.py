@@ -396,7 +396,7 @@ def migrate(
     if not result.ok:
         _error(f"migration failed: {result.error or 'see the summary'}")
         _relay_destination(dest_stderr)
-    if plot_file is not None:
+    if plot_file is not None and returned:  # a run that raised has nothing to draw
         try:
             display.plot(result, plot_file)
         except (OSError, ValueError) as e:
