@@ -473,14 +473,16 @@ def listen(
             sys.stdout.write(f"{local.ANNOUNCE_PREFIX}{listener.address}\n")
             sys.stdout.flush()
         while True:
+            returned = False
             try:
                 with display.progress_display(console, progress) as reporter:
                     summary = migration.serve(listener, config, reporter)
-            except (LivemigError, OSError) as e:
+                returned = True
+            except (LivemigError, OSError, ValueError) as e:
                 summary = migration.DestinationSummary(
                     ok=False, mode="precopy", region_bytes=0, error=describe(e)
                 )
-            if not quiet:
+            if not quiet and returned:
                 console.print(display.destination_table(summary))
             if as_json:
                 _print_json(summary)
