@@ -93,9 +93,9 @@ def test_progress_lines_when_asked_without_a_terminal() -> None:
     assert "livemig: phase precopy" in r.stderr.splitlines()
 
 
-def _start_listen(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """`livemig listen 127.0.0.1:0 --once --announce ARGS` and the address it announced."""
-    proc = subprocess.Popen([*LIVEMIG, "listen", "127.0.0.1:0", "--once", "--announce", *args],
+def _start_listen(*args: str, address: str = "127.0.0.1:0") -> tuple[subprocess.Popen[str], str]:
+    """`livemig listen ADDRESS --once --announce ARGS` and the address it announced."""
+    proc = subprocess.Popen([*LIVEMIG, "listen", address, "--once", "--announce", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     with selectors.DefaultSelector() as sel:
@@ -110,8 +110,12 @@ def _start_listen(*args: str) -> tuple[subprocess.Popen[str], str]:
 
 
 @pytest.mark.timeout(120)
-def test_migrate_to_a_separate_listen_process() -> None:
-    proc, address = _start_listen("--json", "--no-progress")
+@pytest.mark.parametrize("where", ["tcp", "unix"])
+def test_migrate_to_a_separate_listen_process(where: str, tmp_path: Path) -> None:
+    listen_on = f"unix:{tmp_path / 'dest.sock'}" if where == "unix" else "127.0.0.1:0"
+    proc, address = _start_listen("--json", "--no-progress", address=listen_on)
+    if where == "unix":
+        assert address == listen_on
     try:
         r, obj = _migrate("--to", address, "--workload", "random", "--dirty-rate", "1000")
         out, err = proc.communicate(timeout=60)
