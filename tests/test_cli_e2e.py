@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -204,3 +206,67 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     r, obj = _migrate("--postcopy", "--plot", str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_progress_without_a_terminal_by_default() -> None:
+    r = run("migrate", "--size", "16M", "--quiet", timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "" and r.stdout == ""  # quiet, not a terminal: nothing at all
+
+
+@pytest.mark.timeout(120)
+def test_live_progress_on_a_terminal() -> None:
+    """stderr on a pseudo-terminal: the rich display draws (cursor control, the columns)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([*LIVEMIG, "migrate", "--size", "64M", "--workload", "random"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks: list[bytes] = []
+    try:
+        while True:  # drain the terminal until the child closes it (a pty buffer is small)
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert "\x1b[" in text  # drawn live, not printed as lines
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+    assert "pages left" in plain and "round" in plain
+    assert "livemig migrate: ok" in plain
+    assert "livemig: phase" not in text
+
+
+@pytest.mark.timeout(120)
+def test_interrupt_ends_the_migration_and_the_embedded_destination() -> None:
+    """A migration that cannot converge (every round re-dirties pages, tiny downtime limit) is
+    interrupted once it runs: exit 130, one line, and the destination process is gone."""
+    proc = subprocess.Popen([*LIVEMIG, "migrate", "--size", "64M", "--workload", "random", "--downtime-limit",
+                             "0.001", "--max-rounds", "1000000", "--progress", "--quiet"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        while "round" not in (line := proc.stderr.readline()):  # precopy rounds are running
+            assert line, "migrate ended before its first round"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 1  # the embedded destination
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("livemig: error:")] == ["livemig: error: interrupted"]
+    assert not Path(f"/proc/{children[0]}").exists()
