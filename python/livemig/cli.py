@@ -258,7 +258,7 @@ def _load_secret(path: str | None) -> bytes | None:
               help="Pages allocated, written and freed per second.")
 @click.option("--fill", type=click.Choice(("pattern", "zero")), default="pattern", show_default=True,
               help="Initial guest memory: non-zero pages, or all zero.")
-@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True,
+@click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Guest writer threads (increment: always 1).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Guest random seed.")
 @click.option("--postcopy", is_flag=True, help="Switch to postcopy (default: precopy only).")
@@ -272,7 +272,8 @@ def _load_secret(path: str | None) -> bytes | None:
 @click.option("--downtime-limit", type=NumberType(0.0, positive=True), default=None, metavar="MS",
               help="Switch over once the rest fits this many ms (default 300).")
 @click.option("--disable-capability", "disabled", type=CAPABILITY, multiple=True, metavar="[src:|dst:]NAME",
-              help="Withhold a capability (both sides, or src:/dst: only). Repeatable.")
+              help="Withhold a capability (both sides, or src:/dst: only). Repeatable. NAME: "
+              + ", ".join(sorted(wire.ALL_CAPABILITIES)) + ".")
 @click.option("--verify", is_flag=True, help="Prove the destination holds the guest's latest memory.")
 @click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
               help=f"Shared secret for the handshake (default: ${wire.SECRET_ENV}).")
@@ -421,7 +422,7 @@ def _relay_destination(text: str) -> None:
 @click.option("--once", is_flag=True, help="Serve one migration, then exit.")
 @click.option("--announce", is_flag=True, help="Print 'listening on ADDRESS' first on stdout.")
 @click.option("--disable-capability", "disabled", type=CAPABILITY, multiple=True, metavar="NAME",
-              help="Withhold a capability. Repeatable.")
+              help="Withhold a capability. Repeatable. NAME: " + ", ".join(sorted(wire.ALL_CAPABILITIES)) + ".")
 @click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
               help=f"Shared secret sources must prove (default: ${wire.SECRET_ENV}).")
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without a secret.")
