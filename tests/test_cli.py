@@ -91,6 +91,7 @@ USAGE_ERRORS = [
     (["listen", "127.0.0.1:0", "--disable-capability", "src:local-fill"], "src:NAME makes no sense on the destination"),
     (["listen", "127.0.0.1:0", "--max-size", "3K"], "Invalid value for '--max-size'"),
     (["listen"], "Missing argument 'ADDRESS'"),
+    (["listen", "no-such-host.invalid:0"], "Invalid value for 'ADDRESS': cannot resolve 'no-such-host.invalid'"),
 ]
 
 

@@ -451,6 +451,11 @@ def listen(
         raise _usage("src:NAME makes no sense on the destination; use NAME or dst:NAME",
                      "--disable-capability")
     secret = _load_secret(secret_file)
+    if address.family == "tcp":
+        try:
+            socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise _usage(f"cannot resolve {address.host!r}: {e.strerror or e}", "ADDRESS") from None
     if secret is None and not insecure and not is_loopback(address):
         raise _usage(
             f"refusing to listen on {address} beyond loopback without a shared secret: pass"
