@@ -197,6 +197,17 @@ void register_wire(py::module_& m) {
           py::arg("first"), py::arg("data"), py::arg("detect_zero") = false,
           "Sends the pages in `data` (page `first` at offset 0) and flushes.")
       .def(
+          "send_urgent",
+          [](wire::FrameWriter& w, std::uint64_t first, const py::buffer& data) {
+            const Bytes b = bytes_of(data);
+            const std::size_t ps = w.config().page_size;
+            if (b.size() == 0 || b.size() % ps != 0)
+              throw py::value_error("data must be a non-empty whole number of " + std::to_string(ps) + "-byte pages");
+            py::gil_scoped_release rel;
+            w.send_urgent_pages(first, b.size() / ps, b.data());
+          },
+          py::arg("first"), py::arg("data"), "Sends the pages ahead of every queued page frame, then flushes.")
+      .def(
           "send_region",
           [](wire::FrameWriter& w, const py::buffer& region, const py::object& runs, bool detect_zero) {
             const Bytes b = bytes_of(region);
@@ -332,19 +343,45 @@ void register_wire(py::module_& m) {
         return wire::bench::raw_recv(fd, static_cast<std::uint8_t*>(info.ptr), n, chunk);
       },
       py::arg("fd"), py::arg("data"), py::arg("chunk") = std::size_t{1} << 20);
+  auto raw_region = [](const std::optional<py::buffer>& region, std::size_t page_size,
+                       std::unique_ptr<py::buffer_info>& keep) {
+    wire::bench::RawRegion r;
+    if (!region) return r;
+    keep = std::make_unique<py::buffer_info>(region->request());
+    if (keep->readonly) throw py::value_error("region must be writable");
+    if (page_size == 0) throw py::value_error("page_size must be > 0");
+    r.base = static_cast<std::uint8_t*>(keep->ptr);
+    r.page_size = page_size;
+    r.pages = static_cast<std::size_t>(keep->size * keep->itemsize) / page_size;
+    if (r.pages == 0) throw py::value_error("region holds no page");
+    return r;
+  };
   m.def(
       "wire_bench_raw_pingpong_client",
-      [](int fd, std::size_t request, std::size_t reply, std::size_t iters) {
+      [raw_region](int fd, std::size_t request, std::size_t reply, std::size_t iters,
+                   const std::optional<py::buffer>& region, std::size_t page_size, int reply_fd) {
+        std::unique_ptr<py::buffer_info> keep;
+        const auto r = raw_region(region, page_size, keep);
         std::vector<std::uint64_t> v;
         {
           py::gil_scoped_release rel;
-          v = wire::bench::raw_pingpong_client(fd, request, reply, iters);
+          v = wire::bench::raw_pingpong_client(fd, request, reply, iters, r, reply_fd);
         }
         return to_array(v);
       },
-      py::arg("fd"), py::arg("request"), py::arg("reply"), py::arg("iters"));
-  m.def("wire_bench_raw_pingpong_server", &wire::bench::raw_pingpong_server, py::arg("fd"), py::arg("request"),
-        py::arg("reply"), py::call_guard<py::gil_scoped_release>());
+      py::arg("fd"), py::arg("request"), py::arg("reply"), py::arg("iters"), py::arg("region") = py::none(),
+      py::arg("page_size") = 4096, py::arg("reply_fd") = -1);
+  m.def(
+      "wire_bench_raw_pingpong_server",
+      [raw_region](int fd, std::size_t request, std::size_t reply, const std::optional<py::buffer>& region,
+                   std::size_t page_size, int reply_fd) {
+        std::unique_ptr<py::buffer_info> keep;
+        const auto r = raw_region(region, page_size, keep);
+        py::gil_scoped_release rel;
+        return wire::bench::raw_pingpong_server(fd, request, reply, r, reply_fd);
+      },
+      py::arg("fd"), py::arg("request"), py::arg("reply"), py::arg("region") = py::none(),
+      py::arg("page_size") = 4096, py::arg("reply_fd") = -1);
   m.def(
       "wire_bench_request_client",
       [](int ret_fd, int urgent_fd, const WireConfig& cfg, const py::buffer& region, std::size_t iters) {

@@ -35,6 +35,13 @@ def test_crc32c_matches_bitwise_reference(data: bytes) -> None:
     assert _core.crc32c(data) == crc32c_reference(data)
 
 
+@pytest.mark.parametrize("n", [767, 768, 769, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 768 + 13])
+def test_crc32c_three_way_path_matches_reference(n: int) -> None:
+    # Lengths around the 3 x 256 and 3 x 8192 byte blocks where the three-chain path kicks in.
+    data = bytes(pattern(8, seed=n)[:n])
+    assert _core.crc32c(data) == crc32c_reference(data)
+
+
 # ---- round trips ----
 
 ALL_FRAMES = [
@@ -417,3 +424,103 @@ def test_writer_to_a_peer_that_stops_reading_times_out() -> None:
         w = _core.FrameWriter(a.fileno(), cfg)
         with pytest.raises(ConnectionLost, match="timeout"):
             w.send_pages(0, bytes(pattern(8192)))
+
+
+@pytest.mark.parametrize("checksums", [False, True])
+def test_many_small_frames_across_batch_boundaries(checksums: bool) -> None:
+    # Alternating zero and data pages: hundreds of tiny frames, so batches flush on the iovec and
+    # slot limits in the middle of a call; every page must still arrive intact with a good CRC.
+    n = 3000
+    cfg = config(region_pages=n, checksums=checksums)
+    data = pattern(n, seed=6, zero_every=2)
+    w = _core.FrameWriter(-1, cfg)
+    w.send_pages(0, data, detect_zero=True)
+    frames = wire.decode(w.take_bytes(), cfg)
+    assert len(frames) == n
+    rebuilt = np.zeros_like(data)
+    for f in frames:
+        if f.kind == "pages":
+            rebuilt[f.first * PAGE : (f.first + f.count) * PAGE] = np.frombuffer(f.data, np.uint8)
+    assert np.array_equal(rebuilt, data)
+
+
+def test_checksummed_pages_survive_a_flush_between_small_and_large_frames() -> None:
+    # Many tiny frames fill a batch's iovecs (the flush comes in the middle of queueing a frame),
+    # then large frames follow: the bounce buffer must not be reused under a queued frame.
+    n = 2000
+    cfg = config(region_pages=n, checksums=True)
+    data = pattern(n, seed=8)
+    data.reshape(n, PAGE)[0:400:2] = 0  # 400 one-page frames: one flush on the slot limit
+    w = _core.FrameWriter(-1, cfg)
+    w.send_pages(0, data, detect_zero=True)
+    frames = wire.decode(w.take_bytes(), cfg)
+    rebuilt = np.zeros_like(data)
+    for f in frames:
+        if f.kind == "pages":
+            rebuilt[f.first * PAGE : (f.first + f.count) * PAGE] = np.frombuffer(f.data, np.uint8)
+    assert np.array_equal(rebuilt, data)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.booleans(),
+    st.lists(st.tuples(st.integers(0, 2**31), st.integers(0, 255)), max_size=3),
+    st.integers(0, 40),
+    st.lists(st.integers(1, 6000), min_size=1, max_size=8),
+)
+def test_socket_reader_agrees_with_the_buffer_decoder(
+    checksums: bool, flips: list[tuple[int, int]], cut: int, chunks: list[int]
+) -> None:
+    # The same bytes, delivered over a real socket in arbitrary pieces (so the read-ahead sees
+    # headers and payloads split anywhere), decode to the same frames and fail at the same point.
+    data = bytearray(SEEDS[checksums])
+    for pos, val in flips:
+        data[pos % len(data)] = val
+    data = data[: len(data) - cut]
+    cfg = config(checksums=checksums)
+    try:
+        expect: list[wire.Frame] | type[Exception] = wire.decode(bytes(data), cfg)
+    except ProtocolError as e:
+        expect = ConnectionLost if "truncated" in str(e) else ProtocolError
+    a, b = socket.socketpair()
+    with a, b:
+
+        def feed() -> None:
+            pos, k = 0, 0
+            try:
+                while pos < len(data):
+                    n = chunks[k % len(chunks)]
+                    a.sendall(bytes(data[pos : pos + n]))
+                    pos, k = pos + n, k + 1
+                a.shutdown(socket.SHUT_WR)
+            except OSError:  # the reader stopped early and shut its side
+                pass
+
+        t = threading.Thread(target=feed)
+        t.start()
+        r = _core.FrameReader(b.fileno(), cfg, "to_destination")
+        got: list[wire.Frame] = []
+        try:
+            while (f := wire.read_frame(r)) is not None:
+                got.append(f)
+            outcome: list[wire.Frame] | type[Exception] = got
+        except (ProtocolError, ConnectionLost) as e:
+            outcome = type(e)
+            b.shutdown(socket.SHUT_RD)  # unblock the feeder if we stopped early
+        t.join(10)
+    assert outcome == expect
+
+
+@pytest.mark.parametrize("checksums", [False, True])
+def test_urgent_pages_overtake_queued_bulk_frames(checksums: bool) -> None:
+    cfg = config(checksums=checksums)
+    w = _core.FrameWriter(-1, cfg)
+    w.send_zero(0, 3)  # queued, not flushed
+    w.send_zero(10, 2)
+    page = bytes(pattern(1, 5))
+    w.send_urgent(40, page)
+    assert wire.decode(w.take_bytes(), cfg) == [
+        wire.Frame("pages", 40, 1, data=page),
+        wire.Frame("zero", 0, 3),
+        wire.Frame("zero", 10, 2),
+    ]

@@ -148,37 +148,48 @@ void SourceSession::interrupt() noexcept {
   source_->scanner().wake();
 }
 
-SendStats SourceSession::pump(wire::FrameWriter& w, Clock::time_point deadline, std::uint64_t max_pages,
-                              std::atomic<std::uint64_t>& budget_used) {
-  constexpr std::size_t kBatchPages = 256;  // 1 MiB of 4 KiB pages: one sendmsg per batch
-  SendStats st;
-  const wire::WireStats before = w.stats();
+// Pages are routed to channels by a fixed partition of the region (page p always travels on
+// channel (p / kRoutePages) % N), never by which thread took them: the channels are not ordered
+// with respect to each other, so two copies of a page on different channels could land stale-last.
+// On one channel the writer's queue keeps the order, and a later copy is read from memory no
+// earlier than an earlier one.
+namespace {
+constexpr std::uint64_t kRoutePages = 64;
+}  // namespace
+
+void SourceSession::pump(std::span<wire::FrameWriter* const> writers, Clock::time_point deadline,
+                         std::uint64_t max_pages, std::atomic<std::uint64_t>& budget_used) {
+  constexpr std::size_t kBatchPages = 256;  // 1 MiB of 4 KiB pages per batch
   const std::size_t ps = page_size();
+  const std::uint64_t n = writers.size();
   std::uint8_t* base = source_->data();
   std::vector<PageRun> runs;
+  std::vector<bool> touched(n);
   for (;;) {
     if (interrupted_.load(std::memory_order_acquire) || Clock::now() >= deadline) break;
     const std::uint64_t used = budget_used.fetch_add(kBatchPages, std::memory_order_relaxed);
     if (used >= max_pages) break;
     runs.clear();
-    if (source_->scanner().next_batch(std::min<std::uint64_t>(kBatchPages, max_pages - used), runs) == 0) {
-      st.drained = source_->dirty()->none(0, source_->pages());
-      break;
-    }
+    if (source_->scanner().next_batch(std::min<std::uint64_t>(kBatchPages, max_pages - used), runs) == 0) break;
     try {
-      for (const PageRun& r : runs) w.send_pages(r.first, r.npages, base + r.first * ps, /*detect_zero=*/true);
-      // Flush per batch so a failure can put back exactly the runs that did not go (rule 7).
-      w.flush();
+      std::fill(touched.begin(), touched.end(), false);
+      for (const PageRun& r : runs) {
+        for (std::uint64_t p = r.first, end = r.first + r.npages; p < end;) {
+          const std::uint64_t piece_end = std::min(end, (p / kRoutePages + 1) * kRoutePages);
+          const std::uint64_t c = n == 1 ? 0 : (p / kRoutePages) % n;
+          writers[c]->send_pages(p, piece_end - p, base + p * ps, /*detect_zero=*/true);
+          touched[c] = true;
+          p = piece_end;
+        }
+      }
+      // Flush per batch so a failure can put back exactly the runs that may not have gone (rule 7).
+      for (std::uint64_t c = 0; c < n; ++c)
+        if (touched[c]) writers[c]->flush();
     } catch (...) {
       source_->scanner().send_failed(runs);
       throw;
     }
   }
-  const wire::WireStats after = w.stats();
-  st.pages = after.pages - before.pages;
-  st.zero_pages = after.zero_pages - before.zero_pages;
-  st.bytes = after.bytes - before.bytes;
-  return st;
 }
 
 SendStats SourceSession::precopy_pass(double max_seconds, std::uint64_t max_pages) {
@@ -188,13 +199,15 @@ SendStats SourceSession::precopy_pass(double max_seconds, std::uint64_t max_page
   std::atomic<std::uint64_t> budget{0};
   std::vector<wire::FrameWriter*> writers{&main_};
   writers.insert(writers.end(), extras_.begin(), extras_.end());
-  std::vector<SendStats> per(writers.size());
+  std::vector<wire::WireStats> before;
+  for (auto* w : writers) before.push_back(w->stats());
   std::vector<std::exception_ptr> errors(writers.size());
   std::vector<std::thread> threads;
+  // One pumping thread per channel; each routes its pages by the partition above.
   for (std::size_t i = 1; i < writers.size(); ++i) {
     threads.emplace_back([&, i] {
       try {
-        per[i] = pump(*writers[i], deadline, max_pages, budget);
+        pump(writers, deadline, max_pages, budget);
       } catch (...) {
         errors[i] = std::current_exception();
         interrupt();
@@ -202,7 +215,7 @@ SendStats SourceSession::precopy_pass(double max_seconds, std::uint64_t max_page
     });
   }
   try {
-    per[0] = pump(main_, deadline, max_pages, budget);
+    pump(writers, deadline, max_pages, budget);
   } catch (...) {
     errors[0] = std::current_exception();
     interrupt();
@@ -211,10 +224,11 @@ SendStats SourceSession::precopy_pass(double max_seconds, std::uint64_t max_page
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
   SendStats total;
-  for (const auto& s : per) {
-    total.pages += s.pages;
-    total.zero_pages += s.zero_pages;
-    total.bytes += s.bytes;
+  for (std::size_t i = 0; i < writers.size(); ++i) {
+    const wire::WireStats after = writers[i]->stats();
+    total.pages += after.pages - before[i].pages;
+    total.zero_pages += after.zero_pages - before[i].zero_pages;
+    total.bytes += after.bytes - before[i].bytes;
   }
   total.drained = source_->dirty()->none(0, source_->pages());
   total.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
@@ -273,26 +287,27 @@ SendStats SourceSession::postcopy_push(double max_seconds) {
 
 // ---- DestSession ----
 
-// The fault thread's requests, as REQUEST frames on the return path (the writer serialises).
+// The fault thread's requests, as REQUEST frames on the return path (wire::RequestSender keeps
+// the first failure and sends nothing after it); a failure is reported once as an event, and the
+// guest's faulting threads then wait until the migration is recovered or torn down.
 class DestSession::WireRequestSink final : public RequestSink {
  public:
-  WireRequestSink(wire::FrameWriter& w, EventQueue& events) : w_(w), events_(events) {}
+  WireRequestSink(wire::FrameWriter& w, EventQueue& events) : sender_(w), events_(events) {}
   void request(std::uint64_t first_page, std::uint32_t npages) noexcept override {
-    if (failed_.load(std::memory_order_relaxed)) return;
+    if (sender_.request(first_page, npages) || reported_.exchange(true)) return;
     try {
-      w_.send_request(first_page, npages);
-    } catch (const std::exception& e) {
-      // The return path is gone: the guest's threads wait until the migration is recovered or
-      // torn down; say so once.
-      failed_.store(true, std::memory_order_relaxed);
-      events_.push(failed_event(e));
+      SessionEvent e;
+      e.kind = SessionEvent::Kind::Failed;
+      e.text = "return path: " + sender_.error();
+      events_.push(std::move(e));
+    } catch (...) {  // out of memory: the failure stays visible through the channel readers
     }
   }
 
  private:
-  wire::FrameWriter& w_;
+  wire::RequestSender sender_;
   EventQueue& events_;
-  std::atomic<bool> failed_{false};
+  std::atomic<bool> reported_{false};
 };
 
 // One channel's frames into the region: pages are read straight into place while the region is

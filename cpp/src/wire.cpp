@@ -74,9 +74,13 @@ void FrameWriter::check_range(std::uint64_t first, std::uint64_t n, const char* 
                             ") outside the region of " + std::to_string(cfg_.region_pages) + " pages");
 }
 
-void FrameWriter::queue_frame(const FrameHeader& h, std::span<const std::span<const std::uint8_t>> payload) {
-  const std::size_t need = 1 + payload.size() + (cfg_.checksums ? 1 : 0);
+void FrameWriter::make_room(std::size_t payload_iovs) {
+  const std::size_t need = 1 + payload_iovs + (cfg_.checksums ? 1 : 0);
   if (iovcnt_ + need > kMaxIov || nslots_ == kSlots) flush_locked();
+}
+
+void FrameWriter::queue_frame(const FrameHeader& h, std::span<const std::span<const std::uint8_t>> payload) {
+  make_room(payload.size());
   Slot& s = slots_[nslots_++];
   encode_header(h, s.bytes.data());
   iov_[iovcnt_++] = {s.bytes.data(), kHeaderBytes};
@@ -103,8 +107,10 @@ void FrameWriter::queue_pages_locked(std::uint64_t first, std::uint32_t n, const
   const std::size_t bytes = std::size_t{n} * cfg_.page_size;
   const std::uint8_t* src = data;
   if (cfg_.checksums) {
-    // Snapshot the pages: the CRC must describe exactly the bytes that go out.
+    // Snapshot the pages: the CRC must describe exactly the bytes that go out. Any flush happens
+    // before the copy, so a queued frame's snapshot is never reused under it.
     if (bounce_.empty()) bounce_.resize(cfg_.batch_bytes + std::size_t{cfg_.max_frame_pages()} * cfg_.page_size);
+    make_room(1);
     if (bounce_used_ + bytes > bounce_.size()) flush_locked();
     std::memcpy(bounce_.data() + bounce_used_, data, bytes);
     src = bounce_.data() + bounce_used_;
@@ -160,6 +166,22 @@ void FrameWriter::send_pages(std::uint64_t first, std::uint64_t n, const std::ui
     }
     i = j;
   }
+}
+
+void FrameWriter::send_urgent_pages(std::uint64_t first, std::uint64_t n, const std::uint8_t* data) {
+  check_range(first, n, "send_urgent_pages");
+  std::lock_guard lock(mu_);
+  const std::size_t mark = iovcnt_;
+  const std::uint64_t flushes = flushes_;
+  for (std::uint64_t k = 0; k < n; k += cfg_.frame_pages) {
+    const auto m = static_cast<std::uint32_t>(std::min<std::uint64_t>(cfg_.frame_pages, n - k));
+    queue_pages_locked(first + k, m, data + k * cfg_.page_size);
+  }
+  // Unless the queue was flushed meanwhile (then only urgent frames are left), move the urgent
+  // frames' iovecs in front of the bulk ones; each frame's iovecs stay together and in order.
+  if (flushes_ == flushes) std::rotate(iov_.begin(), iov_.begin() + static_cast<std::ptrdiff_t>(mark),
+                                       iov_.begin() + static_cast<std::ptrdiff_t>(iovcnt_));
+  flush_locked();
 }
 
 void FrameWriter::send_zero(std::uint64_t first, std::uint64_t n) {
@@ -293,6 +315,7 @@ void FrameWriter::flush() {
 
 void FrameWriter::flush_locked() {
   if (iovcnt_ == 0) return;
+  ++flushes_;
   const std::size_t cnt = std::exchange(iovcnt_, 0);
   const std::size_t total = std::exchange(queued_bytes_, 0);
   nslots_ = 0;
@@ -357,56 +380,79 @@ WireStats FrameWriter::stats() const {
 
 // ---- inputs ----
 
-FdInput::FdInput(int fd, int timeout_ms) : fd_(fd), timeout_ms_(timeout_ms), blocking_(fd_is_blocking(fd)) {
+FdInput::FdInput(int fd, int timeout_ms)
+    : fd_(fd), timeout_ms_(timeout_ms), blocking_(fd_is_blocking(fd)), ahead_(new std::uint8_t[kAhead]) {
   if (blocking_) set_timeout_option(fd_, SO_RCVTIMEO, timeout_ms_);
+}
+
+std::size_t FdInput::recv_some(struct iovec* iov, std::size_t iovcnt, int flags) {
+  for (;;) {
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = iovcnt;
+    syscalls += 1;
+    const ssize_t r = ::recvmsg(fd_, &msg, flags);
+    if (r >= 0) return static_cast<std::size_t>(r);
+    const int err = errno;
+    if (err == EINTR) continue;
+    if (err == EAGAIN || err == EWOULDBLOCK) {
+      if (blocking_) throw ConnectionLost("recv: the peer was silent for " + seconds(timeout_ms_) + " (timeout)");
+      wait_ready(fd_, POLLIN, timeout_ms_, "recv");
+      continue;
+    }
+    if (lost_errno(err)) throw ConnectionLost("recv: connection lost (" + std::string(std::strerror(err)) + ")");
+    throw_errno("recv", "recvmsg on fd " + std::to_string(fd_));
+  }
 }
 
 std::size_t FdInput::read_full(struct iovec* iov_in, int iovcnt) {
   std::array<struct iovec, 4> iov{};
   if (iovcnt < 1 || iovcnt > static_cast<int>(iov.size())) throw std::invalid_argument("read_full: 1 to 4 iovecs");
-  std::size_t total = 0;
-  for (int i = 0; i < iovcnt; ++i) {
-    iov[static_cast<std::size_t>(i)] = iov_in[i];
-    total += iov_in[i].iov_len;
+  const auto cnt = static_cast<std::size_t>(iovcnt);
+  std::size_t left = 0;
+  for (std::size_t i = 0; i < cnt; ++i) {
+    iov[i] = iov_in[i];
+    left += iov[i].iov_len;
   }
   std::size_t idx = 0;
   std::size_t done = 0;
-  const auto cnt = static_cast<std::size_t>(iovcnt);
-  while (idx < cnt) {
-    if (iov[idx].iov_len == 0) {
+  auto advance = [&](std::size_t k) {
+    done += k;
+    left -= k;
+    while (idx < cnt && k >= iov[idx].iov_len) {
+      k -= iov[idx].iov_len;
       ++idx;
+    }
+    if (k > 0) {
+      iov[idx].iov_base = static_cast<std::uint8_t*>(iov[idx].iov_base) + k;
+      iov[idx].iov_len -= k;
+    }
+  };
+  while (left > 0) {
+    if (ahead_pos_ < ahead_len_) {
+      // Serve what the read-ahead buffer holds.
+      while (idx < cnt && iov[idx].iov_len == 0) ++idx;
+      const std::size_t k = std::min(iov[idx].iov_len, ahead_len_ - ahead_pos_);
+      std::memcpy(iov[idx].iov_base, ahead_.get() + ahead_pos_, k);
+      ahead_pos_ += k;
+      advance(k);
       continue;
     }
-    msghdr msg{};
-    msg.msg_iov = iov.data() + idx;
-    msg.msg_iovlen = cnt - idx;
-    syscalls += 1;
-    const ssize_t r = ::recvmsg(fd_, &msg, MSG_WAITALL);
-    if (r == 0) return done;  // end of stream
-    if (r < 0) {
-      const int err = errno;
-      if (err == EINTR) continue;
-      if (err == EAGAIN || err == EWOULDBLOCK) {
-        if (blocking_)
-          throw ConnectionLost("recv: the peer was silent for " + seconds(timeout_ms_) + " (timeout)");
-        wait_ready(fd_, POLLIN, timeout_ms_, "recv");
-        continue;
-      }
-      if (lost_errno(err)) throw ConnectionLost("recv: connection lost (" + std::string(std::strerror(err)) + ")");
-      throw_errno("recv", "recvmsg on fd " + std::to_string(fd_), 0, done);
+    if (left >= kAhead) {
+      // Large: straight into the destination, all of it in as few calls as the kernel allows.
+      while (idx < cnt && iov[idx].iov_len == 0) ++idx;
+      const std::size_t r = recv_some(iov.data() + idx, cnt - idx, MSG_WAITALL);
+      if (r == 0) return done;
+      advance(r);
+      continue;
     }
-    auto left = static_cast<std::size_t>(r);
-    done += left;
-    while (idx < cnt && left >= iov[idx].iov_len) {
-      left -= iov[idx].iov_len;
-      ++idx;
-    }
-    if (left > 0) {
-      iov[idx].iov_base = static_cast<std::uint8_t*>(iov[idx].iov_base) + left;
-      iov[idx].iov_len -= left;
-    }
+    // Small: whatever is there (at least one byte) into the read-ahead buffer.
+    iovec a{ahead_.get(), kAhead};
+    const std::size_t r = recv_some(&a, 1, 0);
+    if (r == 0) return done;
+    ahead_pos_ = 0;
+    ahead_len_ = r;
   }
-  (void)total;
   return done;
 }
 
@@ -644,9 +690,31 @@ void RegionReceiver::discard(std::span<const Range> ranges) {
 
 StagingReceiver::StagingReceiver(const WireConfig& cfg, PlaceFn place, ZeroFn place_zero, FrameHandler* control)
     : ControlForwarder(control),
-      staging_(std::size_t{cfg.max_frame_pages()} * cfg.page_size),
+      staging_(Mapping::anonymous(std::size_t{cfg.max_frame_pages()} * cfg.page_size)),
       place_(std::move(place)),
       place_zero_(std::move(place_zero)) {}
+
+bool RequestSender::request(std::uint64_t first, std::uint32_t n) noexcept {
+  if (failed()) return false;
+  try {
+    writer_.send_request(first, n);
+    return true;
+  } catch (const std::exception& e) {
+    std::lock_guard lock(mu_);
+    if (error_.empty()) error_ = e.what();
+  } catch (...) {
+    std::lock_guard lock(mu_);
+    if (error_.empty()) error_ = "unknown error sending a page request";
+  }
+  // Release: error() readers that see failed() also see the message.
+  failed_.store(true, std::memory_order_release);
+  return false;
+}
+
+std::string RequestSender::error() const {
+  std::lock_guard lock(mu_);
+  return error_;
+}
 
 std::uint8_t* StagingReceiver::page_buffer(std::uint64_t, std::uint32_t) { return staging_.data(); }
 

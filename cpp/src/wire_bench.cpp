@@ -99,7 +99,9 @@ std::uint64_t raw_recv(int fd, std::uint8_t* data, std::size_t len, std::size_t 
   return calls;
 }
 
-std::vector<std::uint64_t> raw_pingpong_client(int fd, std::size_t request, std::size_t reply, std::size_t iters) {
+std::vector<std::uint64_t> raw_pingpong_client(int fd, std::size_t request, std::size_t reply, std::size_t iters,
+                                               RawRegion region, int reply_fd) {
+  const int in = reply_fd >= 0 ? reply_fd : fd;
   std::vector<std::uint8_t> req(request, 0x5a);
   std::vector<std::uint8_t> rep(reply);
   std::vector<std::uint64_t> out;
@@ -107,19 +109,35 @@ std::vector<std::uint64_t> raw_pingpong_client(int fd, std::size_t request, std:
   for (std::size_t i = 0; i < iters; ++i) {
     const std::uint64_t t0 = now_ns();
     send_exact(fd, req.data(), req.size());
-    if (!recv_exact(fd, rep.data(), rep.size())) throw ConnectionLost("raw ping-pong: the server closed");
+    if (region.base != nullptr && reply > kHeaderBytes) {
+      std::uint8_t* page = region.base + ((i * 7919) % region.pages) * region.page_size;
+      if (!recv_exact(in, rep.data(), kHeaderBytes) || !recv_exact(in, page, reply - kHeaderBytes))
+        throw ConnectionLost("raw ping-pong: the server closed");
+    } else if (!recv_exact(in, rep.data(), rep.size())) {
+      throw ConnectionLost("raw ping-pong: the server closed");
+    }
     out.push_back(now_ns() - t0);
   }
   ::shutdown(fd, SHUT_WR);
   return out;
 }
 
-std::uint64_t raw_pingpong_server(int fd, std::size_t request, std::size_t reply) {
+std::uint64_t raw_pingpong_server(int fd, std::size_t request, std::size_t reply, RawRegion region, int reply_fd) {
+  const int out = reply_fd >= 0 ? reply_fd : fd;
   std::vector<std::uint8_t> req(request);
   std::vector<std::uint8_t> rep(reply, 0xa5);
   std::uint64_t n = 0;
   while (recv_exact(fd, req.data(), req.size())) {
-    send_exact(fd, rep.data(), rep.size());
+    if (region.base != nullptr && reply > kHeaderBytes) {
+      const std::uint8_t* page = region.base + ((n * 7919) % region.pages) * region.page_size;
+      iovec iov[2] = {{rep.data(), kHeaderBytes}, {const_cast<std::uint8_t*>(page), reply - kHeaderBytes}};
+      msghdr msg{};
+      msg.msg_iov = iov;
+      msg.msg_iovlen = 2;
+      if (::sendmsg(out, &msg, MSG_NOSIGNAL) != static_cast<ssize_t>(reply)) throw_errno("send", "raw ping-pong");
+    } else {
+      send_exact(out, rep.data(), rep.size());
+    }
     ++n;
   }
   return n;

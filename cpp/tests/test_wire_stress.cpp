@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -99,8 +100,7 @@ void shared_writer_full_duplex(bool checksums) {
       void pages(std::uint64_t, std::uint32_t, const std::uint8_t*) override {}
       void zero(std::uint64_t, std::uint32_t) override {}
       void request(std::uint64_t first, std::uint32_t n) override {
-        w->send_pages(first, n, region + first * kPage, true);
-        w->flush();
+        w->send_urgent_pages(first, n, region + first * kPage);
         answered->fetch_add(1, std::memory_order_relaxed);
       }
       void end() override {}
@@ -213,6 +213,40 @@ void close_mid_payload() {
   CHECK(received.count() == 0);
 }
 
+// Fault threads sending requests through a RequestSender: all arrive; after the peer closes,
+// request() returns false without throwing and keeps the first error.
+void request_sender() {
+  const WireConfig cfg = config(false);
+  auto [a, b] = socket_pair();
+  FrameWriter out(b.get(), cfg);
+  RequestSender sender(out);
+  constexpr int kThreads = 3;
+  constexpr int kEach = 100;
+  std::vector<std::thread> ts;
+  for (int t = 0; t < kThreads; ++t)
+    ts.emplace_back([&, t] {
+      for (int i = 0; i < kEach; ++i) CHECK(sender.request(static_cast<std::uint64_t>(t * kEach + i), 1));
+    });
+  FdInput in(a.get(), cfg.timeout_ms);
+  FrameReader reader(in, cfg, Direction::kToSource);
+  struct Count : FrameHandler {
+    std::uint8_t* page_buffer(std::uint64_t, std::uint32_t) override { return nullptr; }
+    void pages(std::uint64_t, std::uint32_t, const std::uint8_t*) override {}
+    void zero(std::uint64_t, std::uint32_t) override {}
+    void request(std::uint64_t first, std::uint32_t) override { seen.push_back(first); }
+    std::vector<std::uint64_t> seen;
+  } count;
+  for (int i = 0; i < kThreads * kEach; ++i) CHECK(reader.next(count) == FrameType::kRequest);
+  for (auto& t : ts) t.join();
+  std::sort(count.seen.begin(), count.seen.end());
+  for (int i = 0; i < kThreads * kEach; ++i) CHECK(count.seen[static_cast<std::size_t>(i)] == static_cast<std::uint64_t>(i));
+  a.reset();
+  bool refused = false;
+  for (int i = 0; i < 1000 && !refused; ++i) refused = !sender.request(1, 1);
+  CHECK(refused && sender.failed() && !sender.error().empty());
+  CHECK(!sender.request(2, 1));
+}
+
 }  // namespace
 
 int main() {
@@ -220,6 +254,7 @@ int main() {
   shared_writer_full_duplex(true);
   staging_receiver();
   close_mid_payload();
+  request_sender();
   std::puts("test_wire_stress: ok");
   return 0;
 }

@@ -73,6 +73,7 @@ class PostcopyStats:
     fault_latency_us: LatencySummary = field(default_factory=LatencySummary)
     histogram: tuple[int, ...] = ()  #: faults per power-of-two microsecond bucket
     outstanding_requests: int = 0  #: requested pages never placed (must be 0)
+    local_fill_pages: int = 0  #: pages the source said the destination may fill itself
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,7 @@ def _summary_from_report(data: bytes) -> DestinationSummary:
             fault_latency_us=_latency(pc.get("fault_latency_us", {})),
             histogram=tuple(pc.get("histogram", ())),
             outstanding_requests=pc.get("outstanding_requests", 0),
+            local_fill_pages=pc.get("local_fill_pages", 0),
         ),
         balloon=BalloonReport(**d.get("balloon", {})),
         verify=VerifyReport(**d["verify"]) if d.get("verify") else None,
@@ -508,6 +510,7 @@ class _DestinationRun:
             self.device.host_done()
         self.guest = Guest.from_state(self.dest.array, guest_state, device=self.device)
         self.guest.start()
+        self.guest.kick()  # the driver looks at the device now, not at its next poll
 
     def run(self) -> DestinationSummary:
         self.session.start()
@@ -551,19 +554,35 @@ class _DestinationRun:
             outstanding = region.requested.count()  # requested and never placed
             pc = PostcopyStats(requests=c.requests, local_fills=c.local_fills,
                                fault_latency_us=LatencySummary(lat.p50_us, lat.p99_us, lat.max_us),
-                               histogram=tuple(int(x) for x in lat.buckets), outstanding_requests=outstanding)
+                               histogram=tuple(int(x) for x in lat.buckets), outstanding_requests=outstanding,
+                               local_fill_pages=region.local_fill.count())
         return DestinationSummary(ok=True, mode=self.mode, region_bytes=region.nbytes, postcopy=pc)
 
+    def _settled(self, summary: DestinationSummary) -> bool:
+        assert self.guest is not None
+        gs = self.guest.stats()
+        if gs.pages_held > 0 or gs.last_cmd_id != self.device.cmd_id:
+            return False
+        if self.mode == "postcopy" and summary.postcopy.local_fill_pages:
+            return self.dest.counters().local_fills >= summary.postcopy.local_fill_pages
+        return True
+
     def settle_and_report(self, summary: DestinationSummary, verify: bool, settle_s: float) -> DestinationSummary:
-        """Lets the guest run briefly (its balloon driver frees what it held), then checks it."""
+        """Lets the guest run on for up to ``settle_s``: until its balloon driver released what it
+        held and (postcopy) it reused every page it had hinted; then pauses and checks it."""
         assert self.guest is not None
         deadline = time.monotonic() + settle_s
-        while time.monotonic() < deadline and self.guest.stats().pages_held > 0:
-            time.sleep(0.005)  # the guest's own pace; not synchronisation of a test
+        while time.monotonic() < deadline and not self._settled(summary):
+            time.sleep(0.005)  # the guest runs at its own pace meanwhile
         self.guest.pause()
         gs = self.guest.stats()
         summary.balloon = BalloonReport(last_cmd_id=gs.last_cmd_id, done_delivered=gs.done_seen > 0,
                                         held_pages_after=gs.pages_held)
+        if self.mode == "postcopy":  # the faults the guest took while settling count too
+            c, lat = self.dest.counters(), self.dest.latency()
+            summary.postcopy = replace(summary.postcopy, requests=c.requests, local_fills=c.local_fills,
+                                       fault_latency_us=LatencySummary(lat.p50_us, lat.p99_us, lat.max_us),
+                                       histogram=tuple(int(x) for x in lat.buckets))
         if verify:
             self.progress.phase("verify")
             v = self.guest.verify()
@@ -600,7 +619,11 @@ def serve(
     opts = wire.WireOptions(page_size=_page_size(), region_bytes=config.max_region_bytes,
                             capabilities=caps, secret=config.secret, timeout=config.timeout)
     conn = listener.accept(opts)
-    run = _DestinationRun(conn, config, prog)
+    try:
+        run = _DestinationRun(conn, config, prog)
+    except BaseException:
+        conn.close()
+        raise
     try:
         summary = run.run()
         summary = run.settle_and_report(summary, verify, settle_s)
@@ -614,6 +637,9 @@ def serve(
             pass
         run.close()
         raise MigrationError(str(e)) from e
+    except BaseException:
+        run.close()
+        raise
     run.close()
     return summary
 

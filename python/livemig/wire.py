@@ -65,6 +65,10 @@ SECRET_ENV = "LIVEMIG_SECRET"
 # ---- capabilities ----
 
 
+def _unknown_caps(unknown: set[str]) -> str:
+    return f"unknown capabilities {sorted(unknown)}; known: {sorted(ALL_CAPABILITIES)}"
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What one side announces: a set of capability names and, with ``multichannel``, how many
@@ -76,9 +80,11 @@ class Capabilities:
     def __post_init__(self) -> None:
         unknown = set(self.names) - ALL_CAPABILITIES
         if unknown:
-            raise ValueError(f"unknown capabilities {sorted(unknown)}; known: {sorted(ALL_CAPABILITIES)}")
+            raise ValueError(_unknown_caps(unknown))
         if not 0 <= self.extra_channels <= MAX_EXTRA_CHANNELS:
-            raise ValueError(f"extra_channels must be in [0, {MAX_EXTRA_CHANNELS}], got {self.extra_channels}")
+            raise ValueError(
+                f"extra_channels must be in [0, {MAX_EXTRA_CHANNELS}], got {self.extra_channels}"
+            )
 
     @classmethod
     def all(cls, extra_channels: int = 0) -> Capabilities:
@@ -91,10 +97,11 @@ class Capabilities:
         return cls(frozenset(), 0)
 
     def without(self, *names: str) -> Capabilities:
-        """These capabilities withheld (``--disable-capability NAME``); ValueError for an unknown name."""
+        """These capabilities withheld (``--disable-capability NAME``); ValueError for an
+        unknown name."""
         unknown = set(names) - ALL_CAPABILITIES
         if unknown:
-            raise ValueError(f"unknown capabilities {sorted(unknown)}; known: {sorted(ALL_CAPABILITIES)}")
+            raise ValueError(_unknown_caps(unknown))
         return Capabilities(self.names - set(names), self.extra_channels)
 
     def to_bits(self) -> int:
@@ -267,6 +274,8 @@ class Connection:
     urgent: Channel | None = None
     pages: list[Channel] = field(default_factory=list)
     timeout: float = 30.0
+    _writers: dict[tuple[str, int], _core.FrameWriter] = field(default_factory=dict, repr=False)
+    _readers: dict[tuple[str, int], _core.FrameReader] = field(default_factory=dict, repr=False)
 
     @property
     def region_pages(self) -> int:
@@ -287,13 +296,24 @@ class Connection:
         return [self.main, *([self.urgent] if self.urgent else []), *self.pages]
 
     def writer(self, channel: Channel | None = None) -> _core.FrameWriter:
-        """A FrameWriter on `channel` (default main; on the destination that is the return path)."""
-        return _core.FrameWriter((channel or self.main).fileno(), self.config())
+        """The FrameWriter of `channel` (default main; on the destination that is the return path).
+        One per channel, made on first use; thread-safe."""
+        ch = channel or self.main
+        key = (ch.kind, ch.index)
+        if key not in self._writers:
+            self._writers[key] = _core.FrameWriter(ch.fileno(), self.config())
+        return self._writers[key]
 
     def reader(self, channel: Channel | None = None) -> _core.FrameReader:
-        """A FrameReader on `channel` (default main) for frames coming from the peer."""
-        direction = "to_destination" if self.role == "destination" else "to_source"
-        return _core.FrameReader((channel or self.main).fileno(), self.config(), direction)
+        """The FrameReader of `channel` (default main) for frames coming from the peer. One per
+        channel for the channel's life (it reads ahead, so a second reader could miss bytes); use
+        it from one thread at a time."""
+        ch = channel or self.main
+        key = (ch.kind, ch.index)
+        if key not in self._readers:
+            direction = "to_destination" if self.role == "destination" else "to_source"
+            self._readers[key] = _core.FrameReader(ch.fileno(), self.config(), direction)
+        return self._readers[key]
 
     def close(self) -> None:
         """Shuts down and closes every channel."""
@@ -316,7 +336,10 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
         try:
             chunk = sock.recv(n - len(buf))
         except TimeoutError:
-            raise ConnectionLost(f"handshake: the peer was silent for {sock.gettimeout()} s while we waited for {what}") from None
+            raise ConnectionLost(
+                f"handshake: the peer was silent for {sock.gettimeout()} s"
+                f" while we waited for {what}"
+            ) from None
         except OSError as e:
             raise ConnectionLost(f"handshake: connection lost while reading {what}: {e}") from None
         if not chunk:
@@ -334,7 +357,8 @@ def _send(sock: socket.socket, mtype: int, body: bytes) -> None:
     except TimeoutError:
         raise ConnectionLost("handshake: the peer stopped reading (timeout)") from None
     except OSError as e:
-        raise ConnectionLost(f"handshake: connection lost while sending {_MSG_NAMES[mtype]}: {e}") from None
+        name = _MSG_NAMES[mtype]
+        raise ConnectionLost(f"handshake: connection lost while sending {name}: {e}") from None
 
 
 def _reject(sock: socket.socket, kind: int, message: str) -> None:
@@ -361,7 +385,9 @@ def _recv_msg(sock: socket.socket, want: int) -> bytes:
     magic, version, mtype, reserved, length = _PREFIX.unpack(raw)
     if magic != MAGIC:
         _reject(sock, _REJECT_PROTOCOL, "bad magic: not a livemig peer")
-        raise ProtocolError(f"handshake: bad magic {magic!r} (not a livemig peer?), expected {MAGIC!r}")
+        raise ProtocolError(
+            f"handshake: bad magic {magic!r} (not a livemig peer?), expected {MAGIC!r}"
+        )
     if length > _MAX_BODY:
         _reject(sock, _REJECT_PROTOCOL, f"handshake message of {length} bytes, limit {_MAX_BODY}")
         raise ProtocolError(f"handshake: {what} of {length} bytes, past the limit of {_MAX_BODY}")
@@ -375,11 +401,14 @@ def _recv_msg(sock: socket.socket, want: int) -> bytes:
             f"unsupported protocol version {version}; this peer speaks version {PROTOCOL_VERSION}",
         )
         raise ProtocolError(
-            f"handshake: the peer speaks protocol version {version}; this side speaks only version {PROTOCOL_VERSION}"
+            f"handshake: the peer speaks protocol version {version};"
+            f" this side speaks only version {PROTOCOL_VERSION}"
         )
     if mtype != want or reserved != 0:
         _reject(sock, _REJECT_PROTOCOL, f"expected {what}")
-        raise ProtocolError(f"handshake: expected {what}, got message type {mtype} (reserved {reserved})")
+        raise ProtocolError(
+            f"handshake: expected {what}, got message type {mtype} (reserved {reserved})"
+        )
     return body
 
 
@@ -413,14 +442,20 @@ class _Hello:
     @classmethod
     def unpack(cls, body: bytes) -> _Hello:
         if len(body) < _HELLO_BODY.size:
-            raise ProtocolError(f"handshake: HELLO body of {len(body)} bytes, expected {_HELLO_BODY.size}")
-        role, kind, index, page_size, region, bits, extra, auth, reserved, session, nonce = _HELLO_BODY.unpack_from(body)
+            raise ProtocolError(
+                f"handshake: HELLO body of {len(body)} bytes, expected {_HELLO_BODY.size}"
+            )
+        (role, kind, index, page_size, region, bits, extra, auth, reserved, session, nonce) = (
+            _HELLO_BODY.unpack_from(body)
+        )
         if role not in _ROLES:
             raise ProtocolError(f"handshake: unknown role {role} in HELLO")
         if kind not in _KINDS:
             raise ProtocolError(f"handshake: unknown channel kind {kind} in HELLO")
         if auth not in (0, 1) or reserved != 0:
-            raise ProtocolError(f"handshake: bad auth flag {auth} or reserved byte {reserved} in HELLO")
+            raise ProtocolError(
+                f"handshake: bad auth flag {auth} or reserved byte {reserved} in HELLO"
+            )
         if page_size < 64 or page_size & (page_size - 1):
             raise ProtocolError(f"handshake: page size {page_size} is not a power of two >= 64")
         return cls(
@@ -434,7 +469,12 @@ def _mac(secret: bytes, label: bytes, transcript: bytes) -> bytes:
 
 
 def _authenticate(
-    sock: socket.socket, role: Role, secret: bytes | None, mine: _Hello, peer: _Hello, transcript: bytes
+    sock: socket.socket,
+    role: Role,
+    secret: bytes | None,
+    mine: _Hello,
+    peer: _Hello,
+    transcript: bytes,
 ) -> None:
     """Mutual HMAC-SHA256 over both HELLOs (so both nonces): the source proves first, the
     destination answers only after checking it. AuthenticationError on any mismatch."""
@@ -445,9 +485,12 @@ def _authenticate(
         raise AuthenticationError("the peer requires a shared secret and none is configured here")
     if not peer.auth:
         _reject(sock, _REJECT_AUTH, "a shared secret is required")
-        raise AuthenticationError("a shared secret is configured here but the peer offered no authentication")
+        raise AuthenticationError(
+            "a shared secret is configured here but the peer offered no authentication"
+        )
     del mine
-    mine_label, peer_label = (b"source", b"destination") if role == "source" else (b"destination", b"source")
+    labels = (b"source", b"destination")
+    mine_label, peer_label = labels if role == "source" else labels[::-1]
     if role == "source":
         _send(sock, _AUTH, _mac(secret, mine_label, transcript))
         theirs = _recv_msg(sock, _AUTH)
@@ -455,7 +498,9 @@ def _authenticate(
         theirs = _recv_msg(sock, _AUTH)
     if not hmac.compare_digest(theirs, _mac(secret, peer_label, transcript)):
         _reject(sock, _REJECT_AUTH, "authentication failed: wrong shared secret")
-        raise AuthenticationError(f"authentication failed: the {peer.role} does not know the shared secret")
+        raise AuthenticationError(
+            f"authentication failed: the {peer.role} does not know the shared secret"
+        )
     if role == "destination":
         _send(sock, _AUTH, _mac(secret, mine_label, transcript))
 
@@ -467,15 +512,16 @@ def physical_memory_bytes() -> int:
 
 def _check_region(opts: WireOptions, peer: _Hello) -> str | None:
     """Why the destination refuses the source's region layout, or None."""
+    size = f"region of {peer.region_bytes} bytes"
     if peer.page_size != opts.page_size:
         return f"page size {peer.page_size} differs from this side's {opts.page_size}"
     if peer.region_bytes == 0 or peer.region_bytes % peer.page_size:
-        return f"region of {peer.region_bytes} bytes is not a positive whole number of {peer.page_size}-byte pages"
+        return f"{size} is not a positive whole number of {peer.page_size}-byte pages"
     if opts.region_bytes and peer.region_bytes > opts.region_bytes:
-        return f"region of {peer.region_bytes} bytes is larger than the local region of {opts.region_bytes} bytes"
+        return f"{size} is larger than the local region of {opts.region_bytes} bytes"
     mem = physical_memory_bytes()
     if peer.region_bytes > mem:
-        return f"region of {peer.region_bytes} bytes is larger than this host's memory ({mem} bytes)"
+        return f"{size} is larger than this host's memory ({mem} bytes)"
     return None
 
 
@@ -526,14 +572,20 @@ def handshake_source(
     _authenticate(sock, "source", opts.secret, mine, peer, mine_body + peer_body)
     body = _recv_msg(sock, _ACCEPT)
     if len(body) < _ACCEPT_BODY.size:
-        raise ProtocolError(f"handshake: ACCEPT body of {len(body)} bytes, expected {_ACCEPT_BODY.size}")
+        raise ProtocolError(
+            f"handshake: ACCEPT body of {len(body)} bytes, expected {_ACCEPT_BODY.size}"
+        )
     bits, extra = _ACCEPT_BODY.unpack_from(body)
     negotiated = opts.capabilities.negotiate(peer.caps)
     accepted = Capabilities.from_bits(bits, extra)
-    if accepted.names != negotiated.capabilities or accepted.extra_channels != negotiated.extra_channels:
+    if (accepted.names, accepted.extra_channels) != (
+        negotiated.capabilities,
+        negotiated.extra_channels,
+    ):
         raise ProtocolError(
-            f"handshake: the destination settled on {sorted(accepted.names)} with {accepted.extra_channels} extra"
-            f" channels, but the intersection is {sorted(negotiated.capabilities)} with {negotiated.extra_channels}"
+            f"handshake: the destination settled on {sorted(accepted.names)} with"
+            f" {accepted.extra_channels} extra channels, but the intersection is"
+            f" {sorted(negotiated.capabilities)} with {negotiated.extra_channels}"
         )
     _finish(sock)
     return HandshakeResult(kind, index, opts.page_size, opts.region_bytes, negotiated, mine.session)
@@ -580,9 +632,12 @@ def handshake_destination(
     if reason is not None:
         _reject(sock, _REJECT_REFUSED, reason)
         raise ProtocolError(f"handshake: refused the source: {reason}")
-    _send(sock, _ACCEPT, _ACCEPT_BODY.pack(Capabilities(negotiated.capabilities).to_bits(), negotiated.extra_channels))
+    bits = Capabilities(negotiated.capabilities).to_bits()
+    _send(sock, _ACCEPT, _ACCEPT_BODY.pack(bits, negotiated.extra_channels))
     _finish(sock)
-    return HandshakeResult(peer.kind, peer.index, peer.page_size, peer.region_bytes, negotiated, peer.session)
+    return HandshakeResult(
+        peer.kind, peer.index, peer.page_size, peer.region_bytes, negotiated, peer.session
+    )
 
 
 # ---- transports ----
@@ -620,7 +675,9 @@ class Listener:
         try:
             conn, _ = self._sock.accept()
         except TimeoutError:
-            raise ConnectionLost(f"no source connected to {self.address} within {timeout} s") from None
+            raise ConnectionLost(
+                f"no source connected to {self.address} within {timeout} s"
+            ) from None
         return conn
 
     def accept(self, opts: WireOptions) -> Connection:
@@ -771,7 +828,8 @@ def expect(reader: _core.FrameReader, *kinds: FrameKind) -> Frame:
     stream instead, ProtocolError (with the peer's text for an ERROR frame) for another kind."""
     f = read_frame(reader)
     if f is None:
-        raise ConnectionLost(f"the peer closed the connection while we waited for {'/'.join(kinds)}")
+        want = "/".join(kinds)
+        raise ConnectionLost(f"the peer closed the connection while we waited for {want}")
     if f.kind not in kinds:
         if f.kind == "error":
             raise ProtocolError(f"the peer reported an error: {f.data.decode(errors='replace')}")

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -99,8 +100,8 @@ class SourceSession {
  private:
   class ReturnHandler;
   static std::chrono::nanoseconds to_ns(double s);
-  SendStats pump(wire::FrameWriter& w, std::chrono::steady_clock::time_point deadline, std::uint64_t max_pages,
-                 std::atomic<std::uint64_t>& budget_used);
+  void pump(std::span<wire::FrameWriter* const> writers, std::chrono::steady_clock::time_point deadline,
+            std::uint64_t max_pages, std::atomic<std::uint64_t>& budget_used);
 
   std::shared_ptr<Source> source_;
   wire::FrameWriter& main_;

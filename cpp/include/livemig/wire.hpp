@@ -7,6 +7,7 @@
 #include <sys/uio.h>
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -18,6 +19,7 @@
 #include <string_view>
 #include <vector>
 
+#include "livemig/fd.hpp"
 #include "livemig/page_bitmap.hpp"
 #include "livemig/wire_format.hpp"
 
@@ -57,6 +59,9 @@ class FrameWriter {
   /// frames of cfg.frame_pages pages. With detect_zero, all-zero pages travel as ZERO frames.
   /// std::out_of_range when the range leaves the region.
   void send_pages(std::uint64_t first, std::uint64_t n, const std::uint8_t* data, bool detect_zero = false);
+  /// Sends pages [first, first + n) ahead of every page frame still queued (rule 6 when there is
+  /// no urgent channel), then flushes. Frames already handed to the kernel stay ahead of them.
+  void send_urgent_pages(std::uint64_t first, std::uint64_t n, const std::uint8_t* data);
   /// Queues a run of all-zero pages (split into frames of at most 2^32 - 1 pages).
   void send_zero(std::uint64_t first, std::uint64_t n);
   /// Sends discard ranges (split into frames of cfg.max_ranges). Ranges must be non-empty and in
@@ -95,6 +100,8 @@ class FrameWriter {
   };
 
   // All below with mu_ held.
+  /// Flushes unless a frame with `payload_iovs` payload pieces fits in the current batch.
+  void make_room(std::size_t payload_iovs);
   void queue_frame(const FrameHeader& h, std::span<const std::span<const std::uint8_t>> payload);
   void queue_pages_locked(std::uint64_t first, std::uint32_t n, const std::uint8_t* data);
   void queue_zero_locked(std::uint64_t first, std::uint64_t n);
@@ -112,6 +119,7 @@ class FrameWriter {
   std::array<Slot, kSlots> slots_{};
   std::size_t nslots_ = 0;
   std::size_t queued_bytes_ = 0;
+  std::uint64_t flushes_ = 0;  // flush_locked calls that sent something
   std::vector<std::uint8_t> bounce_;  // checksums: page copies of the queued frames
   std::size_t bounce_used_ = 0;
   std::vector<std::uint8_t> memory_;  // fd < 0: everything written
@@ -132,17 +140,27 @@ class FrameInput {
   std::uint64_t syscalls = 0;
 };
 
-/// Reads a blocking socket (not owned). A peer silent for timeout_ms is ConnectionLost.
+/// Reads a socket (not owned). A peer silent for timeout_ms is ConnectionLost.
+/// Small reads (headers, one-page frames, control frames) go through a 16 KiB read-ahead buffer,
+/// so a header and its small payload cost one recv between them; the rest of a large payload is
+/// received straight into its destination with MSG_WAITALL (no copy). Hence: one FdInput per
+/// socket for the socket's life, or bytes it read ahead are lost.
 class FdInput final : public FrameInput {
  public:
+  static constexpr std::size_t kAhead = 16 * 1024;
   FdInput(int fd, int timeout_ms);
   std::size_t read_full(struct iovec* iov, int iovcnt) override;
   [[noreturn]] void truncated(const std::string& what, std::size_t got, std::size_t want) override;
 
  private:
+  // One recvmsg into `iov` (with `flags`), retried on EINTR / EAGAIN; 0 at end of stream.
+  std::size_t recv_some(struct iovec* iov, std::size_t iovcnt, int flags);
   int fd_;
   int timeout_ms_;
   bool blocking_;
+  std::unique_ptr<std::uint8_t[]> ahead_;
+  std::size_t ahead_pos_ = 0;
+  std::size_t ahead_len_ = 0;
 };
 
 /// Reads a byte buffer (for decoding captured streams and fuzzing). Truncation is ProtocolError.
@@ -264,7 +282,9 @@ class RegionReceiver : public ControlForwarder {
 
 /// Postcopy receiver: page payloads are read into one staging buffer (reused) and handed to
 /// `place`; zero runs go to `place_zero`. The placement engine copies them into the region (one
-/// UFFDIO_COPY; no copy besides). Control frames go to `control` (null: throw).
+/// UFFDIO_COPY; no copy besides). The staging buffer is page-aligned anonymous memory (one frame's
+/// worth), so `place` may also UFFDIO_MOVE its pages out; the next frame then faults fresh pages
+/// in. Control frames go to `control` (null: throw).
 class StagingReceiver : public ControlForwarder {
  public:
   using PlaceFn = std::function<void(std::uint64_t first, std::uint32_t n, const std::uint8_t* data)>;
@@ -275,9 +295,29 @@ class StagingReceiver : public ControlForwarder {
   void zero(std::uint64_t first, std::uint32_t n) override;
 
  private:
-  std::vector<std::uint8_t> staging_;
+  Mapping staging_;
   PlaceFn place_;
   ZeroFn place_zero_;
+};
+
+/// Sends page requests for a fault thread (the destination's RequestSink forwards to it): never
+/// throws and never blocks longer than the writer's timeout. The first failure is kept, later
+/// requests are dropped (the migration is failing; pausing and recovery are the caller's).
+class RequestSender {
+ public:
+  explicit RequestSender(FrameWriter& writer) : writer_(writer) {}
+  /// Sends REQUEST(first, n) at once; false (and nothing sent) once a send has failed.
+  bool request(std::uint64_t first, std::uint32_t n) noexcept;
+  /// True after a send failed.
+  bool failed() const noexcept { return failed_.load(std::memory_order_acquire); }
+  /// The first failure's message (empty while none). Call after failed() returned true.
+  std::string error() const;
+
+ private:
+  FrameWriter& writer_;
+  std::atomic<bool> failed_{false};
+  mutable std::mutex mu_;
+  std::string error_;
 };
 
 /// One decoded frame, owning its payload (for the Python layer, tests and the decoder).

@@ -1,0 +1,57 @@
+"""A migration on one machine: the destination in a child process (its guest may block on faults,
+so it never shares a process with the caller), the source here, a deadline on everything. Used by
+the tests, the benchmarks and anyone scripting an experiment."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from dataclasses import asdict
+from typing import Any
+
+from livemig import migration, wire
+from livemig.errors import MigrationError
+from livemig.guest import GuestConfig
+
+
+def _destination(q: Any, config: migration.DestinationConfig, settle_s: float) -> None:
+    with wire.Listener("127.0.0.1:0") as lst:
+        q.put(("address", str(lst.address)))
+        try:
+            s = migration.serve(lst, config, settle_s=settle_s)
+            q.put(("summary", asdict(s)))
+        except Exception as e:  # reported to the caller, which raises it
+            q.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def migrate_locally(
+    guest: GuestConfig,
+    config: migration.MigrationConfig,
+    *,
+    size: int = 16 << 20,
+    dest: migration.DestinationConfig | None = None,
+    settle_s: float = 3.0,
+    deadline_s: float = 60.0,
+) -> tuple[migration.MigrationResult, dict[str, Any]]:
+    """Migrates a fresh guest of ``size`` bytes; returns the source's result and the
+    destination's own summary. The destination runs in a spawned process, killed at the deadline."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_destination, args=(q, dest or migration.DestinationConfig(timeout=20), settle_s))
+    proc.start()
+    try:
+        _, address = q.get(timeout=deadline_s)
+        result = migration.migrate(address, size, guest, config)
+        kind, summary = q.get(timeout=deadline_s)
+        if kind != "summary":
+            raise MigrationError(f"destination: {summary}")
+        proc.join(deadline_s)
+        return result, summary
+    except queue.Empty:
+        raise MigrationError(f"the destination did not answer within {deadline_s} s") from None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        q.close()
+        q.join_thread()
