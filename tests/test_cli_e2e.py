@@ -139,7 +139,7 @@ def _start_listen(*args: str, address: str = "127.0.0.1:0") -> tuple[subprocess.
 @pytest.mark.parametrize("where", [
     "tcp",
     pytest.param("unix", marks=pytest.mark.xfail(
-        strict=False, reason="orchestration race (e2e 236d44c): the source closes after reading the"
+        strict=False, reason="orchestration race (e2e 0d70044): the source closes after reading the"
         " destination's report, before the destination's END; on a Unix socket that END then fails"
         " with EPIPE and listen exits 1 although the migration succeeded")),
 ])
