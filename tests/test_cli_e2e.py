@@ -59,7 +59,8 @@ def test_precopy_embedded_destination_json() -> None:
     assert obj["pages_sent"] >= 1 and obj["bytes_sent"] > 0
     assert obj["verify"] == {"pages_checked": obj["verify"]["pages_checked"], "mismatches": 0, "placed_twice": 0}
     assert obj["verify"]["pages_checked"] > 0
-    assert obj["balloon"]["held_pages_after"] == 0
+    # DONE at the final sync in precopy too (DESIGN.md), even with nothing hinted
+    assert obj["balloon"] == {"last_cmd_id": 1, "done_delivered": True, "held_pages_after": 0}
     assert "livemig migrate: ok" in r.stderr  # the summary table went to stderr
 
 
