@@ -31,6 +31,7 @@ from livemig.guest import GuestConfig
 PAGE_SIZE = mmap.PAGESIZE
 WORKLOADS = ("increment", "random", "hotset", "idle")
 Side = Literal["both", "src", "dst"]
+_KNOWN_CAPABILITIES = ", ".join(sorted(wire.ALL_CAPABILITIES))
 
 # ---- parsers (pure functions: ValueError with the message the user sees) ----
 
@@ -43,12 +44,16 @@ def parse_size(text: str, page_size: int = PAGE_SIZE) -> int:
     ``65536``; ``KiB``/``KB`` spellings too). It must be a positive multiple of ``page_size``."""
     m = _SIZE_RE.fullmatch(text.strip())
     if m is None:
-        raise ValueError(f"{text!r} is not a size: use a number of bytes or a unit, like 256M, 1G, 4096K")
+        raise ValueError(
+            f"{text!r} is not a size: use a number of bytes or a unit, like 256M, 1G, 4096K"
+        )
     n = int(m["num"]) * _UNITS[(m["unit"] or "").upper()]
     if n <= 0:
         raise ValueError(f"{text!r}: the size must be positive")
     if n % page_size:
-        raise ValueError(f"{text!r} ({n} bytes) is not a multiple of the page size ({page_size} bytes)")
+        raise ValueError(
+            f"{text!r} ({n} bytes) is not a multiple of the page size ({page_size} bytes)"
+        )
     return n
 
 
@@ -63,7 +68,7 @@ def parse_capability_spec(spec: str) -> tuple[Side, str]:
         side = "src" if prefix == "src" else "dst"
     if name not in wire.ALL_CAPABILITIES:
         raise ValueError(
-            f"{spec!r}: unknown capability {name!r}; known: {', '.join(sorted(wire.ALL_CAPABILITIES))}"
+            f"{spec!r}: unknown capability {name!r}; known: {_KNOWN_CAPABILITIES}"
         )
     return side, name
 
@@ -92,7 +97,8 @@ def is_loopback(address: wire.Address) -> bool:
         infos = socket.getaddrinfo(address.host, None, type=socket.SOCK_STREAM)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
+    hosts = [str(info[4][0]).split("%")[0] for info in infos]  # drop an IPv6 scope id
+    return bool(hosts) and all(ipaddress.ip_address(h).is_loopback for h in hosts)
 
 
 # ---- click parameter types ----
@@ -113,7 +119,9 @@ class SizeType(click.ParamType):
 class CapabilityType(click.ParamType):
     name = "NAME"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[Side, str]:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[Side, str]:
         if isinstance(value, tuple):
             return value  # type: ignore[return-value]
         try:
@@ -125,7 +133,9 @@ class CapabilityType(click.ParamType):
 class AddressType(click.ParamType):
     name = "ADDRESS"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> wire.Address:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> wire.Address:
         if isinstance(value, wire.Address):
             return value
         try:
@@ -143,7 +153,9 @@ class NumberType(click.ParamType):
                  below_hi: bool = False) -> None:
         self.lo, self.hi, self.positive, self.below_hi = lo, hi, positive, below_hi
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
         try:
             x = float(value)
         except (TypeError, ValueError):
@@ -256,7 +268,8 @@ def _load_secret(path: str | None) -> bytes | None:
               help="Share of guest memory free, in [0, 1).")
 @click.option("--churn", type=NumberType(0.0), default=0.0, metavar="PAGES_PER_S",
               help="Pages allocated, written and freed per second.")
-@click.option("--fill", type=click.Choice(("pattern", "zero")), default="pattern", show_default=True,
+@click.option("--fill", type=click.Choice(("pattern", "zero")), default="pattern",
+              show_default=True,
               help="Initial guest memory: non-zero pages, or all zero.")
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Guest writer threads (increment: always 1).")
@@ -271,15 +284,18 @@ def _load_secret(path: str | None) -> bytes | None:
               show_default=True, metavar="N", help="Page channels in precopy.")
 @click.option("--downtime-limit", type=NumberType(0.0, positive=True), default=None, metavar="MS",
               help="Switch over once the rest fits this many ms (default 300).")
-@click.option("--disable-capability", "disabled", type=CAPABILITY, multiple=True, metavar="[src:|dst:]NAME",
+@click.option("--disable-capability", "disabled", type=CAPABILITY, multiple=True,
+              metavar="[src:|dst:]NAME",
               help="Withhold a capability (both sides, or src:/dst: only). Repeatable. NAME: "
-              + ", ".join(sorted(wire.ALL_CAPABILITIES)) + ".")
-@click.option("--verify", is_flag=True, help="Prove the destination holds the guest's latest memory.")
+              f"{_KNOWN_CAPABILITIES}.")
+@click.option("--verify", is_flag=True,
+              help="Prove the destination holds the guest's latest memory.")
 @click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
               help=f"Shared secret for the handshake (default: ${wire.SECRET_ENV}).")
 @click.option("--timeout", type=NumberType(0.0, positive=True), default=30.0, show_default=True,
               metavar="S", help="Seconds a silent peer is waited for.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as one JSON object on stdout.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Draw rounds and fault latency to FILE.png (needs livemig[plot]).")
 @click.option("--progress/--no-progress", default=None,
@@ -315,9 +331,11 @@ def migrate(
     if postcopy_after is not None and not postcopy:
         raise _usage("--postcopy-after needs --postcopy (the migration is precopy otherwise)")
     if workload == "increment" and churn > 0:
-        raise _usage("--churn needs a workload other than increment (its oracle needs a fixed set of pages)")
+        raise _usage("--churn needs a workload other than increment"
+                     " (its oracle needs a fixed set of pages)")
     if workload == "increment" and threads > 1:
-        raise _usage("the increment workload runs one writer thread (its oracle needs address order)",
+        raise _usage("the increment workload runs one writer thread"
+                     " (its oracle needs address order)",
                      "--threads")
     if size > wire.physical_memory_bytes():
         raise _usage(f"{size} bytes is more than this machine's memory", "--size")
@@ -367,11 +385,14 @@ def migrate(
         dest: local.LocalDestination | None = None
         try:
             if to is None:
-                args = ["--no-progress", "--quiet", "--max-size", str(size), "--timeout", f"{timeout:g}"]
+                args = ["--no-progress", "--quiet", "--max-size", str(size),
+                        "--timeout", f"{timeout:g}"]
                 args += [a for name in sorted(dst_off) for a in ("--disable-capability", name)]
                 if secret_file is not None:
                     args += ["--secret-file", secret_file]
-                dest = stack.enter_context(local.local_destination(args, deadline=max(timeout, 20.0)))
+                dest = stack.enter_context(
+                    local.local_destination(args, deadline=max(timeout, 20.0))
+                )
                 address = dest.address
             else:
                 address = str(to)
@@ -391,7 +412,8 @@ def migrate(
                 dest_stderr = dest.stderr_text()
 
     if not quiet and returned:
-        console.print(display.summary_table(result))  # a run that raised: its error line says it all
+        # (a run that raised has no table: its error line says it all)
+        console.print(display.summary_table(result))
     if as_json:
         _print_json(result.to_json())
     if not result.ok:
@@ -422,14 +444,15 @@ def _relay_destination(text: str) -> None:
 @click.option("--once", is_flag=True, help="Serve one migration, then exit.")
 @click.option("--announce", is_flag=True, help="Print 'listening on ADDRESS' first on stdout.")
 @click.option("--disable-capability", "disabled", type=CAPABILITY, multiple=True, metavar="NAME",
-              help="Withhold a capability. Repeatable. NAME: " + ", ".join(sorted(wire.ALL_CAPABILITIES)) + ".")
+              help=f"Withhold a capability. Repeatable. NAME: {_KNOWN_CAPABILITIES}.")
 @click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
               help=f"Shared secret sources must prove (default: ${wire.SECRET_ENV}).")
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without a secret.")
 @click.option("--max-size", type=SIZE, default=None, help="Largest region accepted.")
 @click.option("--timeout", type=NumberType(0.0, positive=True), default=30.0, show_default=True,
               metavar="S", help="Seconds a silent peer is waited for.")
-@click.option("--json", "as_json", is_flag=True, help="Print each migration's summary as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print each migration's summary as JSON on stdout.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary table.")

@@ -16,7 +16,8 @@ from dataclasses import asdict, is_dataclass
 from typing import Any, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress as RichProgressBar, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgressBar
 from rich.table import Table
 
 from livemig.migration import DestinationSummary, MigrationResult, Progress
@@ -81,7 +82,9 @@ class RichProgress:
     def phase(self, name: str) -> None:
         self._bar.update(self._task, phase=name)
 
-    def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
+    def update(
+        self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float
+    ) -> None:
         self._bar.update(
             self._task,
             total=max(total_pages, 1),
@@ -118,7 +121,9 @@ class LineProgress:
             self._phase = name
             self._print(f"phase {name}")
 
-    def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
+    def update(
+        self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float
+    ) -> None:
         with self._lock:
             now = time.monotonic()
             if round == self._round and now - self._last < 1.0:
@@ -140,7 +145,9 @@ class _Quiet:
     def phase(self, name: str) -> None:
         pass
 
-    def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
+    def update(
+        self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float
+    ) -> None:
         pass
 
 
@@ -166,6 +173,11 @@ def _ms(v: float) -> str:
     return f"{v:,.1f} ms" if math.isfinite(v) else "-"
 
 
+def _balloon(b: Any) -> str:
+    done = "delivered" if b.done_delivered else "NOT delivered"
+    return f"last cmd 0x{b.last_cmd_id:x}, DONE {done}, {b.held_pages_after:,} pages held after"
+
+
 def _latency(lat: Any) -> str:
     return f"p50 {lat.p50:,.0f} us, p99 {lat.p99:,.0f} us, max {lat.max:,.0f} us"
 
@@ -177,12 +189,13 @@ def summary_table(r: MigrationResult) -> Table:
     t.add_column(style="bold")
     t.add_column()
     t.add_row("mode", r.mode)
-    t.add_row("region", f"{format_bytes(r.region_bytes)} ({r.region_bytes // max(r.page_size, 1):,} pages"
-              f" of {r.page_size} B)")
+    pages = r.region_bytes // max(r.page_size, 1)
+    t.add_row("region", f"{format_bytes(r.region_bytes)} ({pages:,} pages of {r.page_size} B)")
     t.add_row("total time", _ms(r.total_ms))
     t.add_row("downtime", _ms(r.downtime_ms))
     t.add_row("precopy rounds", str(r.precopy_rounds))
-    t.add_row("sent", f"{format_bytes(r.bytes_sent)} ({r.pages_sent:,} pages, {r.zero_pages:,} zero)")
+    t.add_row("sent",
+              f"{format_bytes(r.bytes_sent)} ({r.pages_sent:,} pages, {r.zero_pages:,} zero)")
     if r.total_ms > 0 and r.bytes_sent:
         t.add_row("throughput", format_rate(r.bytes_sent / (r.total_ms / 1000.0)))
     if r.mode == "postcopy":
@@ -191,10 +204,10 @@ def summary_table(r: MigrationResult) -> Table:
         t.add_row("postcopy", f"{p.requests:,} requests, {p.local_fills:,} local fills")
         t.add_row("fault latency", _latency(lat))
     h = r.hints
-    t.add_row("hints", f"{h.rounds} rounds, {h.pages_hinted:,} pages hinted, {h.stale_dropped:,} stale dropped")
+    t.add_row("hints", f"{h.rounds} rounds, {h.pages_hinted:,} pages hinted,"
+              f" {h.stale_dropped:,} stale dropped")
     b = r.balloon
-    t.add_row("balloon", f"last cmd 0x{b.last_cmd_id:x}, DONE {'delivered' if b.done_delivered else 'NOT delivered'},"
-              f" {b.held_pages_after:,} pages held after")
+    t.add_row("balloon", _balloon(b))
     if r.verify is not None:
         v = r.verify
         t.add_row("verify", f"{v.pages_checked:,} pages checked, {v.mismatches:,} mismatches,"
@@ -216,14 +229,14 @@ def destination_table(s: DestinationSummary) -> Table:
     t.add_row("region", format_bytes(s.region_bytes))
     if s.mode == "postcopy":
         lat = s.postcopy.fault_latency_us
-        t.add_row("postcopy", f"{s.postcopy.requests:,} requests, {s.postcopy.local_fills:,} local fills")
+        t.add_row("postcopy",
+                  f"{s.postcopy.requests:,} requests, {s.postcopy.local_fills:,} local fills")
         t.add_row("fault latency", _latency(lat))
-    t.add_row("balloon", f"last cmd 0x{s.balloon.last_cmd_id:x},"
-              f" DONE {'delivered' if s.balloon.done_delivered else 'NOT delivered'},"
-              f" {s.balloon.held_pages_after:,} pages held after")
+    t.add_row("balloon", _balloon(s.balloon))
     if s.verify is not None:
-        t.add_row("verify", f"{s.verify.pages_checked:,} checked, {s.verify.mismatches:,} mismatches,"
-                  f" {s.verify.placed_twice:,} placed twice")
+        v = s.verify
+        t.add_row("verify", f"{v.pages_checked:,} pages checked, {v.mismatches:,} mismatches,"
+                  f" {v.placed_twice:,} placed twice")
     if s.error:
         t.add_row("error", f"[red]{s.error}[/red]")
     return t
@@ -259,7 +272,8 @@ def plot(result: MigrationResult, path: str) -> None:
     if rounds:
         ax_bw.bar(rounds, [s.bandwidth_bps / 2**20 if math.isfinite(s.bandwidth_bps) else 0.0
                            for s in result.rounds], color="tab:blue")
-        ax_rem.plot(rounds, [s.remaining_pages for s in result.rounds], marker="o", color="tab:orange")
+        remaining = [s.remaining_pages for s in result.rounds]
+        ax_rem.plot(rounds, remaining, marker="o", color="tab:orange")
         for ax in (ax_bw, ax_rem):
             ax.set_xticks(rounds)
     else:
@@ -281,7 +295,8 @@ def plot(result: MigrationResult, path: str) -> None:
         ax_lat.set_xticks(xs, [_bucket_label(i) for i in xs], rotation=45)
         ax_lat.set_yscale("log")
     else:
-        ax_lat.text(0.5, 0.5, "no postcopy faults", ha="center", va="center", transform=ax_lat.transAxes)
+        ax_lat.text(0.5, 0.5, "no postcopy faults", ha="center", va="center",
+                    transform=ax_lat.transAxes)
     ax_lat.set_title("postcopy fault latency")
     ax_lat.set_xlabel("latency up to (microseconds)")
     ax_lat.set_ylabel("faults")

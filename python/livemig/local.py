@@ -137,7 +137,9 @@ def local_destination(
             except EOFError:
                 code = proc.wait()
                 why = _last_line(dest.stderr_text()) or f"exit code {code}"
-                raise MigrationError(f"the local destination exited before listening: {why}") from None
+                raise MigrationError(
+                    f"the local destination exited before listening: {why}"
+                ) from None
             if not line.startswith(ANNOUNCE_PREFIX):
                 raise MigrationError(f"the local destination announced {line!r}, expected "
                                      f"{ANNOUNCE_PREFIX!r} and an address")
