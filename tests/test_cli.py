@@ -3,6 +3,7 @@ no traceback, and are found before anything starts."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -72,7 +73,8 @@ USAGE_ERRORS = [
     (["migrate", "--dirty-rate", "-1"], "Invalid value for '--dirty-rate': -1 must be at least 0"),
     (["migrate", "--churn", "-0.5"], "Invalid value for '--churn': -0.5 must be at least 0"),
     (["migrate", "--dirty-rate", "inf"], "'inf' is not a finite number"),
-    (["migrate", "--free-fraction", "1.01"], "Invalid value for '--free-fraction': 1.01 must be at least 0 and below 1"),
+    (["migrate", "--free-fraction", "1.01"],
+     "Invalid value for '--free-fraction': 1.01 must be at least 0 and below 1"),
     (["migrate", "--free-fraction", "1"], "Invalid value for '--free-fraction': 1 must be at least 0 and below 1"),
     (["migrate", "--free-fraction", "-0.1"], "must be at least 0 and below 1"),
     (["migrate", "--churn", "5"], "--churn needs a workload other than increment"),
@@ -119,8 +121,9 @@ def test_listen_beyond_loopback_without_secret_is_refused(host: str) -> None:
     r = run("listen", f"{host}:0", "--once", timeout=30, env={"LIVEMIG_SECRET": ""})
     line = one_error_line(r)
     # an empty LIVEMIG_SECRET is itself refused; without it, the loopback rule speaks
+    env = {k: v for k, v in os.environ.items() if k != "LIVEMIG_SECRET"}
     r2 = subprocess.run([*LIVEMIG, "listen", f"{host}:0", "--once"], capture_output=True, text=True,
-                        timeout=30, env={k: v for k, v in __import__("os").environ.items() if k != "LIVEMIG_SECRET"})
+                        timeout=30, env=env)
     line2 = one_error_line(r2)
     assert "the shared secret is empty" in line
     assert f"refusing to listen on {host}:0 beyond loopback without a shared secret" in line2

@@ -80,7 +80,8 @@ def test_silent_child_hits_the_deadline_and_is_reaped(tmp_path: Path) -> None:
 def test_child_exiting_before_listening_reports_its_last_error_line(tmp_path: Path) -> None:
     cmd = _script(tmp_path, "print('livemig: error: cannot listen on 127.0.0.1:1: boom', file=sys.stderr)\n"
                             "sys.exit(1)")
-    with pytest.raises(MigrationError, match="exited before listening: livemig: error: cannot listen on 127.0.0.1:1: boom"):
+    want = "exited before listening: livemig: error: cannot listen on 127.0.0.1:1: boom"
+    with pytest.raises(MigrationError, match=want):
         with local.local_destination(command=cmd, deadline=30):
             pytest.fail("must not get here")
     assert _gone(int((tmp_path / "pid").read_text()))

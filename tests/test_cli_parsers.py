@@ -78,7 +78,8 @@ def test_parse_size_examples(text: str, nbytes: int) -> None:
     assert cli.parse_size(text, 4096) == nbytes
 
 
-@pytest.mark.parametrize("text", ["1.5G", "-1M", "1e9", "0x1000", "M", "", "1 G B", "10MiBs", "１２K", "1\tK", "1\u212a", "1\u212aB", "1 \u212a"])
+@pytest.mark.parametrize("text", ["1.5G", "-1M", "1e9", "0x1000", "M", "", "1 G B", "10MiBs", "１２K",
+                                  "1\tK", "1\u212a", "1\u212aB", "1 \u212a"])  # U+212A: Kelvin sign
 def test_parse_size_rejects_examples(text: str) -> None:
     with pytest.raises(ValueError, match="is not a size"):
         cli.parse_size(text, 4096)
