@@ -25,11 +25,12 @@ const char* kind_name(SessionEvent::Kind k) {
   return "unknown";
 }
 
-// (kind, a, b, data bytes, text) or None on timeout.
+// (kind, a, b, data bytes, text, at) or None on timeout.
 py::object event_tuple(const std::optional<SessionEvent>& e) {
   if (!e) return py::none();
   return py::make_tuple(kind_name(e->kind), e->a, e->b,
-                        py::bytes(reinterpret_cast<const char*>(e->data.data()), e->data.size()), e->text);
+                        py::bytes(reinterpret_cast<const char*>(e->data.data()), e->data.size()), e->text,
+                        e->at);
 }
 
 py::dict send_stats(const SendStats& s) {
@@ -96,7 +97,7 @@ void register_session(py::module_& m) {
             }
             return event_tuple(e);
           },
-          py::arg("timeout"), "(kind, a, b, data, text) of the next return-path event, or None.")
+          py::arg("timeout"), "(kind, a, b, data, text, at) of the next return-path event, or None.")
       .def("join_return_path", &SourceSession::join_return_path, py::call_guard<py::gil_scoped_release>());
 
   py::class_<DestSession>(m, "DestSession", "The destination's channel readers and request sink.")
@@ -118,7 +119,7 @@ void register_session(py::module_& m) {
             }
             return event_tuple(e);
           },
-          py::arg("timeout"), "(kind, a, b, data, text) of the next event, or None.")
+          py::arg("timeout"), "(kind, a, b, data, text, at) of the next event, or None.")
       .def("join", &DestSession::join, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("pages_received", &DestSession::pages_received);
 }

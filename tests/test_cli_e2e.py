@@ -153,13 +153,7 @@ def _start_listen(*args: str, address: str = "127.0.0.1:0") -> tuple[subprocess.
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("where", [
-    "tcp",
-    pytest.param("unix", marks=pytest.mark.xfail(
-        strict=False, reason="orchestration race (e2e 0d70044): the source closes after reading the"
-        " destination's report, before the destination's END; on a Unix socket that END then fails"
-        " with EPIPE and listen exits 1 although the migration succeeded")),
-])
+@pytest.mark.parametrize("where", ["tcp", "unix"])
 def test_migrate_to_a_separate_listen_process(where: str, tmp_path: Path) -> None:
     listen_on = f"unix:{tmp_path / 'dest.sock'}" if where == "unix" else "127.0.0.1:0"
     proc, address = _start_listen("--json", "--no-progress", address=listen_on)

@@ -15,6 +15,7 @@ using Clock = std::chrono::steady_clock;
 // ---- EventQueue ----
 
 void EventQueue::push(SessionEvent e) {
+  e.at = std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
   {
     std::lock_guard lk(mu_);
     q_.push_back(std::move(e));

@@ -276,7 +276,7 @@ class _SourceRun:
         assert self.session is not None
         ev = self.session.wait_event(0)
         if ev is not None:
-            kind, _a, _b, _data, text = ev
+            kind, _a, _b, _data, text, _at = ev
             if kind in ("peer_error", "failed", "end"):
                 raise MigrationError(f"destination: {text or kind}")
             raise MigrationError(f"unexpected {kind} from the destination during precopy")
@@ -334,26 +334,27 @@ class _SourceRun:
         balloon = {"cmd_id": self.balloon.cmd_id, "last_round_id": self.balloon.last_round_id}
         return pack_device_state(self.guest.export_state(), balloon)
 
-    def wait_ack(self, command: int) -> None:
-        """Waits until the destination says its guest runs (after ``command``)."""
+    def wait_ack(self, command: int) -> float:
+        """Waits until the destination says its guest runs (after ``command``); returns when that
+        word arrived (time.perf_counter() clock)."""
         assert self.session is not None
         deadline = time.monotonic() + self.config.timeout
         while True:
             ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
             if ev is None:
                 raise MigrationError(f"the destination did not resume the guest within {self.config.timeout} s")
-            kind, a, b, _data, text = ev
+            kind, a, b, _data, text, at = ev
             if kind == "ack" and a == _ACK_RESUMED and b == command:
-                return
+                return at
             if kind in ("peer_error", "failed", "end"):
                 raise MigrationError(f"destination: {text or kind}")
 
     def finish_precopy(self, t_pause: float) -> None:
         self.main.send_device_state(self.device_state())
         self.main.send_command(wire.COMMAND_COMPLETE)
-        self.wait_ack(wire.COMMAND_COMPLETE)
+        resumed_at = self.wait_ack(wire.COMMAND_COMPLETE)
         self.dest_guest_running = True
-        self.result.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        self.result.downtime_ms = (resumed_at - t_pause) * 1e3
 
     def postcopy(self, t_pause: float) -> None:
         assert self.session is not None and self.conn is not None
@@ -366,20 +367,30 @@ class _SourceRun:
             self.main.send_discard(sets.discard)
         self.main.send_device_state(self.device_state())
         self.main.send_command(wire.COMMAND_POSTCOPY_START)
-        self.wait_ack(wire.COMMAND_POSTCOPY_START)
-        self.dest_guest_running = True
-        self.result.downtime_ms = (time.perf_counter() - t_pause) * 1e3
+        self.dest_guest_running = True  # from here on the source guest must never resume
         self.progress.phase("postcopy")
+        # Serve requests and push at once: the destination guest may fault before its ack arrives.
         total = self.source.pages
+        resumed = False
         while True:
-            st = self.session.postcopy_push(max_seconds=0.2)
+            st = self.session.postcopy_push(max_seconds=0.05)
             self._add(st)
+            wait = 0.05 if st["drained"] else 0.0  # nothing to push: block for the ack instead
+            while (ev := self.session.wait_event(wait)) is not None:
+                wait = 0.0
+                kind, a, b, _data, text, at = ev
+                if kind == "ack" and a == _ACK_RESUMED and b == wire.COMMAND_POSTCOPY_START and not resumed:
+                    resumed = True
+                    self.result.downtime_ms = (at - t_pause) * 1e3
+                elif kind in ("peer_error", "failed", "end"):
+                    raise MigrationError(f"destination: {text or kind}")
             remaining = self.source.dirty.count()
             self.progress.update(round=len(self.result.rounds), remaining_pages=remaining, total_pages=total,
                                  bandwidth_bps=st["bytes"] / st["seconds"] if st["seconds"] else 0.0)
-            if st["drained"]:
+            if st["drained"] and resumed:
                 break
-            self._check_peer()
+            if not resumed and time.perf_counter() - t_pause > self.config.timeout:
+                raise MigrationError(f"the destination did not resume the guest within {self.config.timeout} s")
         if self.urgent is not None:
             self.urgent.send_end()
         self.main.send_command(wire.COMMAND_COMPLETE)
@@ -392,7 +403,7 @@ class _SourceRun:
             ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
             if ev is None:
                 raise MigrationError("the destination sent no report")
-            kind, _a, _b, data, text = ev
+            kind, _a, _b, data, text, _at = ev
             if kind == "report":
                 summary = _summary_from_report(data)
                 self._await_end()
@@ -504,16 +515,16 @@ class _DestinationRun:
         self.mode: Mode = "precopy"
         self.ended: set[int] = set()
 
-    def next_event(self) -> tuple[str, int, int, bytes, str]:
+    def next_event(self) -> tuple[str, int, int, bytes, str, float]:
         ev = self.session.wait_event(self.config.timeout)
         if ev is None:
             raise MigrationError(f"the source was silent for {self.config.timeout} s")
-        kind, a, b, data, text = ev
+        kind, a, _b, _data, text, _at = ev
         if kind in ("failed", "peer_error"):
             raise MigrationError(f"source: {text}" if kind == "peer_error" else text)
         if kind == "end":
             self.ended.add(a)
-        return kind, a, b, data, text
+        return ev
 
     def resume_guest(self, blob: bytes) -> None:
         header, guest_state = unpack_device_state(blob)
@@ -529,7 +540,7 @@ class _DestinationRun:
         self.progress.phase("precopy")
         blob: bytes | None = None
         while True:
-            kind, a, _b, data, _text = self.next_event()
+            kind, a, _b, data, _text, _at = self.next_event()
             if kind == "device_state":
                 blob = data
             elif kind == "command" and a in (wire.COMMAND_POSTCOPY_START, wire.COMMAND_COMPLETE):
@@ -547,7 +558,7 @@ class _DestinationRun:
 
     def _postcopy_until_complete(self) -> None:
         while True:
-            kind, a, _b, _data, _text = self.next_event()
+            kind, a, _b, _data, _text, _at = self.next_event()
             if kind == "command" and a == wire.COMMAND_COMPLETE:
                 break
         # Requested pages may still be in flight on the urgent channel: it ends with END.

@@ -42,6 +42,9 @@ struct SessionEvent {
   std::uint64_t b = 0;
   std::vector<std::uint8_t> data;
   std::string text;
+  /// When it was queued: steady_clock (CLOCK_MONOTONIC) seconds, comparable with Python's
+  /// time.perf_counter(); lets the orchestrator time an ack it reads later.
+  double at = 0;
 };
 
 /// A blocking multi-producer queue of events. Thread-safe.
