@@ -20,6 +20,20 @@ from livemig.errors import (
     UnsupportedError,
 )
 
+from livemig import wire  # noqa: E402  (the submodules below need _core first)
+from livemig.balloon import BalloonDevice
+from livemig.destination import DestCounters, Destination, LatencyStats
+from livemig.guest import Guest, GuestConfig, GuestStats, IncrementCheck, VerifyResult
+from livemig.migration import (
+    DestinationConfig,
+    DestinationSummary,
+    MigrationConfig,
+    MigrationResult,
+    migrate,
+    serve,
+)
+from livemig.source import RunFlag, Source, SourceCounters, SwitchoverSets
+
 try:
     __version__ = version("livemig")
 except PackageNotFoundError:  # running from a source tree without an install
@@ -30,12 +44,32 @@ PAGE_SIZE: int = mmap.PAGESIZE
 __all__ = [
     "PAGE_SIZE",
     "AuthenticationError",
+    "BalloonDevice",
     "ConnectionLost",
+    "DestCounters",
+    "Destination",
+    "DestinationConfig",
+    "DestinationSummary",
+    "Guest",
+    "GuestConfig",
+    "GuestStats",
+    "IncrementCheck",
     "KernelError",
+    "LatencyStats",
     "LivemigError",
+    "MigrationConfig",
     "MigrationError",
+    "MigrationResult",
     "PageBitmap",
     "ProtocolError",
+    "RunFlag",
+    "Source",
+    "SourceCounters",
+    "SwitchoverSets",
     "UnsupportedError",
+    "VerifyResult",
     "__version__",
+    "migrate",
+    "serve",
+    "wire",
 ]
