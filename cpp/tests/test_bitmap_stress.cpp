@@ -9,16 +9,9 @@
 #include <vector>
 
 #include "livemig/page_bitmap.hpp"
+#include "check.hpp"
 
 using livemig::PageBitmap;
-
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                        \
-    }                                                                      \
-  } while (0)
 
 namespace {
 

@@ -13,17 +13,10 @@
 
 #include "livemig/dest_region.hpp"
 #include "livemig/errors.hpp"
+#include "check.hpp"
 
 using livemig::DestRegion;
 using livemig::PageRange;
-
-#define CHECK(cond)                                                                   \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 namespace {
 

@@ -22,17 +22,10 @@
 #include "livemig/fd.hpp"
 #include "livemig/guest.hpp"
 #include "livemig/userfaultfd.hpp"
+#include "check.hpp"
 
 using namespace livemig::guest;
 using Clock = std::chrono::steady_clock;
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
 
 namespace {
 

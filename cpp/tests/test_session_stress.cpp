@@ -18,16 +18,9 @@
 #include "livemig/fd.hpp"
 #include "livemig/session.hpp"
 #include "livemig/source.hpp"
+#include "check.hpp"
 
 using namespace livemig;
-
-#define CHECK(cond)                                                                 \
-  do {                                                                              \
-    if (!(cond)) {                                                                  \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
 
 namespace {
 

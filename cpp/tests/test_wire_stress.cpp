@@ -18,17 +18,10 @@
 #include "livemig/fd.hpp"
 #include "livemig/page_bitmap.hpp"
 #include "livemig/wire.hpp"
+#include "check.hpp"
 
 using namespace livemig;
 using namespace livemig::wire;
-
-#define CHECK(cond)                                                                   \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 namespace {
 
