@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livemig import UnsupportedError
 from livemig._core import dest_bench
-from livemig.destination import Destination
+from livemig.destination import Destination, postcopy_unsupported_reason
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 REGION = 64 << 20
@@ -34,17 +33,7 @@ PAGES = REGION // PAGE
 RT_PAGES = 256  # faults per round-trip round (short rounds, interleaved: load shifts hit both)
 
 
-def _uffd_reason() -> str | None:
-    try:
-        d = Destination(PAGE)
-        d.start_postcopy()
-        d.stop()
-    except UnsupportedError as e:
-        return str(e)
-    return None
-
-
-_REASON = _uffd_reason()
+_REASON = postcopy_unsupported_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"userfaultfd unavailable: {_REASON}")
 
 

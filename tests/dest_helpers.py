@@ -11,24 +11,12 @@ from typing import Any
 
 import pytest
 
-from livemig import UnsupportedError
-from livemig.destination import Destination
+from livemig.destination import Destination, postcopy_unsupported_reason
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def uffd_available() -> str | None:
-    """None when a destination can enter postcopy here, else the reason."""
-    try:
-        d = Destination(PAGE)
-        d.start_postcopy()
-        d.stop()
-    except UnsupportedError as e:
-        return str(e)
-    return None
-
-
-_REASON = uffd_available()
+_REASON = postcopy_unsupported_reason()
 needs_uffd = pytest.mark.skipif(_REASON is not None, reason=f"userfaultfd unavailable: {_REASON}")
 
 

@@ -1,9 +1,12 @@
-// CHECK(cond): the C++ tests' assertion; prints where and what failed and exits 1 (also in
-// release builds, unlike assert).
+// The C++ tests' helpers. CHECK(cond): an assertion that prints where and what failed and exits 1
+// (also in release builds, unlike assert). wait_for: a bounded poll of a condition that other
+// threads make true (a deadline, not synchronisation by sleeping).
 #pragma once
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <thread>
 
 #define CHECK(cond)                                                                 \
   do {                                                                              \
@@ -12,3 +15,20 @@
       std::exit(1);                                                                 \
     }                                                                               \
   } while (0)
+
+namespace livemig::test {
+
+/// Polls `pred` every 200 us; fails the test (exit 1) naming `what` after `secs` seconds.
+template <class Pred>
+void wait_for(Pred pred, double secs, const char* what) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(secs);
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > end) {
+      std::fprintf(stderr, "timed out waiting for %s\n", what);
+      std::exit(1);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+}
+
+}  // namespace livemig::test

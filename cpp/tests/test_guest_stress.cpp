@@ -18,25 +18,13 @@
 #include "check.hpp"
 
 using namespace livemig::guest;
+using livemig::test::wait_for;
 using Clock = std::chrono::steady_clock;
 
 namespace {
 
 constexpr std::size_t kPage = 4096;
 constexpr std::size_t kPages = 512;
-
-// Polls `pred` (a bounded wait, not a synchronisation by sleeping); fails after `secs`.
-template <class Pred>
-void wait_for(Pred pred, double secs, const char* what) {
-  const auto end = Clock::now() + std::chrono::duration<double>(secs);
-  while (!pred()) {
-    if (Clock::now() > end) {
-      std::fprintf(stderr, "timed out waiting for %s\n", what);
-      std::exit(1);
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-}
 
 bool bit(const std::vector<std::uint8_t>& bytes, std::size_t i) { return (bytes[i / 8] >> (i % 8)) & 1U; }
 

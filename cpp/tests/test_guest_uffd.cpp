@@ -25,24 +25,13 @@
 #include "check.hpp"
 
 using namespace livemig::guest;
+using livemig::test::wait_for;
 using Clock = std::chrono::steady_clock;
 
 namespace {
 
 constexpr std::size_t kPage = 4096;
 constexpr std::size_t kPages = 512;
-
-template <class Pred>
-void wait_for(Pred pred, double secs, const char* what) {
-  const auto end = Clock::now() + std::chrono::duration<double>(secs);
-  while (!pred()) {
-    if (Clock::now() > end) {
-      std::fprintf(stderr, "timed out waiting for %s\n", what);
-      std::exit(1);
-    }
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-}
 
 }  // namespace
 

@@ -14,6 +14,7 @@ GIL held, if it is a Python thread) until the page is placed by another thread o
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from types import TracebackType
@@ -24,6 +25,7 @@ import numpy.typing as npt
 
 from livemig import _core
 from livemig._core import PageBitmap
+from livemig.errors import UnsupportedError
 
 Runs = npt.ArrayLike | Sequence[tuple[int, int]]
 """Page runs: an (n, 2) array-like of (first_page, count) rows."""
@@ -227,3 +229,15 @@ class Destination:
 
 
 __all__ = ["DestCounters", "Destination", "LatencyStats"]
+
+
+def postcopy_unsupported_reason() -> str | None:
+    """None when this process can run a postcopy destination; otherwise why not (the missing
+    kernel feature or permission, as :class:`livemig.UnsupportedError` words it)."""
+    try:
+        d = Destination(mmap.PAGESIZE)
+        d.start_postcopy()
+        d.stop()
+    except UnsupportedError as e:
+        return str(e)
+    return None
