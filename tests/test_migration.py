@@ -68,15 +68,17 @@ def test_postcopy_with_hints_delivers_done_and_frees_held_pages() -> None:
 @pytest.mark.timeout(120)
 def test_hinted_pages_reused_in_postcopy_resolve_locally() -> None:
     """Background failure (2): once postcopy starts the guest reuses and writes every page it had
-    hinted; none is requested from the source and none stalls (each resolves locally, far under a
-    millisecond)."""
+    hinted; none is requested from the source and none stalls (each resolves locally)."""
     guest = GuestConfig(workload="idle", free_fraction=0.5, churn=50000.0, seed=3)
     result, _ = run_migration(guest, MigrationConfig(postcopy=True, verify=True), settle_s=10.0, await_reuse=True)
     pc = result.postcopy
     assert pc.local_fill_pages > 0
     assert pc.local_fills == pc.local_fill_pages  # every hinted page was written, each resolved here
     assert pc.requests == 0  # the idle guest writes only pages it had hinted: nothing was asked for
-    assert pc.fault_latency_us.max < 1000.0
+    # A stall (QEMU's bug) lasts until postcopy ends, seconds; a local fill takes microseconds
+    # (p50 about 2 us here). The bound only tells the two apart, so a loaded CI machine cannot
+    # make it flaky; the latency itself is measured by bench/bench_migration.py.
+    assert pc.fault_latency_us.max < 100_000.0
     assert result.verify is not None and result.verify.mismatches == 0
 
 

@@ -6,6 +6,8 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -15,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 #include "livemig/errors.hpp"
 #include "livemig/uapi.hpp"
@@ -486,26 +489,66 @@ void DestRegion::wait_events_handled() {
   read_waiters_.fetch_sub(1, std::memory_order_seq_cst);
 }
 
+namespace {
+
+// Drops private anonymous pages with process_madvise(MADV_DONTNEED) on this process, up to 1024
+// ranges a call, so the kernel (6.13 and later) batches the TLB flushes that one madvise() per
+// range pays each time (a discard set is mostly single pages). Returns false, having dropped
+// nothing, where the kernel does not take MADV_DONTNEED there; the caller then uses madvise().
+bool drop_batched(std::uint8_t* base, std::size_t ps, std::span<const PageRange> runs) {
+  std::vector<iovec> iov;
+  iov.reserve(runs.size());
+  for (const auto& r : runs)
+    if (r.npages != 0) iov.push_back({base + r.first * ps, r.npages * ps});
+  if (iov.empty()) return true;
+  // pidfd_open(2) of ourselves: process_madvise(2) names its target by pidfd.
+  UniqueFd self(static_cast<int>(::syscall(SYS_pidfd_open, ::getpid(), 0)));
+  if (!self) return false;
+  constexpr std::size_t kMaxIov = 1024;  // UIO_MAXIOV
+  for (std::size_t i = 0; i < iov.size(); i += kMaxIov) {
+    const std::size_t n = std::min(kMaxIov, iov.size() - i);
+    std::size_t want = 0;
+    for (std::size_t k = i; k < i + n; ++k) want += iov[k].iov_len;
+    // process_madvise(2): the same advice over every iovec; returns the bytes advised.
+    const long rc = ::syscall(SYS_process_madvise, self.get(), iov.data() + i, n, MADV_DONTNEED, 0U);
+    if (rc < 0 && i == 0 && (errno == EINVAL || errno == ENOSYS || errno == EPERM)) return false;
+    if (rc < 0 || static_cast<std::size_t>(rc) != want) {
+      // Part of this batch may be dropped: finish it range by range (dropping twice is harmless).
+      for (std::size_t k = i; k < i + n; ++k)
+        if (::madvise(iov[k].iov_base, iov[k].iov_len, MADV_DONTNEED) != 0)
+          throw_errno("discard", "madvise of " + std::to_string(iov[k].iov_len / ps) + " pages",
+                      reinterpret_cast<std::uintptr_t>(iov[k].iov_base));
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 std::size_t DestRegion::discard(std::span<const PageRange> runs) {
   for (const auto& r : runs) check_run(r.first, r.npages);
+  // R first (so the REMOVE events below count only drops made by others), and again after the
+  // drop, in case a placement hit EEXIST on a page in between and set it back.
   std::size_t was_received = 0;
   for (const auto& r : runs) {
-    if (r.npages == 0) continue;
-    void* addr = base_ + r.first * ps_;
-    const std::size_t len = r.npages * ps_;
-    // R first (so the REMOVE event below counts only drops made by others), and again after the
-    // drop, in case a placement hit EEXIST on a page in between and set it back.
     was_received += received_->count(r.first, r.first + r.npages);
     received_->clear_range(r.first, r.first + r.npages);
-    // Shared memory keeps pages in its page cache across MADV_DONTNEED: punch them out with
-    // MADV_REMOVE. Private anonymous memory refuses MADV_REMOVE (EINVAL): MADV_DONTNEED drops it.
-    // Either way a registered region sends us a REMOVE event (the fault thread clears R too).
-    int rc = ::madvise(addr, len, MADV_REMOVE);
-    if (rc != 0 && errno == EINVAL && !memfd_) rc = ::madvise(addr, len, MADV_DONTNEED);
-    if (rc != 0) throw_errno("discard", "madvise of " + std::to_string(r.npages) + " pages at page " +
-                                            std::to_string(r.first), reinterpret_cast<std::uintptr_t>(addr));
-    received_->clear_range(r.first, r.first + r.npages);
   }
+  if (memfd_ || !drop_batched(base_, ps_, runs)) {
+    for (const auto& r : runs) {
+      if (r.npages == 0) continue;
+      void* addr = base_ + r.first * ps_;
+      const std::size_t len = r.npages * ps_;
+      // Shared memory keeps pages in its page cache across MADV_DONTNEED: punch them out with
+      // MADV_REMOVE. Private anonymous memory refuses MADV_REMOVE (EINVAL): MADV_DONTNEED drops it.
+      // Either way a registered region sends us a REMOVE event (the fault thread clears R too).
+      int rc = ::madvise(addr, len, MADV_REMOVE);
+      if (rc != 0 && errno == EINVAL && !memfd_) rc = ::madvise(addr, len, MADV_DONTNEED);
+      if (rc != 0) throw_errno("discard", "madvise of " + std::to_string(r.npages) + " pages at page " +
+                                              std::to_string(r.first), reinterpret_cast<std::uintptr_t>(addr));
+    }
+  }
+  for (const auto& r : runs) received_->clear_range(r.first, r.first + r.npages);
   // In postcopy the fault thread also clears R for the REMOVE events; make sure it has, so it
   // cannot clear a page placed after we return.
   if (state() == State::postcopy && fault_tid_.load(kRelaxed) != std::this_thread::get_id()) wait_events_handled();
