@@ -398,3 +398,49 @@ def increment_oracle(
     page_size: int,
     excepted: npt.NDArray[np.uint8 | np.bool_] | None = None,
 ) -> dict[str, object]: ...
+
+# ---- sessions (bindings/register_session.cpp) ----
+
+#: (kind, a, b, data, text, at): kind is "device_state", "command", "end", "ack",
+#: "received_bitmap", "report", "peer_error" or "failed"; ``at`` is when it was queued
+#: (time.perf_counter() clock).
+SessionEvent = tuple[str, int, int, bytes, str, float]
+
+def source_balloon_port(source: Source) -> BalloonPort: ...
+
+class SourceSession:
+    """The source's page pumps and return-path reader."""
+
+    def __init__(
+        self,
+        source: Source,
+        main: FrameWriter,
+        extras: list[FrameWriter],
+        urgent: FrameWriter | None,
+        return_fd: int,
+        config: WireConfig,
+    ) -> None: ...
+    def start_return_path(self) -> None: ...
+    def precopy_pass(self, max_seconds: float, max_pages: int = ...) -> dict[str, int | float | bool]: ...
+    def postcopy_push(self, max_seconds: float) -> dict[str, int | float | bool]: ...
+    def interrupt(self) -> None: ...
+    def wait_event(self, timeout: float) -> SessionEvent | None: ...
+    def join_return_path(self) -> None: ...
+
+class DestSession:
+    """The destination's channel readers and request sink."""
+
+    def __init__(
+        self,
+        region: DestRegion,
+        main_fd: int,
+        extra_fds: list[int],
+        urgent_fd: int,
+        return_path: FrameWriter,
+        config: WireConfig,
+    ) -> None: ...
+    def start(self) -> None: ...
+    def wait_event(self, timeout: float) -> SessionEvent | None: ...
+    def join(self) -> None: ...
+    @property
+    def pages_received(self) -> int: ...
