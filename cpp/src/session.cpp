@@ -3,10 +3,8 @@
 #include <sys/socket.h>
 
 #include <algorithm>
-#include <cstring>
 
 #include "livemig/errors.hpp"
-#include "livemig/zero_page.hpp"
 
 namespace livemig {
 
@@ -304,36 +302,33 @@ class DestSession::WireRequestSink final : public RequestSink {
   std::atomic<bool> reported_{false};
 };
 
-// One channel's frames into the region: pages are read straight into place while the region is
-// in precopy, and placed with userfaultfd (never twice, rule 1) once postcopy started.
+// One channel's frames into the region: while the region is in precopy, the wire's RegionReceiver
+// reads pages straight into place; once postcopy started, its StagingReceiver hands them to the
+// userfaultfd placement, which never places a page twice (rule 1). Control frames are ours.
 class DestSession::ChannelHandler final : public wire::FrameHandler {
  public:
-  ChannelHandler(DestSession& s, std::uint64_t index, bool is_extra) : s_(s), index_(index), is_extra_(is_extra) {}
+  ChannelHandler(DestSession& s, std::uint64_t index, bool is_extra)
+      : s_(s),
+        index_(index),
+        is_extra_(is_extra),
+        in_place_(s.region_->data(), s.region_->page_bytes(), *s.region_->received()),
+        staged_(
+            s.cfg_, [r = s.region_.get()](std::uint64_t first, std::uint32_t n, const std::uint8_t* data) {
+              r->place(first, n, data);
+            },
+            [r = s.region_.get()](std::uint64_t first, std::uint32_t n) { r->place_zero(first, n); }) {}
 
   std::uint8_t* page_buffer(std::uint64_t first, std::uint32_t n) override {
-    if (precopy()) return s_.region_->data() + first * s_.region_->page_bytes();
-    staging_.resize(static_cast<std::size_t>(n) * s_.region_->page_bytes());
-    return staging_.data();
+    // The mode cannot change between a frame's buffer and its pages(): it changes only on the
+    // main channel's own thread, at the postcopy command.
+    return receiver().page_buffer(first, n);
   }
   void pages(std::uint64_t first, std::uint32_t n, const std::uint8_t* data) override {
-    if (precopy()) {
-      s_.region_->mark_received(first, n);
-    } else {
-      s_.region_->place(first, n, data);
-    }
+    receiver().pages(first, n, data);
     s_.pages_received_.fetch_add(n, std::memory_order_relaxed);
   }
   void zero(std::uint64_t first, std::uint32_t n) override {
-    if (precopy()) {
-      const std::size_t ps = s_.region_->page_bytes();
-      for (std::uint64_t p = first; p < first + n; ++p) {
-        std::uint8_t* page = s_.region_->data() + p * ps;
-        if (!is_zero(page, ps)) std::memset(page, 0, ps);  // never-touched pages stay untouched
-      }
-      s_.region_->mark_received(first, n);
-    } else {
-      s_.region_->place_zero(first, n);
-    }
+    receiver().zero(first, n);
     s_.pages_received_.fetch_add(n, std::memory_order_relaxed);
   }
   void discard(std::span<const wire::Range> ranges) override {
@@ -375,7 +370,10 @@ class DestSession::ChannelHandler final : public wire::FrameHandler {
   }
 
  private:
-  bool precopy() const { return s_.region_->state() == DestRegion::State::precopy; }
+  wire::FrameHandler& receiver() {
+    if (s_.region_->state() == DestRegion::State::precopy) return in_place_;
+    return staged_;
+  }
   // Control frames come on the main channel only, after the extra page channels ended.
   void control_frame() {
     if (is_extra_) throw ProtocolError("control frame on an extra page channel");
@@ -385,7 +383,8 @@ class DestSession::ChannelHandler final : public wire::FrameHandler {
   DestSession& s_;
   std::uint64_t index_;
   bool is_extra_;
-  std::vector<std::uint8_t> staging_;
+  wire::RegionReceiver in_place_;
+  wire::StagingReceiver staged_;
 };
 
 DestSession::DestSession(std::shared_ptr<DestRegion> region, int main_fd, std::vector<int> extra_fds, int urgent_fd,

@@ -11,6 +11,7 @@ guest. See ../shared/DESIGN.md for the rules every step keeps.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -646,7 +647,7 @@ def serve(
     :meth:`_DestinationRun.settle_and_report`."""
     prog = progress or NoProgress()
     caps = wire.Capabilities.all(extra_channels=wire.MAX_EXTRA_CHANNELS).without(*config.disable_capabilities)
-    opts = wire.WireOptions(page_size=_page_size(), region_bytes=config.max_region_bytes,
+    opts = wire.WireOptions(page_size=mmap.PAGESIZE, region_bytes=config.max_region_bytes,
                             capabilities=caps, secret=config.secret, timeout=config.timeout)
     conn = listener.accept(opts, wait=wait)
     try:
@@ -657,7 +658,7 @@ def serve(
     try:
         summary = run.run()
         summary = run.settle_and_report(summary, verify, settle_s, await_reuse)
-        run.return_path.send_device_state(json.dumps(_summary_json(summary)).encode())
+        run.return_path.send_device_state(json.dumps(asdict(summary)).encode())
         try:
             run.return_path.send_end()
         except LivemigError:
@@ -675,16 +676,6 @@ def serve(
         raise
     run.close()
     return summary
-
-
-def _summary_json(s: DestinationSummary) -> dict[str, Any]:
-    return asdict(s)
-
-
-def _page_size() -> int:
-    import mmap
-
-    return mmap.PAGESIZE
 
 
 __all__ = [
