@@ -207,6 +207,18 @@ void register_source_class(py::module_& m) {
             return py::make_tuple(ranges_array(sets.discard), ranges_array(sets.local_fill));
           },
           "(discard, local_fill) as (n, 2) uint64 arrays of (first page, npages): D&S and H&~D&~S.")
+      .def(
+          "take_stale_sent",
+          [](Source& s) {
+            RangeList stale;
+            {
+              py::gil_scoped_release rel;
+              stale = s.take_stale_sent();
+            }
+            return ranges_array(stale);
+          },
+          "Pages sent and dirty again (D&S) as an (n, 2) array of runs, with S cleared for them "
+          "(for a discard ahead of switchover).")
       .def("dirty_hinted_unsent", &Source::dirty_hinted_unsent, py::call_guard<py::gil_scoped_release>(),
            "D |= H & ~S (for a peer without local fill); returns the pages newly dirty.")
       .def(

@@ -108,3 +108,12 @@ def test_extra_page_channels_precopy() -> None:
     result, _ = run_migration(guest_for("random"), MigrationConfig(channels=3, verify=True))
     assert "multichannel" in result.capabilities
     assert result.verify is not None and result.verify.mismatches == 0
+
+
+@pytest.mark.timeout(120)
+def test_extra_page_channels_postcopy() -> None:
+    """The extra channels end before the discard ahead of switchover, so no page still in flight
+    on one can land after it."""
+    result, summary = run_migration(guest_for("random"), MigrationConfig(postcopy=True, channels=3, verify=True))
+    assert "multichannel" in result.capabilities
+    assert_intact(result, summary)

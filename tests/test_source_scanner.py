@@ -214,6 +214,23 @@ def test_switchover_sets_match_model(
     assert bits(src.dirty) == d | (h - s)
 
 
+@settings(max_examples=100, deadline=None)
+@given(d=page_sets, s=page_sets, h=page_sets)
+def test_take_stale_sent_matches_model(d: set[int], s: set[int], h: set[int]) -> None:
+    """Ahead of switchover: D&S comes back as runs and is marked unsent; the switchover's own
+    discard set is then empty until the guest writes again."""
+    src = Source(300, mode="explicit")
+    src.dirty.reset()
+    for bm, which in ((src.dirty, d), (src.sent, s), (src.hinted, h)):
+        for p in which:
+            bm.set(p)
+    assert src.take_stale_sent().tolist() == _ranges(d & s)
+    assert bits(src.sent) == s - d and bits(src.dirty) == d and bits(src.hinted) == h
+    sets = src.switchover_sets()
+    assert sets.discard.tolist() == []
+    assert sets.local_fill.tolist() == _ranges(h - d - s)
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     ops=st.lists(

@@ -161,6 +161,9 @@ DestRegion::DestRegion(std::size_t bytes, bool memfd) : ps_(page_size()) {
   received_ = std::make_shared<PageBitmap>(pages_);
   requested_ = std::make_shared<PageBitmap>(pages_);
   local_fill_ = std::make_shared<PageBitmap>(pages_);
+  // Reserved now, zero and untouched until a fault stamps it (first touch is slow, start_postcopy is
+  // inside the switchover).
+  fault_ts_map_ = Mapping::anonymous((pages_ * sizeof(std::uint64_t) + ps_ - 1) / ps_ * ps_);
   queue_ = std::make_shared<RequestQueue>();
   sink_ = queue_;
 }
@@ -177,6 +180,9 @@ DestRegion::DestRegion(void* addr, std::size_t bytes) : ps_(page_size()) {
   received_ = std::make_shared<PageBitmap>(pages_);
   requested_ = std::make_shared<PageBitmap>(pages_);
   local_fill_ = std::make_shared<PageBitmap>(pages_);
+  // Reserved now, zero and untouched until a fault stamps it (first touch is slow, start_postcopy is
+  // inside the switchover).
+  fault_ts_map_ = Mapping::anonymous((pages_ * sizeof(std::uint64_t) + ps_ - 1) / ps_ * ps_);
   queue_ = std::make_shared<RequestQueue>();
   sink_ = queue_;
 }
@@ -212,7 +218,7 @@ void DestRegion::start_postcopy() {
     errno = err;
     throw_errno("eventfd", "fault thread stop signal");
   }
-  if (!fault_ts_) fault_ts_.reset(new std::atomic<std::uint64_t>[pages_]());
+  fault_ts_ = reinterpret_cast<std::uint64_t*>(fault_ts_map_.data());
   pagemap_.reset(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));  // -1 is tolerated (see page_present)
   uffd_ = std::move(u);
   ioctls_ = ioctls;
@@ -271,8 +277,9 @@ void DestRegion::placed_pages(std::uint64_t first, std::size_t n) noexcept {
     order_.fetch_add(1, std::memory_order_acq_rel);
     std::uint64_t now = 0;
     for (std::size_t p = first; p < first + n; ++p) {
-      if (fault_ts_[p].load(kRelaxed) == 0) continue;
-      const std::uint64_t v = fault_ts_[p].exchange(0, std::memory_order_acq_rel);
+      std::atomic_ref<std::uint64_t> ts(fault_ts_[p]);
+      if (ts.load(kRelaxed) == 0) continue;
+      const std::uint64_t v = ts.exchange(0, std::memory_order_acq_rel);
       if (v == 0) continue;
       if (now == 0) now = rel_ns();
       const std::uint64_t t = v & kTsMask;
@@ -646,7 +653,7 @@ void DestRegion::handle_fault(std::uint64_t page, std::uint64_t now, std::vector
     received_->clear(page);
     c_.removed.fetch_add(1, kRelaxed);
   }
-  auto& ts = fault_ts_[page];
+  std::atomic_ref<std::uint64_t> ts(fault_ts_[page]);
   std::uint64_t v = ts.load(kRelaxed), nv = 0;
   do {
     nv = v == 0 ? (kWaiter | (now & kTsMask)) : ((v >> 56) == 255 ? v : v + kWaiter);

@@ -62,7 +62,20 @@ class Pacer {
 // ---- state serialisation (little-endian, which is what x86-64 and arm64 Linux are) ----
 static_assert(std::endian::native == std::endian::little, "state bytes are little-endian");
 constexpr std::array<char, 8> kMagic{'L', 'M', 'G', 'U', 'E', 'S', 'T', '1'};
-constexpr std::uint32_t kStateVersion = 2;  // 2: word-wise checksum
+constexpr std::uint32_t kStateVersion = 3;  // 2: word-wise checksum; 3: sparse generation table
+
+// How the generation table travels: every word, or only the (page, generation) pairs of pages
+// written since the guest started. A guest that wrote few of its pages (the usual case: idle,
+// hotset, a random writer for a few seconds) then sends kilobytes instead of 8 bytes per page, and
+// the destination builds its table without touching the untouched rest.
+enum class GenEncoding : std::uint8_t { Dense = 0, Sparse = 1 };
+
+// A zero generation table of n words that costs nothing until written (see Guest::gens_map_).
+Mapping zeroed_table(std::size_t n) {
+  if (n == 0) return {};
+  const std::size_t page = 4096;
+  return Mapping::anonymous((n * sizeof(std::uint64_t) + page - 1) / page * page);
+}
 
 class Out {
  public:
@@ -72,6 +85,9 @@ class Out {
     buf.insert(buf.end(), p, p + sizeof v);
   }
   void bytes(std::span<const std::uint8_t> b) { buf.insert(buf.end(), b.begin(), b.end()); }
+  void words(std::span<const std::uint64_t> w) {
+    bytes({reinterpret_cast<const std::uint8_t*>(w.data()), w.size_bytes()});
+  }
   std::vector<std::uint8_t> buf;
 };
 
@@ -182,7 +198,8 @@ Guest::Guest(std::uint8_t* region, std::size_t bytes, const GuestConfig& config,
       allocated_(npages_),
       avail_(npages_),
       held_(npages_),
-      gens_(npages_, 0) {
+      gens_map_(zeroed_table(npages_)),
+      gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())) {
   init_layout();
   fill_initial();
 }
@@ -197,8 +214,9 @@ Guest::Guest(std::uint8_t* region, std::size_t bytes, std::span<const std::uint8
       allocated_(npages_),
       avail_(npages_),
       held_(npages_),
-      gens_(npages_, 0) {
-  import_state(state);
+      gens_map_(zeroed_table(npages_)),
+      gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())) {
+  load_state(state, /*table_is_zero=*/true);
 }
 
 Guest::~Guest() { stop(); }
@@ -621,12 +639,28 @@ std::vector<std::uint8_t> Guest::export_state() const {
     o.put(s.cursor);
     o.put(s.free_cursor);
   }
+  const std::span<const std::uint64_t> gens(gens_, npages_);
+  const auto written = static_cast<std::uint64_t>(std::count_if(gens.begin(), gens.end(), [](std::uint64_t g) {
+    return g != 0;
+  }));
+  const bool sparse = written < npages_ / 2;  // a pair is two words, a dense entry one
+  o.buf.reserve(o.buf.size() + 2 * allocated_.byte_size() + 16 + (sparse ? written * 16 : npages_ * 8) + 8);
   std::vector<std::uint8_t> bm(allocated_.byte_size());
   allocated_.export_bytes(bm);
   o.bytes(bm);
   held_.export_bytes(bm);
   o.bytes(bm);
-  o.bytes({reinterpret_cast<const std::uint8_t*>(gens_.data()), gens_.size() * sizeof(std::uint64_t)});
+  o.put(static_cast<std::uint8_t>(sparse ? GenEncoding::Sparse : GenEncoding::Dense));
+  o.put<std::uint64_t>(sparse ? written : npages_);
+  if (sparse) {
+    for (std::uint64_t p = 0; p < npages_; ++p)
+      if (gens[p] != 0) {
+        o.put(p);
+        o.put(gens[p]);
+      }
+  } else {
+    o.words(gens);
+  }
   o.put(fnv1a(o.buf));
   return std::move(o.buf);
 }
@@ -636,6 +670,10 @@ void Guest::import_state(std::span<const std::uint8_t> state) {
     std::lock_guard lk(mu_);
     if (!threads_.empty()) throw std::invalid_argument("import_state needs a guest without threads (stop() first)");
   }
+  load_state(state, /*table_is_zero=*/false);
+}
+
+void Guest::load_state(std::span<const std::uint8_t> state, bool table_is_zero) {
   In in(state);
   const Header h = read_header(in, state);
   if (h.cfg.page_size != cfg_.page_size || h.npages != npages_)
@@ -670,8 +708,24 @@ void Guest::import_state(std::span<const std::uint8_t> state) {
   both.or_with(alloc);
   both.and_with(held);
   if (both.count() != 0) throw std::invalid_argument("guest state: a page is both allocated and held");
-  if (in.left() != npages_ * sizeof(std::uint64_t) + 8) throw std::invalid_argument("guest state: wrong length");
-  auto g = in.bytes(npages_ * sizeof(std::uint64_t));
+  const auto encoding = static_cast<GenEncoding>(in.get<std::uint8_t>());
+  const auto entries = in.get<std::uint64_t>();
+  const std::uint64_t entry_bytes = encoding == GenEncoding::Sparse ? 16 : 8;
+  if (encoding != GenEncoding::Dense && encoding != GenEncoding::Sparse)
+    throw std::invalid_argument("guest state: unknown generation table encoding");
+  if ((encoding == GenEncoding::Dense && entries != npages_) || entries > npages_ ||
+      in.left() != entries * entry_bytes + 8)
+    throw std::invalid_argument("guest state: wrong length");
+  const auto g = in.bytes(entries * entry_bytes);
+  if (encoding == GenEncoding::Sparse) {  // strictly increasing pages in range, before anything changes
+    std::uint64_t next = 0;
+    for (std::uint64_t i = 0; i < entries; ++i) {
+      std::uint64_t page;
+      std::memcpy(&page, g.data() + i * 16, 8);
+      if (page < next || page >= npages_) throw std::invalid_argument("guest state: malformed generation table");
+      next = page + 1;
+    }
+  }
 
   cfg_ = h.cfg;
   last_cmd_.store(last);
@@ -689,7 +743,17 @@ void Guest::import_state(std::span<const std::uint8_t> state) {
   avail_.or_with(alloc);
   avail_.or_with(held);
   avail_.complement();
-  std::memcpy(gens_.data(), g.data(), g.size());
+  if (encoding == GenEncoding::Dense) {
+    std::memcpy(gens_, g.data(), g.size());
+  } else {
+    if (!table_is_zero) std::fill_n(gens_, npages_, std::uint64_t{0});
+    for (std::uint64_t i = 0; i < entries; ++i) {
+      std::uint64_t page, gen;
+      std::memcpy(&page, g.data() + i * 16, 8);
+      std::memcpy(&gen, g.data() + i * 16 + 8, 8);
+      gens_[page] = gen;
+    }
+  }
   pages_held_.store(held_.count());
 }
 
@@ -728,7 +792,7 @@ std::vector<std::uint8_t> Guest::page_states() const {
 std::vector<std::uint64_t> Guest::generations() const {
   std::lock_guard lk(mu_);
   if (!quiescent()) throw std::invalid_argument("generations() needs a paused or stopped guest");
-  return gens_;
+  return {gens_, gens_ + npages_};
 }
 
 }  // namespace livemig::guest

@@ -91,34 +91,52 @@ std::size_t Source::sync() {
   return n;
 }
 
+namespace {
+
+// Appends the runs of set bits of word `x` (word index `w`) to `list`, extending the last run when
+// it continues across words.
+void append_runs(RangeList& list, std::size_t w, PageBitmap::Word x) {
+  while (x != 0) {
+    const auto lo = static_cast<std::size_t>(__builtin_ctzll(x));
+    const PageBitmap::Word ones = ~(x >> lo);
+    const std::size_t len = ones == 0 ? 64 - lo : static_cast<std::size_t>(__builtin_ctzll(ones));
+    const std::size_t first = w * 64 + lo;
+    if (!list.empty() && list.back().first + list.back().npages == first)
+      list.back().npages += len;
+    else
+      list.emplace_back(first, len);
+    x &= lo + len >= 64 ? 0 : ~PageBitmap::Word{0} << (lo + len);
+  }
+}
+
+}  // namespace
+
 SwitchoverSets Source::switchover_sets() const {
   SwitchoverSets out;
   const PageBitmap& d = *dirty_;
   const PageBitmap& s = *sent_;
   const PageBitmap& h = *hinted_;
-  const std::size_t words = d.word_count();
-  // Word by word: a run is extended while consecutive set bits continue across words.
-  auto add = [](RangeList& list, std::size_t first, std::size_t len) {
-    if (!list.empty() && list.back().first + list.back().npages == first)
-      list.back().npages += len;
-    else
-      list.emplace_back(first, len);
-  };
-  auto runs_of = [&](RangeList& list, std::size_t w, PageBitmap::Word x) {
-    while (x != 0) {
-      const auto lo = static_cast<std::size_t>(__builtin_ctzll(x));
-      const PageBitmap::Word ones = ~(x >> lo);
-      const std::size_t len = ones == 0 ? 64 - lo : static_cast<std::size_t>(__builtin_ctzll(ones));
-      add(list, w * 64 + lo, len);
-      x &= lo + len >= 64 ? 0 : ~PageBitmap::Word{0} << (lo + len);
-    }
-  };
-  for (std::size_t w = 0; w < words; ++w) {
+  for (std::size_t w = 0; w < d.word_count(); ++w) {
     const PageBitmap::Word dw = d.word(w).load(std::memory_order_acquire);
     const PageBitmap::Word sw = s.word(w).load(std::memory_order_acquire);
     const PageBitmap::Word hw = h.word(w).load(std::memory_order_acquire);
-    runs_of(out.discard, w, dw & sw);
-    runs_of(out.local_fill, w, hw & ~dw & ~sw);
+    append_runs(out.discard, w, dw & sw);
+    append_runs(out.local_fill, w, hw & ~dw & ~sw);
+  }
+  return out;
+}
+
+RangeList Source::take_stale_sent() noexcept {
+  RangeList out;
+  const PageBitmap& d = *dirty_;
+  PageBitmap& s = *sent_;
+  for (std::size_t w = 0; w < d.word_count(); ++w) {
+    const PageBitmap::Word stale = d.word(w).load(std::memory_order_acquire) & s.word(w).load(std::memory_order_acquire);
+    if (stale == 0) continue;
+    // A hint may clear D for one of these pages meanwhile: the page is then hinted, unsent and
+    // clean, which is what it is once the destination dropped it (a local fill, rule 4).
+    s.word(w).fetch_and(~stale, std::memory_order_acq_rel);
+    append_runs(out, w, stale);
   }
   return out;
 }

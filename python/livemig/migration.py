@@ -174,7 +174,8 @@ class DestinationSummary:
 # ---- device state: what travels with the guest at switchover ----
 
 _DEVICE_MAGIC = b"LMDS"
-_ACK_RESUMED = 0  # ack kind: the destination guest runs (value: the command it answered)
+_ACK_RESUMED = 0  # ack kind: the destination acted on the command in the value: for SWITCHOVER,
+# everything before it is applied; for POSTCOPY_START and COMPLETE, its guest runs
 
 
 def pack_device_state(guest_state: bytes, balloon: dict[str, Any]) -> bytes:
@@ -311,10 +312,29 @@ class _SourceRun:
             self.progress.update(round=index, remaining_pages=remaining, total_pages=total, bandwidth_bps=bandwidth)
         self.result.precopy_rounds = len(self.result.rounds)
 
+    def discard_ahead(self) -> None:
+        """Postcopy, guest still running: one more sync, and the destination drops the pages sent
+        and written since (waiting until it has), so the discard inside the downtime holds only
+        what the guest writes from now until it stops. The extra page channels end first: a page
+        still in flight on one must not land after the discard."""
+        assert self.balloon is not None
+        for w in self.extras:
+            w.send_end()
+        self.balloon.before_sync()
+        self.source.sync()
+        self.balloon.after_sync()
+        stale = self.source.take_stale_sent()
+        if len(stale):
+            self.main.send_discard(stale)
+            self.main.send_command(wire.COMMAND_SWITCHOVER)
+            self.wait_ack(wire.COMMAND_SWITCHOVER)
+
     def switchover(self) -> float:
         """Stops the guest, final sync, DONE, and (precopy) sends the rest; returns the pause time."""
         assert self.session is not None and self.balloon is not None
         self.progress.phase("switchover")
+        if self.config.postcopy:
+            self.discard_ahead()
         self.guest.pause()
         t_pause = time.perf_counter()
         self.balloon.before_sync()
@@ -326,8 +346,9 @@ class _SourceRun:
                 self._add(st)
                 if st["drained"]:
                     break
-        for w in self.extras:
-            w.send_end()
+        if not self.config.postcopy:  # postcopy ended them ahead of the pause
+            for w in self.extras:
+                w.send_end()
         return t_pause
 
     def device_state(self) -> bytes:
@@ -336,14 +357,15 @@ class _SourceRun:
         return pack_device_state(self.guest.export_state(), balloon)
 
     def wait_ack(self, command: int) -> float:
-        """Waits until the destination says its guest runs (after ``command``); returns when that
-        word arrived (time.perf_counter() clock)."""
+        """Waits until the destination acknowledges ``command`` (see ``_ACK_RESUMED``); returns when
+        that word arrived (time.perf_counter() clock)."""
         assert self.session is not None
         deadline = time.monotonic() + self.config.timeout
         while True:
             ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
             if ev is None:
-                raise MigrationError(f"the destination did not resume the guest within {self.config.timeout} s")
+                what = "apply the discard ahead of switchover" if command == wire.COMMAND_SWITCHOVER else "resume the guest"
+                raise MigrationError(f"the destination did not {what} within {self.config.timeout} s")
             kind, a, b, _data, text, at = ev
             if kind == "ack" and a == _ACK_RESUMED and b == command:
                 return at
@@ -555,6 +577,9 @@ class _DestinationRun:
                 if self.mode == "postcopy":
                     self._postcopy_until_complete()
                 break
+            elif kind == "command" and a == wire.COMMAND_SWITCHOVER:
+                # The discard ahead of a postcopy switchover (frames before this) is applied.
+                self.return_path.send_ack(_ACK_RESUMED, a)
         return self.finish()
 
     def _postcopy_until_complete(self) -> None:

@@ -145,6 +145,12 @@ class Source:
         discard, local_fill = self._core.switchover_sets()
         return SwitchoverSets(discard, local_fill)
 
+    def take_stale_sent(self) -> npt.NDArray[np.uint64]:
+        """Ahead of switchover (guest running, after a sync): the pages sent and dirty again, as
+        (first page, npages) runs, now marked unsent. The destination drops them before the guest
+        stops, so the switchover's own discard set holds only what is written after this."""
+        return self._core.take_stale_sent()
+
     def dirty_hinted_unsent(self) -> int:
         """For a peer without local fill: make hinted, unsent pages dirty; returns how many."""
         return self._core.dirty_hinted_unsent()

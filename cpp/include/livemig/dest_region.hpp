@@ -236,7 +236,10 @@ class DestRegion {
   std::atomic<std::uint32_t> fill_value_{0};
   // Per page: when the first still-unresolved fault on it was read (ns, steady clock, low 56 bits)
   // and how many fault events are waiting on it (top 8 bits). 0 = no fault pending.
-  std::unique_ptr<std::atomic<std::uint64_t>[]> fault_ts_;
+  // Words on their own anonymous mapping (zero until touched, so made with the region for free and
+  // not zeroed inside the switchover), accessed through std::atomic_ref; null until postcopy.
+  Mapping fault_ts_map_;
+  std::uint64_t* fault_ts_ = nullptr;
   std::atomic<std::uint64_t> order_{0};  // RMW'd by placers and the fault thread as a store-load fence
 
   std::atomic<State> state_{State::precopy};

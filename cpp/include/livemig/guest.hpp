@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "livemig/fd.hpp"
 #include "livemig/page_bitmap.hpp"
 
 namespace livemig::guest {
@@ -338,6 +339,9 @@ class Guest {
   void churn_one(Slice& s);
   std::uint64_t pick_allocated(Slice& s, std::uint64_t lo, std::uint64_t hi);
   void write_gen(std::uint64_t page);
+  // import_state without the thread check; `table_is_zero`: the generation table is untouched, so a
+  // sparse table only writes its entries.
+  void load_state(std::span<const std::uint8_t> state, bool table_is_zero);
   void driver_round(std::uint32_t id);
   void driver_release();
   bool quiescent() const;  // no threads, or all parked (requires mu_)
@@ -350,7 +354,11 @@ class Guest {
   std::shared_ptr<BalloonPort> port_;
 
   PageBitmap allocated_, avail_, held_;
-  std::vector<std::uint64_t> gens_;  // written by the slice's writer thread; read when quiescent
+  // The generation table: one word per page, on its own anonymous mapping so that a fresh table is
+  // zero without being touched (first touch is slow, and a resumed guest is built during downtime).
+  // Written by the slice's writer thread; read when quiescent.
+  Mapping gens_map_;
+  std::uint64_t* gens_ = nullptr;
   std::vector<Slice> slices_;
   std::uint64_t reserve_pages_ = 0;  // the driver leaves this many pages in the pool
 

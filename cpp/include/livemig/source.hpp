@@ -69,6 +69,10 @@ class Source {
   std::size_t sync();
   /// With the guest stopped and a final sync done: the discard and local-fill sets (rule 3, 4).
   SwitchoverSets switchover_sets() const;
+  /// Ahead of switchover, guest running, after a sync: the pages sent and dirty again (D and S), as
+  /// runs, with S cleared for them: the caller has the destination drop them now, so that the
+  /// switchover's own discard set (rule 3) holds only what the guest writes after this call.
+  RangeList take_stale_sent() noexcept;
   /// For a peer without local fill: makes hinted, unsent, clean pages dirty (D |= H & ~S) so the
   /// background scan pushes them; returns how many.
   std::size_t dirty_hinted_unsent() noexcept;
