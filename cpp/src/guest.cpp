@@ -263,9 +263,11 @@ void Guest::start() {
   parked_ = 0;
   kick_ = false;
   const bool writers = cfg_.workload != Workload::Idle || cfg_.churn > 0;
+  // The driver first: it mostly sleeps, while a writer starts at once (and, resumed in postcopy,
+  // faults at once), so this thread gets its own work done before the writers compete for CPUs.
+  if (port_) threads_.emplace_back(&Guest::driver_main, this);
   if (writers)
     for (unsigned t = 0; t < slices_.size(); ++t) threads_.emplace_back(&Guest::writer_main, this, t);
-  if (port_) threads_.emplace_back(&Guest::driver_main, this);
 }
 
 void Guest::pause() {

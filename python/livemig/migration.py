@@ -313,9 +313,10 @@ class _SourceRun:
         self.result.precopy_rounds = len(self.result.rounds)
 
     def discard_ahead(self) -> None:
-        """Postcopy, guest still running: one more sync, and the destination drops the pages sent
-        and written since (waiting until it has), so the discard inside the downtime holds only
-        what the guest writes from now until it stops. The extra page channels end first: a page
+        """Postcopy, guest still running: one more sync; the destination drops the pages sent and
+        written since, and the source waits until it has applied everything sent so far. The
+        downtime then holds neither the pages still queued in the sockets nor more discard work
+        than the guest makes in its last milliseconds. The extra page channels end first: a page
         still in flight on one must not land after the discard."""
         assert self.balloon is not None
         for w in self.extras:
@@ -326,8 +327,8 @@ class _SourceRun:
         stale = self.source.take_stale_sent()
         if len(stale):
             self.main.send_discard(stale)
-            self.main.send_command(wire.COMMAND_SWITCHOVER)
-            self.wait_ack(wire.COMMAND_SWITCHOVER)
+        self.main.send_command(wire.COMMAND_SWITCHOVER)
+        self.wait_ack(wire.COMMAND_SWITCHOVER)
 
     def switchover(self) -> float:
         """Stops the guest, final sync, DONE, and (precopy) sends the rest; returns the pause time."""
@@ -556,7 +557,6 @@ class _DestinationRun:
             self.device.host_done()
         self.guest = Guest.from_state(self.dest.array, guest_state, device=self.device)
         self.guest.start()
-        self.guest.kick()  # the driver looks at the device now, not at its next poll
 
     def run(self) -> DestinationSummary:
         self.session.start()
@@ -574,6 +574,8 @@ class _DestinationRun:
                     self.progress.phase("postcopy")
                 self.resume_guest(blob)
                 self.return_path.send_ack(_ACK_RESUMED, a)
+                assert self.guest is not None
+                self.guest.kick()  # the driver looks at the device now, not at its next poll
                 if self.mode == "postcopy":
                     self._postcopy_until_complete()
                 break
