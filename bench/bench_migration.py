@@ -89,6 +89,7 @@ def test_idle_guest_throughput(benchmark: Any, postcopy: bool) -> None:
         first_round_gbps=results[0].rounds[0].bytes_sent / first_round / 1e9,
         throughput_ratio_vs_raw=raw / first_round,
         downtime_ms_median=statistics.median(r.downtime_ms for r in results),
+        downtime_ms_each=[round(r.downtime_ms, 2) for r in results],
         total_ms_median=statistics.median(r.total_ms for r in results),
     )
 
@@ -126,4 +127,5 @@ def test_postcopy_fault_latency_random(benchmark: Any) -> None:
         fault_p99_us=statistics.median(x.p99 for x in lat),
         fault_max_us=max(x.max for x in lat),
         raw_pingpong_p50_us=statistics.median(rtts) / 1e3,
+        downtime_ms_each=[round(r.downtime_ms, 2) for r in results],
     )

@@ -243,6 +243,9 @@ void register_guest(py::module_& m) {
           py::arg("region"), py::arg("state"), py::arg("device") = nullptr,
           "A guest resumed from export_state() bytes on a region that holds its memory; not started.")
       .def(
+          "prefault", [](PyGuest& p) { p.g().prefault(); }, py::call_guard<py::gil_scoped_release>(),
+          "Touch the generation table now, so a later import_state() writes only warm memory.")
+      .def(
           "start", [](PyGuest& p) { p.g().start(); }, py::call_guard<py::gil_scoped_release>())
       .def(
           "pause", [](PyGuest& p) { p.g().pause(); }, py::call_guard<py::gil_scoped_release>())

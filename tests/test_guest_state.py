@@ -177,3 +177,25 @@ def test_state_errors() -> None:
         Guest.from_state(np.zeros(64 * PAGE, np.uint8), b"x" * 100)
     with pytest.raises(ValueError, match="version"):
         Guest.from_state(np.zeros(64 * PAGE, np.uint8), state[:8] + b"\x09" + state[9:])
+
+
+def test_prepared_guest_takes_a_state_later() -> None:
+    """The destination's way: a guest made ahead (no fill, table touched) imports the state at
+    switchover and resumes exactly where the source stopped; prefault changes no generation."""
+    r, _dev, g = busy_guest()
+    with g:
+        with pytest.raises(ValueError, match="paused or stopped"):
+            g.prefault()
+        g.pause()
+        gens = g.generations()
+        g.prefault()
+        assert np.array_equal(g.generations(), gens)
+        state = g.export_state()
+        r2 = r.copy()
+    with Guest(r2, GuestConfig(fill="zero"), LocalBalloonDevice(256)) as g2:
+        g2.prefault()
+        assert np.array_equal(r2, r)  # no fill: the region is left as it is
+        g2.import_state(state)
+        assert g2.config == BUSY
+        assert np.array_equal(g2.generations(), gens)
+        assert g2.verify().ok

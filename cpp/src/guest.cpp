@@ -253,6 +253,14 @@ void Guest::fill_initial() {
     write_page(reinterpret_cast<std::uint64_t*>(region_ + p * cfg_.page_size), words_, p, 0);
 }
 
+void Guest::prefault() {
+  std::lock_guard lk(mu_);
+  if (!quiescent()) throw std::invalid_argument("prefault needs a paused or stopped guest");
+  // Rewrite every word with itself (a zero table stays zero); the stores fault the pages in.
+  auto* volatile_table = static_cast<volatile std::uint64_t*>(gens_);
+  for (std::size_t i = 0; i < npages_; i += 4096 / sizeof(std::uint64_t)) volatile_table[i] = volatile_table[i];
+}
+
 // ---- thread control ----
 
 void Guest::start() {

@@ -171,6 +171,12 @@ class Guest:
         Not started: call ``start()``."""
         return cls(region, None, device, _core_guest=_core.Guest.from_state(region, state, device))
 
+    def prefault(self) -> None:
+        """Touches the generation table now (a stopped or paused guest), so that a later
+        ``import_state()`` writes only warm memory: the destination of a migration makes its guest
+        ahead of the switchover and imports the state inside it."""
+        self._g.prefault()
+
     def start(self) -> None:
         """Starts the guest threads (no-op when running or paused)."""
         self._g.start()

@@ -275,6 +275,9 @@ class Guest {
   /// Stops and joins every thread (blocks while one is blocked in an unresolved page fault).
   ~Guest();
 
+  /// Touches the generation table now, so that a later import_state() (a migration's destination,
+  /// inside the downtime) writes only warm memory: first touch of fresh memory is slow.
+  void prefault();
   /// Starts the threads; a no-op when running or paused. Restartable after stop().
   void start();
   /// Parks every guest thread at a consistent point and returns when all are parked (so memory,
