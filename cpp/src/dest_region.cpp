@@ -163,7 +163,7 @@ DestRegion::DestRegion(std::size_t bytes, bool memfd) : ps_(page_size()) {
   local_fill_ = std::make_shared<PageBitmap>(pages_);
   // Reserved now, zero and untouched until a fault stamps it (first touch is slow, start_postcopy is
   // inside the switchover).
-  fault_ts_map_ = Mapping::anonymous((pages_ * sizeof(std::uint64_t) + ps_ - 1) / ps_ * ps_);
+  fault_ts_map_ = Mapping::zeroed_words(pages_);
   queue_ = std::make_shared<RequestQueue>();
   sink_ = queue_;
 }
@@ -182,7 +182,7 @@ DestRegion::DestRegion(void* addr, std::size_t bytes) : ps_(page_size()) {
   local_fill_ = std::make_shared<PageBitmap>(pages_);
   // Reserved now, zero and untouched until a fault stamps it (first touch is slow, start_postcopy is
   // inside the switchover).
-  fault_ts_map_ = Mapping::anonymous((pages_ * sizeof(std::uint64_t) + ps_ - 1) / ps_ * ps_);
+  fault_ts_map_ = Mapping::zeroed_words(pages_);
   queue_ = std::make_shared<RequestQueue>();
   sink_ = queue_;
 }

@@ -13,6 +13,12 @@ Mapping Mapping::anonymous(std::size_t len) {
   return Mapping(p, len);
 }
 
+Mapping Mapping::zeroed_words(std::size_t n) {
+  if (n == 0) return {};
+  const std::size_t ps = page_size();
+  return anonymous((n * sizeof(std::uint64_t) + ps - 1) / ps * ps);
+}
+
 Mapping Mapping::memfd(std::size_t len, const std::string& name, UniqueFd& fd_out) {
   UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC));
   if (!fd) throw_errno("memfd_create", name);

@@ -70,12 +70,6 @@ constexpr std::uint32_t kStateVersion = 3;  // 2: word-wise checksum; 3: sparse 
 // the destination builds its table without touching the untouched rest.
 enum class GenEncoding : std::uint8_t { Dense = 0, Sparse = 1 };
 
-// A zero generation table of n words that costs nothing until written (see Guest::gens_map_).
-Mapping zeroed_table(std::size_t n) {
-  if (n == 0) return {};
-  const std::size_t page = 4096;
-  return Mapping::anonymous((n * sizeof(std::uint64_t) + page - 1) / page * page);
-}
 
 class Out {
  public:
@@ -198,7 +192,7 @@ Guest::Guest(std::uint8_t* region, std::size_t bytes, const GuestConfig& config,
       allocated_(npages_),
       avail_(npages_),
       held_(npages_),
-      gens_map_(zeroed_table(npages_)),
+      gens_map_(Mapping::zeroed_words(npages_)),
       gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())) {
   init_layout();
   fill_initial();
@@ -214,7 +208,7 @@ Guest::Guest(std::uint8_t* region, std::size_t bytes, std::span<const std::uint8
       allocated_(npages_),
       avail_(npages_),
       held_(npages_),
-      gens_map_(zeroed_table(npages_)),
+      gens_map_(Mapping::zeroed_words(npages_)),
       gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())) {
   load_state(state, /*table_is_zero=*/true);
 }
@@ -258,7 +252,8 @@ void Guest::prefault() {
   if (!quiescent()) throw std::invalid_argument("prefault needs a paused or stopped guest");
   // Rewrite every word with itself (a zero table stays zero); the stores fault the pages in.
   auto* volatile_table = static_cast<volatile std::uint64_t*>(gens_);
-  for (std::size_t i = 0; i < npages_; i += 4096 / sizeof(std::uint64_t)) volatile_table[i] = volatile_table[i];
+  const std::size_t step = livemig::page_size() / sizeof(std::uint64_t);
+  for (std::size_t i = 0; i < npages_; i += step) volatile_table[i] = volatile_table[i];
 }
 
 // ---- thread control ----

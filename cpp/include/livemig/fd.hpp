@@ -60,6 +60,9 @@ class Mapping {
 
   /// Anonymous private memory of `len` bytes (a page multiple); throws KernelError("mmap").
   static Mapping anonymous(std::size_t len);
+  /// Room for `n` 64-bit words of anonymous memory, zero and untouched until written (first touch
+  /// is slow: a table made this way costs nothing until used); an empty Mapping for n = 0.
+  static Mapping zeroed_words(std::size_t n);
   /// Shared memory backed by a new memfd of `len` bytes; the fd is returned in `fd_out`.
   /// Throws KernelError("memfd_create" / "ftruncate" / "mmap").
   static Mapping memfd(std::size_t len, const std::string& name, UniqueFd& fd_out);
