@@ -10,29 +10,70 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cli_helpers import one_error_line, run
 from livemig import benchmark
 from source_helpers import make_source
 
-FIGURE_KEYS = {"name", "group", "unit", "value", "spread", "runs", "better", "baseline", "baseline_name",
-               "baseline_spread", "ratio", "goal", "goal_ratio", "met", "details", "error", "samples",
-               "baseline_samples"}
+FIGURE_KEYS = {
+    "name",
+    "group",
+    "unit",
+    "value",
+    "spread",
+    "runs",
+    "better",
+    "baseline",
+    "baseline_name",
+    "baseline_spread",
+    "ratio",
+    "goal",
+    "goal_ratio",
+    "met",
+    "details",
+    "error",
+    "samples",
+    "baseline_samples",
+}
 
 
 @pytest.mark.timeout(120)
 def test_tiny_bench_writes_every_figure_with_its_baseline_and_the_charts(tmp_path: Path) -> None:
     make_source(16)  # skips, naming the feature, on a kernel without dirty tracking
     plots = tmp_path / "plots"
-    r = run("bench", "--quick", "--sizes", "16M", "--repeat", "1", "--scenario", "baselines",
-            "--scenario", "precopy-idle-*", "--scenario", "zero*", "--scenario", "bitmap-1G",
-            "--json", "-", "--plot", str(plots), "--no-progress", "-q", timeout=110)
+    r = run(
+        "bench",
+        "--quick",
+        "--sizes",
+        "16M",
+        "--repeat",
+        "1",
+        "--scenario",
+        "baselines",
+        "--scenario",
+        "precopy-idle-*",
+        "--scenario",
+        "zero*",
+        "--scenario",
+        "bitmap-1G",
+        "--json",
+        "-",
+        "--plot",
+        str(plots),
+        "--no-progress",
+        "-q",
+        timeout=110,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     report: dict[str, Any] = json.loads(r.stdout)  # one JSON document, nothing else on stdout
     assert set(report) == {"settings", "machine", "seconds", "figures"}
     assert report["settings"]["sizes"] == [16 << 20] and report["settings"]["repeat"] == 1
-    assert report["settings"]["scenarios"] == ["baselines", "precopy-idle-16M", "zero-pages-16M", "bitmap-1G"]
+    assert report["settings"]["scenarios"] == [
+        "baselines",
+        "precopy-idle-16M",
+        "zero-pages-16M",
+        "bitmap-1G",
+    ]
     assert report["machine"]["cpus"] >= 1
     figures = report["figures"]
     for f in figures:
@@ -46,21 +87,32 @@ def test_tiny_bench_writes_every_figure_with_its_baseline_and_the_charts(tmp_pat
     base = [f for f in figures if f["group"] == "baselines"]
     engine = [f for f in figures if f["group"] != "baselines"]
     # The raw baselines of the run, each with how it was measured.
-    for want in ("memcpy 16M", "memory read 16M", "raw UFFDIO_COPY, 1 page", "raw socket ping-pong p50",
-                 "raw socket copy x1 16M", "first touch 16M"):
+    for want in (
+        "memcpy 16M",
+        "memory read 16M",
+        "raw UFFDIO_COPY, 1 page",
+        "raw socket ping-pong p50",
+        "raw socket copy x1 16M",
+        "first touch 16M",
+    ):
         assert want in names, names
     assert all(f["baseline"] is None and f["ratio"] is None and f["details"]["how"] for f in base)
     # Every engine figure stands beside a baseline, as a ratio; a goal says whether it was met.
     assert {f["group"] for f in engine} == {"migration", "zero", "scaling", "bitmap"}
-    assert len([f for f in engine if f["group"] == "bitmap"]) == 4  # count and harvest, dense and sparse
+    assert (
+        len([f for f in engine if f["group"] == "bitmap"]) == 4
+    )  # count and harvest, dense and sparse
     for f in engine:
         assert f["baseline"] > 0 and f["baseline_name"] and f["baseline_samples"], f
         assert f["ratio"] == pytest.approx(f["value"] / f["baseline"]), f
         if f["goal_ratio"] is None:
             assert f["met"] is None
         else:
-            assert f["met"] == (f["ratio"] >= f["goal_ratio"] if f["better"] == "higher"
-                                else f["ratio"] <= f["goal_ratio"])
+            assert f["met"] == (
+                f["ratio"] >= f["goal_ratio"]
+                if f["better"] == "higher"
+                else f["ratio"] <= f["goal_ratio"]
+            )
     precopy = next(f for f in engine if f["name"] == "precopy-idle-16M first round")
     assert precopy["unit"] == "GB/s" and precopy["goal_ratio"] == 0.75
     assert precopy["details"]["region_bytes"] == 16 << 20
@@ -80,9 +132,12 @@ def test_list_names_the_scenarios_without_running_them() -> None:
     assert r.returncode == 0, r.stderr
     rows = [line.split() for line in r.stdout.splitlines()]
     assert rows == [
-        ["faults", "faults-sequential-urgent-16M"], ["faults", "faults-sequential-no-urgent-16M"],
-        ["faults", "faults-random-urgent-16M"], ["faults", "faults-random-no-urgent-16M"],
-        ["scaling", "sync-16M"], ["scaling", "sync-64M"],
+        ["faults", "faults-sequential-urgent-16M"],
+        ["faults", "faults-sequential-no-urgent-16M"],
+        ["faults", "faults-random-urgent-16M"],
+        ["faults", "faults-random-no-urgent-16M"],
+        ["scaling", "sync-16M"],
+        ["scaling", "sync-64M"],
     ]
 
 

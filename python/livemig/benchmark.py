@@ -86,7 +86,9 @@ class Figure:
     baseline_spread: tuple[float, float] | None = None
     ratio: float | None = None  #: value / baseline
     goal: str | None = None  #: the goal, in words
-    goal_ratio: float | None = None  #: the bound on ratio (at least it when better is higher, else at most)
+    goal_ratio: float | None = (
+        None  #: the bound on ratio (at least it when better is higher, else at most)
+    )
     met: bool | None = None  #: ratio within goal_ratio (None: no goal)
     details: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  #: why the figure has no value
@@ -99,22 +101,55 @@ class Figure:
 
 
 def engine_figure(
-    name: str, group: str, unit: str, better: Better, value: Stat, baseline: Stat, baseline_name: str,
-    goal: str | None = None, goal_ratio: float | None = None, **details: Any,
+    name: str,
+    group: str,
+    unit: str,
+    better: Better,
+    value: Stat,
+    baseline: Stat,
+    baseline_name: str,
+    goal: str | None = None,
+    goal_ratio: float | None = None,
+    **details: Any,
 ) -> Figure:
     """An engine figure: its ratio to the baseline and whether it meets its goal."""
     ratio = value.median / baseline.median if baseline.median else math.inf
     met = None
     if goal_ratio is not None:
         met = ratio >= goal_ratio if better == "higher" else ratio <= goal_ratio
-    return Figure(name, group, unit, value.median, (value.lo, value.hi), value.runs, better,
-                  baseline.median, baseline_name, (baseline.lo, baseline.hi), ratio, goal, goal_ratio,
-                  met, details, samples=list(value.samples), baseline_samples=list(baseline.samples))
+    return Figure(
+        name,
+        group,
+        unit,
+        value.median,
+        (value.lo, value.hi),
+        value.runs,
+        better,
+        baseline.median,
+        baseline_name,
+        (baseline.lo, baseline.hi),
+        ratio,
+        goal,
+        goal_ratio,
+        met,
+        details,
+        samples=list(value.samples),
+        baseline_samples=list(baseline.samples),
+    )
 
 
 def baseline_figure(name: str, unit: str, better: Better, s: Stat, **details: Any) -> Figure:
-    return Figure(name, "baselines", unit, s.median, (s.lo, s.hi), s.runs, better, details=details,
-                  samples=list(s.samples))
+    return Figure(
+        name,
+        "baselines",
+        unit,
+        s.median,
+        (s.lo, s.hi),
+        s.runs,
+        better,
+        details=details,
+        samples=list(s.samples),
+    )
 
 
 def failed_figure(name: str, group: str, error: str) -> Figure:
@@ -153,25 +188,49 @@ def scenarios(sizes: Sequence[int], quick: bool = False) -> list[Scenario]:
         s = size_label(size)
         for mode in ("precopy", "postcopy"):
             for w in workloads:
-                out.append(Scenario(f"{mode}-{w}-{s}", "migration", "migration",
-                                    (("size", size), ("mode", mode), ("workload", w))))
+                out.append(
+                    Scenario(
+                        f"{mode}-{w}-{s}",
+                        "migration",
+                        "migration",
+                        (("size", size), ("mode", mode), ("workload", w)),
+                    )
+                )
     small = min(sizes)
     s = size_label(small)
     out.append(Scenario(f"zero-pages-{s}", "zero", "zero", (("size", small),)))
     for free in (0.0, 0.5, 0.9):
-        out.append(Scenario(f"hints-{int(free * 100)}pct-free-{s}", "hints", "hints",
-                            (("size", small), ("free", free))))
+        out.append(
+            Scenario(
+                f"hints-{int(free * 100)}pct-free-{s}",
+                "hints",
+                "hints",
+                (("size", small), ("free", free)),
+            )
+        )
     for access in ("sequential", "random"):
         for urgent in (True, False):
             name = f"faults-{access}-{'urgent' if urgent else 'no-urgent'}-{s}"
-            out.append(Scenario(name, "faults", "faults", (("size", small), ("access", access),
-                                                           ("urgent", urgent))))
+            out.append(
+                Scenario(
+                    name,
+                    "faults",
+                    "faults",
+                    (("size", small), ("access", access), ("urgent", urgent)),
+                )
+            )
     for n in (1, 2, 4):
-        out.append(Scenario(f"channels-{n}-{s}", "channels", "channels", (("size", small), ("channels", n))))
+        out.append(
+            Scenario(
+                f"channels-{n}-{s}", "channels", "channels", (("size", small), ("channels", n))
+            )
+        )
     for size in sizes:
         out.append(Scenario(f"sync-{size_label(size)}", "scaling", "sync", (("size", size),)))
     for pages in BITMAP_PAGES:
-        out.append(Scenario(f"bitmap-{size_label(pages * PAGE)}", "bitmap", "bitmap", (("pages", pages),)))
+        out.append(
+            Scenario(f"bitmap-{size_label(pages * PAGE)}", "bitmap", "bitmap", (("pages", pages),))
+        )
     return out
 
 
@@ -179,8 +238,11 @@ def select(all_scenarios: Sequence[Scenario], patterns: Sequence[str]) -> list[S
     """The scenarios whose name or group matches one of the shell patterns (all when none)."""
     if not patterns:
         return list(all_scenarios)
-    return [s for s in all_scenarios
-            if any(fnmatch.fnmatchcase(s.name, p) or fnmatch.fnmatchcase(s.group, p) for p in patterns)]
+    return [
+        s
+        for s in all_scenarios
+        if any(fnmatch.fnmatchcase(s.name, p) or fnmatch.fnmatchcase(s.group, p) for p in patterns)
+    ]
 
 
 # ---- raw baselines (C++ loops and numpy; samples kept per key for the baselines group) ----
@@ -214,7 +276,7 @@ def _parallel(jobs: list[Callable[[], object]]) -> float:
     def guard(j: Callable[[], object]) -> None:
         try:
             j()
-        except BaseException as e:  # re-raised below, in the caller's thread
+        except BaseException as e:  # noqa: BLE001 (re-raised below, in the caller's thread)
             errors.append(e)
 
     threads = [threading.Thread(target=guard, args=(j,)) for j in jobs]
@@ -267,21 +329,35 @@ class Baselines:
             view.release()
             dst.close()
         how = f"{channels} loopback TCP stream(s), warm source, fresh destination"
-        return self._keep(f"raw socket copy x{channels} {size_label(nbytes)}", "GB/s", "higher", how,
-                          nbytes / secs / 1e9)
+        return self._keep(
+            f"raw socket copy x{channels} {size_label(nbytes)}",
+            "GB/s",
+            "higher",
+            how,
+            nbytes / secs / 1e9,
+        )
 
     def socket_copy_warm_gbps(self, nbytes: int) -> float:
         """Like socket_copy_gbps with one stream, into a warm destination buffer."""
         src, dst = _warm(nbytes), _warm(nbytes, 0)
         outs, ins = _tcp_pairs(1)
         try:
-            secs = _parallel([lambda: _core.wire_bench_raw_send(outs[0].fileno(), src),
-                              lambda: _core.wire_bench_raw_recv(ins[0].fileno(), dst)])
+            secs = _parallel(
+                [
+                    lambda: _core.wire_bench_raw_send(outs[0].fileno(), src),
+                    lambda: _core.wire_bench_raw_recv(ins[0].fileno(), dst),
+                ]
+            )
         finally:
             for s in outs + ins:
                 s.close()
-        return self._keep(f"raw socket copy, warm destination {size_label(nbytes)}", "GB/s", "higher",
-                          "1 loopback TCP stream, both buffers warm", nbytes / secs / 1e9)
+        return self._keep(
+            f"raw socket copy, warm destination {size_label(nbytes)}",
+            "GB/s",
+            "higher",
+            "1 loopback TCP stream, both buffers warm",
+            nbytes / secs / 1e9,
+        )
 
     def memcpy_gbps(self, nbytes: int) -> float:
         """GB/s of a memcpy between two warm buffers (numpy.copyto)."""
@@ -289,8 +365,13 @@ class Baselines:
         t0 = time.perf_counter()
         np.copyto(dst, src)
         secs = time.perf_counter() - t0
-        return self._keep(f"memcpy {size_label(nbytes)}", "GB/s", "higher", "numpy.copyto, warm buffers",
-                          nbytes / secs / 1e9)
+        return self._keep(
+            f"memcpy {size_label(nbytes)}",
+            "GB/s",
+            "higher",
+            "numpy.copyto, warm buffers",
+            nbytes / secs / 1e9,
+        )
 
     def first_touch_gbps(self, nbytes: int) -> float:
         """GB/s writing a freshly mapped buffer (every page faulted in): what warming avoids."""
@@ -301,8 +382,13 @@ class Baselines:
         secs = time.perf_counter() - t0
         del a
         m.close()
-        return self._keep(f"first touch {size_label(nbytes)}", "GB/s", "higher",
-                          "numpy fill of a fresh mapping", nbytes / secs / 1e9)
+        return self._keep(
+            f"first touch {size_label(nbytes)}",
+            "GB/s",
+            "higher",
+            "numpy fill of a fresh mapping",
+            nbytes / secs / 1e9,
+        )
 
     def read_gbps(self, nbytes: int) -> float:
         """GB/s reading a warm buffer (C++ loop, _source_bench.read_bandwidth)."""
@@ -310,34 +396,55 @@ class Baselines:
         t0 = time.perf_counter()
         _core._source_bench.read_bandwidth(a.ctypes.data, nbytes)
         secs = time.perf_counter() - t0
-        return self._keep(f"memory read {size_label(nbytes)}", "GB/s", "higher", "C++ read loop, warm buffer",
-                          nbytes / secs / 1e9)
+        return self._keep(
+            f"memory read {size_label(nbytes)}",
+            "GB/s",
+            "higher",
+            "C++ read loop, warm buffer",
+            nbytes / secs / 1e9,
+        )
 
     def uffd_copy_us(self, nbytes: int = 64 * MIB) -> float:
         """Microseconds per page of a bare UFFDIO_COPY loop, one page per ioctl, warm source."""
         raw = _core.dest_bench.RawCopy(nbytes)
         raw.run(1)  # warm-up: page tables, allocator
         secs = raw.run(1)
-        return self._keep("raw UFFDIO_COPY, 1 page", "us", "lower",
-                          "bare userfaultfd, one page per ioctl, warm source", secs / (nbytes // PAGE) * 1e6)
+        return self._keep(
+            "raw UFFDIO_COPY, 1 page",
+            "us",
+            "lower",
+            "bare userfaultfd, one page per ioctl, warm source",
+            secs / (nbytes // PAGE) * 1e6,
+        )
 
     def pingpong_us(self, iters: int = 2000) -> float:
-        """p50 microseconds of a raw loopback TCP ping-pong: 24 bytes out, a header and a page back."""
+        """p50 microseconds of a raw loopback TCP ping-pong: 24 bytes out, a header and a page
+        back."""
         outs, ins = _tcp_pairs(1)
         box: list[int] = []
-        server = threading.Thread(target=lambda: box.append(
-            _core.wire_bench_raw_pingpong_server(ins[0].fileno(), REQUEST_BYTES, REPLY_BYTES)))
+        server = threading.Thread(
+            target=lambda: box.append(
+                _core.wire_bench_raw_pingpong_server(ins[0].fileno(), REQUEST_BYTES, REPLY_BYTES)
+            )
+        )
         server.start()
         try:
-            rtts = _core.wire_bench_raw_pingpong_client(outs[0].fileno(), REQUEST_BYTES, REPLY_BYTES, iters)
+            rtts = _core.wire_bench_raw_pingpong_client(
+                outs[0].fileno(), REQUEST_BYTES, REPLY_BYTES, iters
+            )
         finally:
             outs[0].shutdown(socket.SHUT_WR)
             server.join()
             for s in outs + ins:
                 s.close()
         p50 = float(np.percentile(rtts, 50)) / 1e3
-        self._keep("raw socket ping-pong p50", "us", "lower", f"loopback TCP, {REQUEST_BYTES} B out,"
-                   f" {REPLY_BYTES} B back, {iters} round trips", p50)
+        self._keep(
+            "raw socket ping-pong p50",
+            "us",
+            "lower",
+            f"loopback TCP, {REQUEST_BYTES} B out, {REPLY_BYTES} B back, {iters} round trips",
+            p50,
+        )
         return p50
 
     def figures(self) -> list[Figure]:
@@ -389,8 +496,12 @@ class Report:
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"settings": self.settings, "machine": self.machine, "seconds": self.seconds,
-                "figures": [asdict(f) for f in self.figures]}
+        return {
+            "settings": self.settings,
+            "machine": self.machine,
+            "seconds": self.seconds,
+            "figures": [asdict(f) for f in self.figures],
+        }
 
 
 def machine_info() -> dict[str, Any]:
@@ -408,8 +519,15 @@ def machine_info() -> dict[str, Any]:
 class Bench:
     """Runs scenarios: ``repeat`` runs of each migration, ``micro`` runs of each cheap loop."""
 
-    def __init__(self, repeat: int = 3, micro: int = 5, settle_s: float = 0.5, deadline_s: float = 600.0,
-                 dirty_rate: float = 20000.0, step: StepFn | None = None) -> None:
+    def __init__(
+        self,
+        repeat: int = 3,
+        micro: int = 5,
+        settle_s: float = 0.5,
+        deadline_s: float = 600.0,
+        dirty_rate: float = 20000.0,
+        step: StepFn | None = None,
+    ) -> None:
         if repeat < 1 or micro < 1:
             raise ValueError("repeat and micro must be at least 1")
         self.repeat, self.micro = repeat, micro
@@ -426,7 +544,7 @@ class Bench:
             self.step(sc.name)
             try:
                 figures.extend(getattr(self, f"_run_{sc.kind}")(sc))
-            except Exception as e:  # one scenario failing does not lose the others
+            except Exception as e:  # noqa: BLE001 (one scenario failing does not lose the others)
                 figures.append(failed_figure(sc.name, sc.group, f"{type(e).__name__}: {e}"))
         figures = self.base.figures() + figures
         order = {g: i for i, g in enumerate(GROUPS)}
@@ -435,7 +553,9 @@ class Bench:
         return Report(figures, dict(settings or {}), machine, time.perf_counter() - t0)
 
     def _migrate(self, size: int, guest: GuestConfig, config: MigrationConfig) -> MigrationResult:
-        result, _ = migrate_locally(guest, config, size=size, settle_s=self.settle_s, deadline_s=self.deadline_s)
+        result, _ = migrate_locally(
+            guest, config, size=size, settle_s=self.settle_s, deadline_s=self.deadline_s
+        )
         if not result.ok:
             raise RuntimeError(f"migration failed: {result.error}")
         if result.verify is not None and result.verify.mismatches:
@@ -458,7 +578,9 @@ class Bench:
 
     def _run_migration(self, sc: Scenario) -> list[Figure]:
         size, mode, workload = int(sc.arg("size")), sc.arg("mode"), sc.arg("workload")
-        guest = GuestConfig(workload=workload, rate=0.0 if workload == "idle" else self.dirty_rate, seed=1)
+        guest = GuestConfig(
+            workload=workload, rate=0.0 if workload == "idle" else self.dirty_rate, seed=1
+        )
         config = MigrationConfig(postcopy=mode == "postcopy", hints=False, verify=True)
         eng, raw, warm, results = [], [], [], []
         for _ in range(self.repeat):
@@ -468,7 +590,9 @@ class Bench:
             results.append(r)
             eng.append(first_round_gbps(r))
         details = {
-            "region_bytes": size, "workload": workload, "dirty_rate": guest.rate,
+            "region_bytes": size,
+            "workload": workload,
+            "dirty_rate": guest.rate,
             "raw_copy_warm_destination_gbps": statistics.median(warm),
             "ratio_vs_warm_destination": statistics.median(eng) / statistics.median(warm),
             "downtime_ms": Stat.of(r.downtime_ms for r in results).median,
@@ -478,12 +602,24 @@ class Bench:
         }
         if mode == "postcopy":
             details["requests"] = Stat.of(r.postcopy.requests for r in results).median
-            details["fault_p50_us"] = Stat.of(histogram_quantile_us(r.postcopy.histogram, 0.5)
-                                              for r in results).median
+            details["fault_p50_us"] = Stat.of(
+                histogram_quantile_us(r.postcopy.histogram, 0.5) for r in results
+            ).median
         goal = "precopy >= 75% of a raw socket copy" if mode == "precopy" else None
-        figs = [engine_figure(f"{sc.name} first round", "migration", "GB/s", "higher", Stat.of(eng),
-                              Stat.of(raw), f"raw socket copy {size_label(size)}", goal,
-                              0.75 if mode == "precopy" else None, **details)]
+        figs = [
+            engine_figure(
+                f"{sc.name} first round",
+                "migration",
+                "GB/s",
+                "higher",
+                Stat.of(eng),
+                Stat.of(raw),
+                f"raw socket copy {size_label(size)}",
+                goal,
+                0.75 if mode == "precopy" else None,
+                **details,
+            )
+        ]
         if mode == "precopy" and workload == "idle":
             figs.append(self._switchover_figure(sc, size, results))
         return figs
@@ -494,11 +630,20 @@ class Bench:
         scan = [self._bare_scan_ms(size) for _ in range(self.micro)]
         ping = [self.base.pingpong_us(500) / 1e3 for _ in range(3)]
         floor = Stat.of(s + statistics.median(ping) for s in scan)
-        return engine_figure(f"switchover-{size_label(size)} downtime", "scaling", "ms", "lower",
-                             Stat.of(r.downtime_ms for r in results), floor,
-                             "bare PAGEMAP_SCAN of the region + raw ping-pong", None, None,
-                             region_bytes=size, scan_ms=statistics.median(scan),
-                             pingpong_ms=statistics.median(ping))
+        return engine_figure(
+            f"switchover-{size_label(size)} downtime",
+            "scaling",
+            "ms",
+            "lower",
+            Stat.of(r.downtime_ms for r in results),
+            floor,
+            "bare PAGEMAP_SCAN of the region + raw ping-pong",
+            None,
+            None,
+            region_bytes=size,
+            scan_ms=statistics.median(scan),
+            pingpong_ms=statistics.median(ping),
+        )
 
     def _bare_scan_ms(self, size: int) -> float:
         from livemig.source import Source
@@ -520,11 +665,22 @@ class Bench:
             r = self._migrate(size, guest, MigrationConfig(hints=False, verify=True))
             results.append(r)
             per_page.append(r.bytes_sent / (size // PAGE))
-        return [engine_figure(f"{sc.name} wire bytes per page", "zero", "B/page", "lower", Stat.of(per_page),
-                              Stat.of([float(PAGE)]), "one page's bytes (what a raw copy sends)",
-                              "zero pages cost no payload bytes (< 1% of a page)", 0.01,
-                              region_bytes=size, zero_pages=results[0].zero_pages,
-                              bytes_sent=results[0].bytes_sent)]
+        return [
+            engine_figure(
+                f"{sc.name} wire bytes per page",
+                "zero",
+                "B/page",
+                "lower",
+                Stat.of(per_page),
+                Stat.of([float(PAGE)]),
+                "one page's bytes (what a raw copy sends)",
+                "zero pages cost no payload bytes (< 1% of a page)",
+                0.01,
+                region_bytes=size,
+                zero_pages=results[0].zero_pages,
+                bytes_sent=results[0].bytes_sent,
+            )
+        ]
 
     def _run_hints(self, sc: Scenario) -> list[Figure]:
         """An idle guest with a share of its memory free: bytes sent with hints against without
@@ -533,21 +689,52 @@ class Bench:
         guest = GuestConfig(workload="idle", free_fraction=free, seed=2)
         on, off, hinted = [], [], []
         for _ in range(self.repeat):
-            off.append(float(self._migrate(size, guest, MigrationConfig(hints=False, verify=True)).bytes_sent))
+            off.append(
+                float(
+                    self._migrate(size, guest, MigrationConfig(hints=False, verify=True)).bytes_sent
+                )
+            )
             r = self._migrate(size, guest, MigrationConfig(hints=True, verify=True))
             on.append(float(r.bytes_sent))
             hinted.append(float(r.hints.pages_hinted))
         pages_hinted = statistics.median(hinted)
-        figs = [engine_figure(f"{sc.name} bytes sent", "hints", "MB", "lower",
-                              Stat.of(x / 1e6 for x in on), Stat.of(x / 1e6 for x in off),
-                              "bytes sent with hints off", None, None, region_bytes=size,
-                              free_fraction=free, pages_hinted=pages_hinted, expected_ratio=1 - free)]
+        figs = [
+            engine_figure(
+                f"{sc.name} bytes sent",
+                "hints",
+                "MB",
+                "lower",
+                Stat.of(x / 1e6 for x in on),
+                Stat.of(x / 1e6 for x in off),
+                "bytes sent with hints off",
+                None,
+                None,
+                region_bytes=size,
+                free_fraction=free,
+                pages_hinted=pages_hinted,
+                expected_ratio=1 - free,
+            )
+        ]
         if pages_hinted > 0:
-            cost = [max(0.0, b_on - (b_off - h * PAGE)) / h for b_on, b_off, h in zip(on, off, hinted) if h]
-            figs.append(engine_figure(f"{sc.name} wire bytes per hinted page", "hints", "B/page", "lower",
-                                      Stat.of(cost), Stat.of([float(PAGE)]), "one page's bytes (hints off)",
-                                      "hinted pages cost no payload bytes (< 1% of a page)", 0.01,
-                                      pages_hinted=pages_hinted))
+            cost = [
+                max(0.0, b_on - (b_off - h * PAGE)) / h
+                for b_on, b_off, h in zip(on, off, hinted)
+                if h
+            ]
+            figs.append(
+                engine_figure(
+                    f"{sc.name} wire bytes per hinted page",
+                    "hints",
+                    "B/page",
+                    "lower",
+                    Stat.of(cost),
+                    Stat.of([float(PAGE)]),
+                    "one page's bytes (hints off)",
+                    "hinted pages cost no payload bytes (< 1% of a page)",
+                    0.01,
+                    pages_hinted=pages_hinted,
+                )
+            )
         return figs
 
     def _run_faults(self, sc: Scenario) -> list[Figure]:
@@ -558,8 +745,9 @@ class Bench:
         # Sequential: the increment writer at full speed dirties whole passes during the first
         # round, so after switchover it faults page after page in address order, racing the push.
         workload = "increment" if access == "sequential" else "random"
-        guest = GuestConfig(workload=workload, rate=0.0 if access == "sequential" else 5 * self.dirty_rate,
-                            seed=3)
+        guest = GuestConfig(
+            workload=workload, rate=0.0 if access == "sequential" else 5 * self.dirty_rate, seed=3
+        )
         off = frozenset() if urgent else frozenset({"urgent-channel"})
         config = MigrationConfig(postcopy=True, hints=False, verify=True, disable_capabilities=off)
         p50, p99, floor, requests, ping, copy = [], [], [], [], [], []
@@ -572,19 +760,36 @@ class Bench:
             for k, n in enumerate(r.postcopy.histogram[:32]):
                 hist_sum[k] += int(n)
             if ("urgent-channel" in r.capabilities) != urgent:
-                raise RuntimeError(f"urgent channel negotiated: {'urgent-channel' in r.capabilities}")
+                raise RuntimeError(
+                    f"urgent channel negotiated: {'urgent-channel' in r.capabilities}"
+                )
             p50.append(histogram_quantile_us(r.postcopy.histogram, 0.5))
             p99.append(histogram_quantile_us(r.postcopy.histogram, 0.99))
             requests.append(float(r.postcopy.requests))
         if statistics.median(requests) == 0:
             raise RuntimeError("no postcopy faults were requested: nothing to measure")
-        return [engine_figure(f"{sc.name} fault p50", "faults", "us", "lower", Stat.of(p50), Stat.of(floor),
-                              "raw ping-pong p50 + raw UFFDIO_COPY",
-                              "fault service p50 within 1.5x of raw ping-pong + UFFDIO_COPY", 1.5,
-                              region_bytes=size, workload=workload, urgent_channel=urgent,
-                              p99_us=statistics.median(p99), requests=statistics.median(requests),
-                              dirty_rate=guest.rate, histogram=hist_sum,
-                              pingpong_p50_us=statistics.median(ping), uffd_copy_us=statistics.median(copy))]
+        return [
+            engine_figure(
+                f"{sc.name} fault p50",
+                "faults",
+                "us",
+                "lower",
+                Stat.of(p50),
+                Stat.of(floor),
+                "raw ping-pong p50 + raw UFFDIO_COPY",
+                "fault service p50 within 1.5x of raw ping-pong + UFFDIO_COPY",
+                1.5,
+                region_bytes=size,
+                workload=workload,
+                urgent_channel=urgent,
+                p99_us=statistics.median(p99),
+                requests=statistics.median(requests),
+                dirty_rate=guest.rate,
+                histogram=hist_sum,
+                pingpong_p50_us=statistics.median(ping),
+                uffd_copy_us=statistics.median(copy),
+            )
+        ]
 
     def _run_channels(self, sc: Scenario) -> list[Figure]:
         size, n = int(sc.arg("size")), int(sc.arg("channels"))
@@ -595,9 +800,21 @@ class Bench:
             raw.append(self.base.socket_copy_gbps(size, n))
             r = self._migrate(size, guest, config)
             eng.append(first_round_gbps(r))
-        return [engine_figure(f"{sc.name} first round", "channels", "GB/s", "higher", Stat.of(eng), Stat.of(raw),
-                              f"raw socket copy x{n}", "precopy >= 75% of a raw socket copy", 0.75,
-                              region_bytes=size, channels=n)]
+        return [
+            engine_figure(
+                f"{sc.name} first round",
+                "channels",
+                "GB/s",
+                "higher",
+                Stat.of(eng),
+                Stat.of(raw),
+                f"raw socket copy x{n}",
+                "precopy >= 75% of a raw socket copy",
+                0.75,
+                region_bytes=size,
+                channels=n,
+            )
+        ]
 
     def _run_sync(self, sc: Scenario) -> list[Figure]:
         """A dirty sync of a tracked region with 1% of its pages written, against the bare
@@ -620,8 +837,20 @@ class Bench:
             B.pagemap_scan_loop(src.address, src.nbytes, 1024)
             raw.append((time.perf_counter() - t0) * 1e3)
         del src
-        return [engine_figure(f"{sc.name} sync, 1% written", "scaling", "ms", "lower", Stat.of(eng), Stat.of(raw),
-                              "bare PAGEMAP_SCAN loop", None, None, region_bytes=size)]
+        return [
+            engine_figure(
+                f"{sc.name} sync, 1% written",
+                "scaling",
+                "ms",
+                "lower",
+                Stat.of(eng),
+                Stat.of(raw),
+                "bare PAGEMAP_SCAN loop",
+                None,
+                None,
+                region_bytes=size,
+            )
+        ]
 
     def _run_bitmap(self, sc: Scenario) -> list[Figure]:
         """PageBitmap count and harvest of the whole bitmap, dense (every bit) and sparse (one bit
@@ -630,8 +859,10 @@ class Bench:
         region = size_label(pages * PAGE)
         figs = []
         goal_applies = pages == BITMAP_PAGES[-1]
-        for density, words in (("dense", np.full(pages // 64, np.uint64(2**64 - 1), dtype=np.uint64)),
-                               ("sparse", self._sparse_words(pages))):
+        for density, words in (
+            ("dense", np.full(pages // 64, np.uint64(2**64 - 1), dtype=np.uint64)),
+            ("sparse", self._sparse_words(pages)),
+        ):
             bm = _core.PageBitmap(pages)
             bm.load_bytes(words)
             expect = int(np.bitwise_count(words).sum())
@@ -659,13 +890,37 @@ class Bench:
                 h_np.append((time.perf_counter() - t0) * 1e3)
             goal = "at least numpy's speed (1 TiB bitmap)" if goal_applies else None
             g = 1.0 if goal_applies else None
-            figs.append(engine_figure(f"bitmap-{region} count, {density}", "bitmap", "ms", "lower",
-                                      Stat.of(c_eng), Stat.of(c_np), "numpy bitwise_count().sum()", goal, g,
-                                      pages=pages, bits_set=expect))
-            figs.append(engine_figure(f"bitmap-{region} harvest, {density}", "bitmap", "ms", "lower",
-                                      Stat.of(h_eng), Stat.of(h_np), "numpy copyto + fill(0)", goal, g,
-                                      pages=pages, bits_set=expect,
-                                      nonzero_words=int(np.count_nonzero(words))))
+            figs.append(
+                engine_figure(
+                    f"bitmap-{region} count, {density}",
+                    "bitmap",
+                    "ms",
+                    "lower",
+                    Stat.of(c_eng),
+                    Stat.of(c_np),
+                    "numpy bitwise_count().sum()",
+                    goal,
+                    g,
+                    pages=pages,
+                    bits_set=expect,
+                )
+            )
+            figs.append(
+                engine_figure(
+                    f"bitmap-{region} harvest, {density}",
+                    "bitmap",
+                    "ms",
+                    "lower",
+                    Stat.of(h_eng),
+                    Stat.of(h_np),
+                    "numpy copyto + fill(0)",
+                    goal,
+                    g,
+                    pages=pages,
+                    bits_set=expect,
+                    nonzero_words=int(np.count_nonzero(words)),
+                )
+            )
         return figs
 
     @staticmethod
@@ -674,7 +929,9 @@ class Bench:
         words = np.zeros(pages // 64, dtype=np.uint64)
         i = np.arange(pages // 1024, dtype=np.uint64)
         bits = i * np.uint64(1024) + (i % np.uint64(64))
-        words[(bits // np.uint64(64)).astype(np.intp)] |= np.left_shift(np.uint64(1), bits % np.uint64(64))
+        words[(bits // np.uint64(64)).astype(np.intp)] |= np.left_shift(
+            np.uint64(1), bits % np.uint64(64)
+        )
         return words
 
 
@@ -701,10 +958,17 @@ def table(report: Report) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=escape("livemig bench: engine vs raw baselines, same run (median [min-max])"),
-              title_justify="left")
-    for col, just in (("figure", "left"), ("value", "right"), ("baseline", "left"), ("ratio", "right"),
-                      ("goal", "left")):
+    t = Table(
+        title=escape("livemig bench: engine vs raw baselines, same run (median [min-max])"),
+        title_justify="left",
+    )
+    for col, just in (
+        ("figure", "left"),
+        ("value", "right"),
+        ("baseline", "left"),
+        ("ratio", "right"),
+        ("goal", "left"),
+    ):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     group = None
     for f in report.figures:
@@ -736,7 +1000,11 @@ def plot(report: Report, directory: str) -> list[str]:
     os.makedirs(directory, exist_ok=True)
     paths = []
     for group in GROUPS[1:]:
-        figs = [f for f in report.figures if f.group == group and f.value is not None and f.baseline is not None]
+        figs = [
+            f
+            for f in report.figures
+            if f.group == group and f.value is not None and f.baseline is not None
+        ]
         if not figs:
             continue
         units = sorted({f.unit for f in figs})
@@ -747,24 +1015,41 @@ def plot(report: Report, directory: str) -> list[str]:
             xs = np.arange(len(sel))
             vals = [f.value or 0.0 for f in sel]
             bases = [f.baseline or 0.0 for f in sel]
-            yerr = np.array([[v - (f.spread or (v, v))[0] for v, f in zip(vals, sel)],
-                             [(f.spread or (v, v))[1] - v for v, f in zip(vals, sel)]])
-            ax.bar(xs - 0.2, vals, 0.4, yerr=np.clip(yerr, 0, None), label="livemig", color="tab:blue")
+            yerr = np.array(
+                [
+                    [v - (f.spread or (v, v))[0] for v, f in zip(vals, sel)],
+                    [(f.spread or (v, v))[1] - v for v, f in zip(vals, sel)],
+                ]
+            )
+            ax.bar(
+                xs - 0.2, vals, 0.4, yerr=np.clip(yerr, 0, None), label="livemig", color="tab:blue"
+            )
             ax.bar(xs + 0.2, bases, 0.4, label="raw baseline", color="tab:gray")
             for x, f in zip(xs, sel):
                 colour = "black" if f.met is None else ("tab:green" if f.met else "tab:red")
-                ax.annotate(f"x{_fmt(f.ratio)}", (x, max(f.value or 0, f.baseline or 0)), ha="center",
-                            va="bottom", fontsize=8, color=colour)
+                ax.annotate(
+                    f"x{_fmt(f.ratio)}",
+                    (x, max(f.value or 0, f.baseline or 0)),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    color=colour,
+                )
             ax.set_xticks(xs, [f.name for f in sel], rotation=30, ha="right", fontsize=7)
             ax.set_ylabel(unit)
-            if unit in ("ms", "us") and max(vals + bases) / max(min(v for v in vals + bases if v > 0), 1e-9) > 100:
+            if (
+                unit in ("ms", "us")
+                and max(vals + bases) / max(min(v for v in vals + bases if v > 0), 1e-9) > 100
+            ):
                 ax.set_yscale("log")
             ax.legend(fontsize=8)
         fig.suptitle(f"livemig bench: {group} (ratio = livemig / baseline)")
         path = os.path.join(directory, f"{group}.png")
         fig.savefig(path, dpi=100)
         paths.append(path)
-    hists = [f for f in report.figures if f.group == "faults" and any(f.details.get("histogram", ()))]
+    hists = [
+        f for f in report.figures if f.group == "faults" and any(f.details.get("histogram", ()))
+    ]
     if hists:
         fig = MplFigure(figsize=(9, 5), layout="constrained")
         ax = fig.subplots()
@@ -773,9 +1058,13 @@ def plot(report: Report, directory: str) -> list[str]:
             total = sum(h)
             ax.step(range(len(h)), [100.0 * n / total for n in h], where="mid", label=f.name)
             if f.baseline:
-                ax.axvline(math.log2(max(f.baseline, 1.0)) + 1, color="gray", linestyle=":", linewidth=1)
-        ax.set_xticks(range(0, 32, 2), [f"<{2**k}" if k else "<1" for k in range(0, 32, 2)], rotation=45)
-        ax.set_xlim(0, 25)
+                ax.axvline(
+                    math.log2(max(f.baseline, 1.0)) + 1, color="gray", linestyle=":", linewidth=1
+                )
+        ax.set_xticks(
+            range(0, 32, 2), [f"<{2**k}" if k else "<1" for k in range(0, 32, 2)], rotation=45
+        )
+        ax.set_xlim(0, 20)
         ax.set_xlabel("fault service time, us (power-of-two buckets; dotted: the raw baselines)")
         ax.set_ylabel("% of faults")
         ax.legend(fontsize=7)
@@ -784,8 +1073,6 @@ def plot(report: Report, directory: str) -> list[str]:
         fig.savefig(path, dpi=100)
         paths.append(path)
     return paths
-
-
 
 
 # ---- progress on stderr ----
@@ -800,10 +1087,22 @@ def progress(console: Any, enabled: bool | None, total: int) -> Iterator[StepFn]
     if not enabled:
         yield lambda _name: None
     elif console.is_terminal:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
-        bar = Progress(TextColumn("[bold]{task.fields[name]:<36}"), BarColumn(), MofNCompleteColumn(),
-                       TimeElapsedColumn(), console=console, transient=True)
+        bar = Progress(
+            TextColumn("[bold]{task.fields[name]:<36}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
         task = bar.add_task("bench", total=total, name="")
         started = [False]
 
@@ -824,5 +1123,17 @@ def progress(console: Any, enabled: bool | None, total: int) -> Iterator[StepFn]
         yield line
 
 
-__all__ = ["Baselines", "Bench", "Figure", "Report", "Scenario", "Stat", "histogram_quantile_us",
-           "plot", "progress", "scenarios", "select", "table"]
+__all__ = [
+    "Baselines",
+    "Bench",
+    "Figure",
+    "Report",
+    "Scenario",
+    "Stat",
+    "histogram_quantile_us",
+    "plot",
+    "progress",
+    "scenarios",
+    "select",
+    "table",
+]

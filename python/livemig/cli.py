@@ -535,8 +535,8 @@ def _parse_sizes(text: str) -> list[int]:
         raise _usage("give at least one size, like 256M,1G", "--sizes")
     # A migration holds the source, the destination and a raw baseline's two buffers at once.
     if 4 * sizes[-1] > wire.physical_memory_bytes():
-        raise _usage(f"{sizes[-1]} bytes needs four times that in memory, more than this machine has",
-                     "--sizes")
+        raise _usage(f"{sizes[-1]} bytes needs four times that in memory,"
+                     " more than this machine has", "--sizes")
     return sizes
 
 
@@ -556,16 +556,18 @@ def _parse_sizes(text: str) -> list[int]:
 @click.option("--progress/--no-progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
 @click.option("-q", "--quiet", is_flag=True, help="No table.")
-def bench(quick: bool, sizes: str | None, repeat: int | None, patterns: Sequence[str], list_only: bool,
-          json_file: str | None, plot_dir: str | None, progress: bool | None, quiet: bool) -> int:
+def bench(quick: bool, sizes: str | None, repeat: int | None, patterns: Sequence[str],
+          list_only: bool, json_file: str | None, plot_dir: str | None, progress: bool | None,
+          quiet: bool) -> int:
     """Measure livemig on this machine, every figure beside a raw baseline from the same run."""
     from livemig import benchmark  # numpy-heavy; only this command needs it
 
-    region_sizes = _parse_sizes(sizes) if sizes else ([256 << 20] if quick else [256 << 20, 1 << 30, 4 << 30])
+    default_sizes = [256 << 20] if quick else [256 << 20, 1 << 30, 4 << 30]
+    region_sizes = _parse_sizes(sizes) if sizes else default_sizes
     chosen = benchmark.select(benchmark.scenarios(region_sizes, quick), patterns)
     if not chosen:
-        raise _usage(f"no scenario matches {', '.join(patterns)}; groups: {', '.join(benchmark.GROUPS)}"
-                     " (see --list)", "--scenario")
+        raise _usage(f"no scenario matches {', '.join(patterns)};"
+                     f" groups: {', '.join(benchmark.GROUPS)} (see --list)", "--scenario")
     if list_only:
         for sc in chosen:
             click.echo(f"{sc.group:<10} {sc.name}")
@@ -580,8 +582,8 @@ def bench(quick: bool, sizes: str | None, repeat: int | None, patterns: Sequence
         if not os.path.isdir(parent):
             raise _usage(f"no directory {parent!r} for the JSON file", "--json")
     runs = repeat or 3
-    settings = {"command": " ".join(["livemig", *sys.argv[1:]]), "quick": quick, "sizes": region_sizes,
-                "repeat": runs, "scenarios": [sc.name for sc in chosen]}
+    settings = {"command": " ".join(["livemig", *sys.argv[1:]]), "quick": quick,
+                "sizes": region_sizes, "repeat": runs, "scenarios": [sc.name for sc in chosen]}
     console = _stderr_console()
     if not console.is_terminal:
         console.width = max(console.width, 150)  # a log or a pipe: room for the table
