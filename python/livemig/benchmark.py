@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -32,7 +32,7 @@ import numpy.typing as npt
 from livemig import _core
 from livemig.guest import GuestConfig
 from livemig.loopback import migrate_locally
-from livemig.migration import MigrationConfig, MigrationResult
+from livemig.migration import DestinationConfig, MigrationConfig, MigrationResult
 
 PAGE = mmap.PAGESIZE
 MIB = 1 << 20
@@ -46,6 +46,8 @@ BITMAP_PAGES = (1 << 18, 1 << 22, 1 << 25, 1 << 28)
 #: Bytes of one request and of its answer on the wire (header + page), for the ping-pong baseline.
 REQUEST_BYTES = 24
 REPLY_BYTES = 24 + PAGE
+#: Seconds either side of a benchmark migration waits for a silent peer.
+PEER_TIMEOUT_S = 120.0
 
 
 # ---- figures ----
@@ -553,8 +555,12 @@ class Bench:
         return Report(figures, dict(settings or {}), machine, time.perf_counter() - t0)
 
     def _migrate(self, size: int, guest: GuestConfig, config: MigrationConfig) -> MigrationResult:
+        # The destination's silence timeout counts time between events, and a long first round
+        # (4 GiB on a loaded machine) has none: allow two minutes, not the default 20 s.
+        dest = DestinationConfig(timeout=PEER_TIMEOUT_S)
+        config = replace(config, timeout=PEER_TIMEOUT_S)
         result, _ = migrate_locally(
-            guest, config, size=size, settle_s=self.settle_s, deadline_s=self.deadline_s
+            guest, config, size=size, dest=dest, settle_s=self.settle_s, deadline_s=self.deadline_s
         )
         if not result.ok:
             raise RuntimeError(f"migration failed: {result.error}")
