@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig import _core
-from livemig.guest import GuestConfig
+from livemig.guest import GuestConfig, Workload
 from livemig.loopback import migrate_locally
 from livemig.migration import DestinationConfig, MigrationConfig, MigrationResult
 
@@ -313,13 +313,21 @@ class Baselines:
         src = _warm(nbytes)
         dst = mmap.mmap(-1, nbytes)
         view = memoryview(dst)
+        source = src.data
         outs, ins = _tcp_pairs(channels)
         bounds = [nbytes * i // channels // PAGE * PAGE for i in range(channels)] + [nbytes]
         jobs: list[Callable[[], object]] = []
+
+        def send(fd: int, v: memoryview) -> Callable[[], object]:
+            return lambda: _core.wire_bench_raw_send(fd, v)
+
+        def recv(fd: int, v: memoryview) -> Callable[[], object]:
+            return lambda: _core.wire_bench_raw_recv(fd, v)
+
         for i in range(channels):
             a, b = bounds[i], bounds[i + 1]
-            jobs.append(lambda o=outs[i], v=src[a:b]: _core.wire_bench_raw_send(o.fileno(), v))
-            jobs.append(lambda s=ins[i], v=view[a:b]: _core.wire_bench_raw_recv(s.fileno(), v))
+            jobs.append(send(outs[i].fileno(), source[a:b]))
+            jobs.append(recv(ins[i].fileno(), view[a:b]))
         try:
             secs = _parallel(jobs)
             if dst[nbytes - 1] != 0x5A:
@@ -346,8 +354,8 @@ class Baselines:
         try:
             secs = _parallel(
                 [
-                    lambda: _core.wire_bench_raw_send(outs[0].fileno(), src),
-                    lambda: _core.wire_bench_raw_recv(ins[0].fileno(), dst),
+                    lambda: _core.wire_bench_raw_send(outs[0].fileno(), src.data),
+                    lambda: _core.wire_bench_raw_recv(ins[0].fileno(), dst.data),
                 ]
             )
         finally:
@@ -756,7 +764,7 @@ class Bench:
         size, access, urgent = int(sc.arg("size")), sc.arg("access"), bool(sc.arg("urgent"))
         # Sequential: the increment writer at full speed dirties whole passes during the first
         # round, so after switchover it faults page after page in address order, racing the push.
-        workload = "increment" if access == "sequential" else "random"
+        workload: Workload = "increment" if access == "sequential" else "random"
         guest = GuestConfig(
             workload=workload, rate=0.0 if access == "sequential" else 5 * self.dirty_rate, seed=3
         )
@@ -876,7 +884,7 @@ class Bench:
             ("sparse", self._sparse_words(pages)),
         ):
             bm = _core.PageBitmap(pages)
-            bm.load_bytes(words)
+            bm.load_bytes(words.data)
             expect = int(np.bitwise_count(words).sum())
             out = np.ones_like(words)
             scratch = words.copy()
@@ -894,7 +902,7 @@ class Bench:
                 h_eng.append((time.perf_counter() - t0) * 1e3)
                 if got != expect or bm.count() != 0:
                     raise RuntimeError("bitmap count or harvest gave a wrong result")
-                bm.load_bytes(words)
+                bm.load_bytes(words.data)
                 np.copyto(scratch, words)
                 t0 = time.perf_counter()
                 np.copyto(out, scratch)
