@@ -193,3 +193,19 @@ def test_engine_figure_ratio_and_goal() -> None:
     assert down.ratio == 0.5 and down.met is True
     with pytest.raises(ValueError):
         benchmark.Stat.of([])
+
+
+def test_postcopy_scenarios_are_known_and_a_skip_renders_as_one() -> None:
+    chosen = {sc.name: sc for sc in benchmark.scenarios([16 << 20], quick=True)}
+    assert benchmark.needs_postcopy(chosen["postcopy-idle-16M"])
+    assert benchmark.needs_postcopy(chosen["faults-random-urgent-16M"])
+    assert not benchmark.needs_postcopy(chosen["precopy-idle-16M"])
+    assert not benchmark.needs_postcopy(chosen["hints-50pct-free-16M"])
+    fig = benchmark.failed_figure("faults-x", "faults", benchmark.SKIPPED + "no userfaultfd")
+    report = benchmark.Report([fig], {}, {})
+    from rich.console import Console
+
+    console = Console(width=120, record=True)
+    console.print(benchmark.table(report))
+    text = console.export_text()
+    assert "skipped" in text and "no userfaultfd" in text and "failed" not in text

@@ -46,6 +46,8 @@ BITMAP_PAGES = (1 << 18, 1 << 22, 1 << 25, 1 << 28)
 #: Bytes of one request and of its answer on the wire (header + page), for the ping-pong baseline.
 REQUEST_BYTES = 24
 REPLY_BYTES = 24 + PAGE
+#: How a figure's error starts when the kernel cannot run its scenario (not a failure).
+SKIPPED = "skipped: "
 #: Seconds either side of a benchmark migration waits for a silent peer.
 PEER_TIMEOUT_S = 120.0
 
@@ -93,7 +95,7 @@ class Figure:
     )
     met: bool | None = None  #: ratio within goal_ratio (None: no goal)
     details: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None  #: why the figure has no value
+    error: str | None = None  #: why the figure has no value (SKIPPED: the kernel cannot run it)
     samples: list[float] = field(default_factory=list)  #: every run's value
     baseline_samples: list[float] = field(default_factory=list)  #: every run of the baseline
 
@@ -234,6 +236,11 @@ def scenarios(sizes: Sequence[int], quick: bool = False) -> list[Scenario]:
             Scenario(f"bitmap-{size_label(pages * PAGE)}", "bitmap", "bitmap", (("pages", pages),))
         )
     return out
+
+
+def needs_postcopy(sc: Scenario) -> bool:
+    """The scenario runs a postcopy migration (userfaultfd on the destination)."""
+    return sc.kind == "faults" or (sc.kind == "migration" and sc.arg("mode") == "postcopy")
 
 
 def select(all_scenarios: Sequence[Scenario], patterns: Sequence[str]) -> list[Scenario]:
@@ -550,8 +557,16 @@ class Bench:
         t0 = time.perf_counter()
         machine = machine_info()
         figures: list[Figure] = []
+        no_postcopy: str | None = None
+        if any(needs_postcopy(sc) for sc in chosen):
+            from livemig.destination import postcopy_unsupported_reason
+
+            no_postcopy = postcopy_unsupported_reason()
         for sc in chosen:
             self.step(sc.name)
+            if no_postcopy is not None and needs_postcopy(sc):
+                figures.append(failed_figure(sc.name, sc.group, f"{SKIPPED}{no_postcopy}"))
+                continue
             try:
                 figures.extend(getattr(self, f"_run_{sc.kind}")(sc))
             except Exception as e:  # noqa: BLE001 (one scenario failing does not lose the others)
@@ -996,7 +1011,9 @@ def table(report: Report) -> Any:
             group = f.group
             t.add_section()
         if f.error is not None:
-            t.add_row(escape(f.name), "[red]failed[/red]", escape(f.error), "", "")
+            skipped = f.error.startswith(SKIPPED)
+            status = "[yellow]skipped[/yellow]" if skipped else "[red]failed[/red]"
+            t.add_row(escape(f.name), status, escape(f.error.removeprefix(SKIPPED)), "", "")
             continue
         lo, hi = f.spread or (None, None)
         value = escape(f"{_fmt(f.value)} {f.unit} [{_fmt(lo)}-{_fmt(hi)}]")

@@ -604,7 +604,8 @@ def bench(quick: bool, sizes: str | None, repeat: int | None, patterns: Sequence
         except (OSError, ValueError) as e:
             _error(f"cannot write the plots to {plot_dir}: {e}")
             return 1
-    failed = [f.name for f in report.figures if f.error is not None]
+    failed = [f.name for f in report.figures
+              if f.error is not None and not f.error.startswith(benchmark.SKIPPED)]
     if failed:
         _error(f"{len(failed)} scenario(s) failed: {', '.join(failed)}")
         return 1
