@@ -86,6 +86,8 @@ void register_session(py::module_& m) {
             return send_stats(st);
           },
           py::arg("max_seconds"), "Serve requests first, push the rest; returns when no dirty page is left.")
+      .def("end_urgent", &SourceSession::end_urgent, py::call_guard<py::gil_scoped_release>(),
+           "END on the urgent channel once no request is being served on it.")
       .def("interrupt", &SourceSession::interrupt)
       .def(
           "wait_event",

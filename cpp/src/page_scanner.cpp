@@ -98,26 +98,31 @@ std::size_t PageScanner::take_urgent(std::size_t max_pages, std::vector<PageRun>
         queued_.fetch_sub(1, std::memory_order_relaxed);
       }
     }
-    std::uint64_t dropped = 0;
-    for (std::uint64_t p = first; p < first + n; ++p) {
-      // Rule 2: served unless delivered in its current version (S set, D clear). D first: a page
-      // dirtied again must go even if it was sent before.
-      const bool d = dirty_.test_and_clear(p);
-      const bool s_was = sent_.test_and_set(p);
-      if (!d && s_was) {
-        ++dropped;
-        continue;
-      }
-      const std::uint8_t flags = static_cast<std::uint8_t>(PageRun::kUrgent | (d ? PageRun::kDirtyTaken : 0) |
-                                                           (s_was ? 0 : PageRun::kSentWasClear));
-      emit(out, p, 1, flags);
-      ++served;
-    }
-    if (dropped != 0) dropped_.fetch_add(dropped, std::memory_order_relaxed);
-    // Rule 6: the background scan continues just after the requested pages.
-    set_cursor(first + n);
+    served += take_range(first, n, out);
   }
+  return served;
+}
+
+std::size_t PageScanner::take_range(std::uint64_t first, std::uint64_t n, std::vector<PageRun>& out) {
+  std::uint64_t dropped = 0, served = 0;
+  for (std::uint64_t p = first; p < first + n; ++p) {
+    // Rule 2: served unless delivered in its current version (S set, D clear). D first: a page
+    // dirtied again must go even if it was sent before.
+    const bool d = dirty_.test_and_clear(p);
+    const bool s_was = sent_.test_and_set(p);
+    if (!d && s_was) {
+      ++dropped;
+      continue;
+    }
+    const std::uint8_t flags = static_cast<std::uint8_t>(PageRun::kUrgent | (d ? PageRun::kDirtyTaken : 0) |
+                                                         (s_was ? 0 : PageRun::kSentWasClear));
+    emit(out, p, 1, flags);
+    ++served;
+  }
+  if (dropped != 0) dropped_.fetch_add(dropped, std::memory_order_relaxed);
   if (served != 0) served_.fetch_add(served, std::memory_order_relaxed);
+  // Rule 6: the background scan continues just after the requested pages.
+  set_cursor(first + n);
   return served;
 }
 
@@ -177,6 +182,23 @@ std::size_t PageScanner::next_batch(std::size_t max_pages, std::vector<PageRun>&
     if (n != 0) return n;
   }
   return take_background(max_pages, out);
+}
+
+bool PageScanner::take_request(std::uint64_t first_page, std::uint64_t npages, std::vector<PageRun>& out) {
+  out.clear();
+  const std::uint64_t size = dirty_.size();
+  if (npages == 0 || first_page >= size || npages > size - first_page) {
+    invalid_.fetch_add(1, std::memory_order_relaxed);
+    return false;
+  }
+  requests_.fetch_add(1, std::memory_order_relaxed);
+  take_range(first_page, npages, out);
+  return true;
+}
+
+std::size_t PageScanner::next_background_batch(std::size_t max_pages, std::vector<PageRun>& out) {
+  out.clear();
+  return max_pages == 0 ? 0 : take_background(max_pages, out);
 }
 
 void PageScanner::send_failed(std::span<const PageRun> runs) noexcept {

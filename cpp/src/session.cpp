@@ -46,11 +46,14 @@ SessionEvent failed_event(const std::exception& e) {
 // becomes an event for the orchestrator.
 class SourceSession::ReturnHandler final : public wire::FrameHandler {
  public:
-  ReturnHandler(Source& source, EventQueue& events) : source_(source), events_(events) {}
+  ReturnHandler(Source& source, EventQueue& events, SourceSession& session)
+      : source_(source), events_(events), session_(session) {}
   std::uint8_t* page_buffer(std::uint64_t, std::uint32_t) override { throw ProtocolError("pages on the return path"); }
   void pages(std::uint64_t, std::uint32_t, const std::uint8_t*) override {}
   void zero(std::uint64_t, std::uint32_t) override { throw ProtocolError("zero pages on the return path"); }
-  void request(std::uint64_t first, std::uint32_t n) override { source_.scanner().request(first, n); }
+  void request(std::uint64_t first, std::uint32_t n) override {
+    if (!session_.serve_request(first, n)) source_.scanner().request(first, n);
+  }
   void received_bitmap(std::span<const std::uint8_t> bits) override {
     SessionEvent e;
     e.kind = SessionEvent::Kind::ReceivedBitmap;
@@ -85,6 +88,7 @@ class SourceSession::ReturnHandler final : public wire::FrameHandler {
  private:
   Source& source_;
   EventQueue& events_;
+  SourceSession& session_;
 };
 
 SourceSession::SourceSession(std::shared_ptr<Source> source, wire::FrameWriter& main,
@@ -117,7 +121,7 @@ void SourceSession::start_return_path() {
       // orchestrator ends it by shutting the socket down.
       wire::FdInput in(return_fd_, 0);
       wire::FrameReader reader(in, cfg_, wire::Direction::kToSource);
-      ReturnHandler handler(*source_, events_);
+      ReturnHandler handler(*source_, events_, *this);
       if (!reader.run(handler)) {
         SessionEvent e;
         e.kind = SessionEvent::Kind::End;
@@ -227,51 +231,91 @@ SendStats SourceSession::precopy_pass(double max_seconds, std::uint64_t max_page
   return total;
 }
 
+// With an urgent channel, requests are served on the return-path thread as they are read: the
+// pages go out on the urgent socket at once, with no hand-off to another thread and never behind
+// the background push, whose flush blocks while the main socket is full. The push and the return
+// thread both take pages through the scanner, which test-and-clears each page's D bit once, so a
+// page goes out once whichever takes it. Without an urgent channel, requests are queued and go
+// first on main, between background batches.
+bool SourceSession::serve_request(std::uint64_t first, std::uint32_t n) {
+  if (urgent_ == nullptr || !serving_.load(std::memory_order_acquire)) return false;
+  std::lock_guard lk(urgent_mu_);
+  if (!serving_.load(std::memory_order_relaxed)) return false;  // ended meanwhile: queue it
+  PageScanner& scanner = source_->scanner();
+  if (!scanner.take_request(first, n, served_runs_)) return true;  // outside the region: counted, dropped
+  if (served_runs_.empty()) return true;                            // delivered already (rule 2)
+  const std::size_t ps = page_size();
+  try {
+    for (const PageRun& r : served_runs_)
+      urgent_->send_pages(r.first, r.npages, source_->data() + r.first * ps, /*detect_zero=*/true);
+    urgent_->flush();
+  } catch (...) {
+    scanner.send_failed(served_runs_);
+    throw;
+  }
+  for (const PageRun& r : served_runs_) urgent_served_.fetch_add(r.npages, std::memory_order_relaxed);
+  return true;
+}
+
+void SourceSession::end_urgent() {
+  if (urgent_ == nullptr) return;
+  std::lock_guard lk(urgent_mu_);
+  serving_.store(false, std::memory_order_release);
+  urgent_ended_ = true;
+  urgent_->send_end();
+}
+
 SendStats SourceSession::postcopy_push(double max_seconds) {
   interrupted_.store(false, std::memory_order_release);
-  constexpr std::size_t kBatchPages = 64;  // small: requests are looked at between batches
+  constexpr std::size_t kBatchPages = 64;  // small: without an urgent channel, requests wait for one
   const auto t0 = Clock::now();
   const auto deadline = t0 + to_ns(max_seconds);
   const std::size_t ps = page_size();
   std::uint8_t* base = source_->data();
-  wire::FrameWriter& urgent = urgent_ != nullptr ? *urgent_ : main_;
+  PageScanner& scanner = source_->scanner();
+  if (urgent_ != nullptr) {
+    std::lock_guard lk(urgent_mu_);
+    if (!urgent_ended_) serving_.store(true, std::memory_order_release);
+  }
   const wire::WireStats main0 = main_.stats();
-  const wire::WireStats urg0 = urgent_ != nullptr ? urgent_->stats() : wire::WireStats{};
   SendStats st;
   std::vector<PageRun> runs;
   while (!interrupted_.load(std::memory_order_acquire) && Clock::now() < deadline) {
     runs.clear();
-    if (source_->scanner().next_batch(kBatchPages, runs) == 0) {
+    // Queued requests first (all of them without an urgent channel; with one, those that came
+    // before the return thread began serving), then the background scan.
+    std::size_t n = scanner.next_batch(kBatchPages, runs);
+    if (n == 0) {
       st.drained = source_->dirty()->none(0, source_->pages());
       if (st.drained) break;
       continue;
     }
+    const bool urgent = runs.front().urgent();
+    wire::FrameWriter& w = urgent && urgent_ != nullptr ? *urgent_ : main_;
     try {
-      // A batch is all urgent or all background (the scanner serves requests first).
-      if (runs.front().urgent()) {
-        for (const PageRun& r : runs) {
-          urgent.send_pages(r.first, r.npages, base + r.first * ps, true);
-          st.urgent_pages += r.npages;
-        }
-        urgent.flush();
-      } else {
-        for (const PageRun& r : runs) main_.send_pages(r.first, r.npages, base + r.first * ps, true);
-        main_.flush();
-      }
+      std::unique_lock<std::mutex> lk;
+      if (&w == urgent_) lk = std::unique_lock(urgent_mu_);  // beside serve_request and end_urgent
+      for (const PageRun& r : runs) w.send_pages(r.first, r.npages, base + r.first * ps, true);
+      w.flush();
     } catch (...) {
-      source_->scanner().send_failed(runs);
+      scanner.send_failed(runs);
       throw;
     }
+    if (urgent)
+      for (const PageRun& r : runs) st.urgent_pages += r.npages;
   }
+  // Served on the return thread since the last push returned (between pushes too).
+  st.urgent_pages += urgent_served_.exchange(0, std::memory_order_relaxed);
   const wire::WireStats main1 = main_.stats();
   st.pages = main1.pages - main0.pages;
   st.zero_pages = main1.zero_pages - main0.zero_pages;
   st.bytes = main1.bytes - main0.bytes;
-  if (urgent_ != nullptr) {
+  if (urgent_ != nullptr) {  // everything since the last push returned (the return thread serves between pushes)
     const wire::WireStats urg1 = urgent_->stats();
-    st.pages += urg1.pages - urg0.pages;
-    st.zero_pages += urg1.zero_pages - urg0.zero_pages;
-    st.bytes += urg1.bytes - urg0.bytes;
+    st.pages += urg1.pages - urgent_reported_.pages;
+    st.zero_pages += urg1.zero_pages - urgent_reported_.zero_pages;
+    st.bytes += urg1.bytes - urgent_reported_.bytes;
+    urgent_reported_ = urg1;
   }
   st.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   return st;

@@ -113,12 +113,16 @@ int main() {
     for (std::size_t p = kPages; p-- > 0;) sum += region->data()[p * ps + 8];
     checksum.store(sum, std::memory_order_relaxed);
   });
+  std::uint64_t urgent_pages = 0;
   for (;;) {
     const SendStats st = ss.postcopy_push(10.0);
+    urgent_pages += st.urgent_pages;
     if (st.drained) break;
   }
   guest.join();
-  src_urgent.send_end();
+  ss.end_urgent();
+  // Requests were served on the return-path thread or queued for the push, each page once.
+  CHECK(urgent_pages == source->scanner().counters().request_pages_served);
   src_main.send_command(wire::Command::kComplete);
   expect_event(ds, SessionEvent::Kind::Command);
 

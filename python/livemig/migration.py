@@ -415,8 +415,7 @@ class _SourceRun:
                 break
             if not resumed and time.perf_counter() - t_pause > self.config.timeout:
                 raise MigrationError(f"the destination did not resume the guest within {self.config.timeout} s")
-        if self.urgent is not None:
-            self.urgent.send_end()
+        self.session.end_urgent()
         self.main.send_command(wire.COMMAND_COMPLETE)
 
     def report(self) -> DestinationSummary:

@@ -75,6 +75,14 @@ class PageScanner {
   /// background scan takes dirty pages from the cursor on (wrapping once). Runs are in take order,
   /// adjacent pages with equal flags merged. Every returned page had D test-and-cleared and S set.
   std::size_t next_batch(std::size_t max_pages, std::vector<PageRun>& out);
+  /// A request taken at once instead of queued (for a sender that serves requests on the thread
+  /// that reads them): the pages of [first_page, first_page + npages) that rule 2 serves, as urgent
+  /// runs in `out` (cleared first), counted like a queued request. False, nothing taken, for a range
+  /// outside the region.
+  bool take_request(std::uint64_t first_page, std::uint64_t npages, std::vector<PageRun>& out);
+  /// The background scan alone, leaving requests to that sender. Safe beside take_request on
+  /// another thread: each page's D bit is test-and-cleared once.
+  std::size_t next_background_batch(std::size_t max_pages, std::vector<PageRun>& out);
   /// Convenience form of next_batch.
   std::vector<PageRun> next_batch(std::size_t max_pages) {
     std::vector<PageRun> out;
@@ -93,6 +101,7 @@ class PageScanner {
 
  private:
   std::size_t take_urgent(std::size_t max_pages, std::vector<PageRun>& out);
+  std::size_t take_range(std::uint64_t first, std::uint64_t n, std::vector<PageRun>& out);
   std::size_t take_background(std::size_t max_pages, std::vector<PageRun>& out);
 
   PageBitmap& dirty_;

@@ -90,9 +90,13 @@ class SourceSession {
   /// `max_seconds` passed, or `max_pages` were taken. Taken bits go back on failure (rule 7), then
   /// the first error is rethrown.
   SendStats precopy_pass(double max_seconds, std::uint64_t max_pages);
-  /// Postcopy: urgent requests first on the urgent channel (or main), the background scan on main,
-  /// until no dirty page is left (drained) or `max_seconds` passed.
+  /// Postcopy: the background scan on main until no dirty page is left (drained) or `max_seconds`
+  /// passed; requests meanwhile on the urgent channel from a thread of their own (or, without one,
+  /// first on main between background batches).
   SendStats postcopy_push(double max_seconds);
+  /// Ends the urgent channel (END frame) once no request is being served on it; requests after this
+  /// are queued and never served there. Call when the push drained and the destination runs.
+  void end_urgent();
   /// Makes a running pass return soon (from any thread).
   void interrupt() noexcept;
   /// The next event from the return path, waiting up to `timeout_s`.
@@ -103,6 +107,9 @@ class SourceSession {
  private:
   class ReturnHandler;
   static std::chrono::nanoseconds to_ns(double s);
+  // On the return-path thread: sends a request's pages on the urgent channel at once; false when
+  // not serving (no urgent channel, postcopy not started, or the channel ended): queue it instead.
+  bool serve_request(std::uint64_t first, std::uint32_t n);
   void pump(std::span<wire::FrameWriter* const> writers, std::chrono::steady_clock::time_point deadline,
             std::uint64_t max_pages, std::atomic<std::uint64_t>& budget_used);
 
@@ -115,6 +122,14 @@ class SourceSession {
   EventQueue events_;
   std::thread return_thread_;
   std::atomic<bool> interrupted_{false};
+  // Requests served on the return-path thread (see serve_request). urgent_mu_ orders every send on
+  // the urgent channel and its END; serving_ is also read without it as a fast "no".
+  std::mutex urgent_mu_;
+  std::atomic<bool> serving_{false};
+  bool urgent_ended_ = false;           // guarded by urgent_mu_
+  std::vector<PageRun> served_runs_;    // guarded by urgent_mu_
+  std::atomic<std::uint64_t> urgent_served_{0};  // pages, since the last push returned
+  wire::WireStats urgent_reported_;             // the urgent writer's stats at the last push's return
 };
 
 /// The destination's side: one reader thread per channel into the region; the region's fault
