@@ -517,9 +517,13 @@ class _DestinationRun:
         self.ended: set[int] = set()
 
     def next_event(self) -> tuple[str, int, int, bytes, str, float]:
-        ev = self.session.wait_event(self.config.timeout)
-        if ev is None:
-            raise MigrationError(f"the source was silent for {self.config.timeout} s")
+        while True:  # a slow source still moving pages is not a silent one
+            seen = self.session.pages_received
+            ev = self.session.wait_event(self.config.timeout)
+            if ev is not None:
+                break
+            if self.session.pages_received == seen:
+                raise MigrationError(f"the source was silent for {self.config.timeout} s")
         kind, a, _b, _data, text, _at = ev
         if kind in ("failed", "peer_error"):
             raise MigrationError(f"source: {text}" if kind == "peer_error" else text)
