@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from livemig import local
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,7 +32,7 @@ _serial = itertools.count()
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
+    r = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=20, stdin=subprocess.DEVNULL)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {r.stderr.strip() or r.returncode}")
     return r
@@ -129,7 +128,7 @@ def _migrate_across(link: Link, tmp_path: Path, size_mib: int) -> tuple[dict[str
         migrate = link.exec(link.src, *env_python, "migrate", "--to", dest.address, "--size", f"{size_mib}M",
                             "--postcopy", "--verify", "--json", "--quiet", "--no-progress", "--timeout", "20",
                             "--secret-file", str(secret))
-        r = subprocess.run(migrate, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        r = subprocess.run(migrate, check=False, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert r.returncode == 0, r.stderr
         src = json.loads(r.stdout)
         assert dest.wait(20) == 0, dest.stderr_text()
