@@ -15,12 +15,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from livemig import local, migration, wire
 from livemig.errors import AuthenticationError, ConnectionLost, MigrationError, ProtocolError
-from livemig.guest import GuestConfig
+from livemig.guest import Guest, GuestConfig
 
 PAGE = 4096
 SECRET = b"hostile-test-secret"
@@ -376,6 +377,24 @@ def test_a_source_silent_after_the_handshake_times_out_and_the_listener_serves_o
         assert "the source was silent for 1.0 s" in err, err
         with pytest.raises(ProtocolError, match="the source was silent"):
             wire.expect(c.reader(), "end")
+    listener.good_migration()
+
+
+@pytest.mark.timeout(30)
+def test_a_source_silent_in_postcopy_fails_the_destination_without_a_hang(listener: Listen) -> None:
+    """The destination guest runs and blocks on faults for pages that never come: the destination
+    still gives up at its timeout (its guest's blocked threads are woken, not waited for) and
+    serves on."""
+    state = Guest(np.zeros(REGION, np.uint8), GuestConfig(workload="increment")).export_state()
+    blob = migration.pack_device_state(state, {"cmd_id": 1, "last_round_id": None})
+    with _fake_source(listener.address, extra=0) as c:
+        w = c.writer()
+        w.send_device_state(blob)
+        w.send_command(wire.COMMAND_POSTCOPY_START)
+        first = wire.expect(c.reader(), "request", "ack")  # its guest runs (and faults) here
+        assert first.kind in ("request", "ack")
+        err = listener.failure()
+        assert "the source was silent for 1.0 s" in err, err
     listener.good_migration()
 
 

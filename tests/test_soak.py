@@ -112,7 +112,7 @@ def _back_and_forth(seconds: float, at_least: int) -> tuple[int, dict[str, int],
             r, s = got["migrated"], got["served"]
             assert r["ok"] and s["ok"], (i, r, s)
             assert r["verify"]["mismatches"] == 0 and r["verify"]["pages_checked"] > 0, (i, r["verify"])
-            assert s["postcopy"]["outstanding_requests"] == 0
+            assert s["postcopy"]["outstanding_requests"] == 0, (i, postcopy, s["postcopy"], r["postcopy"])
             assert s["balloon"]["done_delivered"] and s["balloon"]["held_pages_after"] == 0, (i, s["balloon"])
             if fresh is None:  # the guest that left came back and went on writing
                 assert s["pages_written"] > written, (i, written, s["pages_written"])
@@ -158,6 +158,8 @@ def test_back_and_forth_under_load_stays_correct_and_does_not_leak() -> None:
         print(f"\nsoak {name}: {n} migrations in {SECONDS:.0f} s ({counts}); RSS MiB warm-up max"
               f" {base_rss / 2**20:.1f}, later max {max(rss[WARMUP:]) / 2**20:.1f}, last"
               f" {rss[-1] / 2**20:.1f}; fds warm-up max {base_fds}, later max {max(fds[WARMUP:])}")
+        trend = [f"{rss[WARMUP + k * (len(rss) - WARMUP - 1) // 8] / 2**20:.2f}" for k in range(9)]
+        print(f"soak {name}: RSS MiB from warm-up to the end, in eighths: {' '.join(trend)}")
         assert max(rss[WARMUP:]) <= base_rss + RSS_SLACK, (name, rss)
         assert max(fds[WARMUP:]) <= base_fds + FD_SLACK, (name, fds)
     assert counts["precopy"] and counts["postcopy"] and counts["hinted"]

@@ -657,9 +657,11 @@ class _DestinationRun:
         return summary
 
     def close(self) -> None:
+        # The region first: unregistering wakes guest threads blocked on a fault for a page that
+        # will never come (a source gone silent in postcopy); stopping the guest would wait on them.
+        self.dest.stop()
         if self.guest is not None:
             self.guest.stop()
-        self.dest.stop()
         self.conn.close()
         self.session.join()
 
