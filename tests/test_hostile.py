@@ -414,7 +414,7 @@ def test_a_destination_silent_after_the_handshake_fails_the_source_within_its_ti
         try:
             cfg = migration.MigrationConfig(secret=SECRET, timeout=1.0)
             with pytest.raises(MigrationError, match=r"read nothing for 1\.0+ s \(timeout\)|did not resume the guest within 1\.0 s"):
-                migration.migrate(str(L.address), 64 << 20, GuestConfig(workload="increment"), cfg)
+                migration.migrate(str(L.address), 16 << 20, GuestConfig(workload="increment"), cfg)
         finally:
             release.set()
             t.join(20)
