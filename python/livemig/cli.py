@@ -8,7 +8,6 @@ object on stdout, also when the migration fails.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import json
 import math
 import mmap
@@ -87,18 +86,7 @@ def split_capabilities(specs: Iterable[tuple[Side, str]]) -> tuple[frozenset[str
 
 def is_loopback(address: wire.Address) -> bool:
     """The address is a Unix socket or a TCP host that resolves only to loopback addresses."""
-    if address.family == "unix":
-        return True
-    try:
-        return ipaddress.ip_address(address.host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(address.host, None, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    hosts = [str(info[4][0]).split("%")[0] for info in infos]  # drop an IPv6 scope id
-    return bool(hosts) and all(ipaddress.ip_address(h).is_loopback for h in hosts)
+    return wire.is_loopback(address)
 
 
 # ---- click parameter types ----
@@ -491,7 +479,7 @@ def listen(
         timeout=timeout,
     )
     try:
-        listener = wire.Listener(address)
+        listener = wire.Listener(address, insecure=insecure)
     except OSError as e:
         why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         raise MigrationError(f"cannot listen on {address}: {why}") from None

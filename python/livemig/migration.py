@@ -14,8 +14,12 @@ import json
 import mmap
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
 
 from livemig import _core, wire
 from livemig.balloon import CMD_DONE, BalloonDevice
@@ -171,6 +175,16 @@ class DestinationSummary:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class GuestImage:
+    """A paused guest taken off a destination (``serve(keep_guest=...)``), to migrate it on or back
+    with ``migrate(..., image=...)`` from exactly where it stopped."""
+
+    memory: npt.NDArray[np.uint8]  #: a copy of its region
+    state: bytes  #: ``Guest.export_state()``
+    last_round_id: int | None = None  #: the balloon's hint round id sequence continues from here
+
+
 # ---- device state: what travels with the guest at switchover ----
 
 _DEVICE_MAGIC = b"LMDS"
@@ -229,14 +243,23 @@ def _summary_from_report(data: bytes) -> DestinationSummary:
 class _SourceRun:
     """One outgoing migration: the region, its guest, the connection and the page pumps."""
 
-    def __init__(self, region_bytes: int, guest: GuestConfig, config: MigrationConfig, progress: Progress) -> None:
+    def __init__(self, region_bytes: int, guest: GuestConfig, config: MigrationConfig, progress: Progress,
+                 image: GuestImage | None = None) -> None:
         self.config = config
         self.progress = progress
         page = guest.page_size
         if region_bytes <= 0 or region_bytes % page:
             raise ValueError(f"region size must be a positive multiple of {page} bytes, got {region_bytes}")
         self.source = Source(region_bytes // page, mode="kernel")
-        self.guest = Guest(self.source.memory, guest, device=_core.source_balloon_port(self.source._core))
+        port = _core.source_balloon_port(self.source._core)
+        if image is None:
+            self.guest = Guest(self.source.memory, guest, device=port)
+        else:
+            if image.memory.nbytes != region_bytes:
+                raise ValueError(f"the guest image holds {image.memory.nbytes} bytes, not {region_bytes}")
+            self.source.memory[:] = image.memory.reshape(-1).view(np.uint8)
+            self.guest = Guest.from_state(self.source.memory, image.state, device=port)
+        self.last_round_id = image.last_round_id if image is not None else None
         self.result = MigrationResult(ok=False, mode="postcopy" if config.postcopy else "precopy",
                                       region_bytes=region_bytes, page_size=page)
         self.conn: wire.Connection | None = None
@@ -266,7 +289,8 @@ class _SourceRun:
         self.session = _core.SourceSession(self.source._core, main, extras, urgent, conn.main.fileno(), conn.config())
         self.session.start_return_path()
         hinting = self.config.hints and conn.negotiated.hinting_allowed(postcopy_possible=self.config.postcopy)
-        self.balloon = BalloonDevice(self.source.hints, enabled=hinting, notify=self.guest.kick)
+        self.balloon = BalloonDevice(self.source.hints, enabled=hinting, last_id=self.last_round_id,
+                                     notify=self.guest.kick)
 
     def _add(self, st: dict[str, Any]) -> None:
         self.result.pages_sent += st["pages"]
@@ -468,16 +492,19 @@ def migrate(
     guest: GuestConfig,
     config: MigrationConfig = MigrationConfig(),
     progress: Progress | None = None,
+    *,
+    image: GuestImage | None = None,
 ) -> MigrationResult:
     """Start a guest on a fresh source region of ``region_bytes`` and migrate it to the
     destination listening at ``address``.
 
     Raises :class:`livemig.MigrationError` (naming the step and cause) when the migration fails; the
     source guest then keeps running and has been sent DONE, unless the destination guest had
-    already started (postcopy), in which case the source guest stays paused.
+    already started (postcopy), in which case the source guest stays paused. ``image``: migrate
+    that guest (from ``serve(keep_guest=...)``) instead of a fresh one of config ``guest``.
     """
     prog = progress or NoProgress()
-    run = _SourceRun(region_bytes, guest, config, prog)
+    run = _SourceRun(region_bytes, guest, config, prog, image)
     t0 = time.perf_counter()
     step = "connect"
     try:
@@ -541,11 +568,16 @@ class _DestinationRun:
         self.guest: Guest | None = None
         self.mode: Mode = "precopy"
         self.ended: set[int] = set()
+        self.last_round_id: int | None = None
 
     def next_event(self) -> tuple[str, int, int, bytes, str, float]:
-        ev = self.session.wait_event(self.config.timeout)
-        if ev is None:
-            raise MigrationError(f"the source was silent for {self.config.timeout} s")
+        while True:  # a slow source still moving pages is not a silent one
+            seen = self.session.pages_received
+            ev = self.session.wait_event(self.config.timeout)
+            if ev is not None:
+                break
+            if self.session.pages_received == seen:
+                raise MigrationError(f"the source was silent for {self.config.timeout} s")
         kind, a, _b, _data, text, _at = ev
         if kind in ("failed", "peer_error"):
             raise MigrationError(f"source: {text}" if kind == "peer_error" else text)
@@ -556,6 +588,7 @@ class _DestinationRun:
     def resume_guest(self, blob: bytes) -> None:
         header, guest_state = unpack_device_state(blob)
         balloon = header.get("balloon", {})
+        self.last_round_id = balloon.get("last_round_id")
         if balloon.get("cmd_id") == CMD_DONE:
             self.device.host_done()
         guest, self.prepared = self.prepared, None
@@ -611,7 +644,12 @@ class _DestinationRun:
         if self.mode == "postcopy":
             c = region.counters()
             lat = region.latency()
-            outstanding = region.requested.count()  # requested and never placed
+            # Requested and never placed. (A request that raced its page's placement can leave a
+            # requested bit on a placed page; that page is not outstanding.)
+            pending = _core.PageBitmap(region.requested.size)
+            pending.or_(region.requested)
+            pending.and_not(region.received)
+            outstanding = pending.count()
             pc = PostcopyStats(requests=c.requests, local_fills=c.local_fills,
                                fault_latency_us=LatencySummary(lat.p50_us, lat.p99_us, lat.max_us),
                                histogram=tuple(int(x) for x in lat.buckets), outstanding_requests=outstanding,
@@ -660,9 +698,11 @@ class _DestinationRun:
         return summary
 
     def close(self) -> None:
+        # The region first: unregistering wakes guest threads blocked on a fault for a page that
+        # will never come (a source gone silent in postcopy); stopping the guest would wait on them.
+        self.dest.stop()
         if self.guest is not None:
             self.guest.stop()
-        self.dest.stop()
         self.conn.close()
         self.session.join()
 
@@ -676,11 +716,13 @@ def serve(
     settle_s: float = 2.0,
     await_reuse: bool = False,
     wait: float | None = None,
+    keep_guest: Callable[[GuestImage], None] | None = None,
 ) -> DestinationSummary:
     """Accept one migration on ``listener`` (waiting ``wait`` seconds for a source, None: forever),
     resume its guest here and run until the source completes; the summary (with verification)
     also goes back to the source as its report. ``settle_s`` and ``await_reuse``: see
-    :meth:`_DestinationRun.settle_and_report`."""
+    :meth:`_DestinationRun.settle_and_report`. ``keep_guest``: after a verified migration, called with
+    the paused guest's image (to migrate it on or back)."""
     prog = progress or NoProgress()
     caps = wire.Capabilities.all(extra_channels=wire.MAX_EXTRA_CHANNELS).without(*config.disable_capabilities)
     opts = wire.WireOptions(page_size=mmap.PAGESIZE, region_bytes=config.max_region_bytes,
@@ -694,6 +736,8 @@ def serve(
     try:
         summary = run.run()
         summary = run.settle_and_report(summary, verify, settle_s, await_reuse)
+        if keep_guest is not None and summary.ok and run.guest is not None:
+            keep_guest(GuestImage(run.dest.array.copy(), run.guest.export_state(), run.last_round_id))
         run.return_path.send_device_state(json.dumps(asdict(summary)).encode())
         try:
             run.return_path.send_end()
@@ -715,7 +759,7 @@ def serve(
 
 
 __all__ = [
-    "BalloonReport", "DestinationConfig", "DestinationSummary", "HintStats", "LatencySummary",
+    "BalloonReport", "DestinationConfig", "DestinationSummary", "GuestImage", "HintStats", "LatencySummary",
     "MigrationConfig", "MigrationResult", "PostcopyStats", "Progress", "RoundStats", "VerifyReport",
     "migrate", "serve",
 ]

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import socket
 import struct
+import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -330,15 +333,23 @@ class Connection:
 # ---- handshake messages ----
 
 
+# The whole handshake of a socket must finish within its timeout, not just each read: a peer
+# that trickles one byte per almost-timeout would otherwise hold a listener for ever.
+_DEADLINES: weakref.WeakKeyDictionary[socket.socket, tuple[float, float]] = weakref.WeakKeyDictionary()
+
+
 def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
     buf = bytearray()
+    deadline, timeout = _DEADLINES.get(sock, (None, sock.gettimeout()))
     while len(buf) < n:
+        if deadline is not None:
+            sock.settimeout(max(deadline - time.monotonic(), 1e-6))
         try:
             chunk = sock.recv(n - len(buf))
         except TimeoutError:
             raise ConnectionLost(
-                f"handshake: the peer was silent for {sock.gettimeout()} s"
-                f" while we waited for {what}"
+                f"handshake: the peer was silent or too slow: no whole {what} within the"
+                f" handshake's {timeout} s (got {len(buf)} of {n} bytes)"
             ) from None
         except OSError as e:
             raise ConnectionLost(f"handshake: connection lost while reading {what}: {e}") from None
@@ -527,12 +538,14 @@ def _check_region(opts: WireOptions, peer: _Hello) -> str | None:
 
 def _prepare(sock: socket.socket, timeout: float) -> None:
     sock.settimeout(timeout)
+    _DEADLINES[sock] = (time.monotonic() + timeout, timeout)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _finish(sock: socket.socket) -> None:
     # Blocking from now on; the C++ reader / writer put SO_RCVTIMEO / SO_SNDTIMEO on it.
+    _DEADLINES.pop(sock, None)
     sock.settimeout(None)
 
 
@@ -653,10 +666,32 @@ def _socket_for(addr: Address) -> tuple[socket.socket, object]:
     return socket.socket(family, stype, proto), sockaddr
 
 
-class Listener:
-    """The destination's listening socket (TCP v4/v6 or Unix). Port 0 picks a free port."""
+def is_loopback(address: Address) -> bool:
+    """A Unix socket, or a TCP host that resolves only to loopback addresses (a name that does
+    not resolve is not loopback)."""
+    if address.family == "unix":
+        return True
+    try:
+        return ipaddress.ip_address(address.host.split("%")[0]).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(address.host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    hosts = [str(info[4][0]).split("%")[0] for info in infos]  # drop an IPv6 scope id
+    return bool(hosts) and all(ipaddress.ip_address(h).is_loopback for h in hosts)
 
-    def __init__(self, address: str | Address, backlog: int = 16) -> None:
+
+class Listener:
+    """The destination's listening socket (TCP v4/v6 or Unix). Port 0 picks a free port.
+
+    Bound beyond loopback, it accepts only with a shared secret (``WireOptions.secret``):
+    :meth:`accept` without one raises AuthenticationError before it takes a connection, unless
+    the listener was made ``insecure=True`` (anyone who can reach the port may then migrate in)."""
+
+    def __init__(self, address: str | Address, backlog: int = 16, *, insecure: bool = False) -> None:
+        self.insecure = insecure
         addr = parse_address(address) if isinstance(address, str) else address
         self._sock, sockaddr = _socket_for(addr)
         if addr.family == "tcp":
@@ -684,7 +719,14 @@ class Listener:
         """Accepts a source's main channel and then its urgent and extra page channels, each
         with its handshake; a connection that fails its handshake is refused and dropped, and the
         error raised (a wrong secret never gets past this). ``wait``: how long to wait for the
-        source to connect (None: forever; default: ``opts.timeout``)."""
+        source to connect (None: forever; default: ``opts.timeout``). Beyond loopback without a
+        secret (and not ``insecure``): AuthenticationError, before any connection is taken."""
+        if opts.secret is None and not self.insecure and not is_loopback(self.address):
+            raise AuthenticationError(
+                f"refusing to accept sources on {self.address} beyond loopback without a shared"
+                f" secret: set one (WireOptions.secret, ${SECRET_ENV}), or make the listener"
+                " insecure=True to accept anyone"
+            )
         sock = self._accept_one(opts.timeout if wait == "timeout" else wait)
         try:
             res = handshake_destination(sock, opts)
@@ -861,6 +903,7 @@ __all__ = [
     "expect",
     "handshake_destination",
     "handshake_source",
+    "is_loopback",
     "load_secret",
     "parse_address",
     "read_frame",
