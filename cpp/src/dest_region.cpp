@@ -687,7 +687,18 @@ void DestRegion::handle_fault(std::uint64_t page, std::uint64_t now, std::vector
     // the placer woke the thread.
     return;
   }
-  if (!requested_->test_and_set(page)) to_request.push_back(page);
+  if (requested_->test_and_set(page)) return;  // asked already: one request per page
+  // A placement between the R test above and this bit would not have seen the bit (it sets R, then
+  // clears requested). Look at R once more, behind the same store-load fence as the stamp above:
+  // either the placer sees our bit and clears it, or we see its R and take the bit back.
+  order_.fetch_add(1, std::memory_order_acq_rel);
+  if (received_->test(page)) {
+    requested_->clear(page);
+    c_.stale_faults.fetch_add(1, kRelaxed);
+    uffd_.wake(base_ + page * ps_, ps_);
+    return;
+  }
+  to_request.push_back(page);
 }
 
 void DestRegion::fault_loop() noexcept {
