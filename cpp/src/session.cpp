@@ -304,6 +304,11 @@ SendStats SourceSession::postcopy_push(double max_seconds) {
     if (urgent)
       for (const PageRun& r : runs) st.urgent_pages += r.npages;
   }
+  if (urgent_ != nullptr) {
+    // A serve that took the last dirty pages (and so ended this push) counts them under the lock:
+    // wait for it, so this push reports them.
+    std::lock_guard lk(urgent_mu_);
+  }
   // Served on the return thread since the last push returned (between pushes too).
   st.urgent_pages += urgent_served_.exchange(0, std::memory_order_relaxed);
   const wire::WireStats main1 = main_.stats();

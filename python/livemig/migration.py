@@ -644,12 +644,7 @@ class _DestinationRun:
         if self.mode == "postcopy":
             c = region.counters()
             lat = region.latency()
-            # Requested and never placed. (A request that raced its page's placement can leave a
-            # requested bit on a placed page; that page is not outstanding.)
-            pending = _core.PageBitmap(region.requested.size)
-            pending.or_(region.requested)
-            pending.and_not(region.received)
-            outstanding = pending.count()
+            outstanding = region.requested.count()  # requested and never placed
             pc = PostcopyStats(requests=c.requests, local_fills=c.local_fills,
                                fault_latency_us=LatencySummary(lat.p50_us, lat.p99_us, lat.max_us),
                                histogram=tuple(int(x) for x in lat.buckets), outstanding_requests=outstanding,
