@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import mmap
+import socket
 import struct
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -20,8 +22,9 @@ from typing import Any, Literal, Protocol
 from livemig import _core, wire
 from livemig.balloon import CMD_DONE, BalloonDevice
 from livemig.destination import Destination
-from livemig.errors import LivemigError, MigrationError
+from livemig.errors import ConnectionLost, LivemigError, MigrationError, ProtocolError
 from livemig.guest import Guest, GuestConfig
+from livemig.recovery import ChannelBroken, DestinationRecovery, MigrationControl, SourceRecovery, event_summary
 from livemig.source import Source
 
 Mode = Literal["precopy", "postcopy"]
@@ -42,6 +45,11 @@ class MigrationConfig:
     secret: bytes | None = None  #: shared secret for the handshake
     verify: bool = False  #: prove the destination holds exactly the guest's latest memory
     timeout: float = 30.0  #: seconds a silent peer is waited for
+    #: postcopy recovery: how long a broken connection is paused and resumed before giving up
+    #: (0: fail at once, as without recovery)
+    reconnect_deadline_s: float = 60.0
+    #: reconnect by itself (to the same address); False: wait for MigrationControl.resume()
+    auto_reconnect: bool = True
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,8 @@ class MigrationResult:
     rounds: list[RoundStats] = field(default_factory=list)
     capabilities: list[str] = field(default_factory=list)  #: negotiated
     error: str | None = None
+    recoveries: int = 0  #: times a broken postcopy connection was resumed
+    requeued_pages: int = 0  #: pages made dirty again on resuming (not received by the destination)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``--json`` output)."""
@@ -156,6 +166,9 @@ class DestinationConfig:
     secret: bytes | None = None  #: shared secret the source must prove
     max_region_bytes: int = 0  #: largest region accepted (0: up to physical memory)
     timeout: float = 30.0  #: seconds a silent peer is waited for
+    #: postcopy recovery: how long a broken connection is paused, the guest running and its
+    #: faulting threads waiting, for the source to resume (0: fail at once)
+    resume_deadline_s: float = 60.0
 
 
 @dataclass
@@ -169,6 +182,25 @@ class DestinationSummary:
     balloon: BalloonReport = field(default_factory=BalloonReport)
     verify: VerifyReport | None = None
     error: str | None = None
+    recoveries: int = 0  #: times a broken postcopy connection was resumed
+
+
+@dataclass(frozen=True)
+class SourceGuestReport:
+    """What became of the source guest when a migration failed."""
+
+    running: bool  #: resumed here (the destination guest never ran); False: stale, it stays paused
+    done_delivered: bool  #: its balloon driver saw DONE
+    held_pages: int  #: pages its balloon driver still holds back
+    verify: VerifyReport | None = None  #: with ``MigrationConfig.verify``: its memory checked
+
+
+class MigrationFailed(MigrationError):
+    """A migration failed; ``source_guest`` says what became of the source guest."""
+
+    def __init__(self, message: str, source_guest: SourceGuestReport | None = None) -> None:
+        super().__init__(message)
+        self.source_guest = source_guest
 
 
 # ---- device state: what travels with the guest at switchover ----
@@ -225,10 +257,11 @@ def _summary_from_report(data: bytes) -> DestinationSummary:
 # ---- the source ----
 
 
-class _SourceRun:
+class _SourceRun(SourceRecovery):
     """One outgoing migration: the region, its guest, the connection and the page pumps."""
 
-    def __init__(self, region_bytes: int, guest: GuestConfig, config: MigrationConfig, progress: Progress) -> None:
+    def __init__(self, region_bytes: int, guest: GuestConfig, config: MigrationConfig, progress: Progress,
+                 control: MigrationControl | None = None) -> None:
         self.config = config
         self.progress = progress
         page = guest.page_size
@@ -243,6 +276,10 @@ class _SourceRun:
         self.balloon: BalloonDevice | None = None
         self.writers: list[_core.FrameWriter] = []
         self.dest_guest_running = False
+        self.control = control or MigrationControl()
+        self.address = ""
+        self.recoveries = 0
+        self.requeued_pages = 0
 
     # -- steps --
     def connect(self, address: str) -> None:
@@ -254,6 +291,7 @@ class _SourceRun:
         opts = wire.WireOptions(page_size=self.result.page_size, region_bytes=self.result.region_bytes,
                                 capabilities=caps, secret=self.config.secret, timeout=self.config.timeout)
         self.conn = conn = wire.connect(address, opts)
+        self.address, self.session_id, self.negotiated = address, conn.session, conn.negotiated
         self.result.capabilities = sorted(conn.negotiated.capabilities)
         main = conn.writer()
         extras = [conn.writer(ch) for ch in conn.pages]
@@ -370,31 +408,56 @@ class _SourceRun:
         self.main.send_command(wire.COMMAND_POSTCOPY_START)
         self.dest_guest_running = True  # from here on the source guest must never resume
         self.progress.phase("postcopy")
-        # Serve requests and push at once: the destination guest may fault before its ack arrives.
-        total = self.source.pages
-        resumed = False
+        self._acked = False
+        self._t_pause = t_pause
+        self._serve_postcopy()
+
+    def _serve_postcopy(self) -> None:
+        """Pushes until done, then ends the urgent channel and sends COMPLETE; a break pauses and
+        resumes (recovery), then pushes on."""
         while True:
-            st = self.session.postcopy_push(max_seconds=0.05)
+            try:
+                self._push_until_drained()
+                try:
+                    if self.urgent is not None:
+                        self.urgent.send_end()
+                    self.main.send_command(wire.COMMAND_COMPLETE)
+                except (LivemigError, OSError) as e:
+                    raise self.broken(e) from None
+                return
+            except ChannelBroken as e:
+                self.pause_and_resume(str(e))
+                self._acked = True  # the destination resumed: its guest runs
+
+    def _push_until_drained(self) -> None:
+        """Serve requests and push at once: the destination guest may fault before its ack arrives."""
+        assert self.session is not None
+        t_pause = self._t_pause
+        total = self.source.pages
+        while True:
+            try:
+                st = self.session.postcopy_push(max_seconds=0.05)
+            except (LivemigError, OSError) as e:
+                raise self.broken(e) from None
             self._add(st)
             wait = 0.05 if st["drained"] else 0.0  # nothing to push: block for the ack instead
             while (ev := self.session.wait_event(wait)) is not None:
                 wait = 0.0
                 kind, a, b, _data, text, at = ev
-                if kind == "ack" and a == _ACK_RESUMED and b == wire.COMMAND_POSTCOPY_START and not resumed:
-                    resumed = True
+                if kind == "ack" and a == _ACK_RESUMED and b == wire.COMMAND_POSTCOPY_START and not self._acked:
+                    self._acked = True
                     self.result.downtime_ms = (at - t_pause) * 1e3
-                elif kind in ("peer_error", "failed", "end"):
+                elif kind in ("failed", "end"):
+                    raise self.broken(event_summary(ev))
+                elif kind == "peer_error":
                     raise MigrationError(f"destination: {text or kind}")
             remaining = self.source.dirty.count()
             self.progress.update(round=len(self.result.rounds), remaining_pages=remaining, total_pages=total,
                                  bandwidth_bps=st["bytes"] / st["seconds"] if st["seconds"] else 0.0)
-            if st["drained"] and resumed:
+            if st["drained"] and self._acked:
                 break
-            if not resumed and time.perf_counter() - t_pause > self.config.timeout:
+            if not self._acked and time.perf_counter() - t_pause > self.config.timeout:
                 raise MigrationError(f"the destination did not resume the guest within {self.config.timeout} s")
-        if self.urgent is not None:
-            self.urgent.send_end()
-        self.main.send_command(wire.COMMAND_COMPLETE)
 
     def report(self) -> DestinationSummary:
         """The destination's summary, sent once it is done (and verified, when asked)."""
@@ -409,6 +472,13 @@ class _SourceRun:
                 summary = _summary_from_report(data)
                 self._await_end()
                 return summary
+            if kind in ("failed", "end") and self.recoverable():
+                # The report did not come: the destination may still miss pages. Resume, push what
+                # it lacks, complete again.
+                self.pause_and_resume(text or kind)
+                self._serve_postcopy()
+                deadline = time.monotonic() + self.config.timeout + 60.0
+                continue
             if kind in ("peer_error", "failed", "end"):
                 raise MigrationError(f"destination: {text or kind}")
 
@@ -430,6 +500,27 @@ class _SourceRun:
         if not self.dest_guest_running:
             self.guest.resume()
 
+    def source_guest_report(self, settle_s: float = 2.0) -> SourceGuestReport:
+        """After cancel(): lets a resumed guest see DONE (up to ``settle_s``), then reports (and,
+        with ``config.verify``, checks) the source guest."""
+        running = self.guest.running
+        deadline = time.monotonic() + settle_s
+        while running and time.monotonic() < deadline:
+            gs = self.guest.stats()
+            if gs.done_seen > 0 and gs.pages_held == 0:
+                break
+            time.sleep(0.005)  # the guest's driver runs at its own pace
+        gs = self.guest.stats()
+        verify = None
+        if self.config.verify:
+            v = self.guest.verify()
+            mismatches = v.mismatches
+            if self.guest.workload == "increment":
+                mismatches += 0 if self.guest.check_increment().ok else 1
+            verify = VerifyReport(pages_checked=v.pages_checked, mismatches=mismatches, placed_twice=0)
+        return SourceGuestReport(running=running, done_delivered=gs.done_seen > 0, held_pages=gs.pages_held,
+                                 verify=verify)
+
     def close(self) -> None:
         if self.session is not None:
             self.session.interrupt()
@@ -438,6 +529,7 @@ class _SourceRun:
         if self.session is not None:
             self.session.join_return_path()
         self.guest.stop()
+        self.result.recoveries, self.result.requeued_pages = self.recoveries, self.requeued_pages
 
 
 def migrate(
@@ -446,6 +538,7 @@ def migrate(
     guest: GuestConfig,
     config: MigrationConfig = MigrationConfig(),
     progress: Progress | None = None,
+    control: MigrationControl | None = None,
 ) -> MigrationResult:
     """Start a guest on a fresh source region of ``region_bytes`` and migrate it to the
     destination listening at ``address``.
@@ -453,9 +546,13 @@ def migrate(
     Raises :class:`livemig.MigrationError` (naming the step and cause) when the migration fails; the
     source guest then keeps running and has been sent DONE, unless the destination guest had
     already started (postcopy), in which case the source guest stays paused.
+
+    Postcopy recovery: a connection that breaks after the destination guest started pauses the
+    migration; it resumes over a new connection (by itself, or through ``control``: see
+    :class:`livemig.recovery.MigrationControl`) within ``config.reconnect_deadline_s``.
     """
     prog = progress or NoProgress()
-    run = _SourceRun(region_bytes, guest, config, prog)
+    run = _SourceRun(region_bytes, guest, config, prog, control)
     t0 = time.perf_counter()
     step = "connect"
     try:
@@ -475,8 +572,9 @@ def migrate(
         summary = run.report()
     except (LivemigError, OSError) as e:
         run.cancel()
+        guest_report = run.source_guest_report()
         run.close()
-        raise MigrationError(f"{step}: {e}") from e
+        raise MigrationFailed(f"{step}: {e}", guest_report) from e
     except BaseException:
         run.cancel()
         run.close()
@@ -498,10 +596,11 @@ def migrate(
 # ---- the destination ----
 
 
-class _DestinationRun:
+class _DestinationRun(DestinationRecovery):
     """One incoming migration: the region, the channel readers and, after switchover, the guest."""
 
-    def __init__(self, conn: wire.Connection, config: DestinationConfig, progress: Progress) -> None:
+    def __init__(self, conn: wire.Connection, config: DestinationConfig, progress: Progress,
+                 listener: wire.Listener | None = None, wire_options: wire.WireOptions | None = None) -> None:
         self.conn = conn
         self.config = config
         self.progress = progress
@@ -515,17 +614,29 @@ class _DestinationRun:
         self.guest: Guest | None = None
         self.mode: Mode = "precopy"
         self.ended: set[int] = set()
+        self.listener, self.wire_options = listener, wire_options  # recovery: where a resume comes in
+        self.recoveries = 0
+        self.device_state_seen = False
 
     def next_event(self) -> tuple[str, int, int, bytes, str, float]:
-        ev = self.session.wait_event(self.config.timeout)
-        if ev is None:
-            raise MigrationError(f"the source was silent for {self.config.timeout} s")
-        kind, a, _b, _data, text, _at = ev
-        if kind in ("failed", "peer_error"):
-            raise MigrationError(f"source: {text}" if kind == "peer_error" else text)
-        if kind == "end":
-            self.ended.add(a)
-        return ev
+        while True:
+            ev = self.session.wait_event(self.config.timeout)
+            cause = f"the source was silent for {self.config.timeout} s" if ev is None else event_summary(ev)
+            if ev is None or ev[0] == "failed":
+                if self.pausable():  # recovery: the guest runs on, faulting threads wait
+                    self.pause_and_resume(cause)
+                    continue
+                if self.in_switchover():
+                    self.refuse_resume(cause)
+                raise MigrationError(cause)
+            kind, a, _b, _data, text, _at = ev
+            if kind == "peer_error":
+                raise MigrationError(f"source: {text}")
+            if kind == "end":
+                self.ended.add(a)
+            if kind == "device_state":
+                self.device_state_seen = True
+            return ev
 
     def resume_guest(self, blob: bytes) -> None:
         header, guest_state = unpack_device_state(blob)
@@ -551,7 +662,7 @@ class _DestinationRun:
                     self.mode = "postcopy"
                     self.progress.phase("postcopy")
                 self.resume_guest(blob)
-                self.return_path.send_ack(_ACK_RESUMED, a)
+                self.send_resumed_ack(a)
                 if self.mode == "postcopy":
                     self._postcopy_until_complete()
                 break
@@ -651,13 +762,14 @@ def serve(
                             capabilities=caps, secret=config.secret, timeout=config.timeout)
     conn = listener.accept(opts, wait=wait)
     try:
-        run = _DestinationRun(conn, config, prog)
+        run = _DestinationRun(conn, config, prog, listener, opts)
     except BaseException:
         conn.close()
         raise
     try:
         summary = run.run()
         summary = run.settle_and_report(summary, verify, settle_s, await_reuse)
+        summary.recoveries = run.recoveries
         run.return_path.send_device_state(json.dumps(asdict(summary)).encode())
         try:
             run.return_path.send_end()
@@ -680,6 +792,6 @@ def serve(
 
 __all__ = [
     "BalloonReport", "DestinationConfig", "DestinationSummary", "HintStats", "LatencySummary",
-    "MigrationConfig", "MigrationResult", "PostcopyStats", "Progress", "RoundStats", "VerifyReport",
+    "MigrationConfig", "MigrationControl", "MigrationFailed", "MigrationResult", "SourceGuestReport", "PostcopyStats", "Progress", "RoundStats", "VerifyReport",
     "migrate", "serve",
 ]
