@@ -35,6 +35,7 @@ class FaultRelay:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._threads: list[threading.Thread] = []
         self._rate = rate_bps
+        self._held: set[Direction] = set()
         self._closed = False
         self.cuts_done = 0
         self.connections = 0
@@ -52,6 +53,17 @@ class FaultRelay:
         """Cut once ``nbytes`` more bytes went ``direction``."""
         with self._lock:
             self._armed = (direction, self._dir_bytes[direction] + nbytes)
+
+    def hold(self, direction: Direction) -> None:
+        """Stops forwarding ``direction`` until the next cut, which drops what was held back."""
+        with self._lock:
+            self._held.add(direction)
+
+    def retarget(self, target: str) -> None:
+        """New connections go to ``target`` from now on (a destination restarted elsewhere)."""
+        host, _, port = target.rpartition(":")
+        with self._lock:
+            self._target = (host, int(port))
 
     def cut(self) -> None:
         """Cuts every open connection now."""
@@ -86,6 +98,7 @@ class FaultRelay:
         self._pairs.clear()
         self._since_cut = 0
         self._armed = None
+        self._held.clear()
         self.cuts_done += 1
         self.cut_event.set()
         return pairs
@@ -105,8 +118,10 @@ class FaultRelay:
                 client, _ = self._lsock.accept()
             except OSError:
                 return
+            with self._lock:
+                target = self._target
             try:
-                upstream = socket.create_connection(self._target, timeout=5)
+                upstream = socket.create_connection(target, timeout=5)
                 upstream.settimeout(None)
             except OSError:
                 client.close()  # nobody there: the source sees the connection close
@@ -150,6 +165,11 @@ class FaultRelay:
                 data = src.recv(65536)
                 if not data:
                     break
+                with self._lock:
+                    held = direction in self._held
+                if held:  # dropped at the cut that ends the hold
+                    self.cut_event.wait()
+                    return
                 n, cut = self._allow(direction, len(data))
                 if n:
                     dst.sendall(data[:n])

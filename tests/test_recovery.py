@@ -4,12 +4,22 @@ got DONE); a postcopy break pauses both sides and resumes with no page lost or p
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import threading
+from typing import Any
+
 import pytest
 from livemig.guest import GuestConfig
-from livemig.migration import DestinationConfig, MigrationConfig
+from livemig.migration import DestinationConfig, MigrationConfig, MigrationControl
 
 from fault_relay import FaultRelay
-from recovery_helpers import PhaseHook, assert_cancelled_intact, assert_completed, run_through_relay
+from recovery_helpers import (
+    PhaseHook,
+    assert_cancelled_intact,
+    assert_completed,
+    run_through_relay,
+    start_destination,
+)
 
 INCREMENT = GuestConfig(workload="increment", rate=20000.0, free_fraction=0.5, seed=7)
 SLOW_LINK = 40e6  # bytes/s: a 16 MiB round takes long enough for the guest to dirty it all again
@@ -18,7 +28,7 @@ SLOW_LINK = 40e6  # bytes/s: a 16 MiB round takes long enough for the guest to d
 def cut_in_postcopy(after_bytes_to_source: int):  # type: ignore[no-untyped-def]
     """Arms a cut once the destination said that much after postcopy began (its ACK, then requests)."""
 
-    def make(relay: FaultRelay) -> PhaseHook:
+    def make(relay: FaultRelay, _proc: Any) -> PhaseHook:
         def on_phase(name: str) -> None:
             if name == "postcopy" and relay.cuts_done == 0:
                 relay.arm_cut_after("to_source", after_bytes_to_source)
@@ -39,3 +49,156 @@ def test_postcopy_cut_pauses_and_resumes_automatically(hints: bool) -> None:
     assert out.result.recoveries == 1
     assert isinstance(out.dest, dict) and out.dest["recoveries"] == 1
     assert out.connections >= 2 * 2  # main + urgent, twice
+
+
+# ---- precopy failures: cancel, the source guest runs on ----
+
+
+@pytest.mark.timeout(120)
+def test_precopy_connection_cut_cancels_and_the_source_guest_runs_on() -> None:
+    out = run_through_relay(INCREMENT, MigrationConfig(verify=True), cuts=[2 << 20])
+    assert out.cuts == 1
+    assert_cancelled_intact(out)
+    assert str(out.error).startswith("precopy: ")
+    assert "connection" in str(out.error)
+    assert isinstance(out.dest, str) and "closed" in out.dest  # the destination failed and said why
+
+
+@pytest.mark.timeout(120)
+def test_destination_killed_in_precopy_cancels() -> None:
+    def make(_relay: FaultRelay, proc: Any) -> PhaseHook:
+        return PhaseHook(lambda name: proc.kill() if name == "precopy" else None)
+
+    out = run_through_relay(INCREMENT, MigrationConfig(verify=True), rate_bps=SLOW_LINK, progress=make)
+    assert_cancelled_intact(out)
+    assert (out.dest_kind, out.dest) == ("killed", -9)
+
+
+@pytest.mark.timeout(120)
+def test_destination_that_refuses_cancels_with_its_reason() -> None:
+    out = run_through_relay(INCREMENT, MigrationConfig(verify=True),
+                            dest=DestinationConfig(timeout=10, max_region_bytes=8 << 20))
+    assert_cancelled_intact(out, hinting_started=False)  # refused in the handshake, before any round
+    assert str(out.error).startswith("connect: ")
+    assert "larger than the local region" in str(out.error)
+    assert isinstance(out.dest, str) and "larger than the local region" in out.dest
+
+
+# ---- postcopy: a destination gone for good ----
+
+
+@pytest.mark.timeout(120)
+def test_destination_killed_in_postcopy_source_keeps_its_stale_guest_paused() -> None:
+    def make(relay: FaultRelay, proc: Any) -> PhaseHook:
+        def on_phase(name: str) -> None:
+            if name == "paused":  # the destination guest ran (it acked), then the link broke: it dies
+                proc.kill()
+                proc.join()
+            elif name == "postcopy":
+                relay.arm_cut_after("to_source", 24 * 8)
+
+        return PhaseHook(on_phase)
+
+    config = MigrationConfig(postcopy=True, verify=True, reconnect_deadline_s=1.5, timeout=10)
+    out = run_through_relay(INCREMENT, config, rate_bps=SLOW_LINK, progress=make)
+    assert out.error is not None, out.result
+    assert "stale" in str(out.error) and "not resumed within 1.5 s" in str(out.error)
+    g = out.error.source_guest
+    assert g is not None and not g.running  # never resumed: the destination guest had run
+    assert g.verify is not None and g.verify.mismatches == 0  # its memory untouched all the same
+    assert (out.dest_kind, out.dest) == ("killed", -9)
+
+
+@pytest.mark.timeout(120)
+def test_restarted_destination_refuses_the_resume_and_the_source_says_why() -> None:
+    """A destination restarted after its predecessor ran the guest has no such session: the
+    source is refused at once and keeps its (stale) guest paused."""
+    ctx = mp.get_context("spawn")
+    q2 = ctx.Queue()
+    fresh: list[Any] = []
+
+    def make(relay: FaultRelay, proc: Any) -> PhaseHook:
+        def on_phase(name: str) -> None:
+            if name == "paused":
+                proc.kill()
+                proc.join()
+                fresh.append(start_destination(ctx, q2, DestinationConfig(timeout=10)))
+                _, address = q2.get(timeout=30)
+                relay.retarget(address)
+            elif name == "postcopy":
+                relay.arm_cut_after("to_source", 24 * 8)
+
+        return PhaseHook(on_phase)
+
+    config = MigrationConfig(postcopy=True, verify=True, reconnect_deadline_s=60, timeout=10)
+    try:
+        out = run_through_relay(INCREMENT, config, rate_bps=SLOW_LINK, progress=make)
+        assert out.error is not None, out.result
+        text = str(out.error)
+        assert "resume refused" in text and "no paused migration with session" in text and "stale" in text
+        assert out.error.source_guest is not None and not out.error.source_guest.running
+        kind, why = q2.get(timeout=30)
+        assert kind == "error" and "no paused migration" in why
+    finally:
+        for p in fresh:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        q2.close()
+        q2.join_thread()
+
+
+# ---- postcopy: manual resume, and a break during switchover ----
+
+
+@pytest.mark.timeout(120)
+def test_manual_resume_waits_for_the_command() -> None:
+    control = MigrationControl()
+    seen: dict[str, Any] = {}
+
+    def make(relay: FaultRelay, _proc: Any) -> PhaseHook:
+        def resumer() -> None:
+            seen["paused"] = control.wait_paused(30)
+            seen["cause"] = control.paused
+            seen["connections"] = relay.connections  # nobody reconnected by itself
+            control.resume()
+
+        def on_phase(name: str) -> None:
+            if name == "postcopy" and "thread" not in seen:
+                relay.arm_cut_after("to_source", 24 * 8)
+                seen["thread"] = t = threading.Thread(target=resumer)
+                t.start()
+
+        return PhaseHook(on_phase)
+
+    config = MigrationConfig(postcopy=True, verify=True, auto_reconnect=False, reconnect_deadline_s=30, timeout=10)
+    out = run_through_relay(INCREMENT, config, rate_bps=SLOW_LINK, progress=make, control=control)
+    seen["thread"].join()
+    assert seen["paused"] and seen["cause"]
+    assert seen["connections"] == 2  # main + urgent of the first connection only
+    assert_completed(out)
+    assert out.result is not None and out.result.recoveries == 1
+    assert control.paused is None
+
+
+@pytest.mark.timeout(120)
+def test_break_during_switchover_before_the_guest_ran_cancels_cleanly() -> None:
+    """The start command left the source but never reached the destination: the source cannot
+    know, so it resumes; the destination answers that its guest never ran, and the source guest
+    runs on."""
+
+    def make(relay: FaultRelay, _proc: Any) -> PhaseHook:
+        def on_phase(name: str) -> None:
+            if name == "switchover":
+                relay.hold("to_destination")  # the start command will not arrive
+            elif name == "postcopy":
+                relay.cut()
+
+        return PhaseHook(on_phase)
+
+    config = MigrationConfig(postcopy=True, verify=True, reconnect_deadline_s=20, timeout=10)
+    out = run_through_relay(INCREMENT, config, progress=make)
+    assert_cancelled_intact(out)
+    assert "never ran" in str(out.error)
+    assert isinstance(out.dest, str) and "before the guest ran here" in out.dest

@@ -560,6 +560,8 @@ def migrate(
         run.connect(address)
         step = "precopy"
         run.precopy()
+        if config.postcopy:
+            run.announce_postcopy()
         step = "switchover"
         t_pause = run.switchover()
         if config.postcopy:
@@ -616,7 +618,7 @@ class _DestinationRun(DestinationRecovery):
         self.ended: set[int] = set()
         self.listener, self.wire_options = listener, wire_options  # recovery: where a resume comes in
         self.recoveries = 0
-        self.device_state_seen = False
+        self.switchover_announced = False
 
     def next_event(self) -> tuple[str, int, int, bytes, str, float]:
         while True:
@@ -634,8 +636,7 @@ class _DestinationRun(DestinationRecovery):
                 raise MigrationError(f"source: {text}")
             if kind == "end":
                 self.ended.add(a)
-            if kind == "device_state":
-                self.device_state_seen = True
+            self.note_event(ev)
             return ev
 
     def resume_guest(self, blob: bytes) -> None:

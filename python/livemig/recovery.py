@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from livemig.source import Source
 
 ACK_RESUMED = 0  # ack kind: the destination guest runs (value: the command it answered; 0: it never ran)
+ACK_SWITCHOVER = 1  # ack kind: the destination got COMMAND_SWITCHOVER (a postcopy switchover follows)
 _NEVER_RAN = 0
 _HANDSHAKE_TIMEOUT_S = 5.0  # a resume attempt waits this long for the destination's answers
 _SWITCHOVER_WAIT_S = 10.0  # a destination broken during switchover waits this long for a resume
@@ -132,6 +133,27 @@ class SourceRecovery:
     def recoverable(self) -> bool:
         """A break now pauses (postcopy, the destination guest may run) instead of failing."""
         return self.config.postcopy and self.dest_guest_running and self.config.reconnect_deadline_s > 0
+
+    def announce_postcopy(self) -> None:
+        """Before the guest pauses for a postcopy switchover: ends the extra page channels, sends
+        COMMAND_SWITCHOVER and waits for its ACK. From then on a destination whose connection
+        breaks before its guest ran waits for a resume to say so, so the source can tell "never
+        ran" (cancel cleanly) from "runs" (resume) after a break that follows the start command."""
+        assert self.session is not None
+        for w in self.extras:
+            w.send_end()
+        self.extras = []
+        self.main.send_command(wire.COMMAND_SWITCHOVER)
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
+            if ev is None:
+                raise MigrationError(f"the destination did not acknowledge the switchover within {self.config.timeout} s")
+            kind, a, _b, _data, text, _at = ev
+            if kind == "ack" and a == ACK_SWITCHOVER:
+                return
+            if kind in ("peer_error", "failed", "end"):
+                raise MigrationError(f"destination: {text or kind}")
 
     def _teardown_connection(self) -> None:
         """Drops the broken connection: pumps stopped, return path joined, sockets closed (in
@@ -259,7 +281,7 @@ class DestinationRecovery:
     listener: wire.Listener | None
     wire_options: wire.WireOptions | None
     recoveries: int
-    device_state_seen: bool
+    switchover_announced: bool
 
     def pausable(self) -> bool:
         """A break now pauses: the guest runs here (postcopy) and a listener can take a resume."""
@@ -267,10 +289,16 @@ class DestinationRecovery:
                 and self.config.resume_deadline_s > 0)
 
     def in_switchover(self) -> bool:
-        """The device state arrived but the guest has not run: a postcopy source cannot know
-        whether its start command arrived, so it will try to resume; it must learn 'never ran'."""
-        return (self.mode == "precopy" and self.device_state_seen and self.listener is not None
+        """A postcopy switchover was announced but the guest has not run: the source cannot know
+        whether its start command arrived, so it may try to resume; it must learn 'never ran'."""
+        return (self.mode == "precopy" and self.switchover_announced and self.listener is not None
                 and self.wire_options is not None and self.config.resume_deadline_s > 0)
+
+    def note_event(self, ev: tuple[Any, ...]) -> None:
+        """Recovery's view of an event: COMMAND_SWITCHOVER is acknowledged here."""
+        if ev[0] == "command" and ev[1] == wire.COMMAND_SWITCHOVER:
+            self.switchover_announced = True
+            self.return_path.send_ack(ACK_SWITCHOVER, 0)
 
     def _drop_connection(self) -> None:
         """Stops sending requests, wakes and joins the readers, closes the sockets (in that order)."""
