@@ -115,11 +115,13 @@ void register_session(py::module_& m) {
            "Recovery: stop sending the fault thread's requests (the connection broke in postcopy).")
       .def(
           "reattach",
-          [](DestSession& s, int main_fd, std::vector<int> extra_fds, int urgent_fd, wire::FrameWriter& return_path) {
+          [](DestSession& s, int main_fd, std::vector<int> extra_fds, int urgent_fd, wire::FrameWriter& return_path,
+             bool resync) {
             py::gil_scoped_release rel;
-            s.reattach(main_fd, std::move(extra_fds), urgent_fd, return_path);
+            s.reattach(main_fd, std::move(extra_fds), urgent_fd, return_path, resync);
           },
           py::arg("main_fd"), py::arg("extra_fds"), py::arg("urgent_fd"), py::arg("return_path"),
+          py::arg("resync") = true,
           py::keep_alive<1, 5>(),
           "Recovery: send the received bitmap, ask again for requested pages, read the new sockets.")
       .def(

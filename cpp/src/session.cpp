@@ -444,7 +444,8 @@ void DestSession::start() {
 
 void DestSession::detach() noexcept { sink_->unbind(); }
 
-void DestSession::reattach(int main_fd, std::vector<int> extra_fds, int urgent_fd, wire::FrameWriter& return_path) {
+void DestSession::reattach(int main_fd, std::vector<int> extra_fds, int urgent_fd, wire::FrameWriter& return_path,
+                           bool resync) {
   for (auto& t : threads_)
     if (t.joinable()) throw std::logic_error("reattach: join() the old connection's readers first");
   if (return_path.config().region_pages != cfg_.region_pages)
@@ -454,6 +455,10 @@ void DestSession::reattach(int main_fd, std::vector<int> extra_fds, int urgent_f
   extra_fds_ = std::move(extra_fds);
   urgent_fd_ = urgent_fd;
   return_path_ = &return_path;
+  if (!resync) {
+    start_readers();
+    return;
+  }
   // The bitmap first: the source resyncs on it before it reads any request that follows.
   return_path.send_received_bitmap(*region_->received());
   sink_->bind(&return_path);

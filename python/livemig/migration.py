@@ -280,6 +280,7 @@ class _SourceRun(SourceRecovery):
         self.address = ""
         self.recoveries = 0
         self.requeued_pages = 0
+        self.dest_completed = False
 
     # -- steps --
     def connect(self, address: str) -> None:
@@ -428,6 +429,8 @@ class _SourceRun(SourceRecovery):
             except ChannelBroken as e:
                 self.pause_and_resume(str(e))
                 self._acked = True  # the destination resumed: its guest runs
+                if self.dest_completed:
+                    return  # it has every page already
 
     def _push_until_drained(self) -> None:
         """Serve requests and push at once: the destination guest may fault before its ack arrives."""
@@ -470,13 +473,18 @@ class _SourceRun(SourceRecovery):
             kind, _a, _b, data, text, _at = ev
             if kind == "report":
                 summary = _summary_from_report(data)
+                try:
+                    self.main.send_end()  # the destination waits for this word that its report arrived
+                except (LivemigError, OSError):
+                    pass
                 self._await_end()
                 return summary
             if kind in ("failed", "end") and self.recoverable():
-                # The report did not come: the destination may still miss pages. Resume, push what
-                # it lacks, complete again.
+                # The report did not come: the destination may still miss pages (postcopy) or only
+                # its report was lost. Resume; push what it lacks and complete again if need be.
                 self.pause_and_resume(text or kind)
-                self._serve_postcopy()
+                if not self.dest_completed:
+                    self._serve_postcopy()
                 deadline = time.monotonic() + self.config.timeout + 60.0
                 continue
             if kind in ("peer_error", "failed", "end"):
@@ -771,11 +779,7 @@ def serve(
         summary = run.run()
         summary = run.settle_and_report(summary, verify, settle_s, await_reuse)
         summary.recoveries = run.recoveries
-        run.return_path.send_device_state(json.dumps(asdict(summary)).encode())
-        try:
-            run.return_path.send_end()
-        except LivemigError:
-            pass  # the source may close as soon as it has the report: nothing is lost
+        run.deliver_report(json.dumps(asdict(summary)).encode())
     except (LivemigError, OSError) as e:
         summary = DestinationSummary(ok=False, mode=run.mode, region_bytes=conn.region_bytes, error=str(e))
         try:

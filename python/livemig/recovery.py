@@ -129,10 +129,11 @@ class SourceRecovery:
     negotiated: wire.Negotiated
     recoveries: int
     requeued_pages: int
+    dest_completed: bool  #: the last resume found the destination complete (it only resends its report)
 
     def recoverable(self) -> bool:
-        """A break now pauses (postcopy, the destination guest may run) instead of failing."""
-        return self.config.postcopy and self.dest_guest_running and self.config.reconnect_deadline_s > 0
+        """A break now pauses (the destination guest may run) instead of failing."""
+        return self.dest_guest_running and self.config.reconnect_deadline_s > 0
 
     def announce_postcopy(self) -> None:
         """Before the guest pauses for a postcopy switchover: ends the extra page channels, sends
@@ -256,6 +257,9 @@ class SourceRecovery:
             elif kind == "ack" and a == ACK_RESUMED:
                 if b == _NEVER_RAN:
                     raise _NeverRan()
+                self.dest_completed = b == wire.COMMAND_COMPLETE
+                if self.dest_completed:
+                    return  # it holds every page: only its report is still to come
                 if not resynced:
                     raise ProtocolError("the destination resumed without sending its received bitmap")
                 return
@@ -370,6 +374,57 @@ class DestinationRecovery:
             conn.close()
         raise MigrationError(f"the connection broke during switchover, before the guest ran here ({cause});"
                              " the source was told to keep its guest")
+
+    def _report_confirmed(self) -> bool:
+        """Waits for the source's END on main: it has the report."""
+        deadline = time.monotonic() + self.config.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ev = self.session.wait_event(left)
+            if ev is None or ev[0] == "peer_error" or (ev[0] == "failed" and ev[1] == 0):
+                return False
+            if ev[0] == "end" and ev[1] == 0:
+                return True
+            # other channels closing (the source closes them all once it has the report): not the word
+        return False
+
+    def deliver_report(self, blob: bytes) -> None:
+        """Sends the report and waits until the source confirms it (END on main). If it gets lost,
+        waits for the source to resume and sends it again. Past the deadline: in postcopy the
+        guest here is the only one and runs on; in precopy the source may have cancelled and
+        resumed its own guest, so this one must not run (MigrationError)."""
+        while True:
+            try:
+                self.return_path.send_device_state(blob)
+                self.return_path.send_end()
+                if self._report_confirmed():
+                    return
+                cause = "the source did not confirm the report"
+            except LivemigError as e:
+                cause = str(e)
+            if self.listener is None or self.wire_options is None or self.config.resume_deadline_s <= 0:
+                conn = None
+            else:
+                self._drop_connection()
+                self.progress.phase("paused")
+                try:
+                    conn = self._accept_resume(cause)
+                except MigrationError:
+                    conn = None
+            if conn is None:
+                if self.mode == "postcopy":
+                    return  # the guest here holds every page and is the only one
+                raise MigrationError(f"the source never confirmed the end of the migration ({cause}); it may"
+                                     " have cancelled and resumed its own guest, so this one is stopped")
+            writer = conn.writer()
+            try:
+                self.session.reattach(conn.main.fileno(), [], -1 if conn.urgent is None else conn.urgent.fileno(),
+                                      writer, resync=False)
+                self.conn, self.return_path = conn, writer
+                self.recoveries += 1
+                writer.send_ack(ACK_RESUMED, wire.COMMAND_COMPLETE)
+            except LivemigError:
+                self.conn, self.return_path = conn, writer  # dropped on the next round
+            self.progress.phase("complete")
 
     def send_resumed_ack(self, command: int) -> None:
         """ACK that the guest runs; in postcopy a broken connection is not fatal here (the reader

@@ -143,11 +143,13 @@ class DestSession {
   /// Returns once no request is being sent on the old return path. Then the caller shuts the old
   /// sockets down, join()s, and closes them. Any thread.
   void detach() noexcept;
-  /// Recovery: continues over a new connection after detach() and join(): sends the received
-  /// bitmap on `return_path` (nothing is placed meanwhile but local fills, which the source never
-  /// resends), then routes requests there and asks again for every page requested and not yet
-  /// received, then starts readers on the new sockets. The writer must outlive the session.
-  void reattach(int main_fd, std::vector<int> extra_fds, int urgent_fd, wire::FrameWriter& return_path);
+  /// Recovery: continues over a new connection after detach() and join(): with `resync`, sends the
+  /// received bitmap on `return_path` (nothing is placed meanwhile but local fills, which the
+  /// source never resends), then routes requests there and asks again for every page requested
+  /// and not yet received; then starts readers on the new sockets. Without `resync` (a completed
+  /// migration whose report is resent) it only starts the readers. The writer must outlive the session.
+  void reattach(int main_fd, std::vector<int> extra_fds, int urgent_fd, wire::FrameWriter& return_path,
+                bool resync = true);
   /// The next event, waiting up to `timeout_s`.
   std::optional<SessionEvent> wait_event(double timeout_s);
   /// Joins every reader thread.

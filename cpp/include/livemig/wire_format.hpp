@@ -53,7 +53,7 @@ enum class FrameType : std::uint8_t {
 };
 
 enum class Command : std::uint64_t {
-  kSwitchover = 1,     ///< the source guest stopped; final pages, discards and device state follow.
+  kSwitchover = 1,     ///< a postcopy switchover follows (acknowledged: ACK kind 1; see docs/protocol.md, Recovery).
   kPostcopyStart = 2,  ///< the destination guest may run; missing pages are requested.
   kComplete = 3,       ///< every page was sent; the migration is done.
 };
