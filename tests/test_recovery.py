@@ -4,14 +4,19 @@ got DONE); a postcopy break pauses both sides and resumes with no page lost or p
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import queue
+import subprocess
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 from livemig.guest import GuestConfig
 from livemig.migration import DestinationConfig, MigrationConfig, MigrationControl
 
+from cli_helpers import LIVEMIG
 from fault_relay import FaultRelay
 from recovery_helpers import (
     PhaseHook,
@@ -202,3 +207,70 @@ def test_break_during_switchover_before_the_guest_ran_cancels_cleanly() -> None:
     assert_cancelled_intact(out)
     assert "never ran" in str(out.error)
     assert isinstance(out.dest, str) and "before the guest ran here" in out.dest
+
+
+# ---- the CLI: migrate --manual-resume --control PATH, livemig resume PATH ----
+
+
+@pytest.mark.timeout(120)
+def test_cli_manual_resume(tmp_path: Path) -> None:
+    """`livemig migrate --manual-resume --control PATH` pauses when its postcopy connection is cut
+    and completes after `livemig resume PATH`; `livemig listen` waits for it meanwhile."""
+    ctl = str(tmp_path / "ctl.sock")
+    listen = subprocess.Popen([*LIVEMIG, "listen", "127.0.0.1:0", "--once", "--announce", "-q", "--no-progress",
+                               "--timeout", "10", "--resume-deadline", "30"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    migrate: subprocess.Popen[str] | None = None
+    try:
+        assert listen.stdout is not None
+        first = listen.stdout.readline()
+        assert first.startswith("listening on "), first
+        with FaultRelay(first.removeprefix("listening on ").strip(), rate_bps=SLOW_LINK) as relay:
+            migrate = subprocess.Popen(
+                [*LIVEMIG, "migrate", "--to", relay.address, "--size", "16M", "--postcopy", "--verify", "--json",
+                 "--progress", "-q", "--dirty-rate", "20000", "--free-fraction", "0.5", "--timeout", "10",
+                 "--manual-resume", "--control", ctl, "--reconnect-deadline", "30"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+            lines: queue.Queue[str] = queue.Queue()
+            reader = threading.Thread(target=lambda: [lines.put(ln) for ln in migrate.stderr], daemon=True)  # type: ignore[union-attr]
+            reader.start()
+            answer = ""
+            while True:
+                line = lines.get(timeout=60)
+                if "phase postcopy" in line and relay.cuts_done == 0:
+                    relay.arm_cut_after("to_source", 24 * 8)
+                elif "phase paused" in line:
+                    r = subprocess.run([*LIVEMIG, "resume", ctl], capture_output=True, text=True, timeout=30)
+                    assert r.returncode == 0, r.stderr
+                    answer = r.stdout
+                    break
+            out, _ = migrate.communicate(timeout=60)
+            reader.join(10)
+        assert answer.startswith("resuming (paused: "), answer
+        assert migrate.returncode == 0
+        obj = json.loads(out)
+        assert obj["ok"] and obj["recoveries"] == 1, obj
+        assert obj["verify"]["mismatches"] == 0 and obj["verify"]["placed_twice"] == 0
+        assert listen.wait(30) == 0
+    finally:
+        for p in (migrate, listen):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        for p in (migrate, listen):
+            if p is not None:
+                for f in (p.stdout, p.stderr):
+                    if f is not None:
+                        f.close()
+
+
+def test_cli_resume_without_a_migration_is_one_error_line(tmp_path: Path) -> None:
+    r = subprocess.run([*LIVEMIG, "resume", str(tmp_path / "none.sock")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.startswith("livemig: error: no migration at ") and len(r.stderr.splitlines()) == 1
+
+
+def test_cli_manual_resume_needs_a_control_socket() -> None:
+    r = subprocess.run([*LIVEMIG, "migrate", "--postcopy", "--manual-resume"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and "--manual-resume needs --control PATH" in r.stderr

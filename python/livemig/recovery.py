@@ -22,6 +22,7 @@ These mixins hold the recovery paths of ``migration._SourceRun`` and ``migration
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -439,3 +440,81 @@ class DestinationRecovery:
 def event_summary(ev: tuple[Any, ...]) -> str:
     kind, _a, _b, _data, text, _at = ev
     return str(text or kind)
+
+
+# ---- the manual resume command: a Unix control socket (``livemig migrate --control PATH``) ----
+
+
+class ControlServer:
+    """Where ``livemig resume PATH`` reaches a running migration: a Unix stream socket (mode
+    0600) taking one line per connection, ``resume`` or ``resume ADDRESS``, and answering one
+    line: ``resuming (paused: CAUSE)`` or ``not paused: kept for the next pause``."""
+
+    def __init__(self, path: str, control: MigrationControl) -> None:
+        self.path, self._control = path, control
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.bind(path)
+            os.chmod(path, 0o600)
+            self._sock.listen(4)
+        except OSError:
+            self._sock.close()
+            raise
+        self._thread = threading.Thread(target=self._serve, name="livemig-control", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                try:
+                    conn.settimeout(5.0)
+                    line = conn.makefile("rb").readline(4096).decode(errors="replace").split()
+                    if not line or line[0] != "resume" or len(line) > 2:
+                        conn.sendall(b"error: expected 'resume' or 'resume ADDRESS'\n")
+                        continue
+                    if len(line) == 2:
+                        wire.parse_address(line[1])  # ValueError: told below
+                    cause = self._control.paused
+                    self._control.resume(line[1] if len(line) == 2 else None)
+                    answer = f"resuming (paused: {cause})" if cause else "not paused: kept for the next pause"
+                    conn.sendall(answer.encode() + b"\n")
+                except ValueError as e:
+                    conn.sendall(f"error: {e}\n".encode())
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """Stops serving and removes the socket file."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._thread.join(5)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> ControlServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def request_resume(path: str, address: str | None = None, timeout: float = 5.0) -> str:
+    """Asks the migration behind control socket ``path`` to resume (towards ``address``); returns
+    its answer. MigrationError when it refuses; OSError when nothing listens there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(f"resume {address}\n".encode() if address else b"resume\n")
+        answer = s.makefile("rb").readline(4096).decode(errors="replace").strip()
+    if not answer or answer.startswith("error"):
+        raise MigrationError(f"the migration at {path} refused: {answer or 'no answer'}")
+    return answer
