@@ -152,10 +152,9 @@ class FaultRelay:
             self._dir_bytes[direction] += limit
             armed_hit = self._armed is not None and self._dir_bytes[self._armed[0]] >= self._armed[1]
             cut = limit < n or armed_hit or (bool(self._cuts) and self._since_cut >= self._cuts[0])
-            if cut and self._cuts:
-                if self._since_cut >= self._cuts[0]:
-                    done = self._cuts.pop(0)
-                    self._cuts = [c - done for c in self._cuts]
+            if cut and self._cuts and self._since_cut >= self._cuts[0]:
+                done = self._cuts.pop(0)
+                self._cuts = [c - done for c in self._cuts]
             return limit, cut
 
     def _pump(self, src: socket.socket, dst: socket.socket, direction: Direction) -> None:

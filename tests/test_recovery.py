@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from livemig.guest import GuestConfig
-from livemig.migration import DestinationConfig, MigrationConfig, MigrationControl
-
 from cli_helpers import LIVEMIG
 from fault_relay import FaultRelay
+from livemig.guest import GuestConfig
+from livemig.migration import DestinationConfig, MigrationConfig, MigrationControl
 from recovery_helpers import (
     PhaseHook,
     assert_cancelled_intact,
@@ -240,7 +239,7 @@ def test_cli_manual_resume(tmp_path: Path) -> None:
                 if "phase postcopy" in line and relay.cuts_done == 0:
                     relay.arm_cut_after("to_source", 24 * 8)
                 elif "phase paused" in line:
-                    r = subprocess.run([*LIVEMIG, "resume", ctl], capture_output=True, text=True, timeout=30)
+                    r = subprocess.run([*LIVEMIG, "resume", ctl], check=False, capture_output=True, text=True, timeout=30)
                     assert r.returncode == 0, r.stderr
                     answer = r.stdout
                     break
@@ -265,12 +264,12 @@ def test_cli_manual_resume(tmp_path: Path) -> None:
 
 
 def test_cli_resume_without_a_migration_is_one_error_line(tmp_path: Path) -> None:
-    r = subprocess.run([*LIVEMIG, "resume", str(tmp_path / "none.sock")], capture_output=True, text=True, timeout=30)
+    r = subprocess.run([*LIVEMIG, "resume", str(tmp_path / "none.sock")], check=False, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert r.stderr.startswith("livemig: error: no migration at ") and len(r.stderr.splitlines()) == 1
 
 
 def test_cli_manual_resume_needs_a_control_socket() -> None:
-    r = subprocess.run([*LIVEMIG, "migrate", "--postcopy", "--manual-resume"], capture_output=True, text=True,
+    r = subprocess.run([*LIVEMIG, "migrate", "--postcopy", "--manual-resume"], check=False, capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 2 and "--manual-resume needs --control PATH" in r.stderr

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import mmap
-import socket
 import struct
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, Protocol
@@ -22,9 +20,15 @@ from typing import Any, Literal, Protocol
 from livemig import _core, wire
 from livemig.balloon import CMD_DONE, BalloonDevice
 from livemig.destination import Destination
-from livemig.errors import ConnectionLost, LivemigError, MigrationError, ProtocolError
+from livemig.errors import LivemigError, MigrationError
 from livemig.guest import Guest, GuestConfig
-from livemig.recovery import ChannelBroken, DestinationRecovery, MigrationControl, SourceRecovery, event_summary
+from livemig.recovery import (
+    ChannelBroken,
+    DestinationRecovery,
+    MigrationControl,
+    SourceRecovery,
+    event_summary,
+)
 from livemig.source import Source
 
 Mode = Literal["precopy", "postcopy"]
@@ -142,7 +146,7 @@ class Progress(Protocol):
     """Where an orchestrator reports progress (the CLI's rich display implements it)."""
 
     def phase(self, name: str) -> None:
-        """A new phase: "connect", "precopy", "switchover", "postcopy", "complete", "verify"."""
+        """A new phase: "connect", "precopy", "switchover", "postcopy", "complete", "verify", "paused" (recovery)."""
 
     def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
         """Progress within a phase."""
@@ -797,6 +801,6 @@ def serve(
 
 __all__ = [
     "BalloonReport", "DestinationConfig", "DestinationSummary", "HintStats", "LatencySummary",
-    "MigrationConfig", "MigrationControl", "MigrationFailed", "MigrationResult", "SourceGuestReport", "PostcopyStats", "Progress", "RoundStats", "VerifyReport",
-    "migrate", "serve",
+    "MigrationConfig", "MigrationControl", "MigrationFailed", "MigrationResult", "PostcopyStats", "Progress",
+    "RoundStats", "SourceGuestReport", "VerifyReport", "migrate", "serve",
 ]
