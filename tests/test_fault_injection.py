@@ -29,7 +29,7 @@ def plan(seed: int, postcopy: bool, hints: bool) -> tuple[list[int], list[Trigge
     """Where to cut: anywhere in the bytes a migration moves (the handshake, the precopy rounds,
     the switchover, postcopy, the report), or a little after a phase begins (so switchover,
     postcopy and the report get their share), and sometimes again after the first resume."""
-    rng = random.Random(seed)
+    rng = random.Random(f"{seed}/{postcopy}/{hints}")
     if rng.random() < 0.4:
         expected = int(SIZE * (0.6 if hints else 1.05))  # hinted free pages are not sent
         return [rng.randrange(0, int(expected * 1.2))], []
@@ -37,7 +37,7 @@ def plan(seed: int, postcopy: bool, hints: bool) -> tuple[list[int], list[Trigge
     triggers: list[Trigger] = []
     for _ in range(2 if postcopy and rng.random() < 0.4 else 1):
         direction: Direction = rng.choice(["to_destination", "to_source"])
-        limit = 2 << 20 if direction == "to_destination" else 2048  # the return path carries little
+        limit = 2 << 20 if direction == "to_destination" else 1024  # the return path carries little
         triggers.append((rng.choice(phases), direction, rng.randrange(0, limit)))
     return [], triggers
 
@@ -85,7 +85,7 @@ def one_run(seed: int, postcopy: bool, hints: bool) -> tuple[str, Outcome]:
 @pytest.mark.parametrize("mode", ["precopy", "postcopy"])
 @pytest.mark.parametrize("seed", range(4))
 def test_cut_at_a_random_point(seed: int, mode: str, hints: bool) -> None:
-    verdict, out = one_run(1000 * seed + 17, mode == "postcopy", hints)
+    verdict, out = one_run(seed, mode == "postcopy", hints)
     if verdict == "completed" and out.cuts:  # the cut hit after the data moved, or was resumed
         assert out.result is not None
         assert out.result.recoveries >= 1 or mode == "precopy" or out.cuts == 0
