@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from cli_helpers import LIVEMIG
 from fault_relay import FaultRelay
+from livemig import wire
+from livemig.errors import ProtocolError
 from livemig.guest import GuestConfig
 from livemig.migration import DestinationConfig, MigrationConfig, MigrationControl
 from recovery_helpers import (
@@ -273,3 +275,66 @@ def test_cli_manual_resume_needs_a_control_socket() -> None:
     r = subprocess.run([*LIVEMIG, "migrate", "--postcopy", "--manual-resume"], check=False, capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 2 and "--manual-resume needs --control PATH" in r.stderr
+
+
+# ---- the resume handshake: only the paused session gets in ----
+
+
+def _accept_in_thread(lst: wire.Listener, opts: wire.WireOptions, **kw: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    got: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            got["conn"] = lst.accept(opts, wait=10, **kw)
+        except Exception as e:  # noqa: BLE001  (checked by the test)
+            got["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, got
+
+
+def _opts(extra: int = 0, caps: frozenset[str] = wire.ALL_CAPABILITIES, secret: bytes | None = None) -> wire.WireOptions:
+    return wire.WireOptions(page_size=4096, region_bytes=1 << 20, capabilities=wire.Capabilities(caps, extra),
+                            secret=secret, timeout=5)
+
+
+SESSION = bytes(range(16))
+
+
+@pytest.mark.parametrize("secret", [None, b"s3cret"], ids=["no-secret", "secret"])
+def test_resume_handshake_accepts_the_paused_session(secret: bytes | None) -> None:
+    with wire.Listener("127.0.0.1:0") as lst:
+        paused = wire.Negotiated(wire.ALL_CAPABILITIES, 2)
+        t, got = _accept_in_thread(lst, _opts(64, secret=secret), resume=(SESSION, paused))
+        conn = wire.connect(str(lst.address), _opts(0, secret=secret), resume=SESSION)
+        t.join()
+        assert "error" not in got, got
+        with conn, got["conn"] as dconn:
+            assert conn.session == dconn.session == SESSION
+            assert conn.urgent is not None and dconn.urgent is not None and conn.pages == dconn.pages == []
+            assert dconn.negotiated.capabilities == paused.capabilities
+
+
+def test_a_new_migration_is_refused_while_paused() -> None:
+    with wire.Listener("127.0.0.1:0") as lst:
+        t, got = _accept_in_thread(lst, _opts(), resume=(SESSION, wire.Negotiated(wire.ALL_CAPABILITIES)))
+        with pytest.raises(ProtocolError, match="this destination is paused, waiting to resume session"):
+            wire.connect(str(lst.address), _opts())
+        t.join()
+        assert isinstance(got["error"], ProtocolError)
+
+
+@pytest.mark.parametrize("case", ["other-session", "not-paused", "other-capabilities"])
+def test_a_resume_that_does_not_match_is_refused(case: str) -> None:
+    with wire.Listener("127.0.0.1:0") as lst:
+        paused = wire.Negotiated(wire.ALL_CAPABILITIES)
+        kw = {} if case == "not-paused" else {"resume": (SESSION, paused)}
+        t, got = _accept_in_thread(lst, _opts(), **kw)
+        session = bytes(16) if case == "other-session" else SESSION
+        caps = wire.ALL_CAPABILITIES - {"checksums"} if case == "other-capabilities" else wire.ALL_CAPABILITIES
+        want = "capabilities that differ" if case == "other-capabilities" else "no paused migration with session"
+        with pytest.raises(ProtocolError, match=want):
+            wire.connect(str(lst.address), _opts(caps=caps), resume=session)
+        t.join()
+        assert isinstance(got["error"], ProtocolError)
