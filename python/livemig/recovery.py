@@ -314,17 +314,16 @@ class DestinationRecovery:
             pass  # the old connection's leftovers: the source says it all again after resuming
         self.conn.close()
 
-    def _accept_resume(self, cause: str, wait_s: float | None = None) -> wire.Connection:
-        """Waits for the source's resume connection until the deadline; MigrationError then."""
+    def _accept_resume(self, cause: str, deadline: float) -> wire.Connection:
+        """Waits for the source's resume connection until ``deadline`` (time.monotonic());
+        MigrationError then."""
         assert self.listener is not None and self.wire_options is not None
-        wait_s = self.config.resume_deadline_s if wait_s is None else wait_s
-        deadline = time.monotonic() + wait_s
         last = cause
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MigrationError(f"paused since the connection broke ({cause}); the source did not resume"
-                                     f" within {wait_s} s (last: {last})")
+                                     f" in time (last: {last})")
             try:
                 return self.listener.accept(self.wire_options, wait=left,
                                             resume=(self.conn.session, self.conn.negotiated))
@@ -336,8 +335,9 @@ class DestinationRecovery:
         resumes over the source's new connection (or raises MigrationError at the deadline)."""
         self._drop_connection()
         self.progress.phase("paused")
+        deadline = time.monotonic() + self.config.resume_deadline_s
         while True:
-            conn = self._accept_resume(cause)
+            conn = self._accept_resume(cause, deadline)
             writer = conn.writer()
             urgent_fd = conn.urgent.fileno() if conn.urgent is not None else -1
             try:
@@ -362,7 +362,7 @@ class DestinationRecovery:
         deadline) for a source that may try to resume, tells it the guest never ran, and raises."""
         self._drop_connection()
         try:
-            conn = self._accept_resume(cause, min(self.config.resume_deadline_s, _SWITCHOVER_WAIT_S))
+            conn = self._accept_resume(cause, time.monotonic() + min(self.config.resume_deadline_s, _SWITCHOVER_WAIT_S))
         except MigrationError:
             raise MigrationError(f"the connection broke during switchover, before the guest ran here: {cause}")
         try:
@@ -393,6 +393,7 @@ class DestinationRecovery:
         waits for the source to resume and sends it again. Past the deadline: in postcopy the
         guest here is the only one and runs on; in precopy the source may have cancelled and
         resumed its own guest, so this one must not run (MigrationError)."""
+        deadline: float | None = None
         while True:
             try:
                 self.return_path.send_device_state(blob)
@@ -407,8 +408,10 @@ class DestinationRecovery:
             else:
                 self._drop_connection()
                 self.progress.phase("paused")
+                if deadline is None:
+                    deadline = time.monotonic() + self.config.resume_deadline_s
                 try:
-                    conn = self._accept_resume(cause)
+                    conn = self._accept_resume(cause, deadline)
                 except MigrationError:
                     conn = None
             if conn is None:
