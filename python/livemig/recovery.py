@@ -313,6 +313,9 @@ class DestinationRecovery:
         while self.session.wait_event(0) is not None:
             pass  # the old connection's leftovers: the source says it all again after resuming
         self.conn.close()
+        # Nothing may write to the closed fd (a new connection may get its number): a best-effort
+        # ERROR on the way out goes to memory instead.
+        self.return_path = _core.FrameWriter(-1, self.conn.config())
 
     def _accept_resume(self, cause: str, deadline: float) -> wire.Connection:
         """Waits for the source's resume connection until ``deadline`` (time.monotonic());
