@@ -469,6 +469,7 @@ class _SourceRun(SourceRecovery):
     def report(self) -> DestinationSummary:
         """The destination's summary, sent once it is done (and verified, when asked)."""
         assert self.session is not None
+        self.say_committed()
         deadline = time.monotonic() + self.config.timeout + 60.0
         while True:
             ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
@@ -631,6 +632,7 @@ class _DestinationRun(DestinationRecovery):
         self.listener, self.wire_options = listener, wire_options  # recovery: where a resume comes in
         self.recoveries = 0
         self.switchover_announced = False
+        self.source_committed = False
 
     def next_event(self) -> tuple[str, int, int, bytes, str, float]:
         while True:

@@ -157,6 +157,18 @@ class SourceRecovery:
             if kind in ("peer_error", "failed", "end"):
                 raise MigrationError(f"destination: {text or kind}")
 
+    def say_committed(self) -> None:
+        """Precopy, once the destination said its guest runs: COMMAND 4 tells it this source will
+        never resume its own guest, so the destination keeps its guest even if the rest of the
+        conversation (the report, its confirmation) is lost. Best effort: without it, the
+        destination stops its guest unless this source resumes (docs/protocol.md, Recovery)."""
+        if self.config.postcopy or not self.dest_guest_running:
+            return
+        try:
+            self.main.send_command(wire.COMMAND_COMMITTED)
+        except (LivemigError, OSError):
+            pass  # the report wait sees the break
+
     def _teardown_connection(self) -> None:
         """Drops the broken connection: pumps stopped, return path joined, sockets closed (in
         that order, so no thread writes to a closed fd that a new connection may reuse)."""
@@ -287,6 +299,7 @@ class DestinationRecovery:
     wire_options: wire.WireOptions | None
     recoveries: int
     switchover_announced: bool
+    source_committed: bool  #: the source saw this guest run and will never resume its own
 
     def pausable(self) -> bool:
         """A break now pauses: the guest runs here (postcopy) and a listener can take a resume."""
@@ -304,6 +317,8 @@ class DestinationRecovery:
         if ev[0] == "command" and ev[1] == wire.COMMAND_SWITCHOVER:
             self.switchover_announced = True
             self.return_path.send_ack(ACK_SWITCHOVER, 0)
+        elif ev[0] == "command" and ev[1] == wire.COMMAND_COMMITTED:
+            self.source_committed = True
 
     def _drop_connection(self) -> None:
         """Stops sending requests, wakes and joins the readers, closes the sockets (in that order)."""
@@ -388,14 +403,17 @@ class DestinationRecovery:
                 return False
             if ev[0] == "end" and ev[1] == 0:
                 return True
+            if ev[0] == "command" and ev[1] == wire.COMMAND_COMMITTED:
+                self.source_committed = True
             # other channels closing (the source closes them all once it has the report): not the word
         return False
 
     def deliver_report(self, blob: bytes) -> None:
         """Sends the report and waits until the source confirms it (END on main). If it gets lost,
-        waits for the source to resume and sends it again. Past the deadline: in postcopy the
-        guest here is the only one and runs on; in precopy the source may have cancelled and
-        resumed its own guest, so this one must not run (MigrationError)."""
+        waits for the source to resume and sends it again. Past the deadline: in postcopy, or once
+        the source said it committed (COMMAND 4: it saw this guest run), the guest here is the
+        only one and runs on; otherwise (precopy) the source may have cancelled and resumed its own
+        guest, so this one must not run (MigrationError)."""
         deadline: float | None = None
         while True:
             try:
@@ -418,11 +436,12 @@ class DestinationRecovery:
                 except MigrationError:
                     conn = None
             if conn is None:
-                if self.mode == "postcopy":
+                if self.mode == "postcopy" or self.source_committed:
                     return  # the guest here holds every page and is the only one
                 raise MigrationError(f"the source never confirmed the end of the migration ({cause}); it may"
                                      " have cancelled and resumed its own guest, so this one is stopped")
             writer = conn.writer()
+            self.source_committed = True  # a source resumes only once it saw this guest run
             try:
                 self.session.reattach(conn.main.fileno(), [], -1 if conn.urgent is None else conn.urgent.fileno(),
                                       writer, resync=False)
