@@ -543,3 +543,6 @@ def request_resume(path: str, address: str | None = None, timeout: float = 5.0) 
     if not answer or answer.startswith("error"):
         raise MigrationError(f"the migration at {path} refused: {answer or 'no answer'}")
     return answer
+
+
+__all__ = ["ControlServer", "MigrationControl", "request_resume"]
