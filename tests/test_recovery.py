@@ -338,3 +338,16 @@ def test_a_resume_that_does_not_match_is_refused(case: str) -> None:
             wire.connect(str(lst.address), _opts(caps=caps), resume=session)
         t.join()
         assert isinstance(got["error"], ProtocolError)
+
+
+@pytest.mark.timeout(120)
+def test_postcopy_cut_resumes_with_extra_channels_and_checksums() -> None:
+    """The first connection had page channels and CRCs; the resumed one keeps the CRCs and has no
+    page channels (postcopy does not use them)."""
+    config = MigrationConfig(postcopy=True, channels=3, checksums=True, verify=True, reconnect_deadline_s=20,
+                             timeout=10)
+    out = run_through_relay(INCREMENT, config, rate_bps=SLOW_LINK, progress=cut_in_postcopy(24 * 8))
+    assert_completed(out)
+    assert out.result is not None and out.result.recoveries == 1
+    assert "checksums" in out.result.capabilities and "multichannel" in out.result.capabilities
+    assert out.connections == 4 + 2  # main, urgent, 2 page channels; then main and urgent again
