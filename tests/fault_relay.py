@@ -77,6 +77,7 @@ class FaultRelay:
             self._closed = True
             pairs = list(self._pairs)
             self._pairs.clear()
+        self.cut_event.set()  # releases pumps that hold a direction back
         try:
             self._lsock.shutdown(socket.SHUT_RDWR)
         except OSError:
