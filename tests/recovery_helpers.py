@@ -59,7 +59,7 @@ def run_through_relay(
     rate_bps: float = 0.0,
     progress: Callable[[FaultRelay, mp.process.BaseProcess], migration.Progress] | None = None,
     control: MigrationControl | None = None,
-    settle_s: float = 1.0,
+    settle_s: float = 5.0,
     deadline_s: float = 60.0,
 ) -> Outcome:
     """Migrates a fresh guest through a FaultRelay to a destination in a child process."""
@@ -89,7 +89,7 @@ def run_through_relay(
         q.join_thread()
 
 
-def start_destination(ctx: Any, q: Any, dest: DestinationConfig, settle_s: float = 1.0) -> mp.process.BaseProcess:
+def start_destination(ctx: Any, q: Any, dest: DestinationConfig, settle_s: float = 5.0) -> mp.process.BaseProcess:
     """A destination serving one migration in a spawned process; it puts ("address", a) on ``q``,
     then ("summary", dict) or ("error", text)."""
     proc = ctx.Process(target=_destination, args=(q, dest, settle_s, False))

@@ -75,7 +75,7 @@ def one_run(seed: int, postcopy: bool, hints: bool) -> tuple[str, Outcome]:
     config = MigrationConfig(postcopy=postcopy, hints=hints, verify=True, timeout=10, reconnect_deadline_s=20)
     dest = DestinationConfig(timeout=10, resume_deadline_s=5)
     cuts, triggers = plan(seed, postcopy, hints)
-    out = run_through_relay(GUEST, config, size=SIZE, dest=dest, cuts=cuts, rate_bps=SLOW_LINK, settle_s=0.5,
+    out = run_through_relay(GUEST, config, size=SIZE, dest=dest, cuts=cuts, rate_bps=SLOW_LINK, settle_s=5.0,
                             progress=lambda relay, _proc: CutHook(relay, triggers))
     return check(out), out
 

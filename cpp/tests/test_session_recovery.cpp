@@ -116,8 +116,8 @@ int main() {
 
   // Cut once some pages are in; frames in flight are lost.
   test::wait_for([&] { return region->received()->count() >= kPages / 4; }, 20, "a quarter of the pages");
-  ds.detach();
   conn1->cut();
+  ds.detach();
   ds.join();
   ss->interrupt();
   pusher.join();

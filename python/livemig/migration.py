@@ -513,12 +513,12 @@ class _SourceRun(SourceRecovery):
         if not self.dest_guest_running:
             self.guest.resume()
 
-    def source_guest_report(self, settle_s: float = 2.0) -> SourceGuestReport:
+    def source_guest_report(self, settle_s: float = 10.0) -> SourceGuestReport:
         """After cancel(): lets a resumed guest see DONE (up to ``settle_s``), then reports (and,
         with ``config.verify``, checks) the source guest."""
         running = self.guest.running
         deadline = time.monotonic() + settle_s
-        while running and time.monotonic() < deadline:
+        while running and self.balloon is not None and time.monotonic() < deadline:  # DONE was sent
             gs = self.guest.stats()
             if gs.done_seen > 0 and gs.pages_held == 0:
                 break

@@ -321,9 +321,11 @@ class DestinationRecovery:
             self.source_committed = True
 
     def _drop_connection(self) -> None:
-        """Stops sending requests, wakes and joins the readers, closes the sockets (in that order)."""
-        self.session.detach()
+        """Shuts the sockets down (waking a reader or a request send blocked on them), stops
+        sending requests, joins the readers, then closes the sockets: no thread touches an fd
+        after it is closed (a new connection may get its number)."""
         shutdown_channels(self.conn)
+        self.session.detach()
         self.session.join()
         while self.session.wait_event(0) is not None:
             pass  # the old connection's leftovers: the source says it all again after resuming

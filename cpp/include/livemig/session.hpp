@@ -140,8 +140,9 @@ class DestSession {
   void start();
   /// Recovery, when the connection broke in postcopy: from now on the fault thread's requests are
   /// not sent (the region keeps them in its requested bitmap; the guest's faulting threads wait).
-  /// Returns once no request is being sent on the old return path. Then the caller shuts the old
-  /// sockets down, join()s, and closes them. Any thread.
+  /// Returns once no request is being sent on the old return path (shut the old sockets down
+  /// first, so a send blocked on a stalled peer fails at once); then join() and close them. Any
+  /// thread.
   void detach() noexcept;
   /// Recovery: continues over a new connection after detach() and join(): with `resync`, sends the
   /// received bitmap on `return_path` (nothing is placed meanwhile but local fills, which the
