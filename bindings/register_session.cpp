@@ -62,6 +62,8 @@ void register_session(py::module_& m) {
            }),
            py::arg("source"), py::arg("main"), py::arg("extras"), py::arg("urgent"), py::arg("return_fd"),
            py::arg("config"), py::keep_alive<1, 3>(), py::keep_alive<1, 4>(), py::keep_alive<1, 5>())
+      .def("resync_on_received_bitmap", &SourceSession::resync_on_received_bitmap, py::arg("local_fill"),
+           "Recovery: resync the source on the destination's received bitmap as soon as it arrives.")
       .def("start_return_path", &SourceSession::start_return_path)
       .def(
           "precopy_pass",
@@ -111,6 +113,19 @@ void register_session(py::module_& m) {
            py::arg("region"), py::arg("main_fd"), py::arg("extra_fds"), py::arg("urgent_fd"), py::arg("return_path"),
            py::arg("config"), py::keep_alive<1, 2>(), py::keep_alive<1, 6>())
       .def("start", &DestSession::start)
+      .def("detach", &DestSession::detach, py::call_guard<py::gil_scoped_release>(),
+           "Recovery: stop sending the fault thread's requests (the connection broke in postcopy).")
+      .def(
+          "reattach",
+          [](DestSession& s, int main_fd, std::vector<int> extra_fds, int urgent_fd, wire::FrameWriter& return_path,
+             bool resync) {
+            py::gil_scoped_release rel;
+            s.reattach(main_fd, std::move(extra_fds), urgent_fd, return_path, resync);
+          },
+          py::arg("main_fd"), py::arg("extra_fds"), py::arg("urgent_fd"), py::arg("return_path"),
+          py::arg("resync") = true,
+          py::keep_alive<1, 5>(),
+          "Recovery: send the received bitmap, ask again for requested pages, read the new sockets.")
       .def(
           "wait_event",
           [](DestSession& s, double timeout) {

@@ -25,7 +25,7 @@ class Recorder:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
 
     def migrate(self, address: str, region_bytes: int, guest: Any, config: migration.MigrationConfig,
-                progress: migration.Progress | None = None) -> migration.MigrationResult:
+                progress: migration.Progress | None = None, control: Any = None) -> migration.MigrationResult:
         self.calls.append((address, region_bytes, guest, config))
         assert progress is not None
         progress.phase("precopy")

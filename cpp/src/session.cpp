@@ -46,8 +46,8 @@ SessionEvent failed_event(const std::exception& e) {
 // becomes an event for the orchestrator.
 class SourceSession::ReturnHandler final : public wire::FrameHandler {
  public:
-  ReturnHandler(Source& source, EventQueue& events, SourceSession& session)
-      : source_(source), events_(events), session_(session) {}
+  ReturnHandler(Source& source, EventQueue& events, SourceSession& session, bool resync, bool local_fill)
+      : source_(source), events_(events), session_(session), resync_(resync), local_fill_(local_fill) {}
   std::uint8_t* page_buffer(std::uint64_t, std::uint32_t) override { throw ProtocolError("pages on the return path"); }
   void pages(std::uint64_t, std::uint32_t, const std::uint8_t*) override {}
   void zero(std::uint64_t, std::uint32_t) override { throw ProtocolError("zero pages on the return path"); }
@@ -57,6 +57,15 @@ class SourceSession::ReturnHandler final : public wire::FrameHandler {
   void received_bitmap(std::span<const std::uint8_t> bits) override {
     SessionEvent e;
     e.kind = SessionEvent::Kind::ReceivedBitmap;
+    if (resync_) {
+      // Here, on the return path's own thread: every request read after this frame sees the
+      // resynced bits (a page lost in flight is served, not dropped as delivered).
+      PageBitmap received(source_.pages());
+      if (!received.import_bytes(bits)) throw ProtocolError("RECEIVED_BITMAP does not match the region");
+      e.a = source_.resync_with_received(received, local_fill_);
+      e.b = 1;
+      source_.scanner().wake();  // a pump idling for requests has dirty pages again
+    }
     e.data.assign(bits.begin(), bits.end());
     events_.push(std::move(e));
   }
@@ -89,6 +98,8 @@ class SourceSession::ReturnHandler final : public wire::FrameHandler {
   Source& source_;
   EventQueue& events_;
   SourceSession& session_;
+  bool resync_;
+  bool local_fill_;
 };
 
 SourceSession::SourceSession(std::shared_ptr<Source> source, wire::FrameWriter& main,
@@ -113,6 +124,12 @@ std::chrono::nanoseconds SourceSession::to_ns(double s) {
   return std::chrono::nanoseconds(static_cast<std::int64_t>(s * 1e9));
 }
 
+void SourceSession::resync_on_received_bitmap(bool local_fill) {
+  if (return_thread_.joinable()) throw std::logic_error("resync_on_received_bitmap: the return path already started");
+  resync_ = true;
+  resync_local_fill_ = local_fill;
+}
+
 void SourceSession::start_return_path() {
   if (return_thread_.joinable()) throw std::logic_error("the return path is already being read");
   return_thread_ = std::thread([this] {
@@ -121,7 +138,7 @@ void SourceSession::start_return_path() {
       // orchestrator ends it by shutting the socket down.
       wire::FdInput in(return_fd_, 0);
       wire::FrameReader reader(in, cfg_, wire::Direction::kToSource);
-      ReturnHandler handler(*source_, events_, *this);
+      ReturnHandler handler(*source_, events_, *this, resync_, resync_local_fill_);
       if (!reader.run(handler)) {
         SessionEvent e;
         e.kind = SessionEvent::Kind::End;
@@ -330,25 +347,43 @@ SendStats SourceSession::postcopy_push(double max_seconds) {
 
 // The fault thread's requests, as REQUEST frames on the return path (wire::RequestSender keeps
 // the first failure and sends nothing after it); a failure is reported once as an event, and the
-// guest's faulting threads then wait until the migration is recovered or torn down.
+// guest's faulting threads then wait until the migration is recovered or torn down. Recovery
+// rebinds it to a new return path; while unbound (paused) requests are not sent: the region keeps
+// them in its requested bitmap and reattach() asks again.
 class DestSession::WireRequestSink final : public RequestSink {
  public:
-  WireRequestSink(wire::FrameWriter& w, EventQueue& events) : sender_(w), events_(events) {}
+  explicit WireRequestSink(EventQueue& events) : events_(events) {}
   void request(std::uint64_t first_page, std::uint32_t npages) noexcept override {
-    if (sender_.request(first_page, npages) || reported_.exchange(true)) return;
+    // The mutex keeps detach() from returning while a request is on its way to the old socket
+    // (whose fd number may be reused by the next connection once closed).
+    std::lock_guard lk(mu_);
+    if (!sender_ || sender_->request(first_page, npages) || reported_) return;
+    reported_ = true;
     try {
       SessionEvent e;
       e.kind = SessionEvent::Kind::Failed;
-      e.text = "return path: " + sender_.error();
+      e.text = "return path: " + sender_->error();
       events_.push(std::move(e));
     } catch (...) {  // out of memory: the failure stays visible through the channel readers
     }
   }
+  /// Routes requests to `w` (nullptr: drop them). Waits for a request being sent.
+  void bind(wire::FrameWriter* w) {
+    std::unique_ptr<wire::RequestSender> next = w != nullptr ? std::make_unique<wire::RequestSender>(*w) : nullptr;
+    std::lock_guard lk(mu_);
+    sender_ = std::move(next);
+    reported_ = false;
+  }
+  void unbind() noexcept {
+    std::lock_guard lk(mu_);
+    sender_.reset();
+  }
 
  private:
-  wire::RequestSender sender_;
   EventQueue& events_;
-  std::atomic<bool> reported_{false};
+  std::mutex mu_;
+  std::unique_ptr<wire::RequestSender> sender_;  // guarded by mu_
+  bool reported_ = false;                        // guarded by mu_
 };
 
 // One channel's frames into the region: while the region is in precopy, the wire's RegionReceiver
@@ -439,7 +474,7 @@ class DestSession::ChannelHandler final : public wire::FrameHandler {
 DestSession::DestSession(std::shared_ptr<DestRegion> region, int main_fd, std::vector<int> extra_fds, int urgent_fd,
                          wire::FrameWriter& return_path, const wire::WireConfig& cfg)
     : region_(std::move(region)), main_fd_(main_fd), extra_fds_(std::move(extra_fds)), urgent_fd_(urgent_fd),
-      return_path_(return_path), cfg_(cfg) {
+      return_path_(&return_path), cfg_(cfg), sink_(std::make_shared<WireRequestSink>(events_)) {
   if (!region_) throw std::invalid_argument("DestSession needs a region");
   if (cfg_.region_pages != region_->pages())
     throw std::invalid_argument("the wire config's region (" + std::to_string(cfg_.region_pages) +
@@ -450,7 +485,43 @@ DestSession::~DestSession() { join(); }
 
 void DestSession::start() {
   if (!threads_.empty()) throw std::logic_error("the session already started");
-  region_->set_request_sink(std::make_shared<WireRequestSink>(return_path_, events_));
+  sink_->bind(return_path_);
+  region_->set_request_sink(sink_);
+  start_readers();
+}
+
+void DestSession::detach() noexcept { sink_->unbind(); }
+
+void DestSession::reattach(int main_fd, std::vector<int> extra_fds, int urgent_fd, wire::FrameWriter& return_path,
+                           bool resync) {
+  for (auto& t : threads_)
+    if (t.joinable()) throw std::logic_error("reattach: join() the old connection's readers first");
+  if (return_path.config().region_pages != cfg_.region_pages)
+    throw std::invalid_argument("reattach: the new return path's region differs from the session's");
+  threads_.clear();
+  main_fd_ = main_fd;
+  extra_fds_ = std::move(extra_fds);
+  urgent_fd_ = urgent_fd;
+  return_path_ = &return_path;
+  if (!resync) {
+    start_readers();
+    return;
+  }
+  // The bitmap first: the source resyncs on it before it reads any request that follows.
+  return_path.send_received_bitmap(*region_->received());
+  sink_->bind(&return_path);
+  // Faults taken while paused were marked requested but not sent: ask again (a request the source
+  // also got before the break is served once; placement drops a duplicate, rule 1).
+  const PageBitmap& requested = *region_->requested();
+  const PageBitmap& received = *region_->received();
+  requested.for_each_run(0, requested.size(), [&](std::size_t first, std::size_t n) {
+    for (std::size_t p = first; p < first + n; ++p)
+      if (!received.test(p)) sink_->request(p, 1);
+  });
+  start_readers();
+}
+
+void DestSession::start_readers() {
   extras_active_ = extra_fds_.size();
   threads_.emplace_back([this] { read_channel(main_fd_, 0, false); });
   if (urgent_fd_ >= 0) threads_.emplace_back([this] { read_channel(urgent_fd_, 1, false); });

@@ -23,7 +23,7 @@ import click
 from rich.console import Console
 
 import livemig
-from livemig import display, local, migration, wire
+from livemig import display, local, migration, recovery, wire
 from livemig.errors import LivemigError, MigrationError
 from livemig.guest import GuestConfig
 
@@ -288,6 +288,12 @@ def _load_secret(path: str | None) -> bytes | None:
               help="Draw rounds and fault latency to FILE.png (needs livemig[plot]).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
+@click.option("--reconnect-deadline", type=NumberType(0.0), default=60.0, show_default=True, metavar="S",
+              help="Postcopy recovery: seconds a broken connection is paused and resumed (0: fail).")
+@click.option("--manual-resume", is_flag=True,
+              help="When paused, wait for `livemig resume` instead of reconnecting by itself.")
+@click.option("--control", "control_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="Unix socket where `livemig resume PATH` reaches this migration.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary table.")
 def migrate(
     to: wire.Address | None,
@@ -312,9 +318,14 @@ def migrate(
     as_json: bool,
     plot_file: str | None,
     progress: bool | None,
+    reconnect_deadline: float,
+    manual_resume: bool,
+    control_path: str | None,
     quiet: bool,
 ) -> int:
     """Migrate a guest of --size bytes running --workload, precopy unless --postcopy."""
+    if manual_resume and control_path is None:
+        raise _usage("--manual-resume needs --control PATH (where `livemig resume PATH` reaches it)")
     # Every usage error is found here, before a process or a byte of guest memory exists.
     if postcopy_after is not None and not postcopy:
         raise _usage("--postcopy-after needs --postcopy (the migration is precopy otherwise)")
@@ -353,7 +364,10 @@ def migrate(
         secret=secret,
         verify=verify,
         timeout=timeout,
+        reconnect_deadline_s=reconnect_deadline,
+        auto_reconnect=not manual_resume,
     )
+    control = recovery.MigrationControl()
     guest = GuestConfig(
         workload=workload,  # type: ignore[arg-type]
         page_size=PAGE_SIZE,
@@ -384,8 +398,10 @@ def migrate(
                 address = dest.address
             else:
                 address = str(to)
+            if control_path is not None:
+                stack.enter_context(recovery.ControlServer(control_path, control))
             with display.progress_display(console, progress) as reporter:
-                result = migration.migrate(address, size, guest, config, reporter)
+                result = migration.migrate(address, size, guest, config, reporter, control)
             returned = True
         except (LivemigError, OSError, ValueError) as e:  # ValueError: a config the guest refused
             result = migration.MigrationResult(
@@ -424,6 +440,24 @@ def _relay_destination(text: str) -> None:
     sys.stderr.flush()
 
 
+# ---- resume ----
+
+
+@main.command()
+@click.argument("control_path", metavar="PATH", type=click.Path(dir_okay=False))
+@click.option("--to", "to", type=ADDRESS, metavar="HOST:PORT", default=None,
+              help="Resume towards this destination address (default: the one it used).")
+def resume(control_path: str, to: wire.Address | None) -> int:
+    """Resume a paused postcopy migration (`livemig migrate --control PATH`)."""
+    try:
+        answer = recovery.request_resume(control_path, None if to is None else str(to))
+    except OSError as e:
+        raise MigrationError(f"no migration at {control_path}: {e.strerror or e}") from None
+    sys.stdout.write(answer + "\n")
+    sys.stdout.flush()
+    return 0
+
+
 # ---- listen ----
 
 
@@ -437,6 +471,8 @@ def _relay_destination(text: str) -> None:
               help=f"Shared secret sources must prove (default: ${wire.SECRET_ENV}).")
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without a secret.")
 @click.option("--max-size", type=SIZE, default=None, help="Largest region accepted.")
+@click.option("--resume-deadline", type=NumberType(0.0), default=60.0, show_default=True, metavar="S",
+              help="Postcopy recovery: seconds a broken connection waits for the source to resume (0: fail).")
 @click.option("--timeout", type=NumberType(0.0, positive=True), default=30.0, show_default=True,
               metavar="S", help="Seconds a silent peer is waited for.")
 @click.option("--json", "as_json", is_flag=True,
@@ -452,6 +488,7 @@ def listen(
     secret_file: str | None,
     insecure: bool,
     max_size: int | None,
+    resume_deadline: float,
     timeout: float,
     as_json: bool,
     progress: bool | None,
@@ -477,6 +514,7 @@ def listen(
         secret=secret,
         max_region_bytes=max_size or 0,
         timeout=timeout,
+        resume_deadline_s=resume_deadline,
     )
     try:
         listener = wire.Listener(address, insecure=insecure)

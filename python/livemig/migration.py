@@ -26,6 +26,13 @@ from livemig.balloon import CMD_DONE, BalloonDevice
 from livemig.destination import Destination
 from livemig.errors import LivemigError, MigrationError
 from livemig.guest import Guest, GuestConfig
+from livemig.recovery import (
+    ChannelBroken,
+    DestinationRecovery,
+    MigrationControl,
+    SourceRecovery,
+    event_summary,
+)
 from livemig.source import Source
 
 Mode = Literal["precopy", "postcopy"]
@@ -46,6 +53,11 @@ class MigrationConfig:
     secret: bytes | None = None  #: shared secret for the handshake
     verify: bool = False  #: prove the destination holds exactly the guest's latest memory
     timeout: float = 30.0  #: seconds a silent peer is waited for
+    #: postcopy recovery: how long a broken connection is paused and resumed before giving up
+    #: (0: fail at once, as without recovery)
+    reconnect_deadline_s: float = 60.0
+    #: reconnect by itself (to the same address); False: wait for MigrationControl.resume()
+    auto_reconnect: bool = True
 
 
 @dataclass(frozen=True)
@@ -123,6 +135,8 @@ class MigrationResult:
     rounds: list[RoundStats] = field(default_factory=list)
     capabilities: list[str] = field(default_factory=list)  #: negotiated
     error: str | None = None
+    recoveries: int = 0  #: times a broken postcopy connection was resumed
+    requeued_pages: int = 0  #: pages made dirty again on resuming (not received by the destination)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``--json`` output)."""
@@ -136,7 +150,7 @@ class Progress(Protocol):
     """Where an orchestrator reports progress (the CLI's rich display implements it)."""
 
     def phase(self, name: str) -> None:
-        """A new phase: "connect", "precopy", "switchover", "postcopy", "complete", "verify"."""
+        """A new phase: "connect", "precopy", "switchover", "postcopy", "complete", "verify", "paused" (recovery)."""
 
     def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
         """Progress within a phase."""
@@ -160,6 +174,9 @@ class DestinationConfig:
     secret: bytes | None = None  #: shared secret the source must prove
     max_region_bytes: int = 0  #: largest region accepted (0: up to physical memory)
     timeout: float = 30.0  #: seconds a silent peer is waited for
+    #: postcopy recovery: how long a broken connection is paused, the guest running and its
+    #: faulting threads waiting, for the source to resume (0: fail at once)
+    resume_deadline_s: float = 60.0
 
 
 @dataclass
@@ -173,6 +190,25 @@ class DestinationSummary:
     balloon: BalloonReport = field(default_factory=BalloonReport)
     verify: VerifyReport | None = None
     error: str | None = None
+    recoveries: int = 0  #: times a broken postcopy connection was resumed
+
+
+@dataclass(frozen=True)
+class SourceGuestReport:
+    """What became of the source guest when a migration failed."""
+
+    running: bool  #: resumed here (the destination guest never ran); False: stale, it stays paused
+    done_delivered: bool  #: its balloon driver saw DONE
+    held_pages: int  #: pages its balloon driver still holds back
+    verify: VerifyReport | None = None  #: with ``MigrationConfig.verify``: its memory checked
+
+
+class MigrationFailed(MigrationError):
+    """A migration failed; ``source_guest`` says what became of the source guest."""
+
+    def __init__(self, message: str, source_guest: SourceGuestReport | None = None) -> None:
+        super().__init__(message)
+        self.source_guest = source_guest
 
 
 @dataclass(frozen=True)
@@ -188,8 +224,7 @@ class GuestImage:
 # ---- device state: what travels with the guest at switchover ----
 
 _DEVICE_MAGIC = b"LMDS"
-_ACK_RESUMED = 0  # ack kind: the destination acted on the command in the value: for SWITCHOVER,
-# everything before it is applied; for POSTCOPY_START and COMPLETE, its guest runs
+_ACK_RESUMED = 0  # ack kind: the destination guest runs (value: the command it answered)
 
 
 def pack_device_state(guest_state: bytes, balloon: dict[str, Any]) -> bytes:
@@ -240,11 +275,11 @@ def _summary_from_report(data: bytes) -> DestinationSummary:
 # ---- the source ----
 
 
-class _SourceRun:
+class _SourceRun(SourceRecovery):
     """One outgoing migration: the region, its guest, the connection and the page pumps."""
 
     def __init__(self, region_bytes: int, guest: GuestConfig, config: MigrationConfig, progress: Progress,
-                 image: GuestImage | None = None) -> None:
+                 control: MigrationControl | None = None, image: GuestImage | None = None) -> None:
         self.config = config
         self.progress = progress
         page = guest.page_size
@@ -267,6 +302,11 @@ class _SourceRun:
         self.balloon: BalloonDevice | None = None
         self.writers: list[_core.FrameWriter] = []
         self.dest_guest_running = False
+        self.control = control or MigrationControl()
+        self.address = ""
+        self.recoveries = 0
+        self.requeued_pages = 0
+        self.dest_completed = False
 
     # -- steps --
     def connect(self, address: str) -> None:
@@ -278,6 +318,7 @@ class _SourceRun:
         opts = wire.WireOptions(page_size=self.result.page_size, region_bytes=self.result.region_bytes,
                                 capabilities=caps, secret=self.config.secret, timeout=self.config.timeout)
         self.conn = conn = wire.connect(address, opts)
+        self.address, self.session_id, self.negotiated = address, conn.session, conn.negotiated
         self.result.capabilities = sorted(conn.negotiated.capabilities)
         main = conn.writer()
         extras = [conn.writer(ch) for ch in conn.pages]
@@ -336,30 +377,10 @@ class _SourceRun:
             self.progress.update(round=index, remaining_pages=remaining, total_pages=total, bandwidth_bps=bandwidth)
         self.result.precopy_rounds = len(self.result.rounds)
 
-    def discard_ahead(self) -> None:
-        """Postcopy, guest still running: one more sync; the destination drops the pages sent and
-        written since, and the source waits until it has applied everything sent so far. The
-        downtime then holds neither the pages still queued in the sockets nor more discard work
-        than the guest makes in its last milliseconds. The extra page channels end first: a page
-        still in flight on one must not land after the discard."""
-        assert self.balloon is not None
-        for w in self.extras:
-            w.send_end()
-        self.balloon.before_sync()
-        self.source.sync()
-        self.balloon.after_sync()
-        stale = self.source.take_stale_sent()
-        if len(stale):
-            self.main.send_discard(stale)
-        self.main.send_command(wire.COMMAND_SWITCHOVER)
-        self.wait_ack(wire.COMMAND_SWITCHOVER)
-
     def switchover(self) -> float:
         """Stops the guest, final sync, DONE, and (precopy) sends the rest; returns the pause time."""
         assert self.session is not None and self.balloon is not None
         self.progress.phase("switchover")
-        if self.config.postcopy:
-            self.discard_ahead()
         self.guest.pause()
         t_pause = time.perf_counter()
         self.balloon.before_sync()
@@ -371,9 +392,8 @@ class _SourceRun:
                 self._add(st)
                 if st["drained"]:
                     break
-        if not self.config.postcopy:  # postcopy ended them ahead of the pause
-            for w in self.extras:
-                w.send_end()
+        for w in self.extras:  # (postcopy ended them ahead of the pause: announce_postcopy)
+            w.send_end()
         return t_pause
 
     def device_state(self) -> bytes:
@@ -382,15 +402,14 @@ class _SourceRun:
         return pack_device_state(self.guest.export_state(), balloon)
 
     def wait_ack(self, command: int) -> float:
-        """Waits until the destination acknowledges ``command`` (see ``_ACK_RESUMED``); returns when
-        that word arrived (time.perf_counter() clock)."""
+        """Waits until the destination says its guest runs (after ``command``); returns when that
+        word arrived (time.perf_counter() clock)."""
         assert self.session is not None
         deadline = time.monotonic() + self.config.timeout
         while True:
             ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
             if ev is None:
-                what = "apply the discard ahead of switchover" if command == wire.COMMAND_SWITCHOVER else "resume the guest"
-                raise MigrationError(f"the destination did not {what} within {self.config.timeout} s")
+                raise MigrationError(f"the destination did not resume the guest within {self.config.timeout} s")
             kind, a, b, _data, text, at = ev
             if kind == "ack" and a == _ACK_RESUMED and b == command:
                 return at
@@ -417,34 +436,62 @@ class _SourceRun:
         self.main.send_command(wire.COMMAND_POSTCOPY_START)
         self.dest_guest_running = True  # from here on the source guest must never resume
         self.progress.phase("postcopy")
-        # Serve requests and push at once: the destination guest may fault before its ack arrives.
-        total = self.source.pages
-        resumed = False
+        self._acked = False
+        self._t_pause = t_pause
+        self._serve_postcopy()
+
+    def _serve_postcopy(self) -> None:
+        """Pushes until done, then ends the urgent channel and sends COMPLETE; a break pauses and
+        resumes (recovery), then pushes on."""
         while True:
-            st = self.session.postcopy_push(max_seconds=0.05)
+            try:
+                self._push_until_drained()
+                try:
+                    self.session.end_urgent()
+                    self.main.send_command(wire.COMMAND_COMPLETE)
+                except (LivemigError, OSError) as e:
+                    raise self.broken(e) from None
+                return
+            except ChannelBroken as e:
+                self.pause_and_resume(str(e))
+                self._acked = True  # the destination resumed: its guest runs
+                if self.dest_completed:
+                    return  # it has every page already
+
+    def _push_until_drained(self) -> None:
+        """Serve requests and push at once: the destination guest may fault before its ack arrives."""
+        assert self.session is not None
+        t_pause = self._t_pause
+        total = self.source.pages
+        while True:
+            try:
+                st = self.session.postcopy_push(max_seconds=0.05)
+            except (LivemigError, OSError) as e:
+                raise self.broken(e) from None
             self._add(st)
             wait = 0.05 if st["drained"] else 0.0  # nothing to push: block for the ack instead
             while (ev := self.session.wait_event(wait)) is not None:
                 wait = 0.0
                 kind, a, b, _data, text, at = ev
-                if kind == "ack" and a == _ACK_RESUMED and b == wire.COMMAND_POSTCOPY_START and not resumed:
-                    resumed = True
+                if kind == "ack" and a == _ACK_RESUMED and b == wire.COMMAND_POSTCOPY_START and not self._acked:
+                    self._acked = True
                     self.result.downtime_ms = (at - t_pause) * 1e3
-                elif kind in ("peer_error", "failed", "end"):
+                elif kind in ("failed", "end"):
+                    raise self.broken(event_summary(ev))
+                elif kind == "peer_error":
                     raise MigrationError(f"destination: {text or kind}")
             remaining = self.source.dirty.count()
             self.progress.update(round=len(self.result.rounds), remaining_pages=remaining, total_pages=total,
                                  bandwidth_bps=st["bytes"] / st["seconds"] if st["seconds"] else 0.0)
-            if st["drained"] and resumed:
+            if st["drained"] and self._acked:
                 break
-            if not resumed and time.perf_counter() - t_pause > self.config.timeout:
+            if not self._acked and time.perf_counter() - t_pause > self.config.timeout:
                 raise MigrationError(f"the destination did not resume the guest within {self.config.timeout} s")
-        self.session.end_urgent()
-        self.main.send_command(wire.COMMAND_COMPLETE)
 
     def report(self) -> DestinationSummary:
         """The destination's summary, sent once it is done (and verified, when asked)."""
         assert self.session is not None
+        self.say_committed()
         deadline = time.monotonic() + self.config.timeout + 60.0
         while True:
             ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
@@ -453,8 +500,20 @@ class _SourceRun:
             kind, _a, _b, data, text, _at = ev
             if kind == "report":
                 summary = _summary_from_report(data)
+                try:
+                    self.main.send_end()  # the destination waits for this word that its report arrived
+                except (LivemigError, OSError):
+                    pass
                 self._await_end()
                 return summary
+            if kind in ("failed", "end") and self.recoverable():
+                # The report did not come: the destination may still miss pages (postcopy) or only
+                # its report was lost. Resume; push what it lacks and complete again if need be.
+                self.pause_and_resume(text or kind)
+                if not self.dest_completed:
+                    self._serve_postcopy()
+                deadline = time.monotonic() + self.config.timeout + 60.0
+                continue
             if kind in ("peer_error", "failed", "end"):
                 raise MigrationError(f"destination: {text or kind}")
 
@@ -476,6 +535,27 @@ class _SourceRun:
         if not self.dest_guest_running:
             self.guest.resume()
 
+    def source_guest_report(self, settle_s: float = 10.0) -> SourceGuestReport:
+        """After cancel(): lets a resumed guest see DONE (up to ``settle_s``), then reports (and,
+        with ``config.verify``, checks) the source guest."""
+        running = self.guest.running
+        deadline = time.monotonic() + settle_s
+        while running and self.balloon is not None and time.monotonic() < deadline:  # DONE was sent
+            gs = self.guest.stats()
+            if gs.done_seen > 0 and gs.pages_held == 0:
+                break
+            time.sleep(0.005)  # the guest's driver runs at its own pace
+        gs = self.guest.stats()
+        verify = None
+        if self.config.verify:
+            v = self.guest.verify()
+            mismatches = v.mismatches
+            if self.guest.workload == "increment":
+                mismatches += 0 if self.guest.check_increment().ok else 1
+            verify = VerifyReport(pages_checked=v.pages_checked, mismatches=mismatches, placed_twice=0)
+        return SourceGuestReport(running=running, done_delivered=gs.done_seen > 0, held_pages=gs.pages_held,
+                                 verify=verify)
+
     def close(self) -> None:
         if self.session is not None:
             self.session.interrupt()
@@ -484,6 +564,7 @@ class _SourceRun:
         if self.session is not None:
             self.session.join_return_path()
         self.guest.stop()
+        self.result.recoveries, self.result.requeued_pages = self.recoveries, self.requeued_pages
 
 
 def migrate(
@@ -492,6 +573,7 @@ def migrate(
     guest: GuestConfig,
     config: MigrationConfig = MigrationConfig(),
     progress: Progress | None = None,
+    control: MigrationControl | None = None,
     *,
     image: GuestImage | None = None,
 ) -> MigrationResult:
@@ -502,9 +584,13 @@ def migrate(
     source guest then keeps running and has been sent DONE, unless the destination guest had
     already started (postcopy), in which case the source guest stays paused. ``image``: migrate
     that guest (from ``serve(keep_guest=...)``) instead of a fresh one of config ``guest``.
+
+    Postcopy recovery: a connection that breaks after the destination guest started pauses the
+    migration; it resumes over a new connection (by itself, or through ``control``: see
+    :class:`livemig.recovery.MigrationControl`) within ``config.reconnect_deadline_s``.
     """
     prog = progress or NoProgress()
-    run = _SourceRun(region_bytes, guest, config, prog, image)
+    run = _SourceRun(region_bytes, guest, config, prog, control, image)
     t0 = time.perf_counter()
     step = "connect"
     try:
@@ -512,6 +598,8 @@ def migrate(
         run.connect(address)
         step = "precopy"
         run.precopy()
+        if config.postcopy:
+            run.announce_postcopy()
         step = "switchover"
         t_pause = run.switchover()
         if config.postcopy:
@@ -524,8 +612,9 @@ def migrate(
         summary = run.report()
     except (LivemigError, OSError) as e:
         run.cancel()
+        guest_report = run.source_guest_report()
         run.close()
-        raise MigrationError(f"{step}: {e}") from e
+        raise MigrationFailed(f"{step}: {e}", guest_report) from e
     except BaseException:
         run.cancel()
         run.close()
@@ -547,10 +636,11 @@ def migrate(
 # ---- the destination ----
 
 
-class _DestinationRun:
+class _DestinationRun(DestinationRecovery):
     """One incoming migration: the region, the channel readers and, after switchover, the guest."""
 
-    def __init__(self, conn: wire.Connection, config: DestinationConfig, progress: Progress) -> None:
+    def __init__(self, conn: wire.Connection, config: DestinationConfig, progress: Progress,
+                 listener: wire.Listener | None = None, wire_options: wire.WireOptions | None = None) -> None:
         self.conn = conn
         self.config = config
         self.progress = progress
@@ -569,21 +659,32 @@ class _DestinationRun:
         self.mode: Mode = "precopy"
         self.ended: set[int] = set()
         self.last_round_id: int | None = None
+        self.listener, self.wire_options = listener, wire_options  # recovery: where a resume comes in
+        self.recoveries = 0
+        self.switchover_announced = False
+        self.source_committed = False
 
     def next_event(self) -> tuple[str, int, int, bytes, str, float]:
-        while True:  # a slow source still moving pages is not a silent one
+        while True:
             seen = self.session.pages_received
             ev = self.session.wait_event(self.config.timeout)
-            if ev is not None:
-                break
-            if self.session.pages_received == seen:
-                raise MigrationError(f"the source was silent for {self.config.timeout} s")
-        kind, a, _b, _data, text, _at = ev
-        if kind in ("failed", "peer_error"):
-            raise MigrationError(f"source: {text}" if kind == "peer_error" else text)
-        if kind == "end":
-            self.ended.add(a)
-        return ev
+            if ev is None and self.session.pages_received != seen:
+                continue  # a slow source still moving pages is not a silent one
+            cause = f"the source was silent for {self.config.timeout} s" if ev is None else event_summary(ev)
+            if ev is None or ev[0] == "failed":
+                if self.pausable():  # recovery: the guest runs on, faulting threads wait
+                    self.pause_and_resume(cause)
+                    continue
+                if self.in_switchover():
+                    self.refuse_resume(cause)
+                raise MigrationError(cause)
+            kind, a, _b, _data, text, _at = ev
+            if kind == "peer_error":
+                raise MigrationError(f"source: {text}")
+            if kind == "end":
+                self.ended.add(a)
+            self.note_event(ev)
+            return ev
 
     def resume_guest(self, blob: bytes) -> None:
         header, guest_state = unpack_device_state(blob)
@@ -615,15 +716,12 @@ class _DestinationRun:
                     self.mode = "postcopy"
                     self.progress.phase("postcopy")
                 self.resume_guest(blob)
-                self.return_path.send_ack(_ACK_RESUMED, a)
+                self.send_resumed_ack(a)
                 assert self.guest is not None
                 self.guest.kick()  # the driver looks at the device now, not at its next poll
                 if self.mode == "postcopy":
                     self._postcopy_until_complete()
                 break
-            elif kind == "command" and a == wire.COMMAND_SWITCHOVER:
-                # The discard ahead of a postcopy switchover (frames before this) is applied.
-                self.return_path.send_ack(_ACK_RESUMED, a)
         return self.finish()
 
     def _postcopy_until_complete(self) -> None:
@@ -724,20 +822,17 @@ def serve(
                             capabilities=caps, secret=config.secret, timeout=config.timeout)
     conn = listener.accept(opts, wait=wait)
     try:
-        run = _DestinationRun(conn, config, prog)
+        run = _DestinationRun(conn, config, prog, listener, opts)
     except BaseException:
         conn.close()
         raise
     try:
         summary = run.run()
         summary = run.settle_and_report(summary, verify, settle_s, await_reuse)
+        summary.recoveries = run.recoveries
         if keep_guest is not None and summary.ok and run.guest is not None:
             keep_guest(GuestImage(run.dest.array.copy(), run.guest.export_state(), run.last_round_id))
-        run.return_path.send_device_state(json.dumps(asdict(summary)).encode())
-        try:
-            run.return_path.send_end()
-        except LivemigError:
-            pass  # the source may close as soon as it has the report: nothing is lost
+        run.deliver_report(json.dumps(asdict(summary)).encode())
     except (LivemigError, OSError) as e:
         summary = DestinationSummary(ok=False, mode=run.mode, region_bytes=conn.region_bytes, error=str(e))
         try:
@@ -755,6 +850,6 @@ def serve(
 
 __all__ = [
     "BalloonReport", "DestinationConfig", "DestinationSummary", "GuestImage", "HintStats", "LatencySummary",
-    "MigrationConfig", "MigrationResult", "PostcopyStats", "Progress", "RoundStats", "VerifyReport",
-    "migrate", "serve",
+    "MigrationConfig", "MigrationControl", "MigrationFailed", "MigrationResult", "PostcopyStats", "Progress",
+    "RoundStats", "SourceGuestReport", "VerifyReport", "migrate", "serve",
 ]

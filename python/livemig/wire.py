@@ -45,10 +45,11 @@ _MAC_BYTES = 32
 _REJECT_PROTOCOL, _REJECT_AUTH, _REJECT_REFUSED = 0, 1, 2
 
 Role = Literal["source", "destination"]
-ChannelKind = Literal["main", "urgent", "pages"]
+ChannelKind = Literal["main", "urgent", "pages", "resume"]
 _ROLES: dict[int, Role] = {1: "source", 2: "destination"}
 _ROLE_CODES = {v: k for k, v in _ROLES.items()}
-_KINDS: dict[int, ChannelKind] = {0: "main", 1: "urgent", 2: "pages"}
+# "resume": the main channel of a paused session's new connection (recovery; docs/protocol.md).
+_KINDS: dict[int, ChannelKind] = {0: "main", 1: "urgent", 2: "pages", 3: "resume"}
 _KIND_CODES = {v: k for k, v in _KINDS.items()}
 
 CAPABILITY_BITS: dict[str, int] = {
@@ -608,11 +609,13 @@ def handshake_destination(
     sock: socket.socket,
     opts: WireOptions,
     sessions: dict[bytes, Negotiated] | None = None,
+    paused: dict[bytes, Negotiated] | None = None,
 ) -> HandshakeResult:
     """Runs the destination's side on an accepted stream socket. A main channel starts a session;
-    an urgent or page channel must name a session in `sessions` (and a negotiated channel).
-    Refuses (REJECT to the peer, then ProtocolError / AuthenticationError here) a bad version,
-    secret, page size or an absurd region."""
+    an urgent or page channel must name a session in `sessions` (and a negotiated channel); a
+    resume channel must name a session in `paused` (then no main channel is taken). Refuses
+    (REJECT to the peer, then ProtocolError / AuthenticationError here) a bad version, secret,
+    page size or an absurd region."""
     _prepare(sock, opts.timeout)
     peer_body = _recv_msg(sock, _HELLO)
     try:
@@ -632,7 +635,12 @@ def handshake_destination(
     _authenticate(sock, "destination", opts.secret, mine, peer, peer_body + mine_body)
     reason = _check_region(opts, peer)
     negotiated = opts.capabilities.negotiate(peer.caps)
-    if reason is None and peer.kind != "main":
+    if reason is None and peer.kind == "resume":
+        reason = _check_resume(peer.session, negotiated, paused)
+    elif reason is None and peer.kind == "main" and paused:
+        reason = (f"this destination is paused, waiting to resume session {next(iter(paused)).hex()};"
+                  " it takes no new migration until then")
+    elif reason is None and peer.kind != "main":
         known = (sessions or {}).get(peer.session)
         if known is None:
             reason = f"{peer.kind} channel for an unknown session"
@@ -651,6 +659,18 @@ def handshake_destination(
     return HandshakeResult(
         peer.kind, peer.index, peer.page_size, peer.region_bytes, negotiated, peer.session
     )
+
+
+def _check_resume(session: bytes, negotiated: Negotiated, paused: dict[bytes, Negotiated] | None) -> str | None:
+    """Why a resume channel is refused, or None: it must name a paused session and keep its
+    capabilities (a resumed connection has no extra page channels)."""
+    known = (paused or {}).get(session)
+    if known is None:
+        return (f"no paused migration with session {session.hex()} here (the destination that ran"
+                " the guest is gone, or the migration already ended)")
+    if negotiated.capabilities != known.capabilities or negotiated.extra_channels:
+        return "resume announces capabilities that differ from its session's"
+    return None
 
 
 # ---- transports ----
@@ -715,12 +735,19 @@ class Listener:
             ) from None
         return conn
 
-    def accept(self, opts: WireOptions, wait: float | None | Literal["timeout"] = "timeout") -> Connection:
+    def accept(
+        self,
+        opts: WireOptions,
+        wait: float | None | Literal["timeout"] = "timeout",
+        *,
+        resume: tuple[bytes, Negotiated] | None = None,
+    ) -> Connection:
         """Accepts a source's main channel and then its urgent and extra page channels, each
         with its handshake; a connection that fails its handshake is refused and dropped, and the
         error raised (a wrong secret never gets past this). ``wait``: how long to wait for the
-        source to connect (None: forever; default: ``opts.timeout``). Beyond loopback without a
-        secret (and not ``insecure``): AuthenticationError, before any connection is taken."""
+        source to connect (None: forever; default: ``opts.timeout``). ``resume``: (session id,
+        negotiated) of a paused session: only its resume connection is accepted. Beyond loopback
+        without a secret (and not ``insecure``): AuthenticationError, before any connection is taken."""
         if opts.secret is None and not self.insecure and not is_loopback(self.address):
             raise AuthenticationError(
                 f"refusing to accept sources on {self.address} beyond loopback without a shared"
@@ -729,7 +756,7 @@ class Listener:
             )
         sock = self._accept_one(opts.timeout if wait == "timeout" else wait)
         try:
-            res = handshake_destination(sock, opts)
+            res = handshake_destination(sock, opts, paused=dict([resume]) if resume else None)
         except BaseException:
             sock.close()
             raise
@@ -791,13 +818,14 @@ def _dial(addr: Address, timeout: float) -> socket.socket:
     return sock
 
 
-def connect(address: str | Address, opts: WireOptions) -> Connection:
+def connect(address: str | Address, opts: WireOptions, *, resume: bytes | None = None) -> Connection:
     """The source's side: connects the main channel, then (as negotiated) the urgent channel and
-    the extra page channels, each with its own handshake."""
+    the extra page channels, each with its own handshake. ``resume``: the session id of a paused
+    migration this connection resumes (its options must announce no extra page channels)."""
     addr = parse_address(address) if isinstance(address, str) else address
     sock = _dial(addr, opts.timeout)
     try:
-        res = handshake_source(sock, opts)
+        res = handshake_source(sock, opts, "resume" if resume else "main", 0, resume)
     except BaseException:
         sock.close()
         raise
@@ -837,6 +865,7 @@ FrameKind = Literal[
 COMMAND_SWITCHOVER = 1
 COMMAND_POSTCOPY_START = 2
 COMMAND_COMPLETE = 3
+COMMAND_COMMITTED = 4
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ struct SessionEvent {
     Command,         ///< a: the command number (destination)
     End,             ///< a: the channel index that ended (both)
     Ack,             ///< a: kind, b: value (source)
-    ReceivedBitmap,  ///< data: the bitmap bytes (source)
+    ReceivedBitmap,  ///< data: the bitmap bytes; with resync on: a pages made dirty again, b 1 (source)
     Report,          ///< data: the destination's report blob (source)
     PeerError,       ///< text: the peer's error message (both)
     Failed,          ///< text: a channel failed locally (protocol error, connection lost) (both)
@@ -84,6 +84,11 @@ class SourceSession {
   /// Stops the pumps and joins the return-path thread (the caller shuts the socket down first).
   ~SourceSession();
 
+  /// Recovery (a resumed connection): a RECEIVED_BITMAP on this session's return path resyncs the
+  /// source at once, before any later frame is read (Source::resync_with_received: pages not
+  /// received, and with `local_fill` not filled by the destination itself, become dirty and unsent
+  /// again), so no request that follows it is judged on the stale bits. Call before start_return_path.
+  void resync_on_received_bitmap(bool local_fill);
   /// Starts the thread that reads the return path: requests go to the scanner, the rest to events.
   void start_return_path();
   /// Sends dirty pages on the main and extra channels (one thread each) until none is left, or
@@ -130,6 +135,9 @@ class SourceSession {
   std::vector<PageRun> served_runs_;    // guarded by urgent_mu_
   std::atomic<std::uint64_t> urgent_served_{0};  // pages, since the last push returned
   wire::WireStats urgent_reported_;             // the urgent writer's stats at the last push's return
+  // Set before the return thread starts (its creation orders them); read only by that thread.
+  bool resync_ = false;
+  bool resync_local_fill_ = false;
 };
 
 /// The destination's side: one reader thread per channel into the region; the region's fault
@@ -145,6 +153,19 @@ class DestSession {
 
   /// Installs the request sink and starts the reader threads.
   void start();
+  /// Recovery, when the connection broke in postcopy: from now on the fault thread's requests are
+  /// not sent (the region keeps them in its requested bitmap; the guest's faulting threads wait).
+  /// Returns once no request is being sent on the old return path (shut the old sockets down
+  /// first, so a send blocked on a stalled peer fails at once); then join() and close them. Any
+  /// thread.
+  void detach() noexcept;
+  /// Recovery: continues over a new connection after detach() and join(): with `resync`, sends the
+  /// received bitmap on `return_path` (nothing is placed meanwhile but local fills, which the
+  /// source never resends), then routes requests there and asks again for every page requested
+  /// and not yet received; then starts readers on the new sockets. Without `resync` (a completed
+  /// migration whose report is resent) it only starts the readers. The writer must outlive the session.
+  void reattach(int main_fd, std::vector<int> extra_fds, int urgent_fd, wire::FrameWriter& return_path,
+                bool resync = true);
   /// The next event, waiting up to `timeout_s`.
   std::optional<SessionEvent> wait_event(double timeout_s);
   /// Joins every reader thread.
@@ -156,6 +177,7 @@ class DestSession {
   class ChannelHandler;
   class WireRequestSink;
   void read_channel(int fd, std::uint64_t index, bool is_extra) noexcept;
+  void start_readers();
   void extra_done() noexcept;
   void wait_extras_done();
 
@@ -163,9 +185,10 @@ class DestSession {
   int main_fd_;
   std::vector<int> extra_fds_;
   int urgent_fd_;
-  wire::FrameWriter& return_path_;
+  wire::FrameWriter* return_path_;
   wire::WireConfig cfg_;
   EventQueue events_;
+  std::shared_ptr<WireRequestSink> sink_;
   std::vector<std::thread> threads_;
   std::mutex extras_mu_;
   std::condition_variable extras_cv_;

@@ -53,11 +53,12 @@ enum class FrameType : std::uint8_t {
 };
 
 enum class Command : std::uint64_t {
-  kSwitchover = 1,     ///< the source guest stopped; final pages, discards and device state follow.
+  kSwitchover = 1,     ///< a postcopy switchover follows (acknowledged: ACK kind 1; see docs/protocol.md, Recovery).
   kPostcopyStart = 2,  ///< the destination guest may run; missing pages are requested.
   kComplete = 3,       ///< every page was sent; the migration is done.
+  kCommitted = 4,      ///< precopy: the source saw the destination guest run and will not resume its own.
 };
-inline constexpr std::uint64_t kMaxCommand = 3;
+inline constexpr std::uint64_t kMaxCommand = 4;
 
 /// Ack kinds: 0 echoes a value (ping); 1..3 acknowledge the command of that number.
 inline constexpr std::uint32_t kMaxAckKind = 3;
