@@ -24,15 +24,7 @@ using namespace livemig;
 
 namespace {
 
-struct Pair {
-  UniqueFd a, b;
-  Pair() {
-    int fds[2];
-    CHECK(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
-    a.reset(fds[0]);
-    b.reset(fds[1]);
-  }
-};
+using test::Pair;
 
 SessionEvent expect_event(DestSession& d, SessionEvent::Kind kind) {
   for (;;) {

@@ -27,6 +27,7 @@ from livemig.destination import Destination
 from livemig.errors import LivemigError, MigrationError
 from livemig.guest import Guest, GuestConfig
 from livemig.recovery import (
+    ACK_SWITCHOVER,
     ChannelBroken,
     DestinationRecovery,
     MigrationControl,
@@ -402,16 +403,20 @@ class _SourceRun(SourceRecovery):
         return pack_device_state(self.guest.export_state(), balloon)
 
     def wait_ack(self, command: int) -> float:
-        """Waits until the destination says its guest runs (after ``command``); returns when that
-        word arrived (time.perf_counter() clock)."""
+        """Waits until the destination acknowledges ``command``: for COMMAND_SWITCHOVER, ACK kind 1
+        (everything before it applied); otherwise ACK kind 0 with the command (its guest runs).
+        Returns when that word arrived (time.perf_counter() clock)."""
         assert self.session is not None
+        switchover = command == wire.COMMAND_SWITCHOVER
+        want = (ACK_SWITCHOVER, 0) if switchover else (_ACK_RESUMED, command)
         deadline = time.monotonic() + self.config.timeout
         while True:
             ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
             if ev is None:
-                raise MigrationError(f"the destination did not resume the guest within {self.config.timeout} s")
+                what = "acknowledge the switchover" if switchover else "resume the guest"
+                raise MigrationError(f"the destination did not {what} within {self.config.timeout} s")
             kind, a, b, _data, text, at = ev
-            if kind == "ack" and a == _ACK_RESUMED and b == command:
+            if kind == "ack" and (a, b) == want:
                 return at
             if kind in ("peer_error", "failed", "end"):
                 raise MigrationError(f"destination: {text or kind}")

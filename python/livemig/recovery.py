@@ -134,6 +134,8 @@ class SourceRecovery:
     requeued_pages: int
     dest_completed: bool  #: the last resume found the destination complete (it only resends its report)
 
+    def wait_ack(self, command: int) -> float: ...  # migration._SourceRun's
+
     def recoverable(self) -> bool:
         """A break now pauses (the destination guest may run) instead of failing."""
         return self.dest_guest_running and self.config.reconnect_deadline_s > 0
@@ -159,16 +161,7 @@ class SourceRecovery:
         if len(stale):
             self.main.send_discard(stale)
         self.main.send_command(wire.COMMAND_SWITCHOVER)
-        deadline = time.monotonic() + self.config.timeout
-        while True:
-            ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
-            if ev is None:
-                raise MigrationError(f"the destination did not acknowledge the switchover within {self.config.timeout} s")
-            kind, a, _b, _data, text, _at = ev
-            if kind == "ack" and a == ACK_SWITCHOVER:
-                return
-            if kind in ("peer_error", "failed", "end"):
-                raise MigrationError(f"destination: {text or kind}")
+        self.wait_ack(wire.COMMAND_SWITCHOVER)
 
     def say_committed(self) -> None:
         """Precopy, once the destination said its guest runs: COMMAND 4 tells it this source will
