@@ -217,17 +217,24 @@ def test_auth_of_the_wrong_length_is_refused(mac: bytes) -> None:
 _ALLOWED = (ProtocolError, ConnectionLost)  # AuthenticationError is a ProtocolError
 
 
+def _handshake_with(data: bytes, side: str, with_secret: bool) -> None:
+    """Feeds ``data`` (then end of stream) to one side's handshake: it must fail cleanly or pass."""
+    a, b = socket.socketpair()
+    with a, b:
+        peer, mine = (a, b) if side == "destination" else (b, a)
+        peer.sendall(data)
+        peer.shutdown(socket.SHUT_WR)
+        handshake = wire.handshake_destination if side == "destination" else wire.handshake_source
+        try:
+            handshake(mine, opts(secret=SECRET if with_secret else None, timeout=2.0))
+        except _ALLOWED:
+            pass
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300), st.booleans())
 def test_fuzz_handshake_destination(data: bytes, with_secret: bool) -> None:
-    a, b = socket.socketpair()
-    with a, b:
-        a.sendall(data)
-        a.shutdown(socket.SHUT_WR)
-        try:
-            wire.handshake_destination(b, opts(secret=SECRET if with_secret else None, timeout=2.0))
-        except _ALLOWED:
-            pass
+    _handshake_with(data, "destination", with_secret)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -237,27 +244,13 @@ def test_fuzz_mutated_hello(flips: list[tuple[int, int]], cut: int, with_secret:
     data = bytearray(hello(auth=int(with_secret)))
     for at, x in flips:
         data[at] ^= x
-    a, b = socket.socketpair()
-    with a, b:
-        a.sendall(bytes(data[:cut] if cut < len(data) else data))
-        a.shutdown(socket.SHUT_WR)
-        try:
-            wire.handshake_destination(b, opts(secret=SECRET if with_secret else None, timeout=2.0))
-        except _ALLOWED:
-            pass
+    _handshake_with(bytes(data[:cut]), "destination", with_secret)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300), st.booleans())
 def test_fuzz_handshake_source(data: bytes, with_secret: bool) -> None:
-    a, b = socket.socketpair()
-    with a, b:
-        b.sendall(data)
-        b.shutdown(socket.SHUT_WR)
-        try:
-            wire.handshake_source(a, opts(secret=SECRET if with_secret else None, timeout=2.0))
-        except _ALLOWED:
-            pass
+    _handshake_with(data, "source", with_secret)
 
 
 # ---- oversized and misplaced frames after the handshake ----
