@@ -67,7 +67,9 @@ def test_precopy_connection_cut_cancels_and_the_source_guest_runs_on() -> None:
     assert_cancelled_intact(out)
     assert str(out.error).startswith("precopy: ")
     assert "connection" in str(out.error)
-    assert isinstance(out.dest, str) and "closed" in out.dest  # the destination failed and said why
+    # The destination failed and said why: a FIN mid-frame ("closed the connection in the middle
+    # of ...") or a reset, whichever the cut delivered first.
+    assert isinstance(out.dest, str) and ("closed" in out.dest or "connection lost" in out.dest), out.dest
 
 
 @pytest.mark.timeout(120)
