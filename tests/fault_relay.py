@@ -156,6 +156,8 @@ class FaultRelay:
             if cut and self._cuts and self._since_cut >= self._cuts[0]:
                 done = self._cuts.pop(0)
                 self._cuts = [c - done for c in self._cuts]
+            if cut:  # disarmed now, under the lock: another pump must not decide the same cut again
+                self._armed = None
             return limit, cut
 
     def _pump(self, src: socket.socket, dst: socket.socket, direction: Direction) -> None:
