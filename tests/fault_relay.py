@@ -169,6 +169,11 @@ class FaultRelay:
                     break
                 with self._lock:
                     held = direction in self._held
+                    # A cut ends a hold and drops what was held: bytes read after the cut took
+                    # this connection (and cleared the hold) belong to it too, not to the peer.
+                    cut_off = all(src not in pair for pair in self._pairs)
+                if cut_off:
+                    return
                 if held:  # dropped at the cut that ends the hold
                     self.cut_event.wait()
                     return
