@@ -196,11 +196,6 @@ bool PageScanner::take_request(std::uint64_t first_page, std::uint64_t npages, s
   return true;
 }
 
-std::size_t PageScanner::next_background_batch(std::size_t max_pages, std::vector<PageRun>& out) {
-  out.clear();
-  return max_pages == 0 ? 0 : take_background(max_pages, out);
-}
-
 void PageScanner::send_failed(std::span<const PageRun> runs) noexcept {
   std::uint64_t n = 0;
   for (const PageRun& r : runs) {

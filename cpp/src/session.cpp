@@ -254,6 +254,18 @@ SendStats SourceSession::precopy_pass(double max_seconds, std::uint64_t max_page
 // thread both take pages through the scanner, which test-and-clears each page's D bit once, so a
 // page goes out once whichever takes it. Without an urgent channel, requests are queued and go
 // first on main, between background batches.
+void SourceSession::send_taken(wire::FrameWriter& w, std::span<const PageRun> runs) {
+  const std::size_t ps = page_size();
+  std::uint8_t* base = source_->data();
+  try {
+    for (const PageRun& r : runs) w.send_pages(r.first, r.npages, base + r.first * ps, /*detect_zero=*/true);
+    w.flush();  // per batch, so a failure puts back exactly the runs that may not have gone
+  } catch (...) {
+    source_->scanner().send_failed(runs);  // rule 7
+    throw;
+  }
+}
+
 bool SourceSession::serve_request(std::uint64_t first, std::uint32_t n) {
   if (urgent_ == nullptr || !serving_.load(std::memory_order_acquire)) return false;
   std::lock_guard lk(urgent_mu_);
@@ -261,15 +273,7 @@ bool SourceSession::serve_request(std::uint64_t first, std::uint32_t n) {
   PageScanner& scanner = source_->scanner();
   if (!scanner.take_request(first, n, served_runs_)) return true;  // outside the region: counted, dropped
   if (served_runs_.empty()) return true;                            // delivered already (rule 2)
-  const std::size_t ps = page_size();
-  try {
-    for (const PageRun& r : served_runs_)
-      urgent_->send_pages(r.first, r.npages, source_->data() + r.first * ps, /*detect_zero=*/true);
-    urgent_->flush();
-  } catch (...) {
-    scanner.send_failed(served_runs_);
-    throw;
-  }
+  send_taken(*urgent_, served_runs_);
   for (const PageRun& r : served_runs_) urgent_served_.fetch_add(r.npages, std::memory_order_relaxed);
   return true;
 }
@@ -287,8 +291,6 @@ SendStats SourceSession::postcopy_push(double max_seconds) {
   constexpr std::size_t kBatchPages = 64;  // small: without an urgent channel, requests wait for one
   const auto t0 = Clock::now();
   const auto deadline = t0 + to_ns(max_seconds);
-  const std::size_t ps = page_size();
-  std::uint8_t* base = source_->data();
   PageScanner& scanner = source_->scanner();
   if (urgent_ != nullptr) {
     std::lock_guard lk(urgent_mu_);
@@ -301,22 +303,17 @@ SendStats SourceSession::postcopy_push(double max_seconds) {
     runs.clear();
     // Queued requests first (all of them without an urgent channel; with one, those that came
     // before the return thread began serving), then the background scan.
-    std::size_t n = scanner.next_batch(kBatchPages, runs);
-    if (n == 0) {
+    if (scanner.next_batch(kBatchPages, runs) == 0) {
       st.drained = source_->dirty()->none(0, source_->pages());
       if (st.drained) break;
       continue;
     }
     const bool urgent = runs.front().urgent();
     wire::FrameWriter& w = urgent && urgent_ != nullptr ? *urgent_ : main_;
-    try {
+    {
       std::unique_lock<std::mutex> lk;
       if (&w == urgent_) lk = std::unique_lock(urgent_mu_);  // beside serve_request and end_urgent
-      for (const PageRun& r : runs) w.send_pages(r.first, r.npages, base + r.first * ps, true);
-      w.flush();
-    } catch (...) {
-      scanner.send_failed(runs);
-      throw;
+      send_taken(w, runs);
     }
     if (urgent)
       for (const PageRun& r : runs) st.urgent_pages += r.npages;

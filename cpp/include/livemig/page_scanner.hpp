@@ -78,11 +78,9 @@ class PageScanner {
   /// A request taken at once instead of queued (for a sender that serves requests on the thread
   /// that reads them): the pages of [first_page, first_page + npages) that rule 2 serves, as urgent
   /// runs in `out` (cleared first), counted like a queued request. False, nothing taken, for a range
-  /// outside the region.
+  /// outside the region. Safe beside next_batch on another thread: each page's D bit is
+  /// test-and-cleared once.
   bool take_request(std::uint64_t first_page, std::uint64_t npages, std::vector<PageRun>& out);
-  /// The background scan alone, leaving requests to that sender. Safe beside take_request on
-  /// another thread: each page's D bit is test-and-cleared once.
-  std::size_t next_background_batch(std::size_t max_pages, std::vector<PageRun>& out);
   /// Convenience form of next_batch.
   std::vector<PageRun> next_batch(std::size_t max_pages) {
     std::vector<PageRun> out;

@@ -115,6 +115,8 @@ class SourceSession {
   // On the return-path thread: sends a request's pages on the urgent channel at once; false when
   // not serving (no urgent channel, postcopy not started, or the channel ended): queue it instead.
   bool serve_request(std::uint64_t first, std::uint32_t n);
+  // Sends pages the scanner took on `w` and flushes; on failure puts them back (rule 7), rethrows.
+  void send_taken(wire::FrameWriter& w, std::span<const PageRun> runs);
   void pump(std::span<wire::FrameWriter* const> writers, std::chrono::steady_clock::time_point deadline,
             std::uint64_t max_pages, std::atomic<std::uint64_t>& budget_used);
 
