@@ -47,9 +47,9 @@ def test_subcommand_help_lists_the_contract_options(command: str) -> None:
         "migrate": ["--to", "--size", "--workload", "--dirty-rate", "--free-fraction", "--churn",
                     "--postcopy", "--postcopy-after", "--hints / --no-hints", "--channels",
                     "--downtime-limit", "--disable-capability", "--verify", "--json", "--plot",
-                    "--secret-file", "--seed", "--threads", "--timeout"],
+                    "--secret-file", "--seed", "--threads", "--timeout", "--postcopy-queue"],
         "listen": ["--once", "--announce", "--disable-capability", "--secret-file", "--max-size",
-                   "--json", "--insecure"],
+                   "--json", "--insecure", "--postcopy-queue"],
     }[command]
     for opt in want:
         assert opt in r.stdout, opt
@@ -84,6 +84,8 @@ USAGE_ERRORS = [
     (["migrate", "--downtime-limit", "0"], "Invalid value for '--downtime-limit': 0 must be greater than 0"),
     (["migrate", "--channels", "0"], "Invalid value for '--channels'"),
     (["migrate", "--postcopy-after", "2"], "--postcopy-after needs --postcopy"),
+    (["migrate", "--postcopy-queue", "12x"], "Invalid value for '--postcopy-queue': '12x' is not a size"),
+    (["listen", "127.0.0.1:0", "--postcopy-queue", "-1"], "Invalid value for '--postcopy-queue': '-1' is not a size"),
     (["migrate", "--to", "nowhere"], "Invalid value for '--to': bad address 'nowhere'"),
     (["migrate", "--to", "127.0.0.1:1", "--disable-capability", "dst:local-fill"],
      "dst:NAME applies only to the embedded destination"),

@@ -61,7 +61,7 @@ def test_every_option_reaches_the_configs(recorder: Recorder, tmp_path: Any) -> 
                "--postcopy", "--postcopy-after", "3", "--max-rounds", "9", "--no-hints", "--channels", "4",
                "--downtime-limit", "50", "--disable-capability", "checksums",
                "--disable-capability", "src:local-fill", "--verify", "--secret-file", str(secret),
-               "--timeout", "12", "--quiet", "--no-progress")
+               "--timeout", "12", "--postcopy-queue", "1M", "--quiet", "--no-progress")
     assert r.exit_code == 0, r.output
     [(address, size, guest, config)] = recorder.calls
     assert address == "[::1]:4567"
@@ -71,6 +71,7 @@ def test_every_option_reaches_the_configs(recorder: Recorder, tmp_path: Any) -> 
     assert config == migration.MigrationConfig(
         postcopy=True, postcopy_after=3, max_rounds=9, downtime_limit_ms=50.0, hints=False, channels=4,
         disable_capabilities=frozenset({"checksums", "local-fill"}), secret=b"hunter2", verify=True, timeout=12.0,
+        postcopy_queue_bytes=1 << 20,
     )
 
 
@@ -146,11 +147,11 @@ def test_listen_options_reach_the_destination_config(monkeypatch: pytest.MonkeyP
     secret.write_text("k")
     r = invoke("listen", f"unix:{tmp_path / 'sock'}", "--once", "--announce", "--json", "--quiet",
                "--disable-capability", "local-fill", "--disable-capability", "dst:checksums",
-               "--secret-file", str(secret), "--max-size", "1G", "--timeout", "5")
+               "--secret-file", str(secret), "--max-size", "1G", "--timeout", "5", "--postcopy-queue", "0")
     assert r.exit_code == 0, r.output
     assert rec.calls == [migration.DestinationConfig(
         disable_capabilities=frozenset({"local-fill", "checksums"}), secret=b"k", max_region_bytes=1 << 30,
-        timeout=5.0)]
+        timeout=5.0, postcopy_queue_bytes=0)]
     announce, summary = r.stdout.splitlines()
     assert announce == f"listening on unix:{tmp_path / 'sock'}"
     assert json.loads(summary)["ok"] is True
@@ -189,6 +190,7 @@ def test_embedded_destination_args_and_its_errors_are_relayed(recorder: Recorder
     r = invoke("migrate", "--size", "8M", "--quiet", "--timeout", "7", "--disable-capability", "dst:local-fill",
                "--disable-capability", "checksums")
     assert seen == [["--no-progress", "--quiet", "--max-size", str(8 << 20), "--timeout", "7",
+                     "--postcopy-queue", str(wire.POSTCOPY_QUEUE_BYTES),
                      "--disable-capability", "checksums", "--disable-capability", "local-fill"]]
     [(address, _, _, config)] = recorder.calls
     assert address == "127.0.0.1:5"

@@ -146,6 +146,51 @@ def test_connect_negotiates_all_channels_and_moves_pages(transport: str, tmp_pat
     server.close()
 
 
+def queued_until_full(sock: socket.socket) -> int:
+    """Bytes the kernel takes from a sender whose peer reads nothing, until a send would block."""
+    sock.setblocking(False)
+    total, chunk = 0, b"x" * PAGE
+    while True:
+        try:
+            total += sock.send(chunk)
+        except BlockingIOError:
+            return total
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("transport", "nbytes"), [("tcp", 256 << 10), ("unix", 64 << 10)])
+def test_bound_queue_caps_what_the_kernel_holds_ahead(transport: str, nbytes: int, tmp_path: Path) -> None:
+    """Postcopy's bound on the main channel (both sides): with the peer not reading, the kernel
+    takes about ``nbytes`` (a page more at most) where its own buffers take several times that."""
+    address = "127.0.0.1:0" if transport == "tcp" else f"unix:{tmp_path / 'q.sock'}"
+    held = []
+    for bound in (0, nbytes):
+        s, d, server = pair(opts(), opts(region_bytes=0), address)
+        with s, d:
+            s.main.bound_queue("source", bound)
+            d.main.bound_queue("destination", bound)
+            held.append(queued_until_full(s.main.sock))
+        server.close()
+    unbounded, bounded = held
+    assert bounded <= nbytes + PAGE
+    assert unbounded > 2 * nbytes
+
+
+def test_bound_queue_sets_the_options_each_side_owns() -> None:
+    s, d, server = pair(opts(), opts(region_bytes=0))
+    with s, d:
+        rcvbuf = d.main.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        s.main.bound_queue("source", 0)  # 0: nothing changes
+        d.main.bound_queue("destination", 0)
+        assert s.main.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 0
+        assert d.main.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == rcvbuf
+        s.main.bound_queue("source", 256 << 10)
+        d.main.bound_queue("destination", 256 << 10)
+        assert s.main.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 64 << 10
+        assert d.main.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 256 << 10  # asked half, doubled
+    server.close()
+
+
 # ---- capability negotiation ----
 
 

@@ -162,7 +162,19 @@ class NumberType(click.ParamType):
         return x
 
 
+class QueueSizeType(SizeType):
+    """A size, or 0 for "no bound"."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) or str(value).strip() != "0":
+            return super().convert(value, param, ctx)
+        return 0
+
+
 SIZE = SizeType()
+QUEUE_SIZE = QueueSizeType()
 CAPABILITY = CapabilityType()
 ADDRESS = AddressType()
 
@@ -288,6 +300,8 @@ def _load_secret(path: str | None) -> bytes | None:
               help="Draw rounds and fault latency to FILE.png (needs livemig[plot]).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
+@click.option("--postcopy-queue", type=QUEUE_SIZE, default=f"{wire.POSTCOPY_QUEUE_BYTES >> 10}K",
+              show_default=True, help="Postcopy: bytes of the background stream the kernel may queue on the main channel (0: its autotuned buffers; a long fat link wants more).")
 @click.option("--reconnect-deadline", type=NumberType(0.0), default=60.0, show_default=True, metavar="S",
               help="Postcopy recovery: seconds a broken connection is paused and resumed (0: fail).")
 @click.option("--manual-resume", is_flag=True,
@@ -318,6 +332,7 @@ def migrate(
     as_json: bool,
     plot_file: str | None,
     progress: bool | None,
+    postcopy_queue: int,
     reconnect_deadline: float,
     manual_resume: bool,
     control_path: str | None,
@@ -366,6 +381,7 @@ def migrate(
         timeout=timeout,
         reconnect_deadline_s=reconnect_deadline,
         auto_reconnect=not manual_resume,
+        postcopy_queue_bytes=postcopy_queue,
     )
     control = recovery.MigrationControl()
     guest = GuestConfig(
@@ -388,7 +404,7 @@ def migrate(
         try:
             if to is None:
                 args = ["--no-progress", "--quiet", "--max-size", str(size),
-                        "--timeout", f"{timeout:g}"]
+                        "--timeout", f"{timeout:g}", "--postcopy-queue", str(postcopy_queue)]
                 args += [a for name in sorted(dst_off) for a in ("--disable-capability", name)]
                 if secret_file is not None:
                     args += ["--secret-file", secret_file]
@@ -471,6 +487,8 @@ def resume(control_path: str, to: wire.Address | None) -> int:
               help=f"Shared secret sources must prove (default: ${wire.SECRET_ENV}).")
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without a secret.")
 @click.option("--max-size", type=SIZE, default=None, help="Largest region accepted.")
+@click.option("--postcopy-queue", type=QUEUE_SIZE, default=f"{wire.POSTCOPY_QUEUE_BYTES >> 10}K",
+              show_default=True, help="Postcopy: bytes of the background stream the kernel may queue on the main channel (0: its autotuned buffers; a long fat link wants more).")
 @click.option("--resume-deadline", type=NumberType(0.0), default=60.0, show_default=True, metavar="S",
               help="Postcopy recovery: seconds a broken connection waits for the source to resume (0: fail).")
 @click.option("--timeout", type=NumberType(0.0, positive=True), default=30.0, show_default=True,
@@ -488,6 +506,7 @@ def listen(
     secret_file: str | None,
     insecure: bool,
     max_size: int | None,
+    postcopy_queue: int,
     resume_deadline: float,
     timeout: float,
     as_json: bool,
@@ -515,6 +534,7 @@ def listen(
         max_region_bytes=max_size or 0,
         timeout=timeout,
         resume_deadline_s=resume_deadline,
+        postcopy_queue_bytes=postcopy_queue,
     )
     try:
         listener = wire.Listener(address, insecure=insecure)

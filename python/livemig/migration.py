@@ -59,6 +59,9 @@ class MigrationConfig:
     reconnect_deadline_s: float = 60.0
     #: reconnect by itself (to the same address); False: wait for MigrationControl.resume()
     auto_reconnect: bool = True
+    #: postcopy: the most bytes of the background stream this side lets its kernel queue on the
+    #: main channel (wire.Channel.bound_queue; 0: the kernel's autotuned buffers)
+    postcopy_queue_bytes: int = wire.POSTCOPY_QUEUE_BYTES
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,9 @@ class DestinationConfig:
     #: postcopy recovery: how long a broken connection is paused, the guest running and its
     #: faulting threads waiting, for the source to resume (0: fail at once)
     resume_deadline_s: float = 60.0
+    #: postcopy: the most bytes of the main channel's stream this side lets its kernel queue
+    #: (wire.Channel.bound_queue; 0: the kernel's autotuned buffers)
+    postcopy_queue_bytes: int = wire.POSTCOPY_QUEUE_BYTES
 
 
 @dataclass

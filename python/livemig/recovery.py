@@ -162,6 +162,9 @@ class SourceRecovery:
             self.main.send_discard(stale)
         self.main.send_command(wire.COMMAND_SWITCHOVER)
         self.wait_ack(wire.COMMAND_SWITCHOVER)
+        # Everything sent is applied: from here on the push queues little ahead of a request.
+        assert self.conn is not None
+        self.conn.main.bound_queue("source", self.config.postcopy_queue_bytes)
 
     def say_committed(self) -> None:
         """Precopy, once the destination said its guest runs: COMMAND 4 tells it this source will
@@ -254,6 +257,7 @@ class SourceRecovery:
             conn.close()
             raise ProtocolError("the resumed connection negotiated other capabilities than the session")
         conn.timeout = self.config.timeout
+        conn.main.bound_queue("source", self.config.postcopy_queue_bytes)  # a resume is postcopy
         self.conn = conn
         main = conn.writer()
         urgent = conn.writer(conn.urgent) if conn.urgent is not None else None
@@ -322,6 +326,8 @@ class DestinationRecovery:
         """Recovery's view of an event: COMMAND_SWITCHOVER is acknowledged here."""
         if ev[0] == "command" and ev[1] == wire.COMMAND_SWITCHOVER:
             self.switchover_announced = True
+            # Postcopy follows, and everything sent so far is applied (the queue is empty).
+            self.conn.main.bound_queue("destination", self.config.postcopy_queue_bytes)
             self.return_path.send_ack(ACK_SWITCHOVER, 0)
         elif ev[0] == "command" and ev[1] == wire.COMMAND_COMMITTED:
             self.source_committed = True
@@ -364,6 +370,7 @@ class DestinationRecovery:
         deadline = time.monotonic() + self.config.resume_deadline_s
         while True:
             conn = self._accept_resume(cause, deadline)
+            conn.main.bound_queue("destination", self.config.postcopy_queue_bytes)
             writer = conn.writer()
             urgent_fd = conn.urgent.fileno() if conn.urgent is not None else -1
             try:
