@@ -785,7 +785,7 @@ class Bench:
         )
         off = frozenset() if urgent else frozenset({"urgent-channel"})
         config = MigrationConfig(postcopy=True, hints=False, verify=True, disable_capabilities=off)
-        p50, p99, floor, requests, ping, copy = [], [], [], [], [], []
+        p50, p99, floor, requests, ping, copy, push = [], [], [], [], [], [], []
         hist_sum = [0] * 32
         for _ in range(self.repeat):
             ping.append(self.base.pingpong_us())
@@ -801,6 +801,8 @@ class Bench:
             p50.append(histogram_quantile_us(r.postcopy.histogram, 0.5))
             p99.append(histogram_quantile_us(r.postcopy.histogram, 0.99))
             requests.append(float(r.postcopy.requests))
+            if r.push_seconds > 0:
+                push.append(r.push_bytes / r.push_seconds / 1e9)
         if statistics.median(requests) == 0:
             raise RuntimeError("no postcopy faults were requested: nothing to measure")
         return [
@@ -823,6 +825,7 @@ class Bench:
                 histogram=hist_sum,
                 pingpong_p50_us=statistics.median(ping),
                 uffd_copy_us=statistics.median(copy),
+                push_gbps=statistics.median(push) if push else 0.0,
             )
         ]
 

@@ -202,6 +202,9 @@ def summary_table(r: MigrationResult) -> Table:
         p = r.postcopy
         lat = p.fault_latency_us
         t.add_row("postcopy", f"{p.requests:,} requests, {p.local_fills:,} local fills")
+        if r.push_seconds > 0:
+            t.add_row("postcopy push", f"{format_bytes(r.push_bytes)} in {_ms(r.push_seconds * 1e3)}"
+                      f" ({format_rate(r.push_bytes / r.push_seconds)})")
         t.add_row("fault latency", _latency(lat))
     h = r.hints
     t.add_row("hints", f"{h.rounds} rounds, {h.pages_hinted:,} pages hinted,"

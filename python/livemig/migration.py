@@ -141,6 +141,8 @@ class MigrationResult:
     error: str | None = None
     recoveries: int = 0  #: times a broken postcopy connection was resumed
     requeued_pages: int = 0  #: pages made dirty again on resuming (not received by the destination)
+    push_bytes: int = 0  #: postcopy: bytes the background push and the served requests sent
+    push_seconds: float = 0.0  #: postcopy: from the start command until nothing was left to push
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``--json`` output)."""
@@ -474,12 +476,18 @@ class _SourceRun(SourceRecovery):
         assert self.session is not None
         t_pause = self._t_pause
         total = self.source.pages
+        t_push, pushing = time.perf_counter(), True
         while True:
             try:
                 st = self.session.postcopy_push(max_seconds=0.05)
             except (LivemigError, OSError) as e:
                 raise self.broken(e) from None
             self._add(st)
+            if pushing:
+                self.result.push_bytes += int(st["bytes"])
+                if st["drained"]:
+                    self.result.push_seconds += time.perf_counter() - t_push
+                    pushing = False
             wait = 0.05 if st["drained"] else 0.0  # nothing to push: block for the ack instead
             while (ev := self.session.wait_event(wait)) is not None:
                 wait = 0.0
