@@ -117,3 +117,19 @@ def test_extra_page_channels_postcopy() -> None:
     result, summary = run_migration(guest_for("random"), MigrationConfig(postcopy=True, channels=3, verify=True))
     assert "multichannel" in result.capabilities
     assert_intact(result, summary)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("queue", [MigrationConfig().postcopy_queue_bytes, 0], ids=["bounded-queue", "kernel-queue"])
+def test_pure_postcopy_sends_every_page_once_after_the_switchover(queue: int) -> None:
+    """postcopy_after=0: no precopy round. The source guest is stopped from the switchover on, so
+    the push and the served requests together send each page exactly once, with the main
+    channel's kernel queue bounded (the default) or left to the kernel."""
+    result, summary = run_migration(guest_for("increment"),
+                                    MigrationConfig(postcopy=True, postcopy_after=0, hints=False, verify=True,
+                                                    postcopy_queue_bytes=queue),
+                                    dest=DestinationConfig(timeout=20, postcopy_queue_bytes=queue))
+    assert_intact(result, summary)
+    assert result.mode == "postcopy" and result.precopy_rounds == 0 and result.rounds == []
+    assert result.pages_sent + result.zero_pages == result.region_bytes // result.page_size
+    assert result.push_bytes == result.bytes_sent and result.push_seconds > 0

@@ -368,10 +368,10 @@ class _SourceRun(SourceRecovery):
             self.source.sync()
             self.balloon.after_sync()
             dirty = self.source.dirty.count()
+            if self.config.postcopy and index >= self.config.postcopy_after:
+                break  # (postcopy_after=0: no precopy round, every page comes on demand or pushed)
             if index > 0:
                 fits = bandwidth > 0 and dirty * page / bandwidth * 1e3 <= self.config.downtime_limit_ms
-                if self.config.postcopy and index >= self.config.postcopy_after:
-                    break
                 if not self.config.postcopy and (fits or index >= self.config.max_rounds):
                     break
                 if self.config.postcopy and index >= self.config.max_rounds:
