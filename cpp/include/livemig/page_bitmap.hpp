@@ -25,6 +25,9 @@
 
 namespace livemig {
 
+/// The popcount kernels behind PageBitmap::count(); kAuto picks the widest this CPU runs.
+enum class CountKernel { kAuto, kScalar, kAvx2, kAvx512 };
+
 class PageBitmap {
  public:
   static constexpr std::size_t kWordBits = 64;
@@ -69,6 +72,11 @@ class PageBitmap {
   std::size_t count(std::size_t begin, std::size_t end) const noexcept;
   /// Counts all set bits.
   std::size_t count() const noexcept { return count(0, size_); }
+  /// count(begin, end) with a given kernel (for tests and benchmarks); one this CPU or build cannot
+  /// run falls back to scalar.
+  std::size_t count_with(std::size_t begin, std::size_t end, CountKernel kernel) const noexcept;
+  /// True when count_with(..., kernel) really runs `kernel` here (never for SIMD under TSan).
+  static bool kernel_available(CountKernel kernel) noexcept;
   /// True when no bit in [begin, end) is set.
   bool none(std::size_t begin, std::size_t end) const noexcept;
 
