@@ -276,7 +276,11 @@ std::size_t PageBitmap::harvest(std::size_t begin, std::size_t end, std::span<Wo
   }
   for (; w + 1 < we; w += 2) {
     Word lo = data_[w].load(kLoad), hi = data_[w + 1].load(kLoad);
-    if ((lo | hi) != 0 && !cas_pair_to_zero(&data_[w], lo, hi) && !cas_pair_to_zero(&data_[w], lo, hi)) {
+    if (lo == 0 || hi == 0) {
+      // At most one word to take (sparse bitmaps): one xchg is cheaper than a cmpxchg16b.
+      lo = lo != 0 ? data_[w].exchange(0, kRmw) : 0;
+      hi = hi != 0 ? data_[w + 1].exchange(0, kRmw) : 0;
+    } else if (!cas_pair_to_zero(&data_[w], lo, hi) && !cas_pair_to_zero(&data_[w], lo, hi)) {
       // Writers changed the pair twice under us: take the words one at a time, which cannot fail,
       // so a harvest stays wait-free however hot the words are.
       lo = data_[w].exchange(0, kRmw);
