@@ -76,7 +76,8 @@ std::size_t bench_find_walk(const PageBitmap& b, bool set) {
 }
 
 // Benchmark support: the raw cost of one locked exchange per word over `words` words that are all
-// non-zero (what a dense harvest must do at minimum); returns seconds.
+// non-zero (the floor of a dense harvest's 8-byte path; the x86 path takes pairs with cmpxchg16b);
+// returns seconds.
 double bench_exchange_loop(std::size_t words) {
   std::vector<std::atomic<PageBitmap::Word>> a(words);
   std::vector<PageBitmap::Word> out(words);
