@@ -158,6 +158,9 @@ __attribute__((target("avx2"))) std::size_t popcount_avx2(const Word* p, std::si
 #endif
 
 bool cpu_runs(CountKernel k) noexcept {
+#if defined(LIVEMIG_BITMAP_SIMD)
+  __builtin_cpu_init();  // cheap, and makes the checks valid even from another TU's static init
+#endif
   switch (k) {
     case CountKernel::kScalar:
       return true;
