@@ -76,7 +76,8 @@ std::size_t bench_find_walk(const PageBitmap& b, bool set) {
 }
 
 // Benchmark support: the raw cost of one locked exchange per word over `words` words that are all
-// non-zero (what a dense harvest must do at minimum); returns seconds.
+// non-zero (the floor of a dense harvest's 8-byte path; the x86 path takes pairs with cmpxchg16b);
+// returns seconds.
 double bench_exchange_loop(std::size_t words) {
   std::vector<std::atomic<PageBitmap::Word>> a(words);
   std::vector<PageBitmap::Word> out(words);
@@ -85,6 +86,14 @@ double bench_exchange_loop(std::size_t words) {
   for (std::size_t i = 0; i < words; ++i) out[i] = a[i].exchange(0, std::memory_order_acq_rel);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return out[words / 2] == 0 ? -1.0 : secs;
+}
+
+CountKernel kernel_named(const std::string& name) {
+  if (name == "auto") return CountKernel::kAuto;
+  if (name == "scalar") return CountKernel::kScalar;
+  if (name == "avx2") return CountKernel::kAvx2;
+  if (name == "avx512") return CountKernel::kAvx512;
+  throw py::value_error("unknown count kernel '" + name + "' (auto, scalar, avx2, avx512)");
 }
 
 }  // namespace
@@ -99,6 +108,19 @@ py::array_t<PageBitmap::Word> words_view(const std::shared_ptr<PageBitmap>& bm, 
 void register_bitmap(py::module_& m) {
   m.def("_bench_exchange_loop", &bench_exchange_loop, py::arg("words"), py::call_guard<py::gil_scoped_release>(),
         "Benchmark support: seconds for one locked exchange per word over `words` words.");
+  m.def(
+      "_bitmap_count_with",
+      [](const PageBitmap& b, py::ssize_t start, py::ssize_t end, const std::string& kernel) {
+        const auto r = check_range(b, start, end);
+        const CountKernel k = kernel_named(kernel);
+        py::gil_scoped_release rel;
+        return b.count_with(r.begin, r.end, k);
+      },
+      py::arg("bitmap"), py::arg("start"), py::arg("end"), py::arg("kernel"),
+      "Test support: count(start, end) with a given kernel (scalar where this CPU or build lacks it).");
+  m.def(
+      "_bitmap_kernel_available", [](const std::string& kernel) { return PageBitmap::kernel_available(kernel_named(kernel)); },
+      py::arg("kernel"), "Test support: whether _bitmap_count_with really runs `kernel` here.");
   m.def("_bench_find_walk", &bench_find_walk, py::arg("bitmap"), py::arg("set") = true,
         py::call_guard<py::gil_scoped_release>(), "Benchmark support: count pages by walking find_next.");
   m.def("_bench_test_and_set", &bench_test_and_set, py::arg("bitmap"), py::arg("threads"), py::arg("ops"),

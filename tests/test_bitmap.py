@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from livemig import PageBitmap
+from livemig import PageBitmap, _core
 
 
 class ModelBitmap:
@@ -249,3 +249,60 @@ def test_python_threads_race_test_and_set_exactly_once() -> None:
         t.join()
     claimed = sorted(i for w in wins for i in w)
     assert claimed == list(range(n))
+
+
+KERNELS = ["scalar", "avx2", "avx512"]
+
+
+def _bitmap_from_bits(size: int, bits: list[int]) -> PageBitmap:
+    bm = PageBitmap(size)
+    for i in bits:
+        bm.set(i)
+    return bm
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@given(size=st.integers(0, 3000), data=st.data())
+@settings(deadline=None, max_examples=200)
+def test_count_kernels_match_the_model_on_odd_ranges(
+    kernel: str, size: int, data: st.DataObject
+) -> None:
+    """Every count kernel (scalar where this CPU lacks it) agrees with the model on ranges whose
+    ends are not word or vector aligned, tiny and empty ranges, and the tail word."""
+    dense = data.draw(st.booleans())
+    most = size if dense else 40
+    bits = data.draw(st.lists(st.integers(0, size - 1), max_size=most)) if size else []
+    bm = _bitmap_from_bits(size, bits)
+    model = ModelBitmap(size)
+    for i in bits:
+        model.bits |= 1 << i
+    start = data.draw(st.integers(0, size))
+    end = data.draw(st.one_of(st.integers(start, min(size, start + 130)), st.integers(start, size)))
+    expect = model.count(start, end)
+    assert _core._bitmap_count_with(bm, start, end, kernel) == expect
+    assert _core._bitmap_count_with(bm, start, end, "auto") == expect == bm.count(start, end)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_count_kernels_on_every_alignment_of_a_dense_bitmap(kernel: str) -> None:
+    """Every end near the start and near the tail, from starts around the 8-word vector and the
+    32-word unrolled block, on random words."""
+    size = 3 * 4096 + 64 * 9 + 17
+    rng = np.random.default_rng(7)
+    words = rng.integers(0, 2**64, size=(size + 63) // 64, dtype=np.uint64)
+    words[-1] &= np.uint64((1 << (size % 64)) - 1)
+    bm = PageBitmap.from_bytes(size, words.tobytes()[: (size + 7) // 8])
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:size]
+    prefix = np.concatenate([[0], np.cumsum(bits)])
+    for start in (0, 1, 63, 64, 65, 511, 512, 513):
+        for end in list(range(start, start + 200)) + list(range(size - 600, size + 1)):
+            if start <= end <= size:
+                got = _core._bitmap_count_with(bm, start, end, kernel)
+                assert got == prefix[end] - prefix[start], (start, end)
+
+
+def test_the_auto_kernel_is_one_this_cpu_runs() -> None:
+    assert _core._bitmap_kernel_available("scalar")
+    assert not _core._bitmap_kernel_available("auto")
+    with pytest.raises(ValueError, match="unknown count kernel"):
+        _core._bitmap_count_with(PageBitmap(8), 0, 8, "sse9")

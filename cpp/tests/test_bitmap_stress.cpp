@@ -2,6 +2,7 @@
 // on overlapping ranges, and every bit must change hands exactly once. Built and run under
 // ThreadSanitizer by .ci/run; also useful as a plain release binary.
 #include <atomic>
+#include <bit>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -116,6 +117,63 @@ void race_range_set_harvest_merge() {
   CHECK(bm.count() == 0);
 }
 
+// Dense words, hot from every side: setters test_and_set bits over and over while one thread
+// test_and_clears and another harvests whole and unaligned ranges (the paired 16-byte path, its
+// retry and its fall-back to single exchanges). Exact per bit: every 0->1 transition a setter won
+// is taken exactly once, by test_and_clear or a harvest, or is still set at the end.
+void race_dense_harvest_exactly_once() {
+  constexpr std::size_t kDense = 4096 + 3 * 64 + 5;  // odd word count and a partial tail word
+  PageBitmap bm(kDense, true);
+  std::vector<std::atomic<long>> wins(kDense), takes(kDense);
+  for (std::size_t i = 0; i < kDense; ++i) wins[i].store(1);  // the initial fill counts as a win
+  std::atomic<bool> stop{false};
+  std::atomic<int> running{0};
+  const auto take_words = [&](std::size_t begin, std::size_t end, const std::vector<PageBitmap::Word>& got) {
+    for (std::size_t k = 0; k < PageBitmap::words_spanned(begin, end); ++k)
+      for (PageBitmap::Word w = got[k]; w != 0; w &= w - 1)
+        takes[(begin / 64 + k) * 64 + static_cast<std::size_t>(__builtin_ctzll(w))].fetch_add(1);
+  };
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 2; ++t) {
+    ts.emplace_back([&, t] {
+      std::mt19937_64 rng(7 + static_cast<unsigned>(t));
+      running.fetch_add(1);
+      while (!stop.load(std::memory_order_relaxed)) {
+        const std::size_t base = rng() % kDense;
+        for (std::size_t k = 0; k < 256; ++k) {
+          const std::size_t i = (base + k) % kDense;
+          if (!bm.test_and_set(i)) wins[i].fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    });
+  }
+  ts.emplace_back([&] {
+    std::mt19937_64 rng(11);
+    running.fetch_add(1);
+    while (!stop.load(std::memory_order_relaxed)) {
+      const std::size_t i = rng() % kDense;
+      if (bm.test_and_clear(i)) takes[i].fetch_add(1, std::memory_order_relaxed);
+    }
+  });
+  while (running.load() < 3) std::this_thread::yield();  // every racer is in its loop
+  std::mt19937_64 rng(13);
+  std::vector<PageBitmap::Word> buf;
+  for (int round = 0; round < 50000; ++round) {
+    const bool whole = round % 2 == 0;
+    const std::size_t begin = whole ? 0 : rng() % kDense;
+    const std::size_t end = whole ? kDense : begin + rng() % (kDense - begin + 1);
+    buf.assign(PageBitmap::words_spanned(begin, end), 0);
+    const std::size_t n = bm.harvest(begin, end, buf);
+    std::size_t bits = 0;
+    for (const auto w : buf) bits += static_cast<std::size_t>(std::popcount(w));
+    CHECK(n == bits);
+    take_words(begin, end, buf);
+  }
+  stop.store(true);
+  for (auto& th : ts) th.join();
+  for (std::size_t i = 0; i < kDense; ++i) CHECK(wins[i].load() == takes[i].load() + (bm.test(i) ? 1 : 0));
+}
+
 // Whole-bitmap ops race single-bit writers without losing their bits.
 void race_whole_ops() {
   PageBitmap a(kPages), b(kPages, true);
@@ -142,6 +200,7 @@ int main() {
   for (int rep = 0; rep < 3; ++rep) {
     race_test_and_set();
     race_range_set_harvest_merge();
+    race_dense_harvest_exactly_once();
     race_whole_ops();
   }
   std::puts("test_bitmap_stress: ok");

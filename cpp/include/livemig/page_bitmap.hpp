@@ -6,7 +6,10 @@
 //
 // Memory order: every read-modify-write is acq_rel and every load is acquire, so a thread that sees
 // a bit set also sees what the setter wrote before setting it (a page placed before its received bit).
-// On x86-64 these cost the same as relaxed: a locked instruction or a plain load.
+// On x86-64 these cost the same as relaxed: a locked instruction or a plain load. Two exceptions,
+// both x86-only and both off under ThreadSanitizer (which cannot check them): count() reads the
+// middle words with vector loads (still a per-word snapshot), and harvest() takes aligned word
+// pairs with one lock cmpxchg16b (a full barrier, atomic against the 8-byte RMWs on either word).
 //
 // Range operations are atomic per word, not as a whole: a concurrent reader may see a range half set.
 // Each bit still changes exactly once per racing set/clear, so test_and_set and harvest hand every
@@ -24,6 +27,9 @@
 #include <vector>
 
 namespace livemig {
+
+/// The popcount kernels behind PageBitmap::count(); kAuto picks the widest this CPU runs.
+enum class CountKernel { kAuto, kScalar, kAvx2, kAvx512 };
 
 class PageBitmap {
  public:
@@ -69,6 +75,11 @@ class PageBitmap {
   std::size_t count(std::size_t begin, std::size_t end) const noexcept;
   /// Counts all set bits.
   std::size_t count() const noexcept { return count(0, size_); }
+  /// count(begin, end) with a given kernel (for tests and benchmarks); one this CPU or build cannot
+  /// run falls back to scalar.
+  std::size_t count_with(std::size_t begin, std::size_t end, CountKernel kernel) const noexcept;
+  /// True when count_with(..., kernel) really runs `kernel` here (never for SIMD under TSan).
+  static bool kernel_available(CountKernel kernel) noexcept;
   /// True when no bit in [begin, end) is set.
   bool none(std::size_t begin, std::size_t end) const noexcept;
 
