@@ -255,10 +255,15 @@ SendStats SourceSession::precopy_pass(double max_seconds, std::uint64_t max_page
 // page goes out once whichever takes it. Without an urgent channel, requests are queued and go
 // first on main, between background batches.
 void SourceSession::send_taken(wire::FrameWriter& w, std::span<const PageRun> runs) {
+  // The destination places a frame once all of it arrived; a fault on a page the push already
+  // took waits for the rest of that page's frame, so postcopy frames are kept to 64 KiB.
+  constexpr std::uint64_t kFramePages = 16;
   const std::size_t ps = page_size();
   std::uint8_t* base = source_->data();
   try {
-    for (const PageRun& r : runs) w.send_pages(r.first, r.npages, base + r.first * ps, /*detect_zero=*/true);
+    for (const PageRun& r : runs)
+      for (std::uint64_t p = r.first, end = r.first + r.npages; p < end; p += kFramePages)
+        w.send_pages(p, std::min(kFramePages, end - p), base + p * ps, /*detect_zero=*/true);
     w.flush();  // per batch, so a failure puts back exactly the runs that may not have gone
   } catch (...) {
     source_->scanner().send_failed(runs);  // rule 7
