@@ -175,6 +175,9 @@ class QueueSizeType(SizeType):
 
 SIZE = SizeType()
 QUEUE_SIZE = QueueSizeType()
+_QUEUE_DEFAULT = f"{wire.POSTCOPY_QUEUE_BYTES >> 10}K"
+_QUEUE_HELP = ("Postcopy: bytes of the background stream the kernel may queue on the main channel"
+               " (0: its autotuned buffers; a long fat link wants more).")
 CAPABILITY = CapabilityType()
 ADDRESS = AddressType()
 
@@ -300,8 +303,8 @@ def _load_secret(path: str | None) -> bytes | None:
               help="Draw rounds and fault latency to FILE.png (needs livemig[plot]).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
-@click.option("--postcopy-queue", type=QUEUE_SIZE, default=f"{wire.POSTCOPY_QUEUE_BYTES >> 10}K",
-              show_default=True, help="Postcopy: bytes of the background stream the kernel may queue on the main channel (0: its autotuned buffers; a long fat link wants more).")
+@click.option("--postcopy-queue", type=QUEUE_SIZE, default=_QUEUE_DEFAULT, show_default=True,
+              metavar="SIZE", help=_QUEUE_HELP)
 @click.option("--reconnect-deadline", type=NumberType(0.0), default=60.0, show_default=True, metavar="S",
               help="Postcopy recovery: seconds a broken connection is paused and resumed (0: fail).")
 @click.option("--manual-resume", is_flag=True,
@@ -487,8 +490,8 @@ def resume(control_path: str, to: wire.Address | None) -> int:
               help=f"Shared secret sources must prove (default: ${wire.SECRET_ENV}).")
 @click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without a secret.")
 @click.option("--max-size", type=SIZE, default=None, help="Largest region accepted.")
-@click.option("--postcopy-queue", type=QUEUE_SIZE, default=f"{wire.POSTCOPY_QUEUE_BYTES >> 10}K",
-              show_default=True, help="Postcopy: bytes of the background stream the kernel may queue on the main channel (0: its autotuned buffers; a long fat link wants more).")
+@click.option("--postcopy-queue", type=QUEUE_SIZE, default=_QUEUE_DEFAULT, show_default=True,
+              metavar="SIZE", help=_QUEUE_HELP)
 @click.option("--resume-deadline", type=NumberType(0.0), default=60.0, show_default=True, metavar="S",
               help="Postcopy recovery: seconds a broken connection waits for the source to resume (0: fail).")
 @click.option("--timeout", type=NumberType(0.0, positive=True), default=30.0, show_default=True,

@@ -268,18 +268,22 @@ class Channel:
         bandwidth-delay product is larger wants more) and a TCP sender holds back what it has
         not sent beyond a quarter of it (TCP_NOTSENT_LOWAT); a Unix-socket sender caps its send
         buffer, which holds what the peer has not read (never raising it). 0 leaves the kernel's
-        own buffers. Call while the stream is quiet: the bound applies to what is queued after."""
+        own buffers. Call while the stream is quiet: the bound applies to what is queued after.
+        Best effort: on a socket that already broke it does nothing (its next read or write says so)."""
         if nbytes <= 0:
             return
         sock = self.sock
-        # SO_RCVBUF and SO_SNDBUF: the kernel doubles the value asked for (bookkeeping overhead).
-        if sock.family == socket.AF_UNIX:
-            if role == "source" and sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > nbytes:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes // 2)
-        elif role == "source":
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, max(nbytes // 4, 1))
-        else:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes // 2)
+        try:
+            # SO_RCVBUF and SO_SNDBUF: the kernel doubles the value asked for (bookkeeping).
+            if sock.family == socket.AF_UNIX:
+                if role == "source" and sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > nbytes:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes // 2)
+            elif role == "source":
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, max(nbytes // 4, 1))
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes // 2)
+        except OSError:
+            pass
 
     def close(self) -> None:
         """Shuts the socket down (waking any thread blocked on it), then closes it."""
