@@ -86,6 +86,7 @@ USAGE_ERRORS = [
     (["migrate", "--postcopy-after", "2"], "--postcopy-after needs --postcopy"),
     (["migrate", "--postcopy-queue", "12x"], "Invalid value for '--postcopy-queue': '12x' is not a size"),
     (["listen", "127.0.0.1:0", "--postcopy-queue", "-1"], "Invalid value for '--postcopy-queue': '-1' is not a size"),
+    (["migrate", "--postcopy-queue", "64K"], "65536 bytes is below the minimum of 256 KiB"),
     (["migrate", "--to", "nowhere"], "Invalid value for '--to': bad address 'nowhere'"),
     (["migrate", "--to", "127.0.0.1:1", "--disable-capability", "dst:local-fill"],
      "dst:NAME applies only to the embedded destination"),

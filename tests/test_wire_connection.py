@@ -16,6 +16,7 @@ import pytest
 
 from livemig import _core, wire
 from livemig.errors import AuthenticationError, ConnectionLost, ProtocolError
+from livemig.migration import DestinationConfig, MigrationConfig
 from wire_helpers import PAGE, CuttingProxy, pattern
 
 NPAGES = 64
@@ -174,6 +175,15 @@ def test_bound_queue_caps_what_the_kernel_holds_ahead(transport: str, nbytes: in
     unbounded, bounded = held
     assert bounded <= nbytes + PAGE
     assert unbounded > 2 * nbytes
+
+
+@pytest.mark.parametrize("config", [MigrationConfig, DestinationConfig])
+def test_a_queue_bound_below_the_minimum_is_refused(config: Any) -> None:
+    with pytest.raises(ValueError, match="131072 bytes is below the minimum of 256 KiB"):
+        config(postcopy_queue_bytes=128 << 10)
+    assert config(postcopy_queue_bytes=0).postcopy_queue_bytes == 0  # no bound
+    default = config().postcopy_queue_bytes
+    assert default == wire.POSTCOPY_QUEUE_BYTES == wire.MIN_POSTCOPY_QUEUE_BYTES
 
 
 def test_bound_queue_sets_the_options_each_side_owns() -> None:

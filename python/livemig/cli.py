@@ -163,14 +163,16 @@ class NumberType(click.ParamType):
 
 
 class QueueSizeType(SizeType):
-    """A size, or 0 for "no bound"."""
+    """A postcopy queue bound: a size of at least wire.MIN_POSTCOPY_QUEUE_BYTES, or 0 for none."""
 
     name = "SIZE"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int) or str(value).strip() != "0":
-            return super().convert(value, param, ctx)
-        return 0
+        n = 0 if str(value).strip() == "0" else super().convert(value, param, ctx)
+        try:
+            return wire.check_queue_bytes(n)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
 
 
 SIZE = SizeType()

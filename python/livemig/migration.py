@@ -60,8 +60,11 @@ class MigrationConfig:
     #: reconnect by itself (to the same address); False: wait for MigrationControl.resume()
     auto_reconnect: bool = True
     #: postcopy: the most bytes of the background stream this side lets its kernel queue on the
-    #: main channel (wire.Channel.bound_queue; 0: the kernel's autotuned buffers)
+    #: main channel (wire.Channel.bound_queue; 0: the kernel's autotuned buffers; at least 256 KiB)
     postcopy_queue_bytes: int = wire.POSTCOPY_QUEUE_BYTES
+
+    def __post_init__(self) -> None:
+        wire.check_queue_bytes(self.postcopy_queue_bytes)
 
 
 @dataclass(frozen=True)
@@ -184,8 +187,11 @@ class DestinationConfig:
     #: faulting threads waiting, for the source to resume (0: fail at once)
     resume_deadline_s: float = 60.0
     #: postcopy: the most bytes of the main channel's stream this side lets its kernel queue
-    #: (wire.Channel.bound_queue; 0: the kernel's autotuned buffers)
+    #: (wire.Channel.bound_queue; 0: the kernel's autotuned buffers; at least 256 KiB)
     postcopy_queue_bytes: int = wire.POSTCOPY_QUEUE_BYTES
+
+    def __post_init__(self) -> None:
+        wire.check_queue_bytes(self.postcopy_queue_bytes)
 
 
 @dataclass

@@ -57,6 +57,18 @@ _KIND_CODES = {v: k for k, v in _KINDS.items()}
 #: request (DESIGN.md rule 2), so a fault on it waits for everything queued ahead of it: at
 #: about 1 GB/s, a quarter of a millisecond here against several behind the autotuned buffers.
 POSTCOPY_QUEUE_BYTES = 256 << 10
+#: The smallest bound that keeps the push's bandwidth: with a receive buffer of 128 KiB the push
+#: under faults fell to a third here, and at 64 KiB to 2% (TCP stalls on a window that small).
+MIN_POSTCOPY_QUEUE_BYTES = 256 << 10
+
+
+def check_queue_bytes(nbytes: int) -> int:
+    """``nbytes`` when it is a usable postcopy queue bound (0: none); ValueError otherwise."""
+    if nbytes != 0 and nbytes < MIN_POSTCOPY_QUEUE_BYTES:
+        raise ValueError(f"a postcopy queue bound of {nbytes} bytes is below the minimum of"
+                         f" {MIN_POSTCOPY_QUEUE_BYTES >> 10} KiB, where TCP throughput collapses;"
+                         " use 0 for no bound")
+    return nbytes
 
 CAPABILITY_BITS: dict[str, int] = {
     "hints-postcopy": 1 << 0,
