@@ -178,6 +178,15 @@ def test_summary_table_shows_what_happened() -> None:
         assert want in text, (want, text)
 
 
+def test_summary_table_of_a_postcopy_without_faults_says_so() -> None:
+    r = MigrationResult(ok=True, mode="postcopy", region_bytes=1 << 20, page_size=4096,
+                        push_bytes=1 << 20, push_seconds=0.001)
+    text = _render(display.summary_table(r))
+    assert "none: the guest touched no missing page" in text
+    assert "p50 0 us" not in text
+    assert "1.0 MiB in 1.0 ms" in text  # the postcopy push
+
+
 def test_summary_table_of_a_failure_says_why() -> None:
     r = MigrationResult(ok=False, mode="precopy", region_bytes=1 << 20, page_size=4096, error="connect: refused")
     text = _render(display.summary_table(r))

@@ -178,7 +178,11 @@ def _balloon(b: Any) -> str:
     return f"last cmd 0x{b.last_cmd_id:x}, DONE {done}, {b.held_pages_after:,} pages held after"
 
 
-def _latency(lat: Any) -> str:
+def _latency(p: Any) -> str:
+    """A PostcopyStats' fault latency; 'none' when no fault was timed (not 'p50 0 us')."""
+    if not any(p.histogram):
+        return "none: the guest touched no missing page"
+    lat = p.fault_latency_us
     return f"p50 {lat.p50:,.0f} us, p99 {lat.p99:,.0f} us, max {lat.max:,.0f} us"
 
 
@@ -200,12 +204,11 @@ def summary_table(r: MigrationResult) -> Table:
         t.add_row("throughput", format_rate(r.bytes_sent / (r.total_ms / 1000.0)))
     if r.mode == "postcopy":
         p = r.postcopy
-        lat = p.fault_latency_us
         t.add_row("postcopy", f"{p.requests:,} requests, {p.local_fills:,} local fills")
         if r.push_seconds > 0:
             t.add_row("postcopy push", f"{format_bytes(r.push_bytes)} in {_ms(r.push_seconds * 1e3)}"
                       f" ({format_rate(r.push_bytes / r.push_seconds)})")
-        t.add_row("fault latency", _latency(lat))
+        t.add_row("fault latency", _latency(p))
     h = r.hints
     t.add_row("hints", f"{h.rounds} rounds, {h.pages_hinted:,} pages hinted,"
               f" {h.stale_dropped:,} stale dropped")
@@ -231,10 +234,9 @@ def destination_table(s: DestinationSummary) -> Table:
     t.add_row("mode", s.mode)
     t.add_row("region", format_bytes(s.region_bytes))
     if s.mode == "postcopy":
-        lat = s.postcopy.fault_latency_us
         t.add_row("postcopy",
                   f"{s.postcopy.requests:,} requests, {s.postcopy.local_fills:,} local fills")
-        t.add_row("fault latency", _latency(lat))
+        t.add_row("fault latency", _latency(s.postcopy))
     t.add_row("balloon", _balloon(s.balloon))
     if s.verify is not None:
         v = s.verify
