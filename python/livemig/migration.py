@@ -360,7 +360,7 @@ class _SourceRun(SourceRecovery):
         if ev is not None:
             kind, _a, _b, _data, text, _at = ev
             if kind in ("peer_error", "failed", "end"):
-                raise MigrationError(f"destination: {text or kind}")
+                raise MigrationError(f"destination: {event_summary(ev)}")
             raise MigrationError(f"unexpected {kind} from the destination during precopy")
 
     def precopy(self) -> None:
@@ -433,7 +433,7 @@ class _SourceRun(SourceRecovery):
             if kind == "ack" and (a, b) == want:
                 return at
             if kind in ("peer_error", "failed", "end"):
-                raise MigrationError(f"destination: {text or kind}")
+                raise MigrationError(f"destination: {event_summary(ev)}")
 
     def finish_precopy(self, t_pause: float) -> None:
         self.main.send_device_state(self.device_state())
@@ -504,7 +504,7 @@ class _SourceRun(SourceRecovery):
                 elif kind in ("failed", "end"):
                     raise self.broken(event_summary(ev))
                 elif kind == "peer_error":
-                    raise MigrationError(f"destination: {text or kind}")
+                    raise MigrationError(f"destination: {event_summary(ev)}")
             remaining = self.source.dirty.count()
             self.progress.update(round=len(self.result.rounds), remaining_pages=remaining, total_pages=total,
                                  bandwidth_bps=st["bytes"] / st["seconds"] if st["seconds"] else 0.0)
@@ -540,7 +540,7 @@ class _SourceRun(SourceRecovery):
                 deadline = time.monotonic() + self.config.timeout + 60.0
                 continue
             if kind in ("peer_error", "failed", "end"):
-                raise MigrationError(f"destination: {text or kind}")
+                raise MigrationError(f"destination: {event_summary(ev)}")
 
     def _await_end(self) -> None:
         """The destination ends the return path after its report; closing first would make its END

@@ -477,9 +477,16 @@ class DestinationRecovery:
                 raise
 
 
+_BARE_EVENTS = {
+    "end": "the connection closed",
+    "failed": "the connection failed",
+}
+
+
 def event_summary(ev: tuple[Any, ...]) -> str:
+    """What a return-path event says; a bare END or failure, which carries no text, in words."""
     kind, _a, _b, _data, text, _at = ev
-    return str(text or kind)
+    return str(text or _BARE_EVENTS.get(kind, kind))
 
 
 # ---- the manual resume command: a Unix control socket (``livemig migrate --control PATH``) ----
