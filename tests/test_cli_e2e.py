@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cli_helpers import LIVEMIG, ORCHESTRATION_READY, free_port, one_error_line, run
 
 pytestmark = pytest.mark.skipif(not ORCHESTRATION_READY, reason="orchestration not merged yet")
@@ -214,7 +213,7 @@ def test_migrate_to_an_address_nobody_listens_on() -> None:
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="matplotlib (the plot extra) is not installed")
     out = tmp_path / "run.png"
-    r, obj = _migrate("--postcopy", "--plot", str(out))
+    r, _obj = _migrate("--postcopy", "--plot", str(out))
     assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -264,9 +263,17 @@ def test_interrupt_ends_the_migration_and_the_embedded_destination() -> None:
     the destination process is gone. Postcopy after a million precopy rounds never gets there:
     with postcopy on, precopy does not stop at convergence (a tiny downtime limit would, in the
     round where a starved guest dirtied nothing)."""
-    proc = subprocess.Popen([*LIVEMIG, "migrate", "--size", "64M", "--workload", "random", "--postcopy",
-                             "--postcopy-after", "1000000", "--max-rounds", "1000000", "--progress", "--quiet"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A test run started in the background by a shell (`pytest &`) ignores SIGINT, and so would
+    # the child, which inherits that: Python leaves an ignored SIGINT ignored. A handler here is
+    # reset to the default by exec, so the child sees Ctrl-C as it would from a terminal.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([*LIVEMIG, "migrate", "--size", "64M", "--workload", "random", "--postcopy",
+                                 "--postcopy-after", "1000000", "--max-rounds", "1000000", "--progress",
+                                 "--quiet"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert proc.stderr is not None
         while "round" not in (line := proc.stderr.readline()):  # precopy rounds are running
