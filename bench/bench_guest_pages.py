@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from livemig.guest import Guest, GuestConfig
 
 PAGE = 4096

@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 import pytest
-
 from livemig import _core
 from livemig.guest import GuestConfig
 from livemig.loopback import migrate_locally

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from livemig import _core
 from livemig.errors import UnsupportedError
 from livemig.source import Source
@@ -111,7 +110,7 @@ def test_sync_vs_bare_pagemap_scan(benchmark: Any, gib_source: Source, percent: 
     src = gib_source
     stride = 100 // percent
     expected = (src.pages + stride - 1) // stride
-    write = lambda: B.touch_pages(src.address, src.pages, stride, 2)  # noqa: E731
+    write = lambda: B.touch_pages(src.address, src.pages, stride, 2)
     found: list[int] = []
     p = _alternate(
         lambda: found.append(src.sync()),
@@ -158,14 +157,14 @@ def test_writer_slowdown_under_tracking(
     if kind == "explicit_first_store":
         src = Source(src.pages, mode="explicit")
         src.memory[:] = 1
-        engine = lambda: B.touch_pages_marked(src._core, 1, 3)  # noqa: E731
-        baseline = lambda: B.touch_pages(plain.ctypes.data, src.pages, 1, 3)  # noqa: E731
+        engine = lambda: B.touch_pages_marked(src._core, 1, 3)
+        baseline = lambda: B.touch_pages(plain.ctypes.data, src.pages, 1, 3)
     elif kind == "first_store":
-        engine = lambda: B.touch_pages(src.address, src.pages, 1, 3)  # noqa: E731
-        baseline = lambda: B.touch_pages(plain.ctypes.data, src.pages, 1, 3)  # noqa: E731
+        engine = lambda: B.touch_pages(src.address, src.pages, 1, 3)
+        baseline = lambda: B.touch_pages(plain.ctypes.data, src.pages, 1, 3)
     else:
-        engine = lambda: tracked.fill(4)  # noqa: E731
-        baseline = lambda: plain.fill(4)  # noqa: E731
+        engine = lambda: tracked.fill(4)
+        baseline = lambda: plain.fill(4)
     p = _alternate(engine, baseline, src.sync, _rounds(benchmark, 7))
     src.sync()
     engine()

@@ -17,6 +17,7 @@ Memory is warmed (written) before anything is timed. Run:
 
 from __future__ import annotations
 
+import itertools
 import socket
 import statistics
 import threading
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
 from livemig import _core, wire
 
 PAGE = 4096
@@ -127,7 +127,7 @@ def timed_parallel(jobs: list[Callable[[], object]]) -> float:
 
 def slices(n_channels: int) -> list[tuple[int, int]]:
     bounds = np.linspace(0, NPAGES, n_channels + 1).astype(int)
-    return [(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(int(a), int(b - a)) for a, b in itertools.pairwise(bounds)]
 
 
 def run_throughput(benchmark, pair: Pair, src: np.ndarray, dst: np.ndarray, n_channels: int) -> None:

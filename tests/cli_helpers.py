@@ -17,7 +17,7 @@ LIVEMIG = [sys.executable, "-m", "livemig"]
 def run(*args: str, timeout: float = 60, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``livemig ARGS`` to completion (stdin closed), output captured as text."""
     return subprocess.run(
-        [*LIVEMIG, *args], capture_output=True, text=True, timeout=timeout,
+        [*LIVEMIG, *args], check=False, capture_output=True, text=True, timeout=timeout,
         stdin=subprocess.DEVNULL, env=None if env is None else {**os.environ, **env},
     )
 

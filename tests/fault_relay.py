@@ -16,7 +16,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 
 Direction = Literal["to_destination", "to_source"]
 
@@ -87,7 +91,7 @@ class FaultRelay:
         for t in self._threads:
             t.join(10)
 
-    def __enter__(self) -> FaultRelay:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -10,8 +10,6 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from rich.console import Console
-
 from livemig import cli, display, wire
 from livemig.migration import (
     BalloonReport,
@@ -23,6 +21,7 @@ from livemig.migration import (
     RoundStats,
     VerifyReport,
 )
+from rich.console import Console
 
 PAGE_SIZES = st.sampled_from([4096, 16384, 65536])
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -147,17 +146,17 @@ def test_json_ready_is_always_valid_json(obj: object) -> None:
 
 
 def _result(**kw: object) -> MigrationResult:
-    base: dict[str, object] = dict(
-        ok=True, mode="postcopy", region_bytes=16 << 20, page_size=4096, total_ms=812.5, downtime_ms=3.25,
-        precopy_rounds=2, bytes_sent=15 << 20, pages_sent=3840, zero_pages=256,
-        postcopy=PostcopyStats(requests=17, local_fills=900, fault_latency_us=LatencySummary(64, 512, 900),
+    base: dict[str, object] = {
+        "ok": True, "mode": "postcopy", "region_bytes": 16 << 20, "page_size": 4096, "total_ms": 812.5, "downtime_ms": 3.25,
+        "precopy_rounds": 2, "bytes_sent": 15 << 20, "pages_sent": 3840, "zero_pages": 256,
+        "postcopy": PostcopyStats(requests=17, local_fills=900, fault_latency_us=LatencySummary(64, 512, 900),
                                histogram=(0, 0, 3, 9, 5)),
-        hints=HintStats(rounds=2, pages_hinted=2048, stale_dropped=4),
-        balloon=BalloonReport(last_cmd_id=1, done_delivered=True, held_pages_after=0),
-        verify=VerifyReport(pages_checked=4096, mismatches=0, placed_twice=0),
-        rounds=[RoundStats(1, 4096, 4000, 96, 16 << 20, 0.5, float("inf"), 300)],
-        capabilities=["local-fill", "hints-postcopy"],
-    )
+        "hints": HintStats(rounds=2, pages_hinted=2048, stale_dropped=4),
+        "balloon": BalloonReport(last_cmd_id=1, done_delivered=True, held_pages_after=0),
+        "verify": VerifyReport(pages_checked=4096, mismatches=0, placed_twice=0),
+        "rounds": [RoundStats(1, 4096, 4000, 96, 16 << 20, 0.5, float("inf"), 300)],
+        "capabilities": ["local-fill", "hints-postcopy"],
+    }
     base.update(kw)
     return MigrationResult(**base)  # type: ignore[arg-type]
 

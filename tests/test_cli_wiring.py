@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-
 from livemig import cli, migration, wire
 from livemig.errors import MigrationError, UnsupportedError
 from livemig.guest import GuestConfig
@@ -178,8 +177,8 @@ def test_embedded_destination_args_and_its_errors_are_relayed(recorder: Recorder
 
     seen: list[list[str]] = []
     real = local.local_destination
-    child = [sys.executable, "-c", "import sys; print('listening on 127.0.0.1:5', flush=True);"
-             " sys.stdin.read(); print('livemig: error: boom', file=sys.stderr); sys.exit(1)"]
+    child = [sys.executable, "-c", ("import sys; print('listening on 127.0.0.1:5', flush=True);"
+             " sys.stdin.read(); print('livemig: error: boom', file=sys.stderr); sys.exit(1)")]
 
     def fake(args: list[str], *, deadline: float) -> Any:
         seen.append(list(args))

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from guest_helpers import PAGE, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from guest_helpers import PAGE, wait_until
 from livemig.guest import (
     CMD_DONE,
     CMD_FIRST,

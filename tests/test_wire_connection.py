@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from livemig import _core, wire
 from livemig.errors import AuthenticationError, ConnectionLost, ProtocolError
 from livemig.migration import DestinationConfig, MigrationConfig
@@ -369,7 +368,7 @@ def test_bad_magic_is_refused() -> None:
     ],
 )
 def test_absurd_region_is_refused(hello: bytes, message: str) -> None:
-    answer, err = talk_to_destination(hello, opts())
+    _answer, err = talk_to_destination(hello, opts())
     assert isinstance(err, ProtocolError) and message in str(err)
 
 
@@ -477,9 +476,9 @@ def test_peer_vanishing_at_every_stage_gives_clean_errors(secret: bytes | None) 
 
             def source() -> None:
                 try:
-                    _migrate_source(proxy.address, secret, region)
+                    _migrate_source(proxy.address, secret, region)  # noqa: B023 (runs in this iteration)
                 except BaseException as e:
-                    src_err.append(e)
+                    src_err.append(e)  # noqa: B023
 
             t = threading.Thread(target=source)
             t.start()

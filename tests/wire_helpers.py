@@ -7,7 +7,6 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from livemig import _core
 
 PAGE = 4096

@@ -9,7 +9,10 @@ from __future__ import annotations
 import mmap
 from importlib.metadata import PackageNotFoundError, version
 
+from livemig import wire
 from livemig._core import PageBitmap
+from livemig.balloon import BalloonDevice
+from livemig.destination import DestCounters, Destination, LatencyStats
 from livemig.errors import (
     AuthenticationError,
     ConnectionLost,
@@ -19,10 +22,6 @@ from livemig.errors import (
     ProtocolError,
     UnsupportedError,
 )
-
-from livemig import wire  # noqa: E402  (the submodules below need _core first)
-from livemig.balloon import BalloonDevice
-from livemig.destination import DestCounters, Destination, LatencyStats
 from livemig.guest import Guest, GuestConfig, GuestStats, IncrementCheck, VerifyResult
 from livemig.migration import (
     DestinationConfig,

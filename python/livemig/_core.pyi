@@ -1,11 +1,10 @@
 """Type stubs for livemig._core, the C++ core. Hand-written: keep in step with bindings/."""
 
-from __future__ import annotations
-
-from typing_extensions import Buffer
+from typing import TypeAlias, TypedDict
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Buffer
 
 __version__: str
 
@@ -57,6 +56,16 @@ def _bench_test_and_set(bitmap: PageBitmap, threads: int, ops: int, plain: bool 
 
 # ---- destination (bindings/register_dest.cpp) ----
 
+class LatencyDict(TypedDict):
+    """The fault latency histogram: power-of-two microsecond buckets and its summary."""
+
+    buckets: npt.NDArray[np.uint64]
+    count: int
+    p50_us: float
+    p99_us: float
+    max_us: float
+    blocked_us: float
+
 class DestRegion:
     """Destination region: received/requested bitmaps, userfaultfd placement and the fault thread."""
 
@@ -97,7 +106,7 @@ class DestRegion:
     def drain_requests(self) -> npt.NDArray[np.uint64]: ...
     def wait_requests(self, timeout: float) -> bool: ...
     def counters(self) -> dict[str, int]: ...
-    def latency(self) -> dict[str, object]: ...
+    def latency(self) -> LatencyDict: ...
     def reset_latency(self) -> None: ...
 
 class _DestBench:
@@ -225,7 +234,7 @@ class _source_bench:  # submodule: raw baselines and C++ writer threads (tests, 
 WIRE_PROTOCOL_VERSION: int
 
 # (kind, first, count, value, ranges (k, 2) uint64, data)
-_FrameTuple = tuple[str, int, int, int, npt.NDArray[np.uint64], bytes]
+_FrameTuple: TypeAlias = tuple[str, int, int, int, npt.NDArray[np.uint64], bytes]
 
 class WireConfig:
     """Frame-level settings both ends agreed on, plus local limits."""
@@ -405,10 +414,20 @@ def increment_oracle(
 
 # ---- sessions (bindings/register_session.cpp) ----
 
+class SendStatsDict(TypedDict):
+    """What one precopy pass or postcopy push did."""
+
+    pages: int
+    zero_pages: int
+    urgent_pages: int
+    bytes: int
+    seconds: float
+    drained: bool
+
 #: (kind, a, b, data, text, at): kind is "device_state", "command", "end", "ack",
 #: "received_bitmap", "report", "peer_error" or "failed"; ``at`` is when it was queued
 #: (time.perf_counter() clock).
-SessionEvent = tuple[str, int, int, bytes, str, float]
+SessionEvent: TypeAlias = tuple[str, int, int, bytes, str, float]
 
 def source_balloon_port(source: Source) -> BalloonPort: ...
 
@@ -426,9 +445,9 @@ class SourceSession:
     ) -> None: ...
     def resync_on_received_bitmap(self, local_fill: bool) -> None: ...
     def start_return_path(self) -> None: ...
-    def precopy_pass(self, max_seconds: float, max_pages: int = ...) -> dict[str, int | float | bool]: ...
+    def precopy_pass(self, max_seconds: float, max_pages: int = ...) -> SendStatsDict: ...
     def end_urgent(self) -> None: ...
-    def postcopy_push(self, max_seconds: float) -> dict[str, int | float | bool]: ...
+    def postcopy_push(self, max_seconds: float) -> SendStatsDict: ...
     def interrupt(self) -> None: ...
     def wait_event(self, timeout: float) -> SessionEvent | None: ...
     def join_return_path(self) -> None: ...

@@ -111,7 +111,7 @@ class CapabilityType(click.ParamType):
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> tuple[Side, str]:
         if isinstance(value, tuple):
-            return value  # type: ignore[return-value]
+            return value
         try:
             return parse_capability_spec(str(value))
         except ValueError as e:
@@ -190,7 +190,7 @@ ADDRESS = AddressType()
 class _Group(click.Group):
     """A group whose errors are one ``livemig: error:`` line, never a usage block or traceback."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
             rv = super().main(*args, **kwargs)

@@ -18,7 +18,7 @@ import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,9 @@ import numpy.typing as npt
 from livemig import _core
 from livemig._core import PageBitmap
 from livemig.errors import UnsupportedError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 Runs = npt.ArrayLike | Sequence[tuple[int, int]]
 """Page runs: an (n, 2) array-like of (first_page, count) rows."""
@@ -134,7 +137,7 @@ class Destination:
     @property
     def memoryview(self) -> memoryview:
         """The region as a writable memoryview (zero-copy)."""
-        return memoryview(self.array)
+        return self.array.data
 
     @property
     def received(self) -> PageBitmap:
@@ -167,7 +170,7 @@ class Destination:
         """Unregister (waiters wake; missing pages then read as zero) and join. Idempotent."""
         self._r.stop()
 
-    def __enter__(self) -> Destination:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

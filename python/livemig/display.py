@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
-from typing import Any, TextIO
+from typing import IO, TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, TaskID, TextColumn, TimeElapsedColumn
@@ -22,6 +22,8 @@ from rich.table import Table
 
 from livemig.migration import DestinationSummary, MigrationResult, Progress
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 # ---- formatting ----
 
@@ -94,7 +96,7 @@ class RichProgress:
             bandwidth=format_rate(bandwidth_bps),
         )
 
-    def __enter__(self) -> RichProgress:
+    def __enter__(self) -> Self:
         self._bar.start()
         return self
 
@@ -105,7 +107,7 @@ class RichProgress:
 class LineProgress:
     """Progress as plain lines (for logs): one per phase, and at most one per round or second."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: IO[str]) -> None:
         self._out = out
         self._lock = threading.Lock()
         self._phase = "start"
@@ -134,7 +136,7 @@ class LineProgress:
                 f" {format_rate(bandwidth_bps)}"
             )
 
-    def __enter__(self) -> LineProgress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -28,13 +28,23 @@ ANNOUNCE_PREFIX = "listening on "
 _PR_SET_PDEATHSIG = 1
 
 
+def _resolve_prctl() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Resolved here, in the parent: the child runs _die_with_parent between fork and exec, where
+# loading a library (dlopen takes the loader's lock, which another thread may have held at the
+# fork) is not safe.
+_prctl = _resolve_prctl()
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Asks the kernel to SIGKILL the child when the parent dies (even by SIGKILL)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def listen_command(extra_args: Sequence[str] = ()) -> list[str]:
@@ -122,7 +132,7 @@ def local_destination(
                 stdout=subprocess.PIPE,
                 stderr=err,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us; we end the child
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 (one prctl call, resolved before the fork)
             )
         except OSError as e:
             raise MigrationError(f"cannot start the local destination: {e}") from e

@@ -20,7 +20,7 @@ def _destination(q: Any, config: migration.DestinationConfig, settle_s: float, a
         try:
             s = migration.serve(lst, config, settle_s=settle_s, await_reuse=await_reuse, wait=config.timeout)
             q.put(("summary", asdict(s)))
-        except Exception as e:  # reported to the caller, which raises it
+        except Exception as e:  # noqa: BLE001 (reported to the caller, which raises it)
             q.put(("error", f"{type(e).__name__}: {e}"))
 
 

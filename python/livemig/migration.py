@@ -16,7 +16,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -24,7 +24,7 @@ import numpy.typing as npt
 from livemig import _core, wire
 from livemig.balloon import CMD_DONE, BalloonDevice
 from livemig.destination import Destination
-from livemig.errors import LivemigError, MigrationError
+from livemig.errors import LivemigError, MigrationError, ProtocolError
 from livemig.guest import Guest, GuestConfig
 from livemig.recovery import (
     ACK_SWITCHOVER,
@@ -35,6 +35,9 @@ from livemig.recovery import (
     event_summary,
 )
 from livemig.source import Source
+
+if TYPE_CHECKING:
+    from livemig._core import SendStatsDict
 
 Mode = Literal["precopy", "postcopy"]
 
@@ -251,14 +254,14 @@ def pack_device_state(guest_state: bytes, balloon: dict[str, Any]) -> bytes:
 def unpack_device_state(blob: bytes) -> tuple[dict[str, Any], bytes]:
     """Inverse of :func:`pack_device_state`; ProtocolError for anything else."""
     if len(blob) < 8 or blob[:4] != _DEVICE_MAGIC:
-        raise wire.ProtocolError("device state: bad magic")
+        raise ProtocolError("device state: bad magic")
     (n,) = struct.unpack_from("<I", blob, 4)
     if 8 + n > len(blob):
-        raise wire.ProtocolError("device state: header runs past the blob")
+        raise ProtocolError("device state: header runs past the blob")
     try:
         header = json.loads(blob[8 : 8 + n])
     except ValueError as e:
-        raise wire.ProtocolError(f"device state: bad header: {e}") from None
+        raise ProtocolError(f"device state: bad header: {e}") from None
     return header, blob[8 + n :]
 
 
@@ -348,7 +351,7 @@ class _SourceRun(SourceRecovery):
         self.balloon = BalloonDevice(self.source.hints, enabled=hinting, last_id=self.last_round_id,
                                      notify=self.guest.kick)
 
-    def _add(self, st: dict[str, Any]) -> None:
+    def _add(self, st: SendStatsDict) -> None:
         self.result.pages_sent += st["pages"]
         self.result.zero_pages += st["zero_pages"]
         self.result.bytes_sent += st["bytes"]
@@ -358,7 +361,7 @@ class _SourceRun(SourceRecovery):
         assert self.session is not None
         ev = self.session.wait_event(0)
         if ev is not None:
-            kind, _a, _b, _data, text, _at = ev
+            kind, _a, _b, _data, _text, _at = ev
             if kind in ("peer_error", "failed", "end"):
                 raise MigrationError(f"destination: {event_summary(ev)}")
             raise MigrationError(f"unexpected {kind} from the destination during precopy")
@@ -429,7 +432,7 @@ class _SourceRun(SourceRecovery):
             if ev is None:
                 what = "acknowledge the switchover" if switchover else "resume the guest"
                 raise MigrationError(f"the destination did not {what} within {self.config.timeout} s")
-            kind, a, b, _data, text, at = ev
+            kind, a, b, _data, _text, at = ev
             if kind == "ack" and (a, b) == want:
                 return at
             if kind in ("peer_error", "failed", "end"):
@@ -465,6 +468,7 @@ class _SourceRun(SourceRecovery):
         while True:
             try:
                 self._push_until_drained()
+                assert self.session is not None
                 try:
                     self.session.end_urgent()
                     self.main.send_command(wire.COMMAND_COMPLETE)
@@ -497,7 +501,7 @@ class _SourceRun(SourceRecovery):
             wait = 0.05 if st["drained"] else 0.0  # nothing to push: block for the ack instead
             while (ev := self.session.wait_event(wait)) is not None:
                 wait = 0.0
-                kind, a, b, _data, text, at = ev
+                kind, a, b, _data, _text, at = ev
                 if kind == "ack" and a == _ACK_RESUMED and b == wire.COMMAND_POSTCOPY_START and not self._acked:
                     self._acked = True
                     self.result.downtime_ms = (at - t_pause) * 1e3

@@ -26,14 +26,17 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from livemig import _core, wire
 from livemig.errors import ConnectionLost, LivemigError, MigrationError, ProtocolError
 
 if TYPE_CHECKING:
-    from livemig.migration import DestinationConfig, MigrationConfig, MigrationResult, Progress
+    from typing_extensions import Self
+
     from livemig.balloon import BalloonDevice
+    from livemig.migration import DestinationConfig, MigrationConfig, MigrationResult, Progress
     from livemig.source import Source
 
 ACK_RESUMED = 0  # ack kind: the destination guest runs (value: the command it answered; 0: it never ran)
@@ -134,7 +137,7 @@ class SourceRecovery:
     requeued_pages: int
     dest_completed: bool  #: the last resume found the destination complete (it only resends its report)
 
-    def wait_ack(self, command: int) -> float: ...  # migration._SourceRun's
+    wait_ack: Callable[[int], float]  # migration._SourceRun's
 
     def recoverable(self) -> bool:
         """A break now pauses (the destination guest may run) instead of failing."""
@@ -547,7 +550,7 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
-    def __enter__(self) -> ControlServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -19,12 +19,14 @@ import socket
 import struct
 import time
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from livemig import _core
 from livemig.errors import AuthenticationError, ConnectionLost, ProtocolError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 MAGIC = b"\x89LVMIG\r\n"
 """First 8 bytes of every handshake message."""
@@ -365,7 +367,7 @@ class Connection:
         for ch in self.channels():
             ch.close()
 
-    def __enter__(self) -> Connection:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -838,7 +840,7 @@ class Listener:
             except FileNotFoundError:
                 pass
 
-    def __enter__(self) -> Listener:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -875,10 +877,8 @@ def connect(address: str | Address, opts: WireOptions, *, resume: bytes | None =
         Channel("main", 0, sock), timeout=opts.timeout,
     )
     try:
-        extra: Iterable[tuple[ChannelKind, int]] = [
-            *([("urgent", 0)] if res.negotiated.urgent_channel else []),
-            *[("pages", i) for i in range(res.negotiated.extra_channels)],
-        ]
+        urgent: list[tuple[ChannelKind, int]] = [("urgent", 0)] if res.negotiated.urgent_channel else []
+        extra = [*urgent, *[("pages", i) for i in range(res.negotiated.extra_channels)]]
         for kind, index in extra:
             s = _dial(addr, opts.timeout)
             try:
@@ -958,6 +958,7 @@ def decode(data: bytes, config: _core.WireConfig, direction: str = "to_destinati
 __all__ = [
     "ALL_CAPABILITIES",
     "CAPABILITY_BITS",
+    "PROTOCOL_VERSION",
     "Address",
     "Capabilities",
     "Channel",
@@ -966,7 +967,6 @@ __all__ = [
     "HandshakeResult",
     "Listener",
     "Negotiated",
-    "PROTOCOL_VERSION",
     "WireOptions",
     "connect",
     "decode",
