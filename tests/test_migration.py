@@ -68,13 +68,16 @@ def test_postcopy_with_hints_delivers_done_and_frees_held_pages() -> None:
 @pytest.mark.timeout(120)
 def test_hinted_pages_reused_in_postcopy_resolve_locally() -> None:
     """Background failure (2): once postcopy starts the guest reuses and writes every page it had
-    hinted; none is requested from the source and none stalls (each resolves locally)."""
+    hinted; each resolves locally (never requested from the source) and none stalls."""
     guest = GuestConfig(workload="idle", free_fraction=0.5, churn=50000.0, seed=3)
     result, _ = run_migration(guest, MigrationConfig(postcopy=True, verify=True), settle_s=10.0, await_reuse=True)
     pc = result.postcopy
     assert pc.local_fill_pages > 0
-    assert pc.local_fills == pc.local_fill_pages  # every hinted page was written, each resolved here
-    assert pc.requests == 0  # the idle guest writes only pages it had hinted: nothing was asked for
+    # Every hinted page was written, and each fault on one was resolved here: a hinted page that
+    # had been requested instead would be missing from local_fills. (Requests themselves may
+    # happen: a page the churn frees after the last hint round is an ordinary page, which the
+    # churn may take again before the push brought it. Under load that race was seen once.)
+    assert pc.local_fills == pc.local_fill_pages
     # A stall (QEMU's bug) lasts until postcopy ends, seconds; a local fill takes microseconds
     # (p50 about 2 us here). The bound only tells the two apart, so a loaded CI machine cannot
     # make it flaky; the latency itself is measured by bench/bench_migration.py.
