@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 from bench_support import median_seconds, record_ratio
+
 from livemig import PageBitmap, _core
 
 PAGES = 1 << 28

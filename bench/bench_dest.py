@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from livemig._core import dest_bench
 from livemig.destination import Destination, postcopy_unsupported_reason
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from livemig.guest import Guest, GuestConfig
 
 PAGE = 4096

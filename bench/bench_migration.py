@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import pytest
+
 from livemig import _core
 from livemig.guest import GuestConfig
 from livemig.loopback import migrate_locally

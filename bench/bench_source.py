@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from livemig import _core
 from livemig.errors import UnsupportedError
 from livemig.source import Source

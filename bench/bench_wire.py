@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+
 from livemig import _core, wire
 
 PAGE = 4096

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+
 from livemig.destination import postcopy_unsupported_reason
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

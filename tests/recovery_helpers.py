@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fault_relay import FaultRelay
 from livemig import migration
 from livemig.guest import GuestConfig
 from livemig.loopback import _destination
@@ -22,6 +21,8 @@ from livemig.migration import (
     MigrationResult,
     NoProgress,
 )
+
+from fault_relay import FaultRelay
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from livemig import _core
 from livemig.errors import UnsupportedError
 from livemig.source import Backing, Source, TrackMode

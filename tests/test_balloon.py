@@ -5,6 +5,7 @@ from __future__ import annotations
 import hypothesis.strategies as st
 import pytest
 from hypothesis import given
+
 from livemig.balloon import CMD_DONE, CMD_STOP, FIRST_ROUND_ID, BalloonDevice, next_round_id
 
 

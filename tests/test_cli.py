@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import livemig
 import pytest
+
+import livemig
+
 from cli_helpers import LIVEMIG, one_error_line, run
 
 

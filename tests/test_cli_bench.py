@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import one_error_line, run
+
 from livemig import benchmark
+
+from cli_helpers import one_error_line, run
 from source_helpers import make_source
 
 FIGURE_KEYS = {

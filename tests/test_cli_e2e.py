@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from cli_helpers import LIVEMIG, ORCHESTRATION_READY, free_port, one_error_line, run
 
 pytestmark = pytest.mark.skipif(not ORCHESTRATION_READY, reason="orchestration not merged yet")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from livemig import local, wire
 from livemig.errors import MigrationError
 
@@ -40,10 +41,11 @@ def test_real_listen_announces_a_loopback_address_and_is_reaped() -> None:
 @pytest.mark.timeout(60)
 def test_child_is_killed_and_reaped_when_the_body_raises(tmp_path: Path) -> None:
     cmd = _script(tmp_path, "print('listening on 127.0.0.1:9', flush=True)\ntime.sleep(60)")
-    with pytest.raises(RuntimeError, match="body failed"), local.local_destination(command=cmd, deadline=30) as dest:
-        assert dest.address == "127.0.0.1:9"
-        assert dest.process.poll() is None
-        raise RuntimeError("body failed")
+    with pytest.raises(RuntimeError, match="body failed"):
+        with local.local_destination(command=cmd, deadline=30) as dest:
+            assert dest.address == "127.0.0.1:9"
+            assert dest.process.poll() is None
+            raise RuntimeError("body failed")
     assert dest.process.returncode == -signal.SIGTERM
     assert _gone(dest.process.pid)
 
@@ -68,8 +70,9 @@ def test_wait_returns_the_exit_code_and_stderr_is_kept(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 def test_silent_child_hits_the_deadline_and_is_reaped(tmp_path: Path) -> None:
     cmd = _script(tmp_path, "time.sleep(60)")
-    with pytest.raises(MigrationError, match="did not announce its address within 0.5 s"), local.local_destination(command=cmd, deadline=0.5):
-        pytest.fail("must not get here")
+    with pytest.raises(MigrationError, match="did not announce its address within 0.5 s"):
+        with local.local_destination(command=cmd, deadline=0.5):
+            pytest.fail("must not get here")
     assert _gone(int((tmp_path / "pid").read_text()))
 
 
@@ -78,16 +81,18 @@ def test_child_exiting_before_listening_reports_its_last_error_line(tmp_path: Pa
     cmd = _script(tmp_path, "print('livemig: error: cannot listen on 127.0.0.1:1: boom', file=sys.stderr)\n"
                             "sys.exit(1)")
     want = "exited before listening: livemig: error: cannot listen on 127.0.0.1:1: boom"
-    with pytest.raises(MigrationError, match=want), local.local_destination(command=cmd, deadline=30):
-        pytest.fail("must not get here")
+    with pytest.raises(MigrationError, match=want):
+        with local.local_destination(command=cmd, deadline=30):
+            pytest.fail("must not get here")
     assert _gone(int((tmp_path / "pid").read_text()))
 
 
 @pytest.mark.timeout(60)
 def test_unexpected_first_line_is_an_error(tmp_path: Path) -> None:
     cmd = _script(tmp_path, "print('hello', flush=True)\ntime.sleep(60)")
-    with pytest.raises(MigrationError, match="announced 'hello', expected 'listening on '"), local.local_destination(command=cmd, deadline=30):
-        pytest.fail("must not get here")
+    with pytest.raises(MigrationError, match="announced 'hello', expected 'listening on '"):
+        with local.local_destination(command=cmd, deadline=30):
+            pytest.fail("must not get here")
     assert _gone(int((tmp_path / "pid").read_text()))
 
 

@@ -10,6 +10,8 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from rich.console import Console
+
 from livemig import cli, display, wire
 from livemig.migration import (
     BalloonReport,
@@ -21,7 +23,6 @@ from livemig.migration import (
     RoundStats,
     VerifyReport,
 )
-from rich.console import Console
 
 PAGE_SIZES = st.sampled_from([4096, 16384, 65536])
 UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}

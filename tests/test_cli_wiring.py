@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+
 from livemig import cli, migration, wire
 from livemig.errors import MigrationError, UnsupportedError
 from livemig.guest import GuestConfig

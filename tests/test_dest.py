@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from dest_helpers import PAGE, needs_uffd, run_in_child
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from livemig import LivemigError, UnsupportedError
 from livemig._core import dest_bench
 from livemig.destination import DestCounters, Destination, LatencyStats
+
+from dest_helpers import PAGE, needs_uffd, run_in_child
 
 MADV_DONTNEED = 4
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from fault_relay import Direction, FaultRelay
+
 from livemig.guest import GuestConfig
 from livemig.migration import DestinationConfig, MigrationConfig, NoProgress
+
+from fault_relay import Direction, FaultRelay
 from recovery_helpers import Outcome, assert_cancelled_intact, assert_completed, run_through_relay
 
 SIZE = 8 << 20

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from guest_helpers import PAGE, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from livemig.guest import (
     CMD_DONE,
     CMD_FIRST,
@@ -21,6 +21,8 @@ from livemig.guest import (
     LocalBalloonDevice,
     next_round_id,
 )
+
+from guest_helpers import PAGE, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

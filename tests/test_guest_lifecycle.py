@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from guest_helpers import PAGE
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
 from livemig.guest import PAGE_HELD, Guest, GuestConfig, LocalBalloonDevice
+
+from guest_helpers import PAGE
 
 PAGES = 64
 CFG = GuestConfig(

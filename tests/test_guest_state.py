@@ -6,8 +6,10 @@ import time
 
 import numpy as np
 import pytest
-from guest_helpers import PAGE, wait_until
+
 from livemig.guest import PAGE_HELD, Guest, GuestConfig, LocalBalloonDevice
+
+from guest_helpers import PAGE, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

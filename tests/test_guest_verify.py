@@ -6,10 +6,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from guest_helpers import PAGE, expected_page, increment_model, page, wait_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from livemig.guest import Guest, GuestConfig, check_increment
+
+from guest_helpers import PAGE, expected_page, increment_model, page, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

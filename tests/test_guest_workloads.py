@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from guest_helpers import PAGE, expected_page, page, wait_until
+
 from livemig.guest import PAGE_ALLOCATED, PAGE_FREE, Guest, GuestConfig
+
+from guest_helpers import PAGE, expected_page, page, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from livemig import local, migration, wire
 from livemig.errors import AuthenticationError, ConnectionLost, MigrationError, ProtocolError
 from livemig.guest import Guest, GuestConfig

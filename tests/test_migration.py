@@ -4,6 +4,7 @@ checks the design's oracle (increment) or every page's generation (the other wor
 from __future__ import annotations
 
 import pytest
+
 from livemig.guest import GuestConfig
 from livemig.loopback import migrate_locally as run_migration
 from livemig.migration import DestinationConfig, MigrationConfig

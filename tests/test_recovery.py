@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import LIVEMIG
-from fault_relay import FaultRelay
+
 from livemig import wire
 from livemig.errors import ProtocolError
 from livemig.guest import GuestConfig
 from livemig.migration import DestinationConfig, MigrationConfig, MigrationControl
+
+from cli_helpers import LIVEMIG
+from fault_relay import FaultRelay
 from recovery_helpers import (
     PhaseHook,
     assert_cancelled_intact,

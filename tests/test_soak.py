@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pytest
+
 from livemig import migration, wire
 from livemig.guest import Guest, GuestConfig
 

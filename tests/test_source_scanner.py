@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from livemig import _core
 from livemig.source import RunFlag, Source
+
 from source_helpers import bits, make_source, runs_to_pages
 
 PAGE = mmap.PAGESIZE

@@ -12,9 +12,11 @@ import threading
 
 import numpy as np
 import pytest
+
 from livemig import _core
 from livemig.errors import UnsupportedError
 from livemig.source import Source
+
 from source_helpers import bits, make_source
 
 PAGE = mmap.PAGESIZE

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from livemig import local
 
 REPO = Path(__file__).resolve().parent.parent

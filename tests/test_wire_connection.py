@@ -13,9 +13,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from livemig import _core, wire
 from livemig.errors import AuthenticationError, ConnectionLost, ProtocolError
 from livemig.migration import DestinationConfig, MigrationConfig
+
 from wire_helpers import PAGE, CuttingProxy, pattern
 
 NPAGES = 64

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from livemig import _core, wire
 from livemig.errors import ConnectionLost, ProtocolError
+
 from wire_helpers import PAGE, config, crc32c_reference, pattern
 
 HDR = struct.Struct("<BBHIQQ")

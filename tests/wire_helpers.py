@@ -7,6 +7,7 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from livemig import _core
 
 PAGE = 4096
