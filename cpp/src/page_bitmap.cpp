@@ -267,14 +267,16 @@ std::size_t PageBitmap::harvest(std::size_t begin, std::size_t end, std::span<Wo
     return data_[w].load(kLoad) != 0 ? data_[w].exchange(0, kRmw) : 0;
   };
   std::size_t n = 0;
-  taken[0] = take_masked(wb);
-  n += static_cast<std::size_t>(std::popcount(taken[0]));
+  const auto keep = [&](std::size_t w, Word got) {  // into taken[], and counted
+    taken[w - wb] = got;
+    n += static_cast<std::size_t>(std::popcount(got));
+  };
+  keep(wb, take_masked(wb));
   if (we == wb) return n;
   std::size_t w = wb + 1;
 #if defined(LIVEMIG_BITMAP_CAS16)
   if (w < we && reinterpret_cast<std::uintptr_t>(&data_[w]) % sizeof(WordPair) != 0) {
-    taken[w - wb] = take_word(w);
-    n += static_cast<std::size_t>(std::popcount(taken[w - wb]));
+    keep(w, take_word(w));
     ++w;
   }
   for (; w + 1 < we; w += 2) {
@@ -289,17 +291,12 @@ std::size_t PageBitmap::harvest(std::size_t begin, std::size_t end, std::span<Wo
       lo = data_[w].exchange(0, kRmw);
       hi = data_[w + 1].exchange(0, kRmw);
     }
-    taken[w - wb] = lo;
-    taken[w + 1 - wb] = hi;
-    n += static_cast<std::size_t>(std::popcount(lo) + std::popcount(hi));
+    keep(w, lo);
+    keep(w + 1, hi);
   }
 #endif
-  for (; w < we; ++w) {
-    taken[w - wb] = take_word(w);
-    n += static_cast<std::size_t>(std::popcount(taken[w - wb]));
-  }
-  taken[we - wb] = take_masked(we);
-  n += static_cast<std::size_t>(std::popcount(taken[we - wb]));
+  for (; w < we; ++w) keep(w, take_word(w));
+  keep(we, take_masked(we));
   return n;
 }
 
