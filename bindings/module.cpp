@@ -9,9 +9,12 @@ PYBIND11_MODULE(_core, m) {
   m.attr("__version__") = LIVEMIG_VERSION;
   livemig::py_bindings::register_errors(m);
   livemig::py_bindings::register_bitmap(m);
+  livemig::py_bindings::register_balloon(m);
+  livemig::py_bindings::register_verify(m);
   livemig::py_bindings::register_dest(m);
   livemig::py_bindings::register_source(m);
   livemig::py_bindings::register_wire(m);
   livemig::py_bindings::register_guest(m);
   livemig::py_bindings::register_session(m);
+  livemig::py_bindings::register_bench(m);
 }

@@ -12,5 +12,8 @@ void register_source(pybind11::module_& m);
 void register_wire(pybind11::module_& m);
 void register_guest(pybind11::module_& m);
 void register_session(pybind11::module_& m);
+void register_balloon(pybind11::module_& m);
+void register_verify(pybind11::module_& m);
+void register_bench(pybind11::module_& m);
 
 }  // namespace livemig::py_bindings

@@ -12,8 +12,8 @@
 #include <thread>
 #include <vector>
 
-#include "bitmap_args.hpp"
-#include "livemig/page_bitmap.hpp"
+#include "convert.hpp"
+#include "livemig/bitmap/page_bitmap.hpp"
 #include "register.hpp"
 
 namespace py = pybind11;
@@ -34,99 +34,9 @@ void check_same_size(const PageBitmap& a, const PageBitmap& b) {
                           std::to_string(b.size()) + " pages");
 }
 
-// Benchmark support: `threads` threads each do `ops` test_and_set calls over the same page
-// sequence (so they contend on every word) and the bits are cleared again between passes; returns
-// the seconds taken. With plain = true the same loop uses a non-atomic read-modify-write of a
-// private copy: the baseline that shows what atomicity costs.
-double bench_test_and_set(PageBitmap& b, int threads, std::size_t ops, bool plain) {
-  const std::size_t n = b.size();
-  if (n == 0 || threads < 1) throw py::value_error("need a non-empty bitmap and threads >= 1");
-  std::vector<std::thread> ts;
-  std::vector<std::vector<PageBitmap::Word>> privates(static_cast<std::size_t>(threads),
-                                                      std::vector<PageBitmap::Word>(b.word_count()));
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int t = 0; t < threads; ++t) {
-    ts.emplace_back([&, t] {
-      auto& mine = privates[static_cast<std::size_t>(t)];
-      std::size_t won = 0;
-      for (std::size_t k = 0; k < ops; ++k) {
-        const std::size_t i = (k * 64 + k / (n / 64 == 0 ? 1 : n / 64)) % n;  // walks words, then bits
-        if (plain) {
-          PageBitmap::Word& w = mine[i / 64];
-          const PageBitmap::Word bit = PageBitmap::Word{1} << (i % 64);
-          won += (w & bit) == 0;
-          w |= bit;
-        } else {
-          won += !b.test_and_set(i);
-        }
-      }
-      mine[0] += won;  // keep the work observable
-    });
-  }
-  for (auto& th : ts) th.join();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// Benchmark support: walks every set (or clear) page with find_next and returns how many it found.
-std::size_t bench_find_walk(const PageBitmap& b, bool set) {
-  std::size_t hits = 0;
-  const auto next = [&](std::size_t from) { return set ? b.find_next_set(from) : b.find_next_clear(from); };
-  for (std::size_t i = next(0); i != PageBitmap::npos; i = next(i + 1)) ++hits;
-  return hits;
-}
-
-// Benchmark support: the raw cost of one locked exchange per word over `words` words that are all
-// non-zero (the floor of a dense harvest's 8-byte path; the x86 path takes pairs with cmpxchg16b);
-// returns seconds.
-double bench_exchange_loop(std::size_t words) {
-  std::vector<std::atomic<PageBitmap::Word>> a(words);
-  std::vector<PageBitmap::Word> out(words);
-  for (auto& w : a) w.store(~PageBitmap::Word{0}, std::memory_order_relaxed);
-  const auto t0 = std::chrono::steady_clock::now();
-  for (std::size_t i = 0; i < words; ++i) out[i] = a[i].exchange(0, std::memory_order_acq_rel);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return out[words / 2] == 0 ? -1.0 : secs;
-}
-
-CountKernel kernel_named(const std::string& name) {
-  if (name == "auto") return CountKernel::kAuto;
-  if (name == "scalar") return CountKernel::kScalar;
-  if (name == "avx2") return CountKernel::kAvx2;
-  if (name == "avx512") return CountKernel::kAvx512;
-  throw py::value_error("unknown count kernel '" + name + "' (auto, scalar, avx2, avx512)");
-}
-
 }  // namespace
 
-py::array_t<PageBitmap::Word> words_view(const std::shared_ptr<PageBitmap>& bm, py::handle owner) {
-  py::array_t<PageBitmap::Word> arr({static_cast<py::ssize_t>(bm->word_count())}, {sizeof(PageBitmap::Word)},
-                                    bm->raw_words(), owner);
-  py::detail::array_proxy(arr.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
-  return arr;
-}
-
 void register_bitmap(py::module_& m) {
-  m.def("_bench_exchange_loop", &bench_exchange_loop, py::arg("words"), py::call_guard<py::gil_scoped_release>(),
-        "Benchmark support: seconds for one locked exchange per word over `words` words.");
-  m.def(
-      "_bitmap_count_with",
-      [](const PageBitmap& b, py::ssize_t start, py::ssize_t end, const std::string& kernel) {
-        const auto r = check_range(b, start, end);
-        const CountKernel k = kernel_named(kernel);
-        py::gil_scoped_release rel;
-        return b.count_with(r.begin, r.end, k);
-      },
-      py::arg("bitmap"), py::arg("start"), py::arg("end"), py::arg("kernel"),
-      "Test support: count(start, end) with a given kernel (scalar where this CPU or build lacks it).");
-  m.def(
-      "_bitmap_kernel_available", [](const std::string& kernel) { return PageBitmap::kernel_available(kernel_named(kernel)); },
-      py::arg("kernel"), "Test support: whether _bitmap_count_with really runs `kernel` here.");
-  m.def("_bench_find_walk", &bench_find_walk, py::arg("bitmap"), py::arg("set") = true,
-        py::call_guard<py::gil_scoped_release>(), "Benchmark support: count pages by walking find_next.");
-  m.def("_bench_test_and_set", &bench_test_and_set, py::arg("bitmap"), py::arg("threads"), py::arg("ops"),
-        py::arg("plain") = false, py::call_guard<py::gil_scoped_release>(),
-        "Benchmark support: seconds for `threads` threads doing `ops` test_and_set calls each.");
-
   py::class_<PageBitmap, std::shared_ptr<PageBitmap>>(m, "PageBitmap",
                                                       "One bit per page; every mutation is atomic and lock-free.")
       .def(py::init([](py::ssize_t size, bool fill) {
@@ -314,23 +224,23 @@ void register_bitmap(py::module_& m) {
           "Little-endian bytes, ceil(size / 8) of them: page i is bit i % 8 of byte i // 8.")
       .def(
           "load_bytes",
-          [](PageBitmap& b, const py::buffer& data) {
-            const py::buffer_info info = data.request();
-            const auto n = static_cast<std::size_t>(info.size * info.itemsize);
+          [](PageBitmap& b, const py::handle& data) {
+            const BufferExport buf(data, BufferExport::Access::read, "data");
+            const std::size_t n = buf.size();
             if (n != b.byte_size())
               throw py::value_error("expected " + std::to_string(b.byte_size()) + " bytes for " +
                                     std::to_string(b.size()) + " pages, got " + std::to_string(n));
             bool ok = false;
             {
               py::gil_scoped_release rel;
-              ok = b.import_bytes({static_cast<const std::uint8_t*>(info.ptr), n});
+              ok = b.import_bytes({buf.data(), n});
             }
             if (!ok) throw py::value_error("bits set past the end of the bitmap");
           },
           py::arg("data"), "Replace the contents with to_bytes() output of a bitmap of the same size.")
       .def_static(
           "from_bytes",
-          [](py::ssize_t size, const py::buffer& data) {
+          [](py::ssize_t size, const py::handle& data) {
             if (size < 0) throw py::value_error("size must be >= 0");
             auto b = std::make_shared<PageBitmap>(static_cast<std::size_t>(size));
             py::cast(b).attr("load_bytes")(data);

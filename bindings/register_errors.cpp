@@ -3,7 +3,7 @@
 // _core without a cycle.
 #include <pybind11/pybind11.h>
 
-#include "livemig/errors.hpp"
+#include "livemig/base/errors.hpp"
 #include "register.hpp"
 
 namespace py = pybind11;

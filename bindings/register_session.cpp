@@ -1,59 +1,94 @@
-// Session bindings: construct under the GIL, release it for every pass and every wait.
+// Session bindings: construct under the GIL, release it for every pass and every wait. Events and
+// send statistics cross as bound classes with named read-only fields.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include "livemig/guest.hpp"
-#include "livemig/session.hpp"
-#include "register.hpp"
+#include <memory>
+#include <string>
+#include <vector>
 
-namespace py = pybind11;
+#include "convert.hpp"
+#include "livemig/session/session.hpp"
+#include "livemig/wire/ack.hpp"
+#include "livemig/wire/command.hpp"
+#include "register.hpp"
 
 namespace livemig::py_bindings {
 namespace {
 
-const char* kind_name(SessionEvent::Kind k) {
-  switch (k) {
-    case SessionEvent::Kind::DeviceState: return "device_state";
-    case SessionEvent::Kind::Command: return "command";
-    case SessionEvent::Kind::End: return "end";
-    case SessionEvent::Kind::Ack: return "ack";
-    case SessionEvent::Kind::ReceivedBitmap: return "received_bitmap";
-    case SessionEvent::Kind::Report: return "report";
-    case SessionEvent::Kind::PeerError: return "peer_error";
-    case SessionEvent::Kind::Failed: return "failed";
+using Kind = SessionEvent::Kind;
+
+// The optional event a wait returns, converted after the GIL is back.
+std::optional<SessionEvent> waited(const std::function<std::optional<SessionEvent>()>& wait) {
+  std::optional<SessionEvent> e;
+  {
+    py::gil_scoped_release rel;
+    e = wait();
   }
-  return "unknown";
+  return e;
 }
 
-// (kind, a, b, data bytes, text, at) or None on timeout.
-py::object event_tuple(const std::optional<SessionEvent>& e) {
-  if (!e) return py::none();
-  return py::make_tuple(kind_name(e->kind), e->a, e->b,
-                        py::bytes(reinterpret_cast<const char*>(e->data.data()), e->data.size()), e->text,
-                        e->at);
-}
+void register_types(py::module_& m) {
+  py::enum_<Kind>(m, "EventKind", "What a session event is.")
+      .value("DEVICE_STATE", Kind::DeviceState)
+      .value("COMMAND", Kind::Command)
+      .value("END", Kind::End)
+      .value("ACK", Kind::Ack)
+      .value("RECEIVED_BITMAP", Kind::ReceivedBitmap)
+      .value("REPORT", Kind::Report)
+      .value("PEER_ERROR", Kind::PeerError)
+      .value("FAILED", Kind::Failed);
 
-py::dict send_stats(const SendStats& s) {
-  py::dict d;
-  d["pages"] = s.pages;
-  d["zero_pages"] = s.zero_pages;
-  d["urgent_pages"] = s.urgent_pages;
-  d["bytes"] = s.bytes;
-  d["seconds"] = s.seconds;
-  d["drained"] = s.drained;
-  return d;
+  py::class_<SessionEvent>(m, "SessionEvent", "Something the peer said (or a channel's failure) that the orchestrator acts on.")
+      .def_readonly("kind", &SessionEvent::kind)
+      .def_readonly("a", &SessionEvent::a, "The first number: see channel, command, ack_kind, requeued_pages.")
+      .def_readonly("b", &SessionEvent::b, "The second number: see ack_value.")
+      .def_readonly("text", &SessionEvent::text, "PEER_ERROR: the peer's message; FAILED: what failed here.")
+      .def_readonly("at", &SessionEvent::at, "When it was queued, in time.perf_counter() seconds.")
+      .def_property_readonly(
+          "data", [](const SessionEvent& e) { return py::bytes(reinterpret_cast<const char*>(e.data.data()), e.data.size()); },
+          "DEVICE_STATE / REPORT: the blob; COMMAND: its arguments; RECEIVED_BITMAP: the bitmap.")
+      .def_property_readonly(
+          "channel", [](const SessionEvent& e) { return e.a; },
+          "END / FAILED: the channel's index (MAIN_CHANNEL, URGENT_CHANNEL, FIRST_EXTRA_CHANNEL + i).")
+      .def_property_readonly(
+          "command",
+          [](const SessionEvent& e) -> py::object {
+            if (e.kind != Kind::Command) return py::none();
+            return py::cast(static_cast<wire::Command>(e.a));
+          },
+          "COMMAND: which one (a Command); None for other events.")
+      .def_property_readonly(
+          "ack_kind",
+          [](const SessionEvent& e) -> py::object {
+            if (e.kind != Kind::Ack) return py::none();
+            return py::cast(static_cast<wire::AckKind>(e.a));
+          },
+          "ACK: its kind (an AckKind); None for other events.")
+      .def_property_readonly("ack_value", [](const SessionEvent& e) { return e.b; }, "ACK: its value.")
+      .def_property_readonly(
+          "requeued_pages", [](const SessionEvent& e) { return e.kind == Kind::ReceivedBitmap && e.b == 1 ? e.a : 0; },
+          "RECEIVED_BITMAP with resync on: the pages made dirty again.")
+      .def_property_readonly("resynced", [](const SessionEvent& e) { return e.kind == Kind::ReceivedBitmap && e.b == 1; },
+                             "RECEIVED_BITMAP: the source resynced on it.")
+      .def("__repr__", [](const SessionEvent& e) {
+        return "SessionEvent(" + std::string(py::str(py::cast(e.kind))) + ", a=" + std::to_string(e.a) +
+               ", b=" + std::to_string(e.b) + (e.text.empty() ? "" : ", text=" + e.text) + ")";
+      });
+
+  py::class_<SendStats>(m, "SendStats", "What a send pass moved.")
+      .def_readonly("pages", &SendStats::pages, "Pages sent with data.")
+      .def_readonly("zero_pages", &SendStats::zero_pages, "Pages sent as zero runs (header only).")
+      .def_readonly("urgent_pages", &SendStats::urgent_pages, "Requested pages among them.")
+      .def_readonly("bytes", &SendStats::bytes, "Bytes on the wire, headers included.")
+      .def_readonly("seconds", &SendStats::seconds)
+      .def_readonly("drained", &SendStats::drained, "No dirty page was left when the pass ended.");
 }
 
 }  // namespace
 
 void register_session(py::module_& m) {
-  m.def(
-      "source_balloon_port",
-      [](std::shared_ptr<Source> source) -> std::shared_ptr<guest::BalloonPort> {
-        HintSink& sink = source->hints();
-        return std::make_shared<guest::SinkPort<HintSink>>(sink, std::move(source));
-      },
-      py::arg("source"), "The source's hint sink as the device a guest's balloon driver talks to.");
+  register_types(m);
 
   py::class_<SourceSession>(m, "SourceSession", "The source's page pumps and return-path reader.")
       .def(py::init([](std::shared_ptr<Source> source, wire::FrameWriter& main, std::vector<wire::FrameWriter*> extras,
@@ -65,43 +100,18 @@ void register_session(py::module_& m) {
       .def("resync_on_received_bitmap", &SourceSession::resync_on_received_bitmap, py::arg("local_fill"),
            "Recovery: resync the source on the destination's received bitmap as soon as it arrives.")
       .def("start_return_path", &SourceSession::start_return_path)
-      .def(
-          "precopy_pass",
-          [](SourceSession& s, double max_seconds, std::uint64_t max_pages) {
-            SendStats st;
-            {
-              py::gil_scoped_release rel;
-              st = s.precopy_pass(max_seconds, max_pages);
-            }
-            return send_stats(st);
-          },
-          py::arg("max_seconds"), py::arg("max_pages") = ~std::uint64_t{0},
-          "Send dirty pages on every page channel; returns what moved.")
-      .def(
-          "postcopy_push",
-          [](SourceSession& s, double max_seconds) {
-            SendStats st;
-            {
-              py::gil_scoped_release rel;
-              st = s.postcopy_push(max_seconds);
-            }
-            return send_stats(st);
-          },
-          py::arg("max_seconds"), "Serve requests first, push the rest; returns when no dirty page is left.")
+      .def("precopy_pass", &SourceSession::precopy_pass, py::arg("max_seconds"),
+           py::arg("max_pages") = ~std::uint64_t{0}, py::call_guard<py::gil_scoped_release>(),
+           "Send dirty pages on every page channel; returns what moved.")
+      .def("postcopy_push", &SourceSession::postcopy_push, py::arg("max_seconds"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Serve requests first, push the rest; returns when no dirty page is left or time is up.")
       .def("end_urgent", &SourceSession::end_urgent, py::call_guard<py::gil_scoped_release>(),
            "END on the urgent channel once no request is being served on it.")
       .def("interrupt", &SourceSession::interrupt)
       .def(
-          "wait_event",
-          [](SourceSession& s, double timeout) {
-            std::optional<SessionEvent> e;
-            {
-              py::gil_scoped_release rel;
-              e = s.wait_event(timeout);
-            }
-            return event_tuple(e);
-          },
-          py::arg("timeout"), "(kind, a, b, data, text, at) of the next return-path event, or None.")
+          "wait_event", [](SourceSession& s, double timeout) { return waited([&] { return s.wait_event(timeout); }); },
+          py::arg("timeout"), "The next return-path event, or None after timeout seconds.")
       .def("join_return_path", &SourceSession::join_return_path, py::call_guard<py::gil_scoped_release>());
 
   py::class_<DestSession>(m, "DestSession", "The destination's channel readers and request sink.")
@@ -123,20 +133,11 @@ void register_session(py::module_& m) {
             s.reattach(main_fd, std::move(extra_fds), urgent_fd, return_path, resync);
           },
           py::arg("main_fd"), py::arg("extra_fds"), py::arg("urgent_fd"), py::arg("return_path"),
-          py::arg("resync") = true,
-          py::keep_alive<1, 5>(),
+          py::arg("resync") = true, py::keep_alive<1, 5>(),
           "Recovery: send the received bitmap, ask again for requested pages, read the new sockets.")
       .def(
-          "wait_event",
-          [](DestSession& s, double timeout) {
-            std::optional<SessionEvent> e;
-            {
-              py::gil_scoped_release rel;
-              e = s.wait_event(timeout);
-            }
-            return event_tuple(e);
-          },
-          py::arg("timeout"), "(kind, a, b, data, text, at) of the next event, or None.")
+          "wait_event", [](DestSession& s, double timeout) { return waited([&] { return s.wait_event(timeout); }); },
+          py::arg("timeout"), "The next event, or None after timeout seconds.")
       .def("join", &DestSession::join, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("pages_received", &DestSession::pages_received);
 }

@@ -1,6 +1,6 @@
-// Source bindings: the Source region with its dirty tracking, the hint sink and the page scanner;
-// plus _core._source_bench, raw baselines for bench/bench_source.py and C++ writer threads for the
-// tests. Arguments are checked under the GIL; anything that walks the region or blocks releases it.
+// Source bindings: the Source region with its dirty tracking, its balloon device and the page
+// scanner. Arguments are checked under the GIL; anything that walks the region or blocks releases it.
+// An adopted buffer stays exported for the Source's whole life.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -12,10 +12,10 @@
 #include <thread>
 #include <vector>
 
-#include "bitmap_args.hpp"
-#include "livemig/source.hpp"
-#include "livemig/source_bench.hpp"
-#include "livemig/zero_page.hpp"
+#include "convert.hpp"
+#include "livemig/source/source.hpp"
+#include "livemig/base/page_size.hpp"
+#include "livemig/base/zero_page.hpp"
 #include "register.hpp"
 
 namespace py = pybind11;
@@ -23,7 +23,11 @@ namespace py = pybind11;
 namespace livemig::py_bindings {
 namespace {
 
-using U64Array = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>;
+// The switchover sets as Python sees them: (n, 2) arrays of (first_page, npages).
+struct PySwitchoverSets {
+  py::array_t<std::uint64_t> discard;
+  py::array_t<std::uint64_t> local_fill;
+};
 
 TrackMode parse_mode(const std::string& mode) {
   if (mode == "kernel") return TrackMode::Kernel;
@@ -35,21 +39,6 @@ Backing parse_backing(const std::string& backing) {
   if (backing == "anonymous") return Backing::Anonymous;
   if (backing == "memfd") return Backing::Memfd;
   throw py::value_error("backing must be 'anonymous' or 'memfd', got '" + backing + "'");
-}
-
-std::uint32_t check_cmd_id(std::int64_t id) {
-  if (id < 0 || id > 0xFFFFFFFFLL) throw py::value_error("command id must fit in 32 bits, got " + std::to_string(id));
-  return static_cast<std::uint32_t>(id);
-}
-
-py::array_t<std::uint64_t> ranges_array(const RangeList& ranges) {
-  py::array_t<std::uint64_t> out({static_cast<py::ssize_t>(ranges.size()), py::ssize_t{2}});
-  auto v = out.mutable_unchecked<2>();
-  for (py::ssize_t k = 0; k < static_cast<py::ssize_t>(ranges.size()); ++k) {
-    v(k, 0) = ranges[static_cast<std::size_t>(k)].first;
-    v(k, 1) = ranges[static_cast<std::size_t>(k)].npages;
-  }
-  return out;
 }
 
 py::array_t<std::uint64_t> runs_array(const std::vector<PageRun>& runs) {
@@ -79,99 +68,61 @@ std::vector<PageRun> runs_from_array(const U64Array& a, std::size_t pages) {
   return runs;
 }
 
-// A writable, C-contiguous byte view of a Python buffer, for adopt().
-py::buffer_info writable_bytes(const py::buffer& buf) {
-  py::buffer_info info = buf.request(true);
-  if (info.readonly) throw py::value_error("the buffer must be writable");
-  return info;
-}
-
-void register_hint_sink(py::module_& m) {
-  py::class_<HintSink>(m, "HintSink",
-                       "Host side of virtio-balloon free page hinting. Every guest-side method is lock-free "
-                       "and releases the GIL.")
-      .def("host_request", [](HintSink& s, std::int64_t id) { s.host_request(check_cmd_id(id)); }, py::arg("cmd_id"),
-           py::call_guard<py::gil_scoped_release>(), "New round: the device shows cmd_id, state REQUESTED.")
-      .def("host_stop", &HintSink::host_stop, py::call_guard<py::gil_scoped_release>(),
-           "The device shows STOP; hints are dropped from now (in-flight ones finish first).")
-      .def("host_done", &HintSink::host_done, py::call_guard<py::gil_scoped_release>(),
-           "The device shows DONE: the guest may reuse its hinted pages.")
-      .def_property_readonly("cmd_id", &HintSink::cmd_id)
-      .def_property_readonly(
-          "state", [](const HintSink& s) { return static_cast<int>(s.state()); },
-          "The device state as an int: 0 STOP, 1 REQUESTED, 2 START, 3 DONE (livemig.balloon.BalloonState).")
-      .def("guest_ack", [](HintSink& s, std::int64_t id) { return s.guest_ack(check_cmd_id(id)); }, py::arg("cmd_id"),
-           "The guest echoes cmd_id: REQUESTED -> START when current.")
-      .def(
-          "hint",
-          [](HintSink& s, std::int64_t id, std::uint64_t first, std::uint64_t n) {
-            const std::uint32_t cid = check_cmd_id(id);
-            py::gil_scoped_release rel;
-            return s.hint(cid, first, n);
-          },
-          py::arg("cmd_id"), py::arg("first_page"), py::arg("npages") = 1,
-          "Hint [first_page, first_page + npages) free; True when applied, False when dropped (counted).")
-      .def("guest_stop", [](HintSink& s, std::int64_t id) { return s.guest_stop(check_cmd_id(id)); },
-           py::arg("cmd_id"), "The guest ends its round: START -> STOP when cmd_id is current.")
-      .def(
-          "counters",
-          [](const HintSink& s) {
-            const HintCounters c = s.counters();
-            py::dict d;
-            d["hints_accepted"] = c.hints_accepted;
-            d["pages_hinted"] = c.pages_hinted;
-            d["hints_dropped_stale"] = c.hints_dropped_stale;
-            d["hints_dropped_invalid"] = c.hints_dropped_invalid;
-            d["hints_failed"] = c.hints_failed;
-            return d;
-          },
-          "The hint counters as a dict.");
-  m.attr("CMD_STOP") = kCmdStop;
-  m.attr("CMD_DONE") = kCmdDone;
-  m.attr("CMD_FIRST") = kCmdFirst;
-  m.def("next_cmd_id", [](std::int64_t id) { return next_cmd_id(check_cmd_id(id)); }, py::arg("cmd_id"),
-        "The round id after cmd_id (wraps from 0xFFFFFFFF to 0x80000000).");
+void register_counters(py::module_& m) {
+  py::class_<PySwitchoverSets>(m, "SwitchoverSets", "What the destination drops and what it may fill itself.")
+      .def_readonly("discard", &PySwitchoverSets::discard, "Pages dirty and sent: dropped before the guest runs (rule 3).")
+      .def_readonly("local_fill", &PySwitchoverSets::local_fill,
+                    "Pages hinted, clean and never sent: filled on the destination (rule 4).");
+  py::class_<SyncCounters>(m, "SyncCounters", "Dirty syncs.")
+      .def_readonly("syncs", &SyncCounters::syncs)
+      .def_readonly("pages_written", &SyncCounters::pages_written, "Pages found written, summed over syncs.");
+  py::class_<ScannerCounters>(m, "ScannerCounters", "The page scanner: requests and the background scan.")
+      .def_readonly("requests", &ScannerCounters::requests)
+      .def_readonly("request_pages_served", &ScannerCounters::request_pages_served)
+      .def_readonly("request_pages_dropped", &ScannerCounters::request_pages_dropped,
+                    "Requested pages already delivered (rule 2).")
+      .def_readonly("requests_invalid", &ScannerCounters::requests_invalid)
+      .def_readonly("background_pages", &ScannerCounters::background_pages)
+      .def_readonly("pages_put_back", &ScannerCounters::pages_put_back, "Pages a failed send put back (rule 7).");
+  py::class_<SourceCounters>(m, "SourceCounters", "Everything the source counts.")
+      .def_readonly("sync", &SourceCounters::sync)
+      .def_readonly("scanner", &SourceCounters::scanner)
+      .def_readonly("balloon", &SourceCounters::balloon)
+      .def_readonly("scan_calls", &SourceCounters::scan_calls, "PAGEMAP_SCAN calls made by syncs.");
 }
 
 void register_source_class(py::module_& m) {
   py::class_<Source, std::shared_ptr<Source>>(m, "Source",
                                                "Source side of a migration: region, dirty tracking, D/S/H bitmaps, "
                                                "hint sink, page scanner.")
-      .def(py::init([](py::ssize_t pages, const std::string& mode, const std::string& backing) {
+      .def(py::init([](py::ssize_t pages, const std::string& mode, const std::string& backing, std::size_t page_size) {
              if (pages <= 0) throw py::value_error("pages must be > 0, got " + std::to_string(pages));
              const TrackMode md = parse_mode(mode);
              const Backing bk = parse_backing(backing);
              py::gil_scoped_release rel;
-             return std::make_shared<Source>(static_cast<std::size_t>(pages), md, bk);
+             return std::make_shared<Source>(static_cast<std::size_t>(pages), md, bk, page_size);
            }),
-           py::arg("pages"), py::arg("mode") = "kernel", py::arg("backing") = "anonymous")
+           py::arg("pages"), py::arg("mode") = "kernel", py::arg("backing") = "anonymous",
+           py::arg("page_size") = system_page_size())
       .def_static(
           "adopt",
-          [](const py::buffer& buf, const std::string& mode) {
-            const py::buffer_info info = writable_bytes(buf);
-            const auto nbytes = static_cast<std::size_t>(info.size * info.itemsize);
-            if (nbytes == 0 || nbytes % page_size() != 0)
-              throw py::value_error("the buffer must be a non-empty whole number of pages, got " + std::to_string(nbytes) +
-                                    " bytes");
+          [](const py::handle& buf, const std::string& mode, std::size_t page_size) {
+            auto exported = BufferExport::shared(buf, BufferExport::Access::write, "the buffer");
+            const std::size_t npages = exported->pages(page_size);
+            exported->require_page_aligned(page_size);
             const TrackMode md = parse_mode(mode);
-            auto* base = static_cast<std::uint8_t*>(info.ptr);
-            Source* raw = nullptr;
+            std::unique_ptr<Source> made;
             {
               py::gil_scoped_release rel;
-              raw = new Source(base, nbytes / page_size(), md);
+              made = std::make_unique<Source>(exported->data(), npages, md, page_size);
             }
-            // The Source keeps the buffer's owner alive; the deleter may run without the GIL.
-            PyObject* owner = buf.ptr();
-            Py_INCREF(owner);
-            return std::shared_ptr<Source>(raw, [owner](Source* s) {
-              delete s;
-              py::gil_scoped_acquire gil;
-              Py_DECREF(owner);
-            });
+            return holding_export(made.release(), std::move(exported));
           },
-          py::arg("buffer"), py::arg("mode") = "kernel",
-          "Track an existing writable, page-aligned buffer (e.g. an mmap.mmap); it is kept alive.")
+          py::arg("buffer"), py::arg("mode") = "kernel", py::arg("page_size") = system_page_size(),
+          "Track an existing writable, page-aligned buffer (an mmap.mmap, a numpy array over one); it stays "
+          "exported (it cannot be closed or resized) for as long as the Source lives.")
       .def_property_readonly("pages", &Source::pages)
+      .def_property_readonly("page_size", &Source::page_size)
       .def_property_readonly("nbytes", &Source::bytes)
       .def_property_readonly("address", [](const Source& s) { return reinterpret_cast<std::uintptr_t>(s.data()); })
       .def_property_readonly("memfd", &Source::memfd)
@@ -186,7 +137,10 @@ void register_source_class(py::module_& m) {
       .def_property_readonly("dirty", [](const Source& s) { return s.dirty(); }, "D: pages to (re)send.")
       .def_property_readonly("sent", [](const Source& s) { return s.sent(); }, "S: pages the destination holds.")
       .def_property_readonly("hinted", [](const Source& s) { return s.hinted(); }, "H: pages hinted free, unwritten since.")
-      .def_property_readonly("hints", &Source::hints, py::return_value_policy::reference_internal)
+      .def_property_readonly(
+          "balloon",
+          [](const std::shared_ptr<Source>& s) { return std::shared_ptr<balloon::Device>(s, &s->balloon()); },
+          "The source's balloon device (host side of free page hinting); it keeps the Source alive.")
       .def("sync", &Source::sync, py::call_guard<py::gil_scoped_release>(),
            "Fold writes since the last sync into D (clearing their H bits); returns the pages written.")
       .def(
@@ -197,6 +151,14 @@ void register_source_class(py::module_& m) {
           },
           py::arg("first_page"), py::arg("npages") = 1, "Explicit mode: record a write to the pages.")
       .def(
+          "mark_written_runs",
+          [](Source& s, const py::handle& runs) {
+            const auto v = to_ranges(runs, s.pages());
+            py::gil_scoped_release rel;
+            for (const auto& r : v) s.mark_written(r.first, r.npages);
+          },
+          py::arg("runs"), "Explicit mode: record writes to (first_page, npages) rows, in one call.")
+      .def(
           "switchover_sets",
           [](const Source& s) {
             SwitchoverSets sets;
@@ -204,9 +166,9 @@ void register_source_class(py::module_& m) {
               py::gil_scoped_release rel;
               sets = s.switchover_sets();
             }
-            return py::make_tuple(ranges_array(sets.discard), ranges_array(sets.local_fill));
+            return PySwitchoverSets{ranges_array(sets.discard), ranges_array(sets.local_fill)};
           },
-          "(discard, local_fill) as (n, 2) uint64 arrays of (first page, npages): D&S and H&~D&~S.")
+          "With the guest stopped and a final sync done: the discard set (D&S) and the local-fill set (H&~D&~S).")
       .def(
           "take_stale_sent",
           [](Source& s) {
@@ -278,129 +240,17 @@ void register_source_class(py::module_& m) {
           "is_zero",
           [](const Source& s, py::ssize_t p) {
             const std::size_t i = check_page(s.pages(), p);
-            return is_zero(s.data() + i * page_size(), page_size());
+            return is_zero(s.data() + i * s.page_size(), s.page_size());
           },
           py::arg("page"), "True when the page is all zero bytes.")
-      .def(
-          "counters",
-          [](Source& s) {
-            const SyncCounters sc = s.sync_counters();
-            const ScannerCounters c = s.scanner().counters();
-            py::dict d;
-            d["syncs"] = sc.syncs;
-            d["pages_written"] = sc.pages_written;
-            d["requests"] = c.requests;
-            d["request_pages_served"] = c.request_pages_served;
-            d["request_pages_dropped"] = c.request_pages_dropped;
-            d["requests_invalid"] = c.requests_invalid;
-            d["background_pages"] = c.background_pages;
-            d["pages_put_back"] = c.pages_put_back;
-            d["scan_calls"] = s.tracker().scan_calls();
-            return d;
-          },
-          "Sync and scanner counters as a dict.");
-}
-
-void register_bench(py::module_& parent) {
-  py::module_ m = parent.def_submodule(
-      "_source_bench", "Raw baselines for bench/bench_source.py and C++ writer threads for tests. Takes raw "
-                       "addresses: for tests and benchmarks only.");
-  m.def(
-      "pagemap_scan_loop",
-      [](std::uintptr_t addr, std::size_t len, std::size_t vec_len) {
-        py::gil_scoped_release rel;
-        return bench::pagemap_scan_loop(reinterpret_cast<const void*>(addr), len, vec_len);
-      },
-      py::arg("address"), py::arg("nbytes"), py::arg("vec_len") = 1024);
-  m.def(
-      "pagemap_reset_chunks",
-      [](std::uintptr_t addr, std::size_t len, std::size_t chunk_pages) {
-        if (chunk_pages == 0) throw py::value_error("chunk_pages must be > 0");
-        py::gil_scoped_release rel;
-        return bench::pagemap_reset_chunks(reinterpret_cast<const void*>(addr), len, chunk_pages);
-      },
-      py::arg("address"), py::arg("nbytes"), py::arg("chunk_pages"));
-  m.def(
-      "read_bandwidth",
-      [](std::uintptr_t addr, std::size_t len) {
-        py::gil_scoped_release rel;
-        return bench::read_bandwidth(reinterpret_cast<const void*>(addr), len);
-      },
-      py::arg("address"), py::arg("nbytes"));
-  m.def(
-      "touch_pages",
-      [](std::uintptr_t addr, std::size_t npages, std::size_t stride, std::uint8_t value) {
-        if (stride == 0) throw py::value_error("stride must be > 0");
-        py::gil_scoped_release rel;
-        bench::touch_pages(reinterpret_cast<void*>(addr), npages, stride, value);
-      },
-      py::arg("address"), py::arg("npages"), py::arg("stride") = 1, py::arg("value") = 1);
-  m.def(
-      "count_zero_pages",
-      [](std::uintptr_t addr, std::size_t npages) {
-        py::gil_scoped_release rel;
-        return bench::count_zero_pages(reinterpret_cast<const void*>(addr), npages);
-      },
-      py::arg("address"), py::arg("npages"));
-  m.def(
-      "touch_pages_marked",
-      [](Source& src, std::size_t stride, std::uint8_t value) {
-        if (stride == 0) throw py::value_error("stride must be > 0");
-        py::gil_scoped_release rel;
-        auto* b = reinterpret_cast<volatile std::uint8_t*>(src.data());
-        for (std::size_t i = 0; i < src.pages(); i += stride) {
-          b[i * page_size()] = value;
-          src.mark_written(i, 1);
-        }
-      },
-      py::arg("source"), py::arg("stride") = 1, py::arg("value") = 1,
-      "The explicit-mode writer: touch_pages, marking each page written after the store.");
-  m.def("is_zero_impl", &is_zero_impl, "The zero-page detector in use: avx512, avx2 or scalar.");
-  m.def(
-      "hint_loop",
-      [](HintSink& sink, std::int64_t id, std::uint64_t first, std::uint64_t npages_per_hint, std::uint64_t count) {
-        const std::uint32_t cid = check_cmd_id(id);
-        if (npages_per_hint == 0 || first >= sink.pages() || npages_per_hint > sink.pages() - first)
-          throw py::value_error("hints must fit in the region");
-        py::gil_scoped_release rel;
-        std::uint64_t accepted = 0;
-        std::uint64_t page = first;
-        for (std::uint64_t k = 0; k < count; ++k) {
-          if (page + npages_per_hint > sink.pages()) page = first;  // wrap, no division per hint
-          accepted += sink.hint(cid, page, npages_per_hint) ? 1 : 0;
-          page += npages_per_hint;
-        }
-        return accepted;
-      },
-      py::arg("sink"), py::arg("cmd_id"), py::arg("first_page"), py::arg("npages_per_hint"), py::arg("count"),
-      "count hints of npages_per_hint pages cycling over [first_page, end); returns how many were accepted.");
-  m.def(
-      "write_pages_threads",
-      [](std::uintptr_t addr, const U64Array& pages, int nthreads, std::uint8_t value) {
-        if (nthreads <= 0) throw py::value_error("nthreads must be > 0");
-        if (pages.ndim() != 1) throw py::value_error("pages must be 1-d");
-        std::vector<std::uint64_t> list(pages.data(), pages.data() + pages.shape(0));
-        py::gil_scoped_release rel;
-        std::vector<std::thread> ts;
-        for (int t = 0; t < nthreads; ++t) {
-          ts.emplace_back([&, t] {
-            auto* base = reinterpret_cast<volatile std::uint8_t*>(addr);
-            for (std::size_t k = static_cast<std::size_t>(t); k < list.size(); k += static_cast<std::size_t>(nthreads))
-              base[list[k] * page_size() + (k % page_size())] = value;
-          });
-        }
-        for (auto& th : ts) th.join();
-      },
-      py::arg("address"), py::arg("pages"), py::arg("nthreads"), py::arg("value") = 1,
-      "C++ threads each store `value` into their share of `pages` (one byte per page).");
+      .def("counters", &Source::counters, "The sync, scanner and balloon counters.");
 }
 
 }  // namespace
 
 void register_source(py::module_& m) {
-  register_hint_sink(m);
+  register_counters(m);
   register_source_class(m);
-  register_bench(m);
 }
 
 }  // namespace livemig::py_bindings

@@ -1,6 +1,8 @@
-// Wire bindings: frame writer and reader over a socket fd (not owned: the Python socket object
-// keeps it), the in-memory decoder, CRC32C, and the benchmark support. Arguments are converted
-// with the GIL held; every call that touches the socket or many pages releases it.
+// Wire bindings: the protocol's numbers as enums (frame types, commands, ack kinds, channel kinds:
+// one C++ header each is their home), frame writer and reader over a socket fd (not owned: the
+// Python socket object keeps it), the in-memory decoder and CRC32C. Arguments are converted with the
+// GIL held; every call that touches the socket or many pages releases it, with any buffer it reads
+// or writes held exported meanwhile.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -11,13 +13,15 @@
 #include <string>
 #include <vector>
 
-#include "livemig/page_bitmap.hpp"
-#include "livemig/wire.hpp"
-#include "livemig/wire_bench.hpp"
-#include "livemig/wire_format.hpp"
+#include "livemig/bitmap/page_bitmap.hpp"
+#include "livemig/wire/stream.hpp"
+#include "livemig/wire/ack.hpp"
+#include "livemig/wire/channel.hpp"
+#include "livemig/wire/command.hpp"
+#include "livemig/wire/format.hpp"
+#include "livemig/wire/frame_type.hpp"
+#include "convert.hpp"
 #include "register.hpp"
-
-namespace py = pybind11;
 
 namespace livemig::py_bindings {
 namespace {
@@ -34,74 +38,24 @@ Direction parse_direction(const std::string& s) {
   throw py::value_error("direction must be 'to_destination' or 'to_source', got '" + s + "'");
 }
 
-const char* kind_name(FrameType t) {
-  switch (t) {
-    case FrameType::kPages: return "pages";
-    case FrameType::kZero: return "zero";
-    case FrameType::kDiscard: return "discard";
-    case FrameType::kLocalFill: return "local_fill";
-    case FrameType::kDeviceState: return "device_state";
-    case FrameType::kCommand: return "command";
-    case FrameType::kEnd: return "end";
-    case FrameType::kRequest: return "request";
-    case FrameType::kReceivedBitmap: return "received_bitmap";
-    case FrameType::kAck: return "ack";
-    case FrameType::kError: return "error";
-  }
-  return "unknown";
-}
-
-// (kind, first, count, value, ranges (k, 2) uint64, data bytes)
-py::tuple frame_tuple(const Frame& f) {
-  py::array_t<std::uint64_t> ranges({static_cast<py::ssize_t>(f.ranges.size()), py::ssize_t{2}});
-  auto r = ranges.mutable_unchecked<2>();
-  for (std::size_t i = 0; i < f.ranges.size(); ++i) {
-    r(static_cast<py::ssize_t>(i), 0) = f.ranges[i].first;
-    r(static_cast<py::ssize_t>(i), 1) = f.ranges[i].npages;
-  }
-  py::bytes data(reinterpret_cast<const char*>(f.data.data()), f.data.size());
-  return py::make_tuple(kind_name(f.type), f.first, f.count, f.value, ranges, data);
-}
-
-// A read-only byte view of any buffer.
-struct Bytes {
-  py::buffer_info info;
-  const std::uint8_t* data() const { return static_cast<const std::uint8_t*>(info.ptr); }
-  std::size_t size() const { return static_cast<std::size_t>(info.size * info.itemsize); }
+// A decoded frame as Python sees it.
+struct PyFrame {
+  FrameType type;
+  std::uint64_t first;
+  std::uint32_t count;
+  std::uint64_t value;
+  py::array_t<std::uint64_t> ranges;
+  py::bytes data;
 };
 
-Bytes bytes_of(const py::buffer& b) {
-  Bytes out{b.request()};
-  if (!PyBuffer_IsContiguous(reinterpret_cast<Py_buffer*>(out.info.view()), 'C'))
-    throw py::value_error("buffer must be C-contiguous");
-  return out;
+PyFrame to_py(const Frame& f) {
+  return PyFrame{f.type, f.first, f.count, f.value, ranges_array(f.ranges),
+                 py::bytes(reinterpret_cast<const char*>(f.data.data()), f.data.size())};
 }
 
-std::vector<Range> to_ranges(const py::object& obj) {
-  const auto arr = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
-  if (!arr) throw py::value_error("ranges must be a sequence of (first, npages) pairs");
-  if (arr.size() == 0) return {};
-  if (arr.ndim() != 2 || arr.shape(1) != 2) throw py::value_error("ranges must have shape (k, 2): (first, npages) pairs");
-  std::vector<Range> out(static_cast<std::size_t>(arr.shape(0)));
-  auto v = arr.unchecked<2>();
-  for (py::ssize_t i = 0; i < arr.shape(0); ++i) out[static_cast<std::size_t>(i)] = {v(i, 0), v(i, 1)};
-  return out;
-}
-
-py::dict stats_dict(const wire::WireStats& s) {
-  py::dict d;
-  d["frames"] = s.frames;
-  d["pages"] = s.pages;
-  d["zero_pages"] = s.zero_pages;
-  d["bytes"] = s.bytes;
-  d["syscalls"] = s.syscalls;
-  return d;
-}
-
-py::array_t<std::uint64_t> to_array(const std::vector<std::uint64_t>& v) {
-  py::array_t<std::uint64_t> out(static_cast<py::ssize_t>(v.size()));
-  if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(std::uint64_t));
-  return out;
+// Ranges for a DISCARD / LOCAL_FILL frame (the writer checks them against its region).
+std::vector<Range> frame_ranges(const py::handle& obj) {
+  return to_ranges(obj, ~std::uint64_t{0}, "ranges");
 }
 
 // Reader with its input and a CollectingHandler; keeps the attached region's buffer exported so
@@ -111,43 +65,96 @@ class PyFrameReader {
   PyFrameReader(int fd, const WireConfig& cfg, Direction dir)
       : cfg_(cfg), input_(fd, cfg.timeout_ms), reader_(input_, cfg, dir), handler_(cfg) {}
 
-  void attach_region(const py::buffer& region, std::shared_ptr<PageBitmap> received) {
-    auto info = std::make_unique<py::buffer_info>(region.request());
-    const auto n = static_cast<std::size_t>(info->size * info->itemsize);
-    if (info->readonly) throw py::value_error("region must be writable");
+  void attach_region(const py::handle& region, std::shared_ptr<PageBitmap> received) {
+    auto exported = std::make_unique<BufferExport>(region, BufferExport::Access::write, "region");
+    const std::size_t n = exported->size();
     if (n < cfg_.region_pages * cfg_.page_size)
       throw py::value_error("region of " + std::to_string(n) + " bytes is smaller than " +
                             std::to_string(cfg_.region_pages) + " pages of " + std::to_string(cfg_.page_size));
-    handler_.attach_region(static_cast<std::uint8_t*>(info->ptr), std::move(received));
-    region_ = std::move(info);
+    handler_.attach_region(exported->data(), std::move(received));
+    region_ = std::move(exported);
   }
   void detach_region() {
     handler_.detach_region();
     region_.reset();
   }
-  std::optional<py::tuple> next() {
+  std::optional<PyFrame> next() {
     std::optional<Frame> f;
     {
       py::gil_scoped_release rel;
       f = handler_.pump(reader_);
     }
     if (!f) return std::nullopt;
-    return frame_tuple(*f);
+    return to_py(*f);
   }
-  py::dict stats() const { return stats_dict(reader_.stats()); }
+  wire::WireStats stats() const { return reader_.stats(); }
 
  private:
   WireConfig cfg_;
   wire::FdInput input_;
   wire::FrameReader reader_;
   wire::CollectingHandler handler_;
-  std::unique_ptr<py::buffer_info> region_;
+  std::unique_ptr<BufferExport> region_;  // exported while frames may land in it
 };
+
+void register_enums(py::module_& m) {
+  py::enum_<FrameType>(m, "FrameType", "Frame types (docs/protocol.md, Frames).", py::arithmetic())
+      .value("PAGES", FrameType::kPages)
+      .value("ZERO", FrameType::kZero)
+      .value("DISCARD", FrameType::kDiscard)
+      .value("LOCAL_FILL", FrameType::kLocalFill)
+      .value("DEVICE_STATE", FrameType::kDeviceState)
+      .value("COMMAND", FrameType::kCommand)
+      .value("END", FrameType::kEnd)
+      .value("REQUEST", FrameType::kRequest)
+      .value("RECEIVED_BITMAP", FrameType::kReceivedBitmap)
+      .value("ACK", FrameType::kAck)
+      .value("ERROR", FrameType::kError);
+  py::enum_<wire::Command>(m, "Command", "Commands on the main channel.", py::arithmetic())
+      .value("SWITCHOVER", wire::Command::kSwitchover)
+      .value("POSTCOPY_START", wire::Command::kPostcopyStart)
+      .value("COMPLETE", wire::Command::kComplete)
+      .value("COMMITTED", wire::Command::kCommitted);
+  py::enum_<wire::AckKind>(m, "AckKind", "Acknowledgement kinds on the return path.", py::arithmetic())
+      .value("GUEST_RUNS", wire::AckKind::kGuestRuns)
+      .value("SWITCHOVER", wire::AckKind::kSwitchover);
+  py::enum_<wire::ChannelKind>(m, "ChannelKind", "What a channel's socket is for (its HELLO says).", py::arithmetic())
+      .value("MAIN", wire::ChannelKind::kMain)
+      .value("URGENT", wire::ChannelKind::kUrgent)
+      .value("PAGES", wire::ChannelKind::kPages)
+      .value("RESUME", wire::ChannelKind::kResume);
+  m.attr("WIRE_PROTOCOL_VERSION") = wire::kProtocolVersion;
+  m.attr("ACK_NEVER_RAN") = wire::kNeverRan;
+  m.attr("MAIN_CHANNEL") = wire::kMainChannel;
+  m.attr("URGENT_CHANNEL") = wire::kUrgentChannel;
+  m.attr("FIRST_EXTRA_CHANNEL") = wire::kFirstExtraChannel;
+}
+
+void register_frames(py::module_& m) {
+  py::class_<PyFrame>(m, "Frame", "One decoded frame.")
+      .def_readonly("type", &PyFrame::type)
+      .def_readonly("first", &PyFrame::first, "PAGES / ZERO / REQUEST: the first page.")
+      .def_readonly("count", &PyFrame::count, "Pages, ranges, or the ack kind.")
+      .def_readonly("value", &PyFrame::value, "LOCAL_FILL fill value, COMMAND number, ACK value.")
+      .def_readonly("ranges", &PyFrame::ranges, "DISCARD / LOCAL_FILL: (n, 2) array of (first_page, npages).")
+      .def_readonly("data", &PyFrame::data, "Page bytes, blob, command arguments, bitmap or error text.")
+      .def("__repr__", [](const PyFrame& f) {
+        return "Frame(" + wire::frame_type_name(static_cast<std::uint8_t>(f.type)) + ", first=" + std::to_string(f.first) +
+               ", count=" + std::to_string(f.count) + ", value=" + std::to_string(f.value) + ")";
+      });
+  py::class_<wire::WireStats>(m, "WireStats", "What one frame writer or reader moved.")
+      .def_readonly("frames", &wire::WireStats::frames)
+      .def_readonly("pages", &wire::WireStats::pages, "Pages carried by PAGES frames.")
+      .def_readonly("zero_pages", &wire::WireStats::zero_pages, "Pages carried by ZERO frames.")
+      .def_readonly("bytes", &wire::WireStats::bytes, "Bytes on the wire, headers included.")
+      .def_readonly("syscalls", &wire::WireStats::syscalls, "sendmsg / recvmsg calls.");
+}
 
 }  // namespace
 
 void register_wire(py::module_& m) {
-  m.attr("WIRE_PROTOCOL_VERSION") = wire::kProtocolVersion;
+  register_enums(m);
+  register_frames(m);
 
   py::class_<WireConfig>(m, "WireConfig", "Frame-level settings both ends agreed on, plus local limits.")
       .def(py::init([](std::size_t page_size, std::uint64_t region_pages, bool checksums, std::uint32_t frame_pages,
@@ -185,33 +192,29 @@ void register_wire(py::module_& m) {
       .def(py::init<int, const WireConfig&>(), py::arg("fd"), py::arg("config"))
       .def(
           "send_pages",
-          [](wire::FrameWriter& w, std::uint64_t first, const py::buffer& data, bool detect_zero) {
-            const Bytes b = bytes_of(data);
-            const std::size_t ps = w.config().page_size;
-            if (b.size() == 0 || b.size() % ps != 0)
-              throw py::value_error("data must be a non-empty whole number of " + std::to_string(ps) + "-byte pages");
+          [](wire::FrameWriter& w, std::uint64_t first, const py::handle& data, bool detect_zero) {
+            const BufferExport b(data, BufferExport::Access::read, "data");
+            const std::size_t n = b.pages(w.config().page_size);
             py::gil_scoped_release rel;
-            w.send_pages(first, b.size() / ps, b.data(), detect_zero);
+            w.send_pages(first, n, b.data(), detect_zero);
             w.flush();
           },
           py::arg("first"), py::arg("data"), py::arg("detect_zero") = false,
           "Sends the pages in `data` (page `first` at offset 0) and flushes.")
       .def(
           "send_urgent",
-          [](wire::FrameWriter& w, std::uint64_t first, const py::buffer& data) {
-            const Bytes b = bytes_of(data);
-            const std::size_t ps = w.config().page_size;
-            if (b.size() == 0 || b.size() % ps != 0)
-              throw py::value_error("data must be a non-empty whole number of " + std::to_string(ps) + "-byte pages");
+          [](wire::FrameWriter& w, std::uint64_t first, const py::handle& data) {
+            const BufferExport b(data, BufferExport::Access::read, "data");
+            const std::size_t n = b.pages(w.config().page_size);
             py::gil_scoped_release rel;
-            w.send_urgent_pages(first, b.size() / ps, b.data());
+            w.send_urgent_pages(first, n, b.data());
           },
           py::arg("first"), py::arg("data"), "Sends the pages ahead of every queued page frame, then flushes.")
       .def(
           "send_region",
-          [](wire::FrameWriter& w, const py::buffer& region, const py::object& runs, bool detect_zero) {
-            const Bytes b = bytes_of(region);
-            const std::vector<Range> rs = to_ranges(runs);
+          [](wire::FrameWriter& w, const py::handle& region, const py::handle& runs, bool detect_zero) {
+            const BufferExport b(region, BufferExport::Access::read, "region");
+            const std::vector<Range> rs = frame_ranges(runs);
             const std::size_t ps = w.config().page_size;
             for (const Range& r : rs)
               if (r.first > b.size() / ps || r.npages > b.size() / ps - r.first)
@@ -227,34 +230,34 @@ void register_wire(py::module_& m) {
            py::call_guard<py::gil_scoped_release>(), "Queues a run of zero pages (flush() sends it).")
       .def(
           "send_discard",
-          [](wire::FrameWriter& w, const py::object& ranges) {
-            const auto rs = to_ranges(ranges);
+          [](wire::FrameWriter& w, const py::handle& ranges) {
+            const auto rs = frame_ranges(ranges);
             py::gil_scoped_release rel;
             w.send_discard(rs);
           },
           py::arg("ranges"))
       .def(
           "send_local_fill",
-          [](wire::FrameWriter& w, const py::object& ranges, std::uint32_t value) {
-            const auto rs = to_ranges(ranges);
+          [](wire::FrameWriter& w, const py::handle& ranges, std::uint32_t value) {
+            const auto rs = frame_ranges(ranges);
             py::gil_scoped_release rel;
             w.send_local_fill(rs, value);
           },
           py::arg("ranges"), py::arg("value"))
       .def(
           "send_device_state",
-          [](wire::FrameWriter& w, const py::buffer& blob) {
-            const Bytes b = bytes_of(blob);
+          [](wire::FrameWriter& w, const py::handle& blob) {
+            const BufferExport b(blob, BufferExport::Access::read, "blob");
             py::gil_scoped_release rel;
             w.send_device_state({b.data(), b.size()});
           },
           py::arg("blob"))
       .def(
           "send_command",
-          [](wire::FrameWriter& w, std::uint64_t cmd, const py::buffer& args) {
-            const Bytes b = bytes_of(args);
+          [](wire::FrameWriter& w, wire::Command cmd, const py::handle& args) {
+            const BufferExport b(args, BufferExport::Access::read, "args");
             py::gil_scoped_release rel;
-            w.send_command(static_cast<wire::Command>(cmd), {b.data(), b.size()});
+            w.send_command(cmd, {b.data(), b.size()});
           },
           py::arg("command"), py::arg("args") = py::bytes())
       .def("send_end", &wire::FrameWriter::send_end, py::call_guard<py::gil_scoped_release>())
@@ -262,8 +265,13 @@ void register_wire(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def("send_received_bitmap", &wire::FrameWriter::send_received_bitmap, py::arg("received"),
            py::call_guard<py::gil_scoped_release>())
-      .def("send_ack", &wire::FrameWriter::send_ack, py::arg("kind"), py::arg("value"),
-           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "send_ack",
+          [](wire::FrameWriter& w, wire::AckKind kind, std::uint64_t value) {
+            py::gil_scoped_release rel;
+            w.send_ack(static_cast<std::uint32_t>(kind), value);
+          },
+          py::arg("kind"), py::arg("value"))
       .def(
           "send_error",
           [](wire::FrameWriter& w, const std::string& msg) {
@@ -283,7 +291,7 @@ void register_wire(py::module_& m) {
             return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
           },
           "Memory writer: the bytes written so far.")
-      .def_property_readonly("stats", [](const wire::FrameWriter& w) { return stats_dict(w.stats()); });
+      .def_property_readonly("stats", [](const wire::FrameWriter& w) { return w.stats(); });
 
   py::class_<PyFrameReader>(m, "FrameReader",
                             "Reads and validates frames from a socket fd (not owned). One thread at a time.")
@@ -295,21 +303,22 @@ void register_wire(py::module_& m) {
            "Page frames go straight into `region` and set `received` (precopy); next() reads on past them.")
       .def("detach_region", &PyFrameReader::detach_region)
       .def("next", &PyFrameReader::next,
-           "Next kept frame as (kind, first, count, value, ranges, data), or None at a clean end of stream.")
+           "The next kept frame, or None at a clean end of stream.")
       .def_property_readonly("stats", &PyFrameReader::stats);
 
   m.def(
       "wire_decode",
-      [](const py::buffer& data, const WireConfig& cfg, const std::string& direction) {
-        const Bytes b = bytes_of(data);
+      [](const py::handle& data, const WireConfig& cfg, const std::string& direction) {
+        const BufferExport b(data, BufferExport::Access::read, "data");
         const Direction dir = parse_direction(direction);
         std::vector<Frame> frames;
         {
           py::gil_scoped_release rel;
           frames = wire::decode_frames({b.data(), b.size()}, cfg, dir);
         }
-        py::list out;
-        for (const Frame& f : frames) out.append(frame_tuple(f));
+        std::vector<PyFrame> out;
+        out.reserve(frames.size());
+        for (const Frame& f : frames) out.push_back(to_py(f));
         return out;
       },
       py::arg("data"), py::arg("config"), py::arg("direction"),
@@ -317,95 +326,13 @@ void register_wire(py::module_& m) {
 
   m.def(
       "crc32c",
-      [](const py::buffer& data) {
-        const Bytes b = bytes_of(data);
+      [](const py::handle& data) {
+        const BufferExport b(data, BufferExport::Access::read, "data");
         py::gil_scoped_release rel;
         return wire::crc32c(b.data(), b.size());
       },
       py::arg("data"), "CRC32C (Castagnoli) of a buffer.");
 
-  // Benchmark support: raw baselines and the same workloads through the wire classes.
-  m.def(
-      "wire_bench_raw_send",
-      [](int fd, const py::buffer& data, std::size_t chunk) {
-        const Bytes b = bytes_of(data);
-        py::gil_scoped_release rel;
-        return wire::bench::raw_send(fd, b.data(), b.size(), chunk);
-      },
-      py::arg("fd"), py::arg("data"), py::arg("chunk") = std::size_t{1} << 20);
-  m.def(
-      "wire_bench_raw_recv",
-      [](int fd, const py::buffer& data, std::size_t chunk) {
-        auto info = data.request();
-        if (info.readonly) throw py::value_error("buffer must be writable");
-        const auto n = static_cast<std::size_t>(info.size * info.itemsize);
-        py::gil_scoped_release rel;
-        return wire::bench::raw_recv(fd, static_cast<std::uint8_t*>(info.ptr), n, chunk);
-      },
-      py::arg("fd"), py::arg("data"), py::arg("chunk") = std::size_t{1} << 20);
-  auto raw_region = [](const std::optional<py::buffer>& region, std::size_t page_size,
-                       std::unique_ptr<py::buffer_info>& keep) {
-    wire::bench::RawRegion r;
-    if (!region) return r;
-    keep = std::make_unique<py::buffer_info>(region->request());
-    if (keep->readonly) throw py::value_error("region must be writable");
-    if (page_size == 0) throw py::value_error("page_size must be > 0");
-    r.base = static_cast<std::uint8_t*>(keep->ptr);
-    r.page_size = page_size;
-    r.pages = static_cast<std::size_t>(keep->size * keep->itemsize) / page_size;
-    if (r.pages == 0) throw py::value_error("region holds no page");
-    return r;
-  };
-  m.def(
-      "wire_bench_raw_pingpong_client",
-      [raw_region](int fd, std::size_t request, std::size_t reply, std::size_t iters,
-                   const std::optional<py::buffer>& region, std::size_t page_size, int reply_fd) {
-        std::unique_ptr<py::buffer_info> keep;
-        const auto r = raw_region(region, page_size, keep);
-        std::vector<std::uint64_t> v;
-        {
-          py::gil_scoped_release rel;
-          v = wire::bench::raw_pingpong_client(fd, request, reply, iters, r, reply_fd);
-        }
-        return to_array(v);
-      },
-      py::arg("fd"), py::arg("request"), py::arg("reply"), py::arg("iters"), py::arg("region") = py::none(),
-      py::arg("page_size") = 4096, py::arg("reply_fd") = -1);
-  m.def(
-      "wire_bench_raw_pingpong_server",
-      [raw_region](int fd, std::size_t request, std::size_t reply, const std::optional<py::buffer>& region,
-                   std::size_t page_size, int reply_fd) {
-        std::unique_ptr<py::buffer_info> keep;
-        const auto r = raw_region(region, page_size, keep);
-        py::gil_scoped_release rel;
-        return wire::bench::raw_pingpong_server(fd, request, reply, r, reply_fd);
-      },
-      py::arg("fd"), py::arg("request"), py::arg("reply"), py::arg("region") = py::none(),
-      py::arg("page_size") = 4096, py::arg("reply_fd") = -1);
-  m.def(
-      "wire_bench_request_client",
-      [](int ret_fd, int urgent_fd, const WireConfig& cfg, const py::buffer& region, std::size_t iters) {
-        auto info = region.request();
-        if (info.readonly) throw py::value_error("region must be writable");
-        if (static_cast<std::size_t>(info.size * info.itemsize) < cfg.region_pages * cfg.page_size)
-          throw py::value_error("region smaller than the config's region");
-        std::vector<std::uint64_t> v;
-        {
-          py::gil_scoped_release rel;
-          v = wire::bench::request_client(ret_fd, urgent_fd, cfg, static_cast<std::uint8_t*>(info.ptr), iters);
-        }
-        return to_array(v);
-      },
-      py::arg("ret_fd"), py::arg("urgent_fd"), py::arg("config"), py::arg("region"), py::arg("iters"));
-  m.def(
-      "wire_bench_request_server",
-      [](int ret_fd, int urgent_fd, const WireConfig& cfg, const py::buffer& region) {
-        const Bytes b = bytes_of(region);
-        if (b.size() < cfg.region_pages * cfg.page_size) throw py::value_error("region smaller than the config's region");
-        py::gil_scoped_release rel;
-        return wire::bench::request_server(ret_fd, urgent_fd, cfg, b.data());
-      },
-      py::arg("ret_fd"), py::arg("urgent_fd"), py::arg("config"), py::arg("region"));
 }
 
 }  // namespace livemig::py_bindings

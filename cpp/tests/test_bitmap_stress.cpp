@@ -9,7 +9,7 @@
 #include <thread>
 #include <vector>
 
-#include "livemig/page_bitmap.hpp"
+#include "livemig/bitmap/page_bitmap.hpp"
 #include "check.hpp"
 
 using livemig::PageBitmap;
@@ -196,13 +196,15 @@ void race_whole_ops() {
 
 }  // namespace
 
-int main() {
-  for (int rep = 0; rep < 3; ++rep) {
-    race_test_and_set();
-    race_range_set_harvest_merge();
-    race_dense_harvest_exactly_once();
-    race_whole_ops();
-  }
-  std::puts("test_bitmap_stress: ok");
-  return 0;
+template <void (*F)()>
+void thrice() {
+  for (int rep = 0; rep < 3; ++rep) F();
+}
+
+int main(int argc, char** argv) {
+  return livemig::test::run(argc, argv,
+                            {{"test_and_set", thrice<race_test_and_set>},
+                             {"range_set_harvest_merge", thrice<race_range_set_harvest_merge>},
+                             {"dense_harvest_exactly_once", thrice<race_dense_harvest_exactly_once>},
+                             {"whole_ops", thrice<race_whole_ops>}});
 }

@@ -11,9 +11,10 @@
 #include <thread>
 #include <vector>
 
-#include "livemig/dest_region.hpp"
-#include "livemig/errors.hpp"
+#include "livemig/dest/region.hpp"
+#include "livemig/base/errors.hpp"
 #include "check.hpp"
+#include "livemig/base/page_size.hpp"
 
 using livemig::DestRegion;
 using livemig::PageRange;
@@ -43,7 +44,7 @@ void serve(DestRegion& d, const std::vector<std::uint8_t>& ref, const std::atomi
 // Four threads place every page (single pages and runs, different data): each page lands once,
 // whole, and placed + dropped + EEXIST add up.
 void racing_placers() {
-  DestRegion d(kPages * livemig::page_size());
+  DestRegion d(kPages * livemig::system_page_size(), false, livemig::system_page_size());
   const std::size_t ps = d.page_bytes();
   d.start_postcopy();
   std::vector<std::vector<std::uint8_t>> data;
@@ -73,7 +74,7 @@ void racing_placers() {
 
 // Faulting threads, a request server, a background pusher and local fills at once.
 void faults_requests_and_fills() {
-  DestRegion d(kPages * livemig::page_size());
+  DestRegion d(kPages * livemig::system_page_size(), false, livemig::system_page_size());
   const std::size_t ps = d.page_bytes();
   const auto ref = make_ref(kPages, ps, 1);
   const PageRange fill{900, 124};
@@ -113,7 +114,7 @@ void faults_requests_and_fills() {
 // contract: discard never races placement of the same pages); then every page reads right and
 // the discarded pages come back through faults and requests.
 void discards_race_placement() {
-  DestRegion d(kPages * livemig::page_size());
+  DestRegion d(kPages * livemig::system_page_size(), false, livemig::system_page_size());
   const std::size_t ps = d.page_bytes();
   const std::size_t half = kPages / 2;
   const auto ref = make_ref(kPages, ps, 2);
@@ -150,15 +151,19 @@ void discards_race_placement() {
 
 }  // namespace
 
-int main() {
+// A case that needs userfaultfd: skipped, saying why, where the kernel or this process lacks it.
+template <void (*F)()>
+void needs_uffd() {
   try {
-    racing_placers();
-    faults_requests_and_fills();
-    discards_race_placement();
+    F();
   } catch (const livemig::UnsupportedError& e) {
-    std::printf("SKIP: userfaultfd unavailable: %s\n", e.what());
-    return 0;
+    livemig::test::skip(std::string("userfaultfd unavailable: ") + e.what());
   }
-  std::printf("ok\n");
-  return 0;
+}
+
+int main(int argc, char** argv) {
+  return livemig::test::run(argc, argv,
+                            {{"racing_placers", needs_uffd<racing_placers>},
+                             {"faults_requests_and_fills", needs_uffd<faults_requests_and_fills>},
+                             {"discards_race_placement", needs_uffd<discards_race_placement>}});
 }

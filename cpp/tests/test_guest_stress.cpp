@@ -13,8 +13,8 @@
 #include <thread>
 #include <vector>
 
-#include "livemig/fd.hpp"
-#include "livemig/guest.hpp"
+#include "livemig/base/fd.hpp"
+#include "livemig/guest/guest.hpp"
 #include "check.hpp"
 
 using namespace livemig::guest;
@@ -26,11 +26,9 @@ namespace {
 constexpr std::size_t kPage = 4096;
 constexpr std::size_t kPages = 512;
 
-bool bit(const std::vector<std::uint8_t>& bytes, std::size_t i) { return (bytes[i / 8] >> (i % 8)) & 1U; }
-
 // Checks of a paused guest: the page sets partition the region, every page the device accepted
 // since the last DONE is held, every allocated page verifies.
-void check_paused(Guest& g, const LocalBalloonDevice& dev) {
+void check_paused(Guest& g, const livemig::balloon::LocalDevice& dev) {
   const auto states = g.page_states();
   const auto st = g.stats();
   std::uint64_t alloc = 0, free_ = 0, held = 0;
@@ -41,9 +39,9 @@ void check_paused(Guest& g, const LocalBalloonDevice& dev) {
   }
   CHECK(alloc == st.allocated_pages && free_ == st.free_pages && held == st.pages_held);
   CHECK(alloc + free_ + held == kPages);
-  const auto hinted = dev.hinted_since_done();
+  const auto& hinted = dev.recorder().since_done();
   for (std::size_t p = 0; p < kPages; ++p)
-    if (bit(hinted, p)) CHECK(states[p] == static_cast<std::uint8_t>(PageState::Held));
+    if (hinted.test(p)) CHECK(states[p] == static_cast<std::uint8_t>(PageState::Held));
   const auto v = g.verify();
   if (v.mismatches != 0)
     std::fprintf(stderr, "page %llu: %s\n", static_cast<unsigned long long>(v.first[0].page), v.first[0].kind);
@@ -53,7 +51,7 @@ void check_paused(Guest& g, const LocalBalloonDevice& dev) {
 
 void stress_driver_and_writers() {
   auto region = livemig::Mapping::anonymous(kPages * kPage);
-  auto dev = std::make_shared<LocalBalloonDevice>(kPages);
+  auto dev = std::make_shared<livemig::balloon::LocalDevice>(kPages);
   GuestConfig cfg;
   cfg.workload = Workload::Random;
   cfg.rate = 100000;
@@ -119,12 +117,12 @@ void stress_driver_and_writers() {
   // DONE showing already: the driver acts on a change of id, so a second DONE is no new event.)
   dev->host_done();
   g.kick();
-  wait_for([&] { return g.stats().last_cmd_id == kCmdDone && g.stats().pages_held == 0; }, 30, "DONE seen");
+  wait_for([&] { return g.stats().last_cmd_id == livemig::balloon::kCmdDone && g.stats().pages_held == 0; }, 30, "DONE seen");
   g.pause();
   CHECK(g.stats().pages_held == 0);
   check_paused(g, *dev);
   const auto c = dev->counters();
-  CHECK(c.hints_unacked == 0 && c.hints_invalid == 0);
+  CHECK(c.hints_unacked == 0 && c.hints_dropped_invalid == 0);
   CHECK(g.stats().rounds > 0 && g.stats().pages_hinted > 0 && g.stats().allocations > 0);
   std::fprintf(stderr, "guest: %llu rounds, %llu hints, %llu dropped, %llu writes, %llu allocations\n",
                static_cast<unsigned long long>(g.stats().rounds), static_cast<unsigned long long>(c.hints_accepted),
@@ -140,7 +138,7 @@ void stress_driver_and_writers() {
   const auto state = g.export_state();
   auto region2 = livemig::Mapping::anonymous(kPages * kPage);
   std::memcpy(region2.data(), region.data(), kPages * kPage);
-  auto dev2 = std::make_shared<LocalBalloonDevice>(kPages);
+  auto dev2 = std::make_shared<livemig::balloon::LocalDevice>(kPages);
   Guest g2(region2.data(), region2.size(), state, dev2);
   CHECK(g2.stats().pages_held == g.stats().pages_held);
   check_paused(g2, *dev2);
@@ -163,7 +161,7 @@ void stress_increment() {
   cfg.workload = Workload::Increment;
   cfg.rate = 200000;
   cfg.free_fraction = 0.125;
-  auto dev = std::make_shared<LocalBalloonDevice>(kIncPages);
+  auto dev = std::make_shared<livemig::balloon::LocalDevice>(kIncPages);
   Guest g(region.data(), region.size(), cfg, dev);
   g.start();
   for (int i = 0; i < 40; ++i) {
@@ -180,42 +178,30 @@ void stress_increment() {
   CHECK(g.check_increment().ok);
 }
 
-// A device with the host HintSink's guest-side names, to check SinkPort adapts it.
-struct SinkShaped {
-  LocalBalloonDevice& d;
-  std::uint32_t cmd_id() const noexcept { return d.cmd_id(); }
-  bool guest_ack(std::uint32_t id) noexcept { return d.ack(id); }
-  bool hint(std::uint32_t id, std::uint64_t first, std::uint64_t n) noexcept { return d.hint(id, first, n); }
-  bool guest_stop(std::uint32_t id) noexcept {
-    d.stop(id);
-    return true;
-  }
-};
-
-void sink_port_round() {
+// One round between a guest and a device: the driver acknowledges, hints the free half, stops.
+void device_round() {
   constexpr std::size_t kN = 64;
   auto region = livemig::Mapping::anonymous(kN * kPage);
-  auto dev = std::make_shared<LocalBalloonDevice>(kN);
-  auto shaped = std::make_shared<SinkShaped>(SinkShaped{*dev});
+  auto dev = std::make_shared<livemig::balloon::LocalDevice>(kN);
   GuestConfig cfg;
   cfg.free_fraction = 0.5;
   cfg.poll_interval_us = 100;
-  Guest g(region.data(), region.size(), cfg, std::make_shared<SinkPort<SinkShaped>>(*shaped, shaped));
+  Guest g(region.data(), region.size(), cfg, dev);
   g.start();
   const auto id = dev->host_request_next();
-  wait_for([&] { return dev->counters().stops == 1; }, 30, "a round through SinkPort");
-  const auto acc = dev->accepted();
+  wait_for([&] { return dev->counters().stops == 1; }, 30, "a round");
+  const auto acc = dev->recorder().accepted();
   CHECK(acc.size() == 1 && acc[0].id == id && acc[0].first == 32 && acc[0].npages == 32);
   CHECK(g.stats().pages_held == 32);
+  CHECK(dev->counters().hints_unacked == 0);
   g.stop();
 }
 
 }  // namespace
 
-int main() {
-  sink_port_round();
-  stress_driver_and_writers();
-  stress_increment();
-  std::puts("test_guest_stress: ok");
-  return 0;
+int main(int argc, char** argv) {
+  return livemig::test::run(argc, argv,
+                            {{"device_round", device_round},
+                             {"driver_and_writers", stress_driver_and_writers},
+                             {"increment", stress_increment}});
 }

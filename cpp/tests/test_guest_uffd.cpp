@@ -18,10 +18,10 @@
 #include <thread>
 #include <vector>
 
-#include "livemig/errors.hpp"
-#include "livemig/fd.hpp"
-#include "livemig/guest.hpp"
-#include "livemig/userfaultfd.hpp"
+#include "livemig/base/errors.hpp"
+#include "livemig/base/fd.hpp"
+#include "livemig/guest/guest.hpp"
+#include "livemig/base/userfaultfd.hpp"
 #include "check.hpp"
 
 using namespace livemig::guest;
@@ -35,10 +35,10 @@ constexpr std::size_t kPages = 512;
 
 }  // namespace
 
-int main() {
+void migrate_with_faults() {
   // The source: a busy guest that hints half its free pool, then pauses for switchover.
   auto src = livemig::Mapping::anonymous(kPages * kPage);
-  auto dev = std::make_shared<LocalBalloonDevice>(kPages);
+  auto dev = std::make_shared<livemig::balloon::LocalDevice>(kPages);
   GuestConfig cfg;
   cfg.workload = Workload::Random;
   cfg.rate = 50000;
@@ -61,8 +61,7 @@ int main() {
   try {
     uffd = livemig::Userfaultfd::open(0, 0, /*nonblock=*/true);
   } catch (const livemig::UnsupportedError& e) {
-    std::printf("test_guest_uffd: skipped, userfaultfd unavailable: %s\n", e.what());
-    return 0;
+    livemig::test::skip(std::string("userfaultfd unavailable: ") + e.what());
   }
   auto dst = livemig::Mapping::anonymous(kPages * kPage);
   uffd.register_range(dst.data(), dst.size(), UFFDIO_REGISTER_MODE_MISSING);
@@ -112,7 +111,7 @@ int main() {
   });
 
   // The destination guest: its threads fault on missing pages as they go.
-  auto dev2 = std::make_shared<LocalBalloonDevice>(kPages);
+  auto dev2 = std::make_shared<livemig::balloon::LocalDevice>(kPages);
   Guest g2(dst.data(), dst.size(), state, dev2);
   dev2->host_done();  // the device state says DONE: the driver frees its held pages
   g2.start();
@@ -132,5 +131,8 @@ int main() {
               static_cast<unsigned long long>(held));
   g2.stop();
   g.stop();
-  return 0;
+}
+
+int main(int argc, char** argv) {
+  return livemig::test::run(argc, argv, {{"migrate_with_faults", migrate_with_faults}});
 }

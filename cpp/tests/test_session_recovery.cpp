@@ -17,11 +17,12 @@
 #include <vector>
 
 #include "check.hpp"
-#include "livemig/dest_region.hpp"
-#include "livemig/errors.hpp"
-#include "livemig/fd.hpp"
-#include "livemig/session.hpp"
-#include "livemig/source.hpp"
+#include "livemig/base/page_size.hpp"
+#include "livemig/dest/region.hpp"
+#include "livemig/base/errors.hpp"
+#include "livemig/base/fd.hpp"
+#include "livemig/session/session.hpp"
+#include "livemig/source/source.hpp"
 
 using namespace livemig;
 
@@ -57,17 +58,17 @@ void fill(std::uint8_t* p, std::size_t page, std::size_t ps) {
 
 }  // namespace
 
-int main() {
+void cut_and_resume() {
   constexpr std::size_t kPages = 8192;
-  const std::size_t ps = page_size();
-  auto source = std::make_shared<Source>(kPages, TrackMode::Explicit);
+  const std::size_t ps = system_page_size();
+  auto source = std::make_shared<Source>(kPages, TrackMode::Explicit, Backing::Anonymous, ps);
   for (std::size_t p = 0; p < kPages; ++p) fill(source->data() + p * ps, p, ps);
   wire::WireConfig cfg;
   cfg.page_size = ps;
   cfg.region_pages = kPages;
   cfg.timeout_ms = 20000;
 
-  auto region = std::make_shared<DestRegion>(kPages * ps);
+  auto region = std::make_shared<DestRegion>(kPages * ps, false, ps);
   auto conn1 = std::make_unique<Conn>(cfg);
   auto ss = std::make_unique<SourceSession>(source, conn1->src_main, std::vector<wire::FrameWriter*>{},
                                             &conn1->src_urgent, conn1->main_ch.a.get(), cfg);
@@ -80,13 +81,11 @@ int main() {
   try {
     conn1->src_main.send_command(wire::Command::kPostcopyStart);
   } catch (const UnsupportedError& e) {
-    std::printf("SKIP: %s\n", e.what());
-    return 0;
+    test::skip(e.what());
   }
   CHECK(next_of([&](double t) { return ds.wait_event(t); }, SessionEvent::Kind::Command).has_value());
   if (region->state() != DestRegion::State::postcopy) {
-    std::printf("SKIP: userfaultfd unavailable: %s\n", region->last_error().c_str());
-    return 0;
+    test::skip("userfaultfd unavailable: " + region->last_error());
   }
 
   // The guest touches every page from the top down (against the push's direction): many faults.
@@ -149,5 +148,6 @@ int main() {
   std::printf("test_session_recovery: ok (%zu received before the cut, %llu requeued, %llu dropped, push %s)\n",
               before, static_cast<unsigned long long>(bm->a), static_cast<unsigned long long>(c.duplicates),
               push_failed.load() ? "failed at the cut" : "ended before the cut");
-  return 0;
 }
+
+int main(int argc, char** argv) { return test::run(argc, argv, {{"cut_and_resume", cut_and_resume}}); }

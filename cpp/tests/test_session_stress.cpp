@@ -14,11 +14,12 @@
 #include <thread>
 #include <vector>
 
-#include "livemig/dest_region.hpp"
-#include "livemig/fd.hpp"
-#include "livemig/session.hpp"
-#include "livemig/source.hpp"
+#include "livemig/dest/region.hpp"
+#include "livemig/base/fd.hpp"
+#include "livemig/session/session.hpp"
+#include "livemig/source/source.hpp"
 #include "check.hpp"
+#include "livemig/base/page_size.hpp"
 
 using namespace livemig;
 
@@ -47,10 +48,10 @@ void fill(std::uint8_t* p, std::size_t page, std::uint64_t gen, std::size_t ps) 
 
 }  // namespace
 
-int main() {
+void precopy_then_postcopy() {
   constexpr std::size_t kPages = 4096;
-  const std::size_t ps = page_size();
-  auto source = std::make_shared<Source>(kPages, TrackMode::Explicit);
+  const std::size_t ps = system_page_size();
+  auto source = std::make_shared<Source>(kPages, TrackMode::Explicit, Backing::Anonymous, ps);
   for (std::size_t p = 0; p < kPages; ++p) fill(source->data() + p * ps, p, 0, ps);
   // Every tenth page stays zero: it travels as a ZERO frame.
   for (std::size_t p = 0; p < kPages; p += 10) std::memset(source->data() + p * ps, 0, ps);
@@ -61,7 +62,7 @@ int main() {
   cfg.region_pages = kPages;
   cfg.timeout_ms = 20000;
 
-  auto region = std::make_shared<DestRegion>(kPages * ps);
+  auto region = std::make_shared<DestRegion>(kPages * ps, false, ps);
   wire::FrameWriter src_main(main_ch.a.get(), cfg), src_urgent(urgent_ch.a.get(), cfg);
   wire::FrameWriter src_x1(extra1.a.get(), cfg), src_x2(extra2.a.get(), cfg);
   wire::FrameWriter dst_return(main_ch.b.get(), cfg);
@@ -132,5 +133,8 @@ int main() {
   std::printf("test_session_stress: ok (%llu discarded ranges, checksum %llu)\n",
               static_cast<unsigned long long>(sets.discard.size()),
               static_cast<unsigned long long>(checksum.load()));
-  return 0;
+}
+
+int main(int argc, char** argv) {
+  return livemig::test::run(argc, argv, {{"precopy_then_postcopy", precopy_then_postcopy}});
 }

@@ -1,7 +1,7 @@
 // Stress tests of the source's concurrent parts, run under ThreadSanitizer in CI:
-//  1. HintSink: guest threads ack rounds and hint (current and stale ids) while the host starts and
-//     stops rounds; no hint is accepted outside its round, and once host_stop() returns nothing more
-//     of the round lands.
+//  1. The balloon device over the source's hint sink: guest threads ack rounds and hint (current
+//     and stale ids) while the host starts and stops rounds; no hint is accepted outside its round,
+//     and once host_stop() returns nothing more of the round lands.
 //  2. PageScanner: sender threads take batches (some sends "fail" and are put back) while a
 //     request thread queues urgent requests and a writer re-dirties pages; at the end every page's
 //     last written version was delivered.
@@ -15,21 +15,23 @@
 #include <thread>
 #include <vector>
 
-#include "livemig/errors.hpp"
-#include "livemig/hint_sink.hpp"
-#include "livemig/page_scanner.hpp"
-#include "livemig/source.hpp"
+#include "livemig/base/errors.hpp"
+#include "livemig/source/hint_sink.hpp"
+#include "livemig/source/page_scanner.hpp"
+#include "livemig/source/source.hpp"
 #include "check.hpp"
+#include "livemig/base/page_size.hpp"
 
 using namespace livemig;
 
 namespace {
 
-void hint_sink_rounds() {
+void balloon_rounds() {
   constexpr std::size_t kPages = 1 << 16;
   constexpr int kGuests = 2, kRounds = 300;
   PageBitmap dirty(kPages, true), hinted(kPages);
-  HintSink sink(dirty, hinted, nullptr);
+  HintSink target(dirty, hinted, nullptr);
+  balloon::Device sink(kPages, target);
   std::atomic<bool> done{false};
   std::atomic<std::uint64_t> accepted_pages{0}, accepted_hints{0};
   std::vector<std::thread> guests;
@@ -38,7 +40,7 @@ void hint_sink_rounds() {
       std::mt19937_64 rng(static_cast<std::uint64_t>(g) + 1);
       while (!done.load(std::memory_order_acquire)) {
         const std::uint32_t id = sink.cmd_id();
-        if (sink.state() == BalloonState::Requested) sink.guest_ack(id);
+        if (sink.state() == balloon::State::Requested) sink.ack(id);
         const std::uint64_t first = rng() % kPages;
         const std::uint64_t n = 1 + rng() % std::min<std::uint64_t>(512, kPages - first);
         // A stale id (any other than the current one) never lands.
@@ -50,35 +52,36 @@ void hint_sink_rounds() {
           CHECK(hinted.test(first) && hinted.test(first + n - 1) && !dirty.test(first));
         }
         CHECK(!sink.hint(id, kPages, 1));  // outside the region
-        if (rng() % 64 == 0) sink.guest_stop(id);
+        if (rng() % 64 == 0) sink.stop(id);
         std::this_thread::yield();
       }
     });
   }
-  std::uint32_t id = kCmdFirst;
+  std::uint32_t id = balloon::kFirstRoundId;
   for (int r = 0; r < kRounds; ++r) {
     sink.host_request(id);
     CHECK(sink.cmd_id() == id);
-    for (int spin = 0; spin < 200 && sink.state() == BalloonState::Requested; ++spin) std::this_thread::yield();
+    for (int spin = 0; spin < 200 && sink.state() == balloon::State::Requested; ++spin) std::this_thread::yield();
     std::this_thread::yield();
     if (r % 2 == 0) sink.host_stop(); else sink.host_done();
     // Nothing of the round lands after the stop returned.
-    const HintCounters before = sink.counters();
+    const balloon::Counters before = sink.counters();
     for (int k = 0; k < 50; ++k) std::this_thread::yield();
-    const HintCounters after = sink.counters();
+    const balloon::Counters after = sink.counters();
     CHECK(before.hints_accepted == after.hints_accepted && before.pages_hinted == after.pages_hinted);
-    id = next_cmd_id(id);
+    id = balloon::next_round_id(id);
   }
   done.store(true, std::memory_order_release);
   for (auto& t : guests) t.join();
-  const HintCounters c = sink.counters();
+  const balloon::Counters c = sink.counters();
   CHECK(c.hints_accepted == accepted_hints.load());
   CHECK(c.pages_hinted == accepted_pages.load());
   CHECK(c.hints_dropped_invalid > 0);
   std::printf("hint sink: %llu hints accepted (%llu pages), %llu stale\n",
               static_cast<unsigned long long>(c.hints_accepted), static_cast<unsigned long long>(c.pages_hinted),
               static_cast<unsigned long long>(c.hints_dropped_stale));
-  CHECK(next_cmd_id(0xFFFFFFFFU) == 0x80000000U && next_cmd_id(0x80000000U) == 0x80000001U);
+  CHECK(balloon::next_round_id(0xFFFFFFFFU) == 0x80000000U && balloon::next_round_id(0x80000000U) == 0x80000001U);
+  CHECK(balloon::next_round_id(balloon::kCmdDone) == balloon::kFirstRoundId);
 }
 
 void scanner_senders_requests_writer() {
@@ -156,24 +159,23 @@ void kernel_tracking_with_writers() {
   constexpr std::size_t kPages = 4096;
   std::unique_ptr<Source> src;
   try {
-    src = std::make_unique<Source>(kPages, TrackMode::Kernel);
+    src = std::make_unique<Source>(kPages, TrackMode::Kernel, Backing::Anonymous, system_page_size());
   } catch (const UnsupportedError& e) {
-    std::printf("kernel tracking skipped: %s\n", e.what());
-    return;
+    test::skip(std::string("kernel dirty tracking unavailable: ") + e.what());
   }
   src->dirty()->reset();
   std::vector<std::atomic<bool>> written(kPages);
   std::atomic<int> running{2};
   // A guest balloon thread hints the upper half (which the writers never touch) while they write
   // the lower half and syncs run: hint resets of kernel tracking and harvests interleave freely.
-  HintSink& sink = src->hints();
-  sink.host_request(kCmdFirst);
-  CHECK(sink.guest_ack(kCmdFirst));
+  balloon::Device& sink = src->balloon();
+  sink.host_request(balloon::kFirstRoundId);
+  CHECK(sink.ack(balloon::kFirstRoundId));
   std::thread hinter([&] {
     std::mt19937 rng(5);
     while (running.load(std::memory_order_acquire) != 0) {
       const std::size_t first = kPages / 2 + rng() % (kPages / 2 - 64);
-      CHECK(sink.hint(kCmdFirst, first, 1 + rng() % 64));
+      CHECK(sink.hint(balloon::kFirstRoundId, first, 1 + rng() % 64));
     }
   });
   std::vector<std::thread> writers;
@@ -183,7 +185,7 @@ void kernel_tracking_with_writers() {
       for (int i = 0; i < 3000; ++i) {
         const std::size_t p = rng() % (kPages / 2);
         written[p].store(true, std::memory_order_relaxed);
-        reinterpret_cast<std::atomic<std::uint8_t>*>(src->data() + p * page_size())->fetch_add(1, std::memory_order_relaxed);
+        reinterpret_cast<std::atomic<std::uint8_t>*>(src->data() + p * system_page_size())->fetch_add(1, std::memory_order_relaxed);
       }
       running.fetch_sub(1, std::memory_order_release);
     });
@@ -202,10 +204,9 @@ void kernel_tracking_with_writers() {
 
 }  // namespace
 
-int main() {
-  hint_sink_rounds();
-  scanner_senders_requests_writer();
-  kernel_tracking_with_writers();
-  std::printf("ok\n");
-  return 0;
+int main(int argc, char** argv) {
+  return test::run(argc, argv,
+                   {{"balloon_rounds", balloon_rounds},
+                    {"scanner_senders_requests_writer", scanner_senders_requests_writer},
+                    {"kernel_tracking_with_writers", kernel_tracking_with_writers}});
 }

@@ -14,10 +14,10 @@
 #include <thread>
 #include <vector>
 
-#include "livemig/errors.hpp"
-#include "livemig/fd.hpp"
-#include "livemig/page_bitmap.hpp"
-#include "livemig/wire.hpp"
+#include "livemig/base/errors.hpp"
+#include "livemig/base/fd.hpp"
+#include "livemig/bitmap/page_bitmap.hpp"
+#include "livemig/wire/stream.hpp"
 #include "check.hpp"
 
 using namespace livemig;
@@ -242,12 +242,14 @@ void request_sender() {
 
 }  // namespace
 
-int main() {
-  shared_writer_full_duplex(false);
-  shared_writer_full_duplex(true);
-  staging_receiver();
-  close_mid_payload();
-  request_sender();
-  std::puts("test_wire_stress: ok");
-  return 0;
+void shared_writer_full_duplex_plain() { shared_writer_full_duplex(false); }
+void shared_writer_full_duplex_checksums() { shared_writer_full_duplex(true); }
+
+int main(int argc, char** argv) {
+  return livemig::test::run(argc, argv,
+                            {{"shared_writer_full_duplex", shared_writer_full_duplex_plain},
+                             {"shared_writer_full_duplex_checksums", shared_writer_full_duplex_checksums},
+                             {"staging_receiver", staging_receiver},
+                             {"close_mid_payload", close_mid_payload},
+                             {"request_sender", request_sender}});
 }

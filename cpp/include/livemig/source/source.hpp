@@ -1,0 +1,123 @@
+// Source: the source side of a migration for one memory region. Owns (or adopts) the region, its
+// dirty tracking, the page state bitmaps D (dirty), S (sent), H (hinted), the hint sink and the
+// page scanner (DESIGN.md rules 2 to 8).
+//
+// Writers (guest threads) write the region directly; sync() folds what they wrote into D and out of
+// H. Initially D is all ones (everything must be sent), S and H clear.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "livemig/source/dirty_tracker.hpp"
+#include "livemig/base/fd.hpp"
+#include "livemig/balloon/device.hpp"
+#include "livemig/source/hint_sink.hpp"
+#include "livemig/bitmap/page_bitmap.hpp"
+#include "livemig/base/page_range.hpp"
+#include "livemig/source/page_scanner.hpp"
+
+namespace livemig {
+
+enum class Backing : std::uint8_t { Anonymous = 0, Memfd = 1 };
+
+using RangeList = std::vector<PageRange>;
+
+struct SwitchoverSets {
+  RangeList discard;     // D and S: the destination drops these before its guest runs (rule 3)
+  RangeList local_fill;  // H, not D, not S: the destination may fill these locally (rule 4)
+};
+
+struct SyncCounters {
+  std::uint64_t syncs = 0;
+  std::uint64_t pages_written = 0;  // summed over syncs
+};
+
+/// Everything the source counts, read together (each counter atomically, not all at one instant).
+struct SourceCounters {
+  SyncCounters sync;
+  ScannerCounters scanner;
+  balloon::Counters balloon;
+  std::uint64_t scan_calls = 0;  // PAGEMAP_SCAN calls made by syncs
+};
+
+class Source {
+ public:
+  /// A new region of `npages` pages of `page_size` bytes (anonymous private or memfd shared memory,
+  /// THP off), tracked in `mode`. Throws UnsupportedError / KernelError from the tracker or the
+  /// mapping, UnsupportedError for a page size this build cannot track (check_page_size).
+  Source(std::size_t npages, TrackMode mode, Backing backing, std::size_t page_size);
+  /// Adopts `npages` pages at `base` (page aligned, mapped, outliving this object), tracked in `mode`.
+  Source(std::uint8_t* base, std::size_t npages, TrackMode mode, std::size_t page_size);
+  Source(const Source&) = delete;
+  Source& operator=(const Source&) = delete;
+
+  std::uint8_t* data() const noexcept { return base_; }
+  std::size_t pages() const noexcept { return npages_; }
+  std::size_t page_size() const noexcept { return ps_; }
+  std::size_t bytes() const noexcept { return npages_ * ps_; }
+  /// The memfd behind the region, or -1 (anonymous or adopted).
+  int memfd() const noexcept { return memfd_.get(); }
+  TrackMode mode() const noexcept { return tracker_.mode(); }
+
+  const std::shared_ptr<PageBitmap>& dirty() const noexcept { return dirty_; }
+  const std::shared_ptr<PageBitmap>& sent() const noexcept { return sent_; }
+  const std::shared_ptr<PageBitmap>& hinted() const noexcept { return hinted_; }
+  DirtyTracker& tracker() noexcept { return tracker_; }
+  /// The source's balloon device: the host side of free page hinting; accepted hints land in D and H.
+  balloon::Device& balloon() noexcept { return balloon_; }
+  PageScanner& scanner() noexcept { return scanner_; }
+
+  /// Explicit mode: the writer records a write to [first, first + n); any thread, lock-free.
+  /// Precondition: the range is inside the region (the bindings check).
+  void mark_written(std::size_t first, std::size_t n) noexcept { tracker_.mark_written(first, n); }
+  /// Folds every write since the last sync into D (and clears those pages' H bits); returns the
+  /// pages found written. Serialised internally. Throws KernelError (D keeps what it had).
+  std::size_t sync();
+  /// With the guest stopped and a final sync done: the discard and local-fill sets (rule 3, 4).
+  SwitchoverSets switchover_sets() const;
+  /// Ahead of switchover, guest running, after a sync: the pages sent and dirty again (D and S), as
+  /// runs, with S cleared for them: the caller has the destination drop them now, so that the
+  /// switchover's own discard set (rule 3) holds only what the guest writes after this call.
+  RangeList take_stale_sent() noexcept;
+  /// For a peer without local fill: makes hinted, unsent, clean pages dirty (D |= H & ~S) so the
+  /// background scan pushes them; returns how many.
+  std::size_t dirty_hinted_unsent() noexcept;
+  /// Recovery after a broken channel (DESIGN.md "Recovery"): `received` is the destination's R
+  /// (same size, else invalid_argument). Every page not received becomes dirty and unsent again,
+  /// except, when `local_fill`, pages the destination fills itself (H, not D, not S). Returns how
+  /// many pages were not received and are now queued again.
+  std::size_t resync_with_received(const PageBitmap& received, bool local_fill);
+  SyncCounters sync_counters() const noexcept;
+  /// The sync, scanner and balloon counters.
+  SourceCounters counters() const noexcept;
+
+ private:
+  struct Region {
+    Mapping mapping;
+    UniqueFd memfd;
+    std::uint8_t* base = nullptr;
+  };
+  static Region make_region(std::size_t npages, Backing backing, std::size_t page_size);
+  Source(Region region, std::size_t npages, TrackMode mode, std::size_t page_size);
+
+  Mapping mapping_;  // empty when adopted
+  UniqueFd memfd_;
+  std::uint8_t* base_;
+  std::size_t npages_;
+  std::size_t ps_;
+  std::shared_ptr<PageBitmap> dirty_, sent_, hinted_;
+  DirtyTracker tracker_;
+  HintSink hints_;
+  balloon::Device balloon_;
+  PageScanner scanner_;
+  std::mutex sync_mu_;
+  std::atomic<std::uint64_t> syncs_{0}, pages_written_{0};
+};
+
+}  // namespace livemig

@@ -1,0 +1,18 @@
+// Commands on the main channel (docs/protocol.md "Commands and acknowledgements"): the one home
+// of their numbers.
+#pragma once
+
+#include <cstdint>
+
+namespace livemig::wire {
+
+enum class Command : std::uint64_t {
+  kSwitchover = 1,     ///< a postcopy switchover follows; the destination answers AckKind::kSwitchover.
+  kPostcopyStart = 2,  ///< the destination guest may run; missing pages are requested.
+  kComplete = 3,       ///< every page was sent; the migration is done.
+  kCommitted = 4,      ///< precopy: the source saw the destination guest run and will not resume its own.
+};
+/// The largest command number of this protocol version.
+inline constexpr std::uint64_t kMaxCommand = 4;
+
+}  // namespace livemig::wire
