@@ -49,7 +49,7 @@ def test_find_next_walk(benchmark: Any, loaded: tuple[PageBitmap, np.ndarray, fl
     same words, which only finds the non-zero words: a generous baseline."""
     bm, words, _ = loaded
     base = median_seconds(lambda: np.flatnonzero(words))
-    assert benchmark(_core._bench_find_walk, bm) == int(np.bitwise_count(words).sum())
+    assert benchmark(_core._bench.bitmap_find_walk, bm) == int(np.bitwise_count(words).sum())
     record_ratio(benchmark, base, "np.flatnonzero(words)", bytes=words.nbytes)
 
 
@@ -107,7 +107,7 @@ def test_harvest(benchmark: Any, loaded: tuple[PageBitmap, np.ndarray, float]) -
     # One locked exchange per non-zero word (measured, same run): the floor of the 8-byte path; on
     # x86 outside TSan a dense harvest takes word pairs with one cmpxchg16b and can beat it.
     nonzero_words = int(np.count_nonzero(words))
-    raw_exchange = statistics.median(_core._bench_exchange_loop(nonzero_words) for _ in range(5))
+    raw_exchange = statistics.median(_core._bench.bitmap_exchange_loop(nonzero_words) for _ in range(5))
     record_ratio(
         benchmark, base, "np.copyto of the same words", bytes=words.nbytes,
         raw_exchange_loop_s=raw_exchange, nonzero_words=nonzero_words,
@@ -121,9 +121,9 @@ def test_test_and_set(benchmark: Any, threads: int) -> None:
     with plain (non-atomic) read-modify-writes on private words."""
     bm = PageBitmap(1 << 20)
     ops = 2_000_000
-    base = median_seconds(lambda: _core._bench_test_and_set(bm, threads, ops, plain=True), runs=5)
+    base = median_seconds(lambda: _core._bench.bitmap_test_and_set(bm, threads, ops, plain=True), runs=5)
     secs = benchmark.pedantic(
-        _core._bench_test_and_set, args=(bm, threads, ops), setup=bm.reset, rounds=5, iterations=1
+        _core._bench.bitmap_test_and_set, args=(bm, threads, ops), setup=bm.reset, rounds=5, iterations=1
     )
     assert secs > 0
     benchmark.extra_info["ops_per_s_total"] = threads * ops / secs

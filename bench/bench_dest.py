@@ -2,12 +2,12 @@
 round, so machine noise hits both alike) and reported as a ratio in benchmark.extra_info.
 
 - placement throughput, 1-page and 64-page calls: DestRegion.place (rule 1 checks, counters,
-  latency bookkeeping) against a plain UFFDIO_COPY loop (dest_bench.RawCopy). Goal: >= 0.9 of raw.
+  latency bookkeeping) against a plain UFFDIO_COPY loop (_core._bench.DestRawCopy). Goal: >= 0.9 of raw.
 - staged receive, 64-page runs: memcpy into a staging buffer then UFFDIO_COPY, against the same
   with UFFDIO_MOVE (the move leaves holes that the next fill must fault in again).
 - fault round trip (fault, event, placement, wake) p50/p99: the engine's fault thread with a
   loopback request sink, and with local fill, against a minimal poll/read/UFFDIO_COPY handler
-  (dest_bench.RawHandler). Goal: p50 within 1.5x of raw.
+  (_core._bench.DestRawHandler). Goal: p50 within 1.5x of raw.
 
 Warm memory: source buffers are written before timing; every round places into pages the previous
 round dropped, in the engine and the baseline alike (UFFDIO_COPY always allocates the page).
@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livemig._core import dest_bench
 from livemig.destination import Destination, postcopy_unsupported_reason
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -55,12 +54,12 @@ def _report(name: str, info: dict[str, Any]) -> None:
 @pytest.mark.parametrize("run_pages", [1, 64])
 def test_place_throughput_vs_raw_copy(benchmark: Any, src: np.ndarray, run_pages: int) -> None:
     benchmark.group = f"dest place {run_pages}-page calls"
-    raw = dest_bench.RawCopy(REGION)
+    raw = _core._bench.DestRawCopy(REGION)
     d = Destination(REGION)
     d.start_postcopy()
     # Warm-up round of each (page tables, allocator).
     raw.run(run_pages)
-    dest_bench.engine_place(d.region, src, run_pages)
+    _core._bench.dest_engine_place(d.region, src, run_pages)
     d.discard([(0, PAGES)])
     raw_s: list[float] = []
     eng_s: list[float] = []
@@ -70,7 +69,7 @@ def test_place_throughput_vs_raw_copy(benchmark: Any, src: np.ndarray, run_pages
         d.discard([(0, PAGES)])
 
     def target() -> None:
-        eng_s.append(dest_bench.engine_place(d.region, src, run_pages))
+        eng_s.append(_core._bench.dest_engine_place(d.region, src, run_pages))
 
     benchmark.pedantic(target, setup=setup, rounds=_rounds(benchmark, 11), iterations=1)
     # The work really happened: every page placed once, with the right bytes.
@@ -102,18 +101,18 @@ def test_staged_copy_vs_move(benchmark: Any, src: np.ndarray) -> None:
     dm.start_postcopy()
     if not dm.region.uffd_features & (1 << 16):
         pytest.skip("kernel lacks UFFD_FEATURE_MOVE (Linux 6.8)")
-    dest_bench.staged_place(dc.region, src, run, False)
-    dest_bench.staged_place(dm.region, src, run, True)
+    _core._bench.dest_staged_place(dc.region, src, run, False)
+    _core._bench.dest_staged_place(dm.region, src, run, True)
     copy_t: list[dict[str, float]] = []
     move_t: list[dict[str, float]] = []
 
     def setup() -> None:
         dc.discard([(0, PAGES)])
         dm.discard([(0, PAGES)])
-        move_t.append(dest_bench.staged_place(dm.region, src, run, True))
+        move_t.append(_core._bench.dest_staged_place(dm.region, src, run, True))
 
     def target() -> None:
-        copy_t.append(dest_bench.staged_place(dc.region, src, run, False))
+        copy_t.append(_core._bench.dest_staged_place(dc.region, src, run, False))
 
     benchmark.pedantic(target, setup=setup, rounds=_rounds(benchmark, 9), iterations=1)
     for d in (dc, dm):
@@ -148,7 +147,7 @@ def _pct(a: np.ndarray, q: float) -> float:
 @pytest.mark.parametrize("kind", ["request", "local_fill"])
 def test_fault_round_trip_vs_raw_handler(benchmark: Any, src: np.ndarray, kind: str) -> None:
     benchmark.group = f"dest fault round trip ({kind})"
-    raw = dest_bench.RawHandler(RT_PAGES * PAGE)
+    raw = _core._bench.DestRawHandler(RT_PAGES * PAGE)
     rt_src = src[: RT_PAGES * PAGE]
     raw.round_trips()  # warm-up
     raw_lat: list[np.ndarray] = []
@@ -159,11 +158,11 @@ def test_fault_round_trip_vs_raw_handler(benchmark: Any, src: np.ndarray, kind: 
         d = Destination(RT_PAGES * PAGE)
         if kind == "request":
             # Requests are served at once, on the fault thread.
-            dest_bench.attach_loopback(d.region, rt_src)
+            _core._bench.dest_attach_loopback(d.region, rt_src)
         else:
             d.set_local_fill([(0, RT_PAGES)], 0x5A5A5A5A)
         d.start_postcopy()
-        lat = dest_bench.touch_pages(d.region, RT_PAGES)
+        lat = _core._bench.dest_touch_pages(d.region, RT_PAGES)
         # The last placement marks received just after it woke the toucher: let it finish.
         deadline = time.monotonic() + 10
         while d.received.count() < RT_PAGES and time.monotonic() < deadline:

@@ -151,8 +151,8 @@ def run_throughput(benchmark, pair: Pair, src: np.ndarray, dst: np.ndarray, n_ch
         for (first, n), o, i in zip(parts, raw_out, raw_in):
             view_s = src[first * PAGE : (first + n) * PAGE]
             view_d = dst[first * PAGE : (first + n) * PAGE]
-            jobs.append(lambda o=o, v=view_s: _core.wire_bench_raw_send(o.fileno(), v, MIB))
-            jobs.append(lambda i=i, v=view_d: _core.wire_bench_raw_recv(i.fileno(), v, MIB))
+            jobs.append(lambda o=o, v=view_s: _core._bench.wire_raw_send(o.fileno(), v, MIB))
+            jobs.append(lambda i=i, v=view_d: _core._bench.wire_raw_recv(i.fileno(), v, MIB))
         raw_times.append(timed_parallel(jobs))
 
     def wire_round() -> None:
@@ -193,7 +193,7 @@ def run_throughput(benchmark, pair: Pair, src: np.ndarray, dst: np.ndarray, n_ch
         ratio_wire_over_raw=round(raw / wir, 3),
         raw_s=[round(x, 4) for x in raw_times],
         wire_s=[round(x, 4) for x in wire_times],
-        wire_syscalls_per_mib=round(sum(w.stats["syscalls"] for w in writers) / (len(wire_times) * REGION_BYTES / MIB), 2),
+        wire_syscalls_per_mib=round(sum(w.stats.syscalls for w in writers) / (len(wire_times) * REGION_BYTES / MIB), 2),
     )
 
 
@@ -233,14 +233,14 @@ def test_request_round_trip(benchmark, connection: Pair, src_region: np.ndarray,
         reply_out, reply_in = (outs[1].fileno(), ins[1].fileno()) if two else (-1, -1)
         kw = {"region": src_region} if region else {}
         t = threading.Thread(
-            target=_core.wire_bench_raw_pingpong_server,
+            target=_core._bench.wire_raw_pingpong_server,
             args=(ins[0].fileno(), 24, 24 + PAGE),
             kwargs={**kw, "reply_fd": reply_in},
         )
         t.start()
         kw = {"region": dst_region} if region else {}
         samples[name].append(
-            _core.wire_bench_raw_pingpong_client(outs[0].fileno(), 24, 24 + PAGE, iters, **kw, reply_fd=reply_out)
+            _core._bench.wire_raw_pingpong_client(outs[0].fileno(), 24, 24 + PAGE, iters, **kw, reply_fd=reply_out)
         )
         t.join()
         for x in outs + ins:
@@ -253,12 +253,12 @@ def test_request_round_trip(benchmark, connection: Pair, src_region: np.ndarray,
 
     def wire_batch() -> None:
         server = threading.Thread(
-            target=_core.wire_bench_request_server,
+            target=_core._bench.wire_request_server,
             args=(pair.src.main.fileno(), pair.src.urgent.fileno(), cfg, src_region),  # type: ignore[union-attr]
         )
         server.start()
         samples["wire"].append(
-            _core.wire_bench_request_client(
+            _core._bench.wire_request_client(
                 pair.dst.main.fileno(), pair.dst.urgent.fileno(), cfg, dst_region, iters  # type: ignore[union-attr]
             )
         )

@@ -2,6 +2,8 @@
 // and the destination's local one), its ids and states. Host-side calls wait for in-flight hints
 // and release the GIL; guest-side calls are lock-free (for tests: the model guest's driver is C++).
 #include <pybind11/numpy.h>
+#include <pybind11/operators.h>
+#include <pybind11/native_enum.h>
 #include <pybind11/pybind11.h>
 
 #include <memory>
@@ -17,11 +19,12 @@ void register_balloon(py::module_& m) {
   using balloon::Device;
   using balloon::LocalDevice;
 
-  py::enum_<balloon::State>(m, "BalloonState", "The free page hinting device's states.", py::arithmetic())
+  py::native_enum<balloon::State>(m, "BalloonState", "enum.IntEnum", "The free page hinting device's states.")
       .value("STOP", balloon::State::Stop)
       .value("REQUESTED", balloon::State::Requested)
       .value("START", balloon::State::Start)
-      .value("DONE", balloon::State::Done);
+      .value("DONE", balloon::State::Done)
+      .finalize();
   // Command ids: STOP and DONE are commands; round ids are 0x80000000 and up (balloon/protocol.hpp).
   m.attr("BALLOON_CMD_STOP") = balloon::kCmdStop;
   m.attr("BALLOON_CMD_DONE") = balloon::kCmdDone;
@@ -34,6 +37,7 @@ void register_balloon(py::module_& m) {
       "True for ids that name a round (0x80000000 and up).");
 
   py::class_<balloon::Counters>(m, "BalloonCounters", "What a balloon device saw.")
+      .def(py::self == py::self)
       .def_readonly("rounds", &balloon::Counters::rounds)
       .def_readonly("acks", &balloon::Counters::acks)
       .def_readonly("acks_stale", &balloon::Counters::acks_stale)
@@ -45,6 +49,9 @@ void register_balloon(py::module_& m) {
       .def_readonly("hints_dropped_invalid", &balloon::Counters::hints_dropped_invalid)
       .def_readonly("hints_failed", &balloon::Counters::hints_failed)
       .def_readonly("hints_unacked", &balloon::Counters::hints_unacked);
+
+  py::class_<balloon::HintTarget, std::shared_ptr<balloon::HintTarget>>(
+      m, "HintTarget", "Where a balloon device applies the hints it accepts (a source's page state).");
 
   py::class_<balloon::Port, std::shared_ptr<balloon::Port>>(
       m, "BalloonPort", "The guest's view of a balloon device (what a guest's driver talks to).");
@@ -61,6 +68,8 @@ void register_balloon(py::module_& m) {
            "The device shows DONE: the guest may reuse every page it hinted.")
       .def("continue_after", [](Device& d, std::int64_t id) { d.continue_after(check_cmd_id(id)); }, py::arg("cmd_id"),
            "Continues another device's id sequence: the next round follows cmd_id (0: none yet).")
+      .def("set_target", &Device::set_target, py::arg("target"), py::call_guard<py::gil_scoped_release>(),
+           "Route accepted hints to `target` (None: the device's own); stops a running round first.")
       .def_property_readonly("cmd_id", &Device::cmd_id, "The id the device shows.")
       .def_property_readonly("state", &Device::state)
       .def_property_readonly("last_round_id", &Device::last_round_id, "The last round id started (0: none).")

@@ -211,6 +211,14 @@ void register_bitmap(py::module_& m) {
           [](py::object self) { return words_view(self.cast<std::shared_ptr<PageBitmap>>(), self); },
           "A zero-copy, read-only uint64 view of the words (page i is bit i % 64 of word i // 64).")
       .def(
+          "set_runs",
+          [](PageBitmap& b, const py::handle& runs) {
+            const auto v = to_ranges(runs, b.size());
+            py::gil_scoped_release rel;
+            for (const auto& r : v) b.set_range(r.first, r.first + r.npages);
+          },
+          py::arg("runs"), "Set the pages of (first_page, npages) rows, in one call.")
+      .def(
           "to_bytes",
           [](const PageBitmap& b) {
             py::bytes out(nullptr, b.byte_size());

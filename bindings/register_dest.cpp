@@ -2,6 +2,7 @@
 // converted under the GIL, which is released for anything that places pages, touches memory, waits or
 // joins; a buffer handed in stays exported while the core uses it.
 #include <pybind11/numpy.h>
+#include <pybind11/operators.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -38,6 +39,7 @@ struct LatencySnapshot {
 
 void register_counters(py::module_& m) {
   py::class_<DestCounters>(m, "DestCounters", "The destination's counters, in pages unless named otherwise.")
+      .def(py::self == py::self)
       .def_readonly("faults", &DestCounters::faults, "Fault events read (one per faulting thread and page).")
       .def_readonly("requests", &DestCounters::requests, "Requests sent (one per run of adjacent pages).")
       .def_readonly("requested_pages", &DestCounters::requested_pages)

@@ -2,6 +2,7 @@
 // exported for the guest's life. Arguments are converted under the GIL; everything that waits for
 // guest threads or walks the region runs with the GIL released. Guest threads never touch Python.
 #include <pybind11/numpy.h>
+#include <pybind11/operators.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -65,6 +66,7 @@ Fill parse_fill(const std::string& f) {
 
 void register_guest(py::module_& m) {
   py::class_<GuestStats>(m, "GuestStats", "A guest's counters (carried across export/import).")
+      .def(py::self == py::self)
       .def_readonly("pages_written", &GuestStats::pages_written, "Workload and churn page writes.")
       .def_readonly("passes", &GuestStats::passes, "increment: completed passes.")
       .def_readonly("allocations", &GuestStats::allocations)

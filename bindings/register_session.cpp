@@ -1,5 +1,6 @@
 // Session bindings: construct under the GIL, release it for every pass and every wait. Events and
 // send statistics cross as bound classes with named read-only fields.
+#include <pybind11/native_enum.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -29,7 +30,7 @@ std::optional<SessionEvent> waited(const std::function<std::optional<SessionEven
 }
 
 void register_types(py::module_& m) {
-  py::enum_<Kind>(m, "EventKind", "What a session event is.")
+  py::native_enum<Kind>(m, "EventKind", "enum.IntEnum", "What a session event is.")
       .value("DEVICE_STATE", Kind::DeviceState)
       .value("COMMAND", Kind::Command)
       .value("END", Kind::End)
@@ -37,7 +38,8 @@ void register_types(py::module_& m) {
       .value("RECEIVED_BITMAP", Kind::ReceivedBitmap)
       .value("REPORT", Kind::Report)
       .value("PEER_ERROR", Kind::PeerError)
-      .value("FAILED", Kind::Failed);
+      .value("FAILED", Kind::Failed)
+      .finalize();
 
   py::class_<SessionEvent>(m, "SessionEvent", "Something the peer said (or a channel's failure) that the orchestrator acts on.")
       .def_readonly("kind", &SessionEvent::kind)

@@ -87,7 +87,6 @@ void register_counters(py::module_& m) {
   py::class_<SourceCounters>(m, "SourceCounters", "Everything the source counts.")
       .def_readonly("sync", &SourceCounters::sync)
       .def_readonly("scanner", &SourceCounters::scanner)
-      .def_readonly("balloon", &SourceCounters::balloon)
       .def_readonly("scan_calls", &SourceCounters::scan_calls, "PAGEMAP_SCAN calls made by syncs.");
 }
 
@@ -138,9 +137,12 @@ void register_source_class(py::module_& m) {
       .def_property_readonly("sent", [](const Source& s) { return s.sent(); }, "S: pages the destination holds.")
       .def_property_readonly("hinted", [](const Source& s) { return s.hinted(); }, "H: pages hinted free, unwritten since.")
       .def_property_readonly(
-          "balloon",
-          [](const std::shared_ptr<Source>& s) { return std::shared_ptr<balloon::Device>(s, &s->balloon()); },
-          "The source's balloon device (host side of free page hinting); it keeps the Source alive.")
+          "hint_target",
+          [](const std::shared_ptr<Source>& s) { return std::shared_ptr<balloon::HintTarget>(s, &s->hint_sink()); },
+          "Where a workload's balloon device sends accepted hints (BalloonDevice.set_target): D and H. "
+          "It keeps the Source alive.")
+      .def("stop_tracking", &Source::stop_tracking, py::call_guard<py::gil_scoped_release>(),
+           "End dirty tracking now: the memory is ordinary again (its write protection dropped).")
       .def("sync", &Source::sync, py::call_guard<py::gil_scoped_release>(),
            "Fold writes since the last sync into D (clearing their H bits); returns the pages written.")
       .def(

@@ -4,6 +4,8 @@
 // GIL held; every call that touches the socket or many pages releases it, with any buffer it reads
 // or writes held exported meanwhile.
 #include <pybind11/numpy.h>
+#include <pybind11/operators.h>
+#include <pybind11/native_enum.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -38,19 +40,25 @@ Direction parse_direction(const std::string& s) {
   throw py::value_error("direction must be 'to_destination' or 'to_source', got '" + s + "'");
 }
 
-// A decoded frame as Python sees it.
+// A decoded frame as Python sees it (also made by tests, as the frame they expect).
 struct PyFrame {
-  FrameType type;
-  std::uint64_t first;
-  std::uint32_t count;
-  std::uint64_t value;
-  py::array_t<std::uint64_t> ranges;
-  py::bytes data;
+  FrameType type = FrameType::kEnd;
+  std::uint64_t first = 0;
+  std::uint32_t count = 0;
+  std::uint64_t value = 0;
+  std::vector<Range> ranges;
+  std::string data;
+  bool operator==(const PyFrame& o) const {
+    if (type != o.type || first != o.first || count != o.count || value != o.value || data != o.data) return false;
+    if (ranges.size() != o.ranges.size()) return false;
+    for (std::size_t i = 0; i < ranges.size(); ++i)
+      if (ranges[i].first != o.ranges[i].first || ranges[i].npages != o.ranges[i].npages) return false;
+    return true;
+  }
 };
 
 PyFrame to_py(const Frame& f) {
-  return PyFrame{f.type, f.first, f.count, f.value, ranges_array(f.ranges),
-                 py::bytes(reinterpret_cast<const char*>(f.data.data()), f.data.size())};
+  return PyFrame{f.type, f.first, f.count, f.value, f.ranges, std::string(f.data.begin(), f.data.end())};
 }
 
 // Ranges for a DISCARD / LOCAL_FILL frame (the writer checks them against its region).
@@ -98,7 +106,7 @@ class PyFrameReader {
 };
 
 void register_enums(py::module_& m) {
-  py::enum_<FrameType>(m, "FrameType", "Frame types (docs/protocol.md, Frames).", py::arithmetic())
+  py::native_enum<FrameType>(m, "FrameType", "enum.IntEnum", "Frame types (docs/protocol.md, Frames).")
       .value("PAGES", FrameType::kPages)
       .value("ZERO", FrameType::kZero)
       .value("DISCARD", FrameType::kDiscard)
@@ -109,20 +117,24 @@ void register_enums(py::module_& m) {
       .value("REQUEST", FrameType::kRequest)
       .value("RECEIVED_BITMAP", FrameType::kReceivedBitmap)
       .value("ACK", FrameType::kAck)
-      .value("ERROR", FrameType::kError);
-  py::enum_<wire::Command>(m, "Command", "Commands on the main channel.", py::arithmetic())
+      .value("ERROR", FrameType::kError)
+      .finalize();
+  py::native_enum<wire::Command>(m, "Command", "enum.IntEnum", "Commands on the main channel.")
       .value("SWITCHOVER", wire::Command::kSwitchover)
       .value("POSTCOPY_START", wire::Command::kPostcopyStart)
       .value("COMPLETE", wire::Command::kComplete)
-      .value("COMMITTED", wire::Command::kCommitted);
-  py::enum_<wire::AckKind>(m, "AckKind", "Acknowledgement kinds on the return path.", py::arithmetic())
+      .value("COMMITTED", wire::Command::kCommitted)
+      .finalize();
+  py::native_enum<wire::AckKind>(m, "AckKind", "enum.IntEnum", "Acknowledgement kinds on the return path.")
       .value("GUEST_RUNS", wire::AckKind::kGuestRuns)
-      .value("SWITCHOVER", wire::AckKind::kSwitchover);
-  py::enum_<wire::ChannelKind>(m, "ChannelKind", "What a channel's socket is for (its HELLO says).", py::arithmetic())
+      .value("SWITCHOVER", wire::AckKind::kSwitchover)
+      .finalize();
+  py::native_enum<wire::ChannelKind>(m, "ChannelKind", "enum.IntEnum", "What a channel's socket is for (its HELLO says).")
       .value("MAIN", wire::ChannelKind::kMain)
       .value("URGENT", wire::ChannelKind::kUrgent)
       .value("PAGES", wire::ChannelKind::kPages)
-      .value("RESUME", wire::ChannelKind::kResume);
+      .value("RESUME", wire::ChannelKind::kResume)
+      .finalize();
   m.attr("WIRE_PROTOCOL_VERSION") = wire::kProtocolVersion;
   m.attr("ACK_NEVER_RAN") = wire::kNeverRan;
   m.attr("MAIN_CHANNEL") = wire::kMainChannel;
@@ -131,18 +143,28 @@ void register_enums(py::module_& m) {
 }
 
 void register_frames(py::module_& m) {
-  py::class_<PyFrame>(m, "Frame", "One decoded frame.")
+  py::class_<PyFrame>(m, "Frame", "One decoded frame (or one a test expects).")
+      .def(py::init([](FrameType type, std::uint64_t first, std::uint32_t count, std::uint64_t value,
+                       const py::handle& ranges, const py::bytes& data) {
+             return PyFrame{type, first, count, value, frame_ranges(ranges), std::string(data)};
+           }),
+           py::arg("type"), py::arg("first") = 0, py::arg("count") = 0, py::arg("value") = 0,
+           py::arg("ranges") = py::tuple(), py::arg("data") = py::bytes())
+      .def(py::self == py::self)
       .def_readonly("type", &PyFrame::type)
       .def_readonly("first", &PyFrame::first, "PAGES / ZERO / REQUEST: the first page.")
       .def_readonly("count", &PyFrame::count, "Pages, ranges, or the ack kind.")
       .def_readonly("value", &PyFrame::value, "LOCAL_FILL fill value, COMMAND number, ACK value.")
-      .def_readonly("ranges", &PyFrame::ranges, "DISCARD / LOCAL_FILL: (n, 2) array of (first_page, npages).")
-      .def_readonly("data", &PyFrame::data, "Page bytes, blob, command arguments, bitmap or error text.")
+      .def_property_readonly("ranges", [](const PyFrame& f) { return ranges_array(f.ranges); },
+                             "DISCARD / LOCAL_FILL: (n, 2) array of (first_page, npages).")
+      .def_property_readonly("data", [](const PyFrame& f) { return py::bytes(f.data); },
+                             "Page bytes, blob, command arguments, bitmap or error text.")
       .def("__repr__", [](const PyFrame& f) {
         return "Frame(" + wire::frame_type_name(static_cast<std::uint8_t>(f.type)) + ", first=" + std::to_string(f.first) +
                ", count=" + std::to_string(f.count) + ", value=" + std::to_string(f.value) + ")";
       });
   py::class_<wire::WireStats>(m, "WireStats", "What one frame writer or reader moved.")
+      .def(py::self == py::self)
       .def_readonly("frames", &wire::WireStats::frames)
       .def_readonly("pages", &wire::WireStats::pages, "Pages carried by PAGES frames.")
       .def_readonly("zero_pages", &wire::WireStats::zero_pages, "Pages carried by ZERO frames.")
@@ -254,10 +276,10 @@ void register_wire(py::module_& m) {
           py::arg("blob"))
       .def(
           "send_command",
-          [](wire::FrameWriter& w, wire::Command cmd, const py::handle& args) {
+          [](wire::FrameWriter& w, std::uint64_t cmd, const py::handle& args) {
             const BufferExport b(args, BufferExport::Access::read, "args");
             py::gil_scoped_release rel;
-            w.send_command(cmd, {b.data(), b.size()});
+            w.send_command(static_cast<wire::Command>(cmd), {b.data(), b.size()});
           },
           py::arg("command"), py::arg("args") = py::bytes())
       .def("send_end", &wire::FrameWriter::send_end, py::call_guard<py::gil_scoped_release>())
@@ -267,9 +289,9 @@ void register_wire(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def(
           "send_ack",
-          [](wire::FrameWriter& w, wire::AckKind kind, std::uint64_t value) {
+          [](wire::FrameWriter& w, std::uint32_t kind, std::uint64_t value) {
             py::gil_scoped_release rel;
-            w.send_ack(static_cast<std::uint32_t>(kind), value);
+            w.send_ack(kind, value);
           },
           py::arg("kind"), py::arg("value"))
       .def(

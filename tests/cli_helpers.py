@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import socket
 import subprocess
 import sys
 from collections.abc import Mapping
-
-from livemig import migration
 
 LIVEMIG = [sys.executable, "-m", "livemig"]
 
@@ -38,12 +35,3 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
-
-def _orchestration_ready() -> bool:
-    """migration.migrate and migration.serve no longer raise NotImplementedError."""
-    return all(
-        "raise NotImplementedError" not in inspect.getsource(f) for f in (migration.migrate, migration.serve)
-    )
-
-
-ORCHESTRATION_READY = _orchestration_ready()

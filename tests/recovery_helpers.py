@@ -130,8 +130,8 @@ def assert_cancelled_intact(out: Outcome, hinting_started: bool = True) -> None:
     """The source cancelled: its guest runs on, saw DONE (when a hint round had started), and
     its memory checks out; the destination failed (its guest never ran)."""
     assert out.error is not None, "migration completed"
-    g = out.error.source_guest
+    g = out.error.source_workload
     assert g is not None and g.running, out.error
     assert g.done_delivered == hinting_started and g.held_pages == 0, g
-    assert g.verify is not None and g.verify.mismatches == 0 and g.verify.pages_checked > 0, g
+    assert g.check is not None and g.check.ok and g.check.mismatches == 0 and g.check.pages_checked > 0, g
     assert not out.dest_ok, out.dest

@@ -11,9 +11,9 @@ from livemig.source import Backing, Source, TrackMode
 
 
 def make_source(pages: int, mode: TrackMode = "kernel", backing: Backing = "anonymous") -> Source:
-    """A Source, or a skip naming the kernel feature that is missing."""
+    """A Source over memory of its own, or a skip naming the kernel feature that is missing."""
     try:
-        return Source(pages, mode=mode, backing=backing)
+        return Source.allocate(pages, mode=mode, backing=backing)
     except UnsupportedError as e:
         pytest.skip(f"kernel lacks {e.feature}: {e}")
 
@@ -40,3 +40,10 @@ def runs_to_pages(runs: np.ndarray) -> list[int]:
     for first, n, _flags in runs:
         out.extend(range(int(first), int(first + n)))
     return out
+
+
+def device_for(src: Source) -> _core.LocalBalloonDevice:
+    """A balloon device whose accepted hints land in ``src``'s page state (as a workload's do)."""
+    dev = _core.LocalBalloonDevice(src.pages)
+    dev.set_target(src.hint_target)
+    return dev

@@ -257,7 +257,7 @@ KERNELS = ["scalar", "avx2", "avx512"]
 def _require(kernel: str) -> None:
     """Skips, saying why, when this CPU or build cannot run ``kernel`` (count_with would quietly
     run the scalar kernel instead, and the test would check that one twice)."""
-    if not _core._bitmap_kernel_available(kernel):
+    if not _core._bench.bitmap_kernel_available(kernel):
         pytest.skip(f"this CPU or build has no {kernel} count kernel (TSan builds run scalar only)")
 
 
@@ -287,8 +287,8 @@ def test_count_kernels_match_the_model_on_odd_ranges(
     start = data.draw(st.integers(0, size))
     end = data.draw(st.one_of(st.integers(start, min(size, start + 130)), st.integers(start, size)))
     expect = model.count(start, end)
-    assert _core._bitmap_count_with(bm, start, end, kernel) == expect
-    assert _core._bitmap_count_with(bm, start, end, "auto") == expect == bm.count(start, end)
+    assert _core._bench.bitmap_count_with(bm, start, end, kernel) == expect
+    assert _core._bench.bitmap_count_with(bm, start, end, "auto") == expect == bm.count(start, end)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -306,12 +306,12 @@ def test_count_kernels_on_every_alignment_of_a_dense_bitmap(kernel: str) -> None
     for start in (0, 1, 63, 64, 65, 511, 512, 513):
         for end in list(range(start, start + 200)) + list(range(size - 600, size + 1)):
             if start <= end <= size:
-                got = _core._bitmap_count_with(bm, start, end, kernel)
+                got = _core._bench.bitmap_count_with(bm, start, end, kernel)
                 assert got == prefix[end] - prefix[start], (start, end)
 
 
 def test_the_auto_kernel_is_one_this_cpu_runs() -> None:
-    assert _core._bitmap_kernel_available("scalar")
-    assert not _core._bitmap_kernel_available("auto")
+    assert _core._bench.bitmap_kernel_available("scalar")
+    assert not _core._bench.bitmap_kernel_available("auto")
     with pytest.raises(ValueError, match="unknown count kernel"):
-        _core._bitmap_count_with(PageBitmap(8), 0, 8, "sse9")
+        _core._bench.bitmap_count_with(PageBitmap(8), 0, 8, "sse9")

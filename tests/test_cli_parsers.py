@@ -123,7 +123,7 @@ def test_split_capabilities_matches_the_model(specs: list[tuple[cli.Side, str]])
      ("no-such-host.invalid:1", False)],
 )
 def test_is_loopback(address: str, loopback: bool) -> None:
-    assert cli.is_loopback(wire.parse_address(address)) is loopback
+    assert wire.is_loopback(wire.parse_address(address)) is loopback
 
 
 @given(st.recursive(

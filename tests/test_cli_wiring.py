@@ -24,9 +24,10 @@ class Recorder:
     error: BaseException | None = None
     calls: list[tuple[Any, ...]] = field(default_factory=list)
 
-    def migrate(self, address: str, region_bytes: int, guest: Any, config: migration.MigrationConfig,
+    def migrate(self, address: str, workload: Any, config: migration.MigrationConfig,
                 progress: migration.Progress | None = None, control: Any = None) -> migration.MigrationResult:
-        self.calls.append((address, region_bytes, guest, config))
+        region_bytes = workload.region.nbytes
+        self.calls.append((address, region_bytes, workload.guest.config, config))
         assert progress is not None
         progress.phase("precopy")
         progress.update(round=1, remaining_pages=10, total_pages=region_bytes // mmap.PAGESIZE, bandwidth_bps=1e9)

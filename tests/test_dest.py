@@ -1,7 +1,7 @@
 """Destination: userfaultfd placement, the fault thread, local fills, discard, counters.
 
 Real userfaultfd throughout. Anything that can block on a fault runs in a forked child with a
-deadline (dest_helpers.run_in_child); faulting is done by C++ threads (dest_bench.touch_threads)
+deadline (dest_helpers.run_in_child); faulting is done by C++ threads (_core._bench.dest_touch_threads)
 that block without the GIL, so Python threads can place pages meanwhile."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livemig import LivemigError, UnsupportedError
-from livemig._core import dest_bench
-from livemig.destination import DestCounters, Destination, LatencyStats
+from livemig import LivemigError, UnsupportedError, _core
+from livemig.destination import DestCounters, Destination, LatencyStats, bucket_upper_us
+from livemig.memory import Region
 
 from dest_helpers import PAGE, needs_uffd, run_in_child
 
@@ -50,7 +50,7 @@ def touch_async(d: Destination, rows: list[list[int]]) -> tuple[threading.Thread
     that receives the bytes read."""
     box: list[Any] = []
     t = threading.Thread(
-        target=lambda: box.append(dest_bench.touch_threads(d.region, np.array(rows, np.uint64)))
+        target=lambda: box.append(_core._bench.dest_touch_threads(d.region, np.array(rows, np.uint64)))
     )
     t.start()
     return t, box
@@ -91,7 +91,7 @@ def test_argument_errors() -> None:
         d.place(4, np.zeros(PAGE, np.uint8))
     with pytest.raises(IndexError):
         d.place(3, np.zeros(2 * PAGE, np.uint8))
-    with pytest.raises(ValueError, match="whole number of pages"):
+    with pytest.raises(ValueError, match="whole number of 4096-byte pages"):
         d.place(0, b"x" * 100)
     with pytest.raises(ValueError):
         d.discard([(-1, 2)])
@@ -106,7 +106,7 @@ def test_unregistrable_region_gives_documented_error(tmp_path: Path) -> None:
     f.write_bytes(b"\0" * (4 * PAGE))
     with f.open("r+b") as fh:
         mm = mmap.mmap(fh.fileno(), 4 * PAGE)
-    d = Destination.adopt(mm)
+    d = Destination.adopt(Region(mm))
     with pytest.raises(UnsupportedError, match="file-backed") as ei:
         d.start_postcopy()
     assert ei.value.feature == "register"
@@ -141,7 +141,7 @@ def _concurrent_faults_and_placer(seed: int, memfd: bool) -> dict[str, Any]:
 
     t = threading.Thread(target=placer)
     t.start()
-    got = dest_bench.touch_threads(d.region, touch)
+    got = _core._bench.dest_touch_threads(d.region, touch)
     done.set()
     t.join()
     assert np.array_equal(got, ref.reshape(n, PAGE)[touch.astype(np.int64), 0])
@@ -282,7 +282,7 @@ def _place_move() -> None:
     view = np.frombuffer(staging, np.uint8)
     for k in range(4):
         view[k * PAGE : (k + 1) * PAGE] = 0x40 + k
-    assert dest_bench.place_move(d.region, 0, staging) == 3  # page 1 was received: dropped
+    assert _core._bench.dest_place_move(d.region, 0, staging) == 3  # page 1 was received: dropped
     assert [int(d.array[p * PAGE]) for p in range(4)] == [0x40, 1, 0x42, 0x43]
     assert view[PAGE] == 0x41  # the dropped page stays in the staging buffer
     c = d.counters()
@@ -290,7 +290,7 @@ def _place_move() -> None:
     m = Destination(8 * PAGE, memfd=True)
     m.start_postcopy()
     with pytest.raises(UnsupportedError, match="anonymous"):
-        dest_bench.place_move(m.region, 0, staging)
+        _core._bench.dest_place_move(m.region, 0, staging)
     m.stop()
     d.stop()
 
@@ -308,7 +308,7 @@ def _local_fill(memfd: bool) -> None:
         d.set_local_fill([(0, 16), (40, 4)], value)
         d.start_postcopy()
         pages = list(range(16)) + [40, 41, 42, 43]
-        got = dest_bench.touch_threads(d.region, np.array([pages[:10], pages[10:]], np.uint64))
+        got = _core._bench.dest_touch_threads(d.region, np.array([pages[:10], pages[10:]], np.uint64))
         assert got[0][5] == 3
         for p in pages:
             if p != 5:
@@ -435,7 +435,7 @@ def test_counters_and_latency_types() -> None:
     assert isinstance(d.counters(), DestCounters) and d.counters().faults == 0
     lat = d.latency()
     assert isinstance(lat, LatencyStats) and lat.count == 0 and lat.p50_us == 0
-    assert LatencyStats.bucket_upper_us(0) == 1 and LatencyStats.bucket_upper_us(3) == 8
+    assert bucket_upper_us(0) == 1 and bucket_upper_us(3) == 8
 
 
 # ---- property test against a plain model ----

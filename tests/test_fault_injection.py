@@ -65,7 +65,7 @@ def check(out: Outcome) -> str:
     if out.error is None:
         assert_completed(out)
         return "completed"
-    g = out.error.source_guest
+    g = out.error.source_workload
     assert g is not None, out.error
     assert g.running, f"the source guest was left paused: {out.error}; destination: {out.dest}"
     # DONE reaches the guest once the balloon device exists (after the handshake).

@@ -10,17 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livemig.guest import (
-    CMD_DONE,
-    CMD_FIRST,
-    CMD_STOP,
-    PAGE_FREE,
-    PAGE_HELD,
-    Guest,
-    GuestConfig,
-    LocalBalloonDevice,
-    next_round_id,
-)
+from livemig.guest import PAGE_FREE, PAGE_HELD, Guest, GuestConfig, LocalBalloonDevice
+from livemig.protocol import BALLOON_CMD_DONE as CMD_DONE
+from livemig.protocol import BALLOON_CMD_STOP as CMD_STOP
+from livemig.protocol import BALLOON_FIRST_ROUND_ID as CMD_FIRST
+from livemig.protocol import BalloonState, next_round_id
 
 from guest_helpers import PAGE, wait_until
 
@@ -37,7 +31,7 @@ def make(pages: int, **kw: object) -> tuple[np.ndarray, LocalBalloonDevice, Gues
 
 
 def round_done(dev: LocalBalloonDevice, stops: int) -> None:
-    wait_until(lambda: dev.counters()["stops"] >= stops, what=f"guest STOP #{stops}")
+    wait_until(lambda: dev.counters().stops >= stops, what=f"guest STOP #{stops}")
 
 
 def test_round_ids() -> None:
@@ -55,11 +49,11 @@ def test_round_ids() -> None:
 
 def test_device_semantics_without_guest() -> None:
     dev = LocalBalloonDevice(100)
-    assert (dev.cmd_id, dev.state) == (CMD_STOP, "stop")
+    assert (dev.cmd_id, dev.state) == (CMD_STOP, BalloonState.STOP)
     a = dev.host_request_next()
     assert not dev.guest_hint(a, 0, 4)  # REQUESTED: not yet acknowledged
     assert not dev.guest_ack(a + 1)
-    assert dev.guest_ack(a) and dev.state == "start"
+    assert dev.guest_ack(a) and dev.state == BalloonState.START
     assert dev.guest_hint(a, 0, 4)
     assert not dev.guest_hint(a + 1, 4, 4)  # another id
     assert not dev.guest_hint(a, 98, 4)  # past the end
@@ -67,21 +61,21 @@ def test_device_semantics_without_guest() -> None:
     assert not dev.guest_hint(a, 10, 1)  # the old round's id
     assert dev.guest_ack(b) and dev.guest_hint(b, 10, 2)
     dev.guest_stop(b)
-    assert (dev.cmd_id, dev.state) == (CMD_STOP, "stop")
+    assert (dev.cmd_id, dev.state) == (b, BalloonState.STOP)  # the guest ended the round; the id stays
     assert not dev.guest_hint(b, 20, 1)
     assert dev.accepted().tolist() == [[a, 0, 4], [b, 10, 2]]
     c = dev.counters()
     assert (
-        c["hints_accepted"],
-        c["pages_hinted"],
-        c["hints_dropped_stale"],
-        c["hints_invalid"],
+        c.hints_accepted,
+        c.pages_hinted,
+        c.hints_dropped_stale,
+        c.hints_dropped_invalid,
     ) == (2, 6, 4, 1)
-    assert c["hints_unacked"] == 2  # a before its ack, and a + 1
-    assert dev.hinted_since_done(100).count() == 6
+    assert c.hints_unacked == 2  # a before its ack, and a + 1
+    assert dev.hinted_since_done().count() == 6
     dev.host_done()
-    assert (dev.cmd_id, dev.state) == (CMD_DONE, "done")
-    assert dev.hinted_since_done(100).count() == 0
+    assert (dev.cmd_id, dev.state) == (CMD_DONE, BalloonState.DONE)
+    assert dev.hinted_since_done().count() == 0
 
 
 def test_round_hints_free_pages_and_holds_them_until_done() -> None:
@@ -108,14 +102,14 @@ def test_round_hints_free_pages_and_holds_them_until_done() -> None:
         assert g.stats().rounds == 2 and g.stats().pages_held == 64
         assert dev.accepted().tolist() == [[a, 64, 64]]
         assert b == a + 1
-        # After its own STOP the device shows STOP, and the driver takes note of that too.
-        wait_until(lambda: g.stats().last_cmd_id == CMD_STOP, what="driver sees STOP")
+        # After the guest's own STOP the device keeps showing the round's id, in state STOP.
+        assert (dev.cmd_id, dev.state) == (b, BalloonState.STOP)
         dev.host_done()
         wait_until(lambda: g.stats().done_seen == 1, what="DONE seen")
         st = g.stats()
         assert (st.pages_held, st.free_pages, st.last_cmd_id) == (0, 64, CMD_DONE)
         assert list(g.page_states()[64:]) == [PAGE_FREE] * 64
-        assert dev.counters()["hints_unacked"] == 0
+        assert dev.counters().hints_unacked == 0
 
 
 def test_hints_are_runs_of_at_most_512_pages() -> None:
@@ -141,8 +135,8 @@ def test_only_the_current_id_is_used() -> None:
         round_done(dev, 1)
         assert dev.accepted()[:, 0].tolist() == [b]
         c = dev.counters()
-        assert (c["acks"], c["hints_unacked"], c["hints_dropped_stale"]) == (1, 0, 0)
-        wait_until(lambda: g.stats().last_cmd_id == CMD_STOP, what="driver sees STOP")
+        assert (c.acks, c.hints_unacked, c.hints_dropped_stale) == (1, 0, 0)
+        assert dev.state == BalloonState.STOP and g.stats().last_cmd_id == b  # the guest ended its round
         assert a != b
 
 
@@ -161,7 +155,7 @@ def test_ids_wrap() -> None:
         assert ids == [0xFFFFFFFF, 0x80000000, 0x80000001]
         assert g.stats().rounds == 4
         assert set(dev.accepted()[:, 0].tolist()) <= {0xFFFFFFFE, *ids}
-        assert dev.counters()["hints_unacked"] == 0
+        assert dev.counters().hints_unacked == 0
 
 
 def test_held_pages_are_not_written_until_done_then_reused() -> None:
@@ -173,7 +167,7 @@ def test_held_pages_are_not_written_until_done_then_reused() -> None:
         g.pause()
         held = np.flatnonzero(g.page_states() == PAGE_HELD)
         assert len(held) > 0
-        hinted = np.frombuffer(dev.hinted_since_done(64).to_bytes(), np.uint8)
+        hinted = np.frombuffer(dev.hinted_since_done().to_bytes(), np.uint8)
         assert np.array_equal(held, np.flatnonzero(np.unpackbits(hinted, bitorder="little")[:64]))
         gens0 = g.generations()[held].copy()
         alloc0 = g.stats().allocations
@@ -231,8 +225,9 @@ class DeviceModel:
         return ok
 
     def guest_stop(self, i: int) -> None:
+        # The guest ends its round: the state goes to STOP, the id it shows stays (as QEMU's does).
         if self.cmd == i and self.state == "start":
-            self.stop()
+            self.state = "stop"
 
 
 ops = st.lists(
@@ -274,5 +269,5 @@ def test_device_matches_model(seq: list[tuple[Any, ...]], start: int) -> None:
         else:
             dev.guest_stop(rel)
             model.guest_stop(rel)
-        assert (dev.cmd_id, dev.state) == (model.cmd, model.state)
+        assert (dev.cmd_id, dev.state.name.lower()) == (model.cmd, model.state)
     assert [tuple(r) for r in dev.accepted().tolist()] == model.accepted

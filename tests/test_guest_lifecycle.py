@@ -84,12 +84,12 @@ class GuestLifecycle(RuleBasedStateMachine):
         assert st.allocated_pages + st.free_pages + st.pages_held == PAGES
         assert int(np.count_nonzero(states == PAGE_HELD)) == st.pages_held
         hinted = np.unpackbits(
-            np.frombuffer(self.dev.hinted_since_done(PAGES).to_bytes(), np.uint8), bitorder="little"
+            np.frombuffer(self.dev.hinted_since_done().to_bytes(), np.uint8), bitorder="little"
         )[:PAGES]
         assert (states[hinted == 1] == PAGE_HELD).all()
         v = self.guest.verify()
         assert v.ok, v.first_mismatches
-        assert self.dev.counters()["hints_unacked"] == 0
+        assert self.dev.counters().hints_unacked == 0
         if was_running:
             self.guest.resume()
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from livemig.guest import PAGE_HELD, Guest, GuestConfig, LocalBalloonDevice
+from livemig.protocol import BalloonState
 
 from guest_helpers import PAGE, wait_until
 
@@ -31,7 +32,7 @@ def busy_guest(pages: int = 256) -> tuple[np.ndarray, LocalBalloonDevice, Guest]
     g = Guest(r, BUSY, dev)
     g.start()
     dev.host_request_next()
-    wait_until(lambda: dev.counters()["stops"] == 1, what="a hint round")
+    wait_until(lambda: dev.counters().stops == 1, what="a hint round")
     wait_until(lambda: g.stats().pages_written >= 500, what="500 writes")
     return r, dev, g
 
@@ -52,12 +53,12 @@ def test_pause_parks_every_thread() -> None:
         assert np.array_equal(r, snap)
         assert g.stats() == st
         assert np.array_equal(g.page_states(), states)
-        assert dev.state == "requested"
+        assert dev.state == BalloonState.REQUESTED
         assert not g.running
         g.resume()
         assert g.running
         wait_until(
-            lambda: dev.state in ("start", "stop") and dev.counters()["acks"] == 2, what="the ack"
+            lambda: dev.state in (BalloonState.START, BalloonState.STOP) and dev.counters().acks == 2, what="the ack"
         )
         wait_until(lambda: g.stats().pages_written > st.pages_written, what="writes after resume")
 

@@ -22,6 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from livemig import local, migration, wire
+from livemig.migration import device_state
+from livemig.protocol import Command, FrameType
 from livemig.errors import AuthenticationError, ConnectionLost, MigrationError, ProtocolError
 from livemig.guest import Guest, GuestConfig
 
@@ -289,7 +291,7 @@ def test_oversized_frames_on_every_channel_are_refused_and_the_listener_serves_o
             assert message in err, (channel, err)
             # The destination told us why on the return path, then closed.
             with pytest.raises((ProtocolError, ConnectionLost)) as told:
-                wire.expect(c.reader(), "end")
+                wire.expect(c.reader(), FrameType.END)
             assert isinstance(told.value, ConnectionLost) or message in str(told.value)
     listener.good_migration(postcopy=True)
 
@@ -373,7 +375,7 @@ def test_a_source_silent_after_the_handshake_times_out_and_the_listener_serves_o
         err = listener.failure()
         assert "the source was silent for 1.0 s" in err, err
         with pytest.raises(ProtocolError, match="the source was silent"):
-            wire.expect(c.reader(), "end")
+            wire.expect(c.reader(), FrameType.END)
     listener.good_migration()
 
 
@@ -383,13 +385,13 @@ def test_a_source_silent_in_postcopy_fails_the_destination_without_a_hang(listen
     pauses at its timeout, gives up when no resume comes by its resume deadline (its guest's
     blocked threads are woken, not waited for) and serves on."""
     state = Guest(np.zeros(REGION, np.uint8), GuestConfig(workload="increment")).export_state()
-    blob = migration.pack_device_state(state, {"cmd_id": 1, "last_round_id": None})
+    blob = device_state.pack(device_state.KindLine("model-guest", 1), {"cmd_id": 1, "last_round_id": None}, state)
     with _fake_source(listener.address, extra=0) as c:
         w = c.writer()
         w.send_device_state(blob)
-        w.send_command(wire.COMMAND_POSTCOPY_START)
-        first = wire.expect(c.reader(), "request", "ack")  # its guest runs (and faults) here
-        assert first.kind in ("request", "ack")
+        w.send_command(Command.POSTCOPY_START)
+        first = wire.expect(c.reader(), FrameType.REQUEST, FrameType.ACK)  # its guest runs (and faults) here
+        assert first.type in (FrameType.REQUEST, FrameType.ACK)
         err = listener.failure()
         assert "the source was silent for 1.0 s" in err, err
     listener.good_migration()

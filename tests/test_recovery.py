@@ -117,9 +117,9 @@ def test_destination_killed_in_postcopy_source_keeps_its_stale_guest_paused() ->
     out = run_through_relay(INCREMENT, config, rate_bps=SLOW_LINK, progress=make)
     assert out.error is not None, out.result
     assert "stale" in str(out.error) and "not resumed within 1.5 s" in str(out.error)
-    g = out.error.source_guest
+    g = out.error.source_workload
     assert g is not None and not g.running  # never resumed: the destination guest had run
-    assert g.verify is not None and g.verify.mismatches == 0  # its memory untouched all the same
+    assert g.check is not None and g.check.ok  # its memory untouched all the same
     assert (out.dest_kind, out.dest) == ("killed", -9)
 
 
@@ -150,7 +150,7 @@ def test_restarted_destination_refuses_the_resume_and_the_source_says_why() -> N
         assert out.error is not None, out.result
         text = str(out.error)
         assert "resume refused" in text and "no paused migration with session" in text and "stale" in text
-        assert out.error.source_guest is not None and not out.error.source_guest.running
+        assert out.error.source_workload is not None and not out.error.source_workload.running
         kind, why = q2.get(timeout=30)
         assert kind == "error" and "no paused migration" in why
     finally:
@@ -215,7 +215,7 @@ def test_break_during_switchover_before_the_guest_ran_cancels_cleanly() -> None:
     out = run_through_relay(INCREMENT, config, progress=make)
     assert_cancelled_intact(out)
     assert "never ran" in str(out.error)
-    assert isinstance(out.dest, str) and "before the guest ran here" in out.dest
+    assert isinstance(out.dest, str) and "before the workload ran here" in out.dest
 
 
 # ---- the CLI: migrate --manual-resume --control PATH, livemig resume PATH ----

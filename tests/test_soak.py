@@ -7,7 +7,8 @@ The soak test is deselected by default (``-m "not soak"`` in pyproject's addopts
 back-and-forth runs in the default run); run it with
 ``python -m pytest -m soak tests/test_soak.py -s``. ``LIVEMIG_SOAK_SECONDS`` sets how long
 (default 180). Each worker process serves or migrates on command; the guest that arrives is kept
-(``serve(keep_guest=...)``) and is the one sent back (``migrate(image=...)``). Every
+(``serve(keep=...)``, as a :class:`GuestImage`) and is the one sent back
+(``ModelGuest.from_image``). Every
 ``FRESH_EVERY`` migrations a fresh guest starts with the other workload.
 """
 
@@ -16,13 +17,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
 from livemig import migration, wire
 from livemig.guest import Guest, GuestConfig
+from livemig.workload.model import GuestImage, ModelGuest
 
 SECONDS = float(os.environ.get("LIVEMIG_SOAK_SECONDS", "180"))
 SIZE = 32 << 20
@@ -39,19 +41,20 @@ WORKLOADS: list[dict[str, Any]] = [
 def _worker(name: str, commands: Any, answers: Any) -> None:
     """Listens on loopback; on ("serve",) takes one migration and keeps its guest, on ("migrate",
     address, postcopy, fresh workload or None) sends the kept guest (or a fresh one) there."""
-    image: migration.GuestImage | None = None
+    image: GuestImage | None = None
     with wire.Listener("127.0.0.1:0") as listener:
         answers.put(("ready", name, str(listener.address)))
         while (cmd := commands.get())[0] != "stop":
             try:
                 if cmd[0] == "serve":
-                    kept: list[migration.GuestImage] = []
+                    kept: list[GuestImage] = []
                     config = migration.DestinationConfig(secret=SECRET, timeout=20.0)
-                    s = migration.serve(listener, config, wait=60.0, keep_guest=kept.append)
+                    s = migration.serve(listener, config, wait=60.0,
+                                        keep=lambda w: kept.append(w.image()))  # type: ignore[attr-defined]
                     image = kept[0] if kept else None
                     # The guest's own counters travel with it: they prove the same guest came back.
                     written = Guest.from_state(image.memory, image.state).stats().pages_written if image else -1
-                    answers.put(("served", name, {**asdict(s), "pages_written": written}))
+                    answers.put(("served", name, {**s.to_json(), "pages_written": written}))
                 else:
                     _, address, postcopy, fresh = cmd
                     if fresh is not None:
@@ -59,7 +62,11 @@ def _worker(name: str, commands: Any, answers: Any) -> None:
                     guest = GuestConfig(**(fresh or {}))
                     cfg = migration.MigrationConfig(postcopy=postcopy, hints=True, secret=SECRET, verify=True,
                                                     timeout=20.0)
-                    r = migration.migrate(address, SIZE, guest, cfg, image=image)
+                    w = ModelGuest.from_image(image) if image is not None else ModelGuest(SIZE, guest)
+                    try:
+                        r = migration.migrate(address, w, cfg)
+                    finally:
+                        w.stop()
                     image = None  # it runs on the other side now
                     answers.put(("migrated", name, r.to_json()))
             except Exception as e:  # reported to the test, which fails on it

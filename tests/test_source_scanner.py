@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from livemig import _core
 from livemig.source import RunFlag, Source
 
-from source_helpers import bits, make_source, runs_to_pages
+from source_helpers import bits, device_for, make_source, runs_to_pages
 
 PAGE = mmap.PAGESIZE
 pytestmark = pytest.mark.timeout(60)
@@ -26,11 +26,14 @@ CMD_STOP, CMD_DONE = 0, 1
 STOP, REQUESTED, START, DONE = 0, 1, 2, 3
 
 
-def _started(src: Source, cmd_id: int = ID) -> None:
-    src.hints.host_request(cmd_id)
-    assert src.hints.state == REQUESTED and src.hints.cmd_id == cmd_id
-    assert src.hints.guest_ack(cmd_id)
-    assert src.hints.state == START
+def _started(src: Source, cmd_id: int = ID) -> _core.LocalBalloonDevice:
+    """A balloon device into ``src`` with round ``cmd_id`` started and acknowledged."""
+    dev = device_for(src)
+    dev.host_request(cmd_id)
+    assert dev.state == REQUESTED and dev.cmd_id == cmd_id
+    assert dev.guest_ack(cmd_id)
+    assert dev.state == START
+    return dev
 
 
 def _snapshot(src: Source) -> tuple[bytes, bytes, bytes]:
@@ -38,57 +41,60 @@ def _snapshot(src: Source) -> tuple[bytes, bytes, bytes]:
 
 
 def test_round_ids_and_states() -> None:
-    assert _core.next_cmd_id(0xFFFFFFFF) == 0x80000000
-    assert _core.next_cmd_id(0x80000000) == 0x80000001
-    src = Source(16, mode="explicit")
-    h = src.hints
+    assert _core.balloon_next_round_id(0xFFFFFFFF) == 0x80000000
+    assert _core.balloon_next_round_id(0x80000000) == 0x80000001
+    src = Source.allocate(16, mode="explicit")
+    h = device_for(src)
     assert (h.state, h.cmd_id) == (STOP, CMD_STOP)
     with pytest.raises(ValueError):
         h.host_request(CMD_DONE)
     assert not h.guest_ack(ID)  # nothing requested
-    _started(src)
-    assert not h.guest_stop(ID + 1)
-    assert h.guest_stop(ID) and h.state == STOP
+    h.host_request(ID)
+    assert h.guest_ack(ID)
+    h.guest_stop(ID + 1)
+    assert h.state == START and h.counters().stops_stale == 1
+    h.guest_stop(ID)
+    assert h.state == STOP and h.counters().stops == 1
     h.host_done()
     assert (h.state, h.cmd_id) == (DONE, CMD_DONE)
 
 
 def test_stale_hints_change_nothing() -> None:
-    src = Source(256, mode="explicit")
+    src = Source.allocate(256, mode="explicit")
     src.dirty.clear_range(0, 128)
-    h = src.hints
+    h = device_for(src)
     before = _snapshot(src)
-    assert not h.hint(ID, 0, 10)  # no round yet
+    assert not h.guest_hint(ID, 0, 10)  # no round yet
     h.host_request(ID)
-    assert not h.hint(ID, 0, 10)  # REQUESTED, not acknowledged
+    assert not h.guest_hint(ID, 0, 10)  # REQUESTED, not acknowledged
     h.guest_ack(ID)
-    assert not h.hint(ID + 1, 0, 10)  # wrong id
-    assert not h.hint(CMD_STOP, 0, 10)
+    assert not h.guest_hint(ID + 1, 0, 10)  # wrong id
+    assert not h.guest_hint(CMD_STOP, 0, 10)
     h.host_stop()
-    assert not h.hint(ID, 0, 10)  # round over
-    assert not h.hint(ID, 250, 10)  # outside the region
+    assert not h.guest_hint(ID, 0, 10)  # round over
+    assert not h.guest_hint(ID, 250, 10)  # outside the region
     assert _snapshot(src) == before
-    c = src.counters()
+    c = h.counters()
     counts = (c.hints_accepted, c.pages_hinted, c.hints_dropped_stale, c.hints_dropped_invalid)
     assert counts == (0, 0, 5, 1)
 
 
 def test_accepted_hint_clears_dirty_sets_hinted() -> None:
-    src = Source(256, mode="explicit")
-    _started(src)
-    assert src.hints.hint(ID, 100, 50)
+    src = Source.allocate(256, mode="explicit")
+    dev = _started(src)
+    assert dev.guest_hint(ID, 100, 50)
     assert bits(src.dirty) == set(range(256)) - set(range(100, 150))
     assert bits(src.hinted) == set(range(100, 150))
-    c = src.counters()
+    c = dev.counters()
     assert (c.hints_accepted, c.pages_hinted) == (1, 50)
 
 
 def test_hinted_page_written_afterwards_is_sent() -> None:
     src = make_source(64)
     src.sync()
-    _started(src)
-    assert src.hints.hint(ID, 0, 64)
-    src.hints.host_stop()
+    dev = _started(src)
+    assert dev.guest_hint(ID, 0, 64)
+    dev.host_stop()
     src.memory[40 * PAGE] = 1
     assert src.sync() == 1
     runs = src.next_batch(64)
@@ -98,7 +104,7 @@ def test_hinted_page_written_afterwards_is_sent() -> None:
 
 
 def test_background_scan_sets_sent_and_clears_dirty_in_order() -> None:
-    src = Source(200, mode="explicit")
+    src = Source.allocate(200, mode="explicit")
     src.dirty.clear_range(50, 60)
     runs = src.next_batch(100)
     assert runs_to_pages(runs) == list(range(50)) + list(range(60, 110))
@@ -116,11 +122,11 @@ def test_background_scan_sets_sent_and_clears_dirty_in_order() -> None:
 
 
 def test_requests_served_or_dropped_by_rule_2() -> None:
-    src = Source(1024, mode="explicit")
+    src = Source.allocate(1024, mode="explicit")
     # Page 10 hinted (clean, unsent); pages 0..99 otherwise delivered by a first batch.
-    _started(src)
-    assert src.hints.hint(ID, 10, 1)
-    src.hints.host_stop()
+    dev = _started(src)
+    assert dev.guest_hint(ID, 10, 1)
+    dev.host_stop()
     taken = src.next_batch(99)
     assert 10 not in runs_to_pages(taken) and len(runs_to_pages(taken)) == 99
     assert src.request(10)  # hinted, unsent: served
@@ -135,7 +141,7 @@ def test_requests_served_or_dropped_by_rule_2() -> None:
         [30, 1, RunFlag.URGENT | RunFlag.DIRTY_TAKEN],
         [500, 1, RunFlag.URGENT | RunFlag.DIRTY_TAKEN | RunFlag.SENT_WAS_CLEAR],
     ]
-    c = src.counters()
+    c = src.counters().scanner
     counts = (c.requests, c.request_pages_served, c.request_pages_dropped, c.requests_invalid)
     assert counts == (4, 3, 1, 1)
     # Rule 6: the background scan continues just after the last requested page.
@@ -144,11 +150,11 @@ def test_requests_served_or_dropped_by_rule_2() -> None:
     # A second request for page 10, now delivered, is dropped; the scan still moves near it.
     src.request(10)
     assert runs_to_pages(src.next_batch(1)) == [100]
-    assert src.counters().request_pages_dropped == 2
+    assert src.counters().scanner.request_pages_dropped == 2
 
 
 def test_urgent_batch_respects_max_pages() -> None:
-    src = Source(64, mode="explicit")
+    src = Source.allocate(64, mode="explicit")
     src.request(0, 10)
     first = src.next_batch(4)
     assert runs_to_pages(first) == [0, 1, 2, 3]
@@ -159,10 +165,10 @@ def test_urgent_batch_respects_max_pages() -> None:
 
 
 def test_failed_send_puts_taken_bits_back() -> None:
-    src = Source(300, mode="explicit")
-    _started(src)
-    src.hints.hint(ID, 5, 3)
-    src.hints.host_stop()
+    src = Source.allocate(300, mode="explicit")
+    dev = _started(src)
+    dev.guest_hint(ID, 5, 3)
+    dev.host_stop()
     src.next_batch(40)  # pages 0..42 minus 5..7 delivered
     src.dirty.set_range(20, 25)  # sent and dirty again
     src.request(6)  # hinted, unsent
@@ -174,7 +180,7 @@ def test_failed_send_puts_taken_bits_back() -> None:
     assert _snapshot(src) == before
     src.send_failed(urgent)
     assert not src.sent.test(6) and not src.dirty.test(6)  # back to hinted, unsent
-    assert src.counters().pages_put_back == 101
+    assert src.counters().scanner.pages_put_back == 101
     with pytest.raises(IndexError):
         src.send_failed(np.array([[299, 2, 2]], dtype=np.uint64))
 
@@ -202,7 +208,7 @@ def test_switchover_sets_match_model(
 ) -> None:
     for start, n in blocks:  # long runs too, crossing words
         d |= set(range(start, min(300, start + n)))
-    src = Source(300, mode="explicit")
+    src = Source.allocate(300, mode="explicit")
     src.dirty.reset()
     for bm, which in ((src.dirty, d), (src.sent, s), (src.hinted, h)):
         for p in which:
@@ -219,7 +225,7 @@ def test_switchover_sets_match_model(
 def test_take_stale_sent_matches_model(d: set[int], s: set[int], h: set[int]) -> None:
     """Ahead of switchover: D&S comes back as runs and is marked unsent; the switchover's own
     discard set is then empty until the guest writes again."""
-    src = Source(300, mode="explicit")
+    src = Source.allocate(300, mode="explicit")
     src.dirty.reset()
     for bm, which in ((src.dirty, d), (src.sent, s), (src.hinted, h)):
         for p in which:
@@ -246,7 +252,7 @@ def test_scanner_matches_model(ops: list[tuple[str, int, object]]) -> None:
     """Every page taken had D or was requested, is S afterwards, and failed sends restore D and S
     exactly; requests obey rule 2 (plain Python model)."""
     n_pages = 200
-    src = Source(n_pages, mode="explicit")
+    src = Source.allocate(n_pages, mode="explicit")
     d, s = set(range(n_pages)), set()
     for op in ops:
         if op[0] == "dirty":
@@ -280,7 +286,7 @@ def test_scanner_matches_model(ops: list[tuple[str, int, object]]) -> None:
 def test_resync_with_received_matches_model(
     d: set[int], s: set[int], h: set[int], r: set[int], local_fill: bool
 ) -> None:
-    src = Source(300, mode="explicit")
+    src = Source.allocate(300, mode="explicit")
     src.dirty.reset()
     for bm, which in ((src.dirty, d), (src.sent, s), (src.hinted, h)):
         for p in which:
@@ -299,7 +305,7 @@ def test_resync_with_received_matches_model(
 
 @pytest.mark.timeout(20)
 def test_wait_for_request_wakes_on_request_and_on_wake() -> None:
-    src = Source(64, mode="explicit")
+    src = Source.allocate(64, mode="explicit")
     assert not src.wait_for_request(0.0)
     ready = threading.Event()
     results: list[bool] = []

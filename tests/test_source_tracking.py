@@ -15,9 +15,10 @@ import pytest
 
 from livemig import _core
 from livemig.errors import UnsupportedError
+from livemig.memory import Region
 from livemig.source import Source
 
-from source_helpers import bits, make_source
+from source_helpers import bits, device_for, make_source
 
 PAGE = mmap.PAGESIZE
 pytestmark = pytest.mark.timeout(60)
@@ -44,7 +45,7 @@ def test_python_numpy_and_cpp_writes_are_seen(backing: str) -> None:
     mem[100 * PAGE : 103 * PAGE] = 9  # numpy, three pages
     mem[500 * PAGE + 17] += 1
     cpp_pages = np.array([1000, 1001, 1500, 2047, 7], dtype=np.uint64)
-    _core._source_bench.write_pages_threads(src.address, cpp_pages, 3, 5)
+    _core._bench.source_write_pages_threads(src.address, cpp_pages, 3, 5)
 
     expected = {3, 10, 100, 101, 102, 500} | {int(p) for p in cpp_pages}
     assert src.sync() == len(expected)
@@ -55,13 +56,13 @@ def test_python_numpy_and_cpp_writes_are_seen(backing: str) -> None:
     view[3 * PAGE] = 8
     src.dirty.reset()
     assert src.sync() == 1 and bits(src.dirty) == {3}
-    assert src.counters().pages_written == len(expected) + 1
+    assert src.counters().sync.pages_written == len(expected) + 1
 
 
 def test_adopted_mmap_is_tracked() -> None:
-    buf = mmap.mmap(-1, 64 * PAGE)
+    buf = mmap.mmap(-1, 64 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
-        src = Source.adopt(buf)
+        src = Source(Region(buf))
     except UnsupportedError as e:
         pytest.skip(f"kernel lacks {e.feature}: {e}")
     _clean(src)
@@ -72,12 +73,14 @@ def test_adopted_mmap_is_tracked() -> None:
 
 
 def test_adopt_rejects_bad_buffers() -> None:
-    with pytest.raises(ValueError):
-        Source.adopt(mmap.mmap(-1, PAGE), mode="nonsense")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        Source.adopt(bytearray(PAGE + 1))  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        Source(0)
+    with pytest.raises(ValueError, match="tracking"):
+        Region(mmap.mmap(-1, PAGE), tracking="nonsense")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="multiple of the page size"):
+        Region(bytearray(PAGE + 1))
+    with pytest.raises(ValueError, match="read-only"):
+        Region(bytes(PAGE))
+    with pytest.raises(ValueError, match="pages must be > 0"):
+        Source.allocate(0)
 
 
 def test_many_scattered_writes_cross_the_output_vector() -> None:
@@ -97,7 +100,7 @@ def test_many_scattered_writes_cross_the_output_vector() -> None:
 
 
 def test_explicit_mode() -> None:
-    src = Source(256, mode="explicit")
+    src = Source.allocate(256, mode="explicit")
     _clean(src)
     src.memory[5 * PAGE] = 1  # not marked: explicit mode trusts the writer
     assert src.sync() == 0
@@ -110,20 +113,21 @@ def test_explicit_mode() -> None:
     # A hint forgets marks made before it (rule 5), in explicit mode too.
     src.dirty.reset()
     src.mark_written(10, 4)
-    src.hints.host_request(0x80000001)
-    assert src.hints.guest_ack(0x80000001)
-    assert src.hints.hint(0x80000001, 8, 8)
-    src.hints.host_stop()
+    dev = device_for(src)
+    dev.host_request(0x80000001)
+    assert dev.guest_ack(0x80000001)
+    assert dev.guest_hint(0x80000001, 8, 8)
+    dev.host_stop()
     assert src.sync() == 0 and src.dirty.count() == 0 and bits(src.hinted) == set(range(8, 16))
 
 
 def test_sync_clears_hinted_bits_of_written_pages() -> None:
     src = make_source(128)
     _clean(src)
-    h = src.hints
+    h = device_for(src)
     h.host_request(0x80000001)
     assert h.guest_ack(0x80000001)
-    assert h.hint(0x80000001, 10, 20)
+    assert h.guest_hint(0x80000001, 10, 20)
     src.memory[15 * PAGE] = 1
     h.host_stop()
     assert src.sync() == 1
@@ -138,10 +142,10 @@ def test_hint_resets_kernel_write_tracking_and_keeps_memory() -> None:
     _clean(src)
     mem = src.memory
     mem[8 * PAGE : 12 * PAGE] = 0xAB
-    h = src.hints
+    h = device_for(src)
     h.host_request(0x80000005)
     h.guest_ack(0x80000005)
-    assert h.hint(0x80000005, 8, 4)
+    assert h.guest_hint(0x80000005, 8, 4)
     h.host_stop()
     assert src.sync() == 0
     assert src.dirty.count() == 0 and bits(src.hinted) == {8, 9, 10, 11}
@@ -155,7 +159,7 @@ def test_zero_page_detection() -> None:
     mem[2 * PAGE] = 1  # first byte only
     mem[3 * PAGE + 1000] = 0x80
     assert [src.is_zero(p) for p in range(8)] == [True, False, False, False, True, True, True, True]
-    assert _core._source_bench.count_zero_pages(src.address, 8) == 5
+    assert _core._bench.source_count_zero_pages(src.address, 8) == 5
     with pytest.raises(IndexError):
         src.is_zero(8)
 
@@ -170,9 +174,9 @@ def test_zero_page_detection_every_offset() -> None:
     assert pages is not None
     for k in range(n):
         pages[k, k * 64 + (k * 7) % 64] = 1 << (k % 8)
-    assert _core._source_bench.count_zero_pages(pages.ctypes.data, n) == 0
+    assert _core._bench.source_count_zero_pages(pages.ctypes.data, n) == 0
     pages[:] = 0
-    assert _core._source_bench.count_zero_pages(pages.ctypes.data, n) == n
+    assert _core._bench.source_count_zero_pages(pages.ctypes.data, n) == n
 
 
 def test_writes_racing_syncs_are_never_lost() -> None:
@@ -191,7 +195,7 @@ def test_writes_racing_syncs_are_never_lost() -> None:
             mem[int(p) * PAGE + 1] = 1
 
     threads = [threading.Thread(target=py_writer, args=(pages,)) for pages in py_pages]
-    cpp_writer = _core._source_bench.write_pages_threads
+    cpp_writer = _core._bench.source_write_pages_threads
     threads.append(threading.Thread(target=cpp_writer, args=(src.address, cpp_pages, 2, 3)))
     for t in threads:
         t.start()

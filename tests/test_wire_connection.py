@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from livemig import _core, wire
+from livemig.protocol import AckKind, Command, FrameType
 from livemig.errors import AuthenticationError, ConnectionLost, ProtocolError
 from livemig.migration import DestinationConfig, MigrationConfig
 
@@ -138,13 +139,13 @@ def test_connect_negotiates_all_channels_and_moves_pages(transport: str, tmp_pat
         for ch in d.channels():
             r = d.reader(ch)
             r.attach_region(dst, received)
-            assert wire.read_frame(r) == wire.Frame("end")
+            assert wire.read_frame(r) == wire.Frame(FrameType.END)
         for t in threads:
             t.join()
         assert received.count() == NPAGES and np.array_equal(region, dst)
         # The return path is main's other direction.
         d.writer().send_request(5, 2)
-        assert wire.read_frame(s.reader()) == wire.Frame("request", 5, 2)
+        assert wire.read_frame(s.reader()) == wire.Frame(FrameType.REQUEST, 5, 2)
     server.close()
 
 
@@ -421,15 +422,15 @@ def _migrate_source(address: str, secret: bytes | None, region: np.ndarray) -> N
     with wire.connect(address, opts(secret=secret, capabilities=wire.Capabilities.all().without("urgent-channel"))) as c:
         w = c.writer()
         w.send_region(region, [(0, NPAGES)], detect_zero=True)
-        w.send_command(wire.COMMAND_SWITCHOVER)
+        w.send_command(Command.SWITCHOVER)
         w.send_device_state(b"state" * 50)
         w.send_discard([(3, 2)])
         w.send_local_fill([(10, 4)], 0xAB)
-        w.send_command(wire.COMMAND_COMPLETE)
+        w.send_command(Command.COMPLETE)
         w.send_end()
         # Wait for the destination's ack so the stream is read before we close.
-        f = wire.expect(c.reader(), "ack")
-        assert f == wire.Frame("ack", count=wire.COMMAND_COMPLETE, value=1)
+        f = wire.expect(c.reader(), FrameType.ACK)
+        assert f == wire.Frame(FrameType.ACK, count=AckKind.GUEST_RUNS, value=Command.COMPLETE)
 
 
 def _migrate_destination(listener: wire.Listener, secret: bytes | None) -> np.ndarray:
@@ -437,11 +438,13 @@ def _migrate_destination(listener: wire.Listener, secret: bytes | None) -> np.nd
         region = np.zeros(REGION, np.uint8)
         r = c.reader()
         r.attach_region(region, _core.PageBitmap(NPAGES))
-        kinds: list[str] = []
-        while not kinds or kinds[-1] != "end":  # a stream that stops before END is ConnectionLost
-            kinds.append(wire.expect(r, "command", "device_state", "discard", "local_fill", "end").kind)
-        assert kinds == ["command", "device_state", "discard", "local_fill", "command", "end"]
-        c.writer().send_ack(wire.COMMAND_COMPLETE, 1)
+        kinds: list[FrameType] = []
+        while not kinds or kinds[-1] != FrameType.END:  # a stream that stops before END is ConnectionLost
+            kinds.append(wire.expect(r, FrameType.COMMAND, FrameType.DEVICE_STATE, FrameType.DISCARD,
+                                     FrameType.LOCAL_FILL, FrameType.END).type)
+        assert kinds == [FrameType.COMMAND, FrameType.DEVICE_STATE, FrameType.DISCARD, FrameType.LOCAL_FILL,
+                         FrameType.COMMAND, FrameType.END]
+        c.writer().send_ack(AckKind.GUEST_RUNS, Command.COMPLETE)
         return region
 
 
@@ -535,8 +538,8 @@ def _child_source(address: str, q: Any) -> None:
                 t.start()
             for t in ts:
                 t.join()
-            r = c.reader()
-            q.put(("done", wire.read_frame(r)))
+            f = wire.read_frame(c.reader())
+            q.put(("done", None if f is None else (int(f.type), f.first, f.count, f.value)))
     except BaseException as e:
         q.put(("error", repr(e)))
 
@@ -567,7 +570,7 @@ def test_migration_between_processes_over_all_channels() -> None:
                 c.writer().send_ack(0, 77)
                 status, detail = q.get(timeout=30)
                 assert status == "done", detail
-                assert detail == wire.Frame("ack", 0, 0, 77)
+                assert detail == (int(FrameType.ACK), 0, 0, 77)
                 assert received.count() == NPAGES
                 assert np.array_equal(region, pattern(NPAGES, seed=11, zero_every=3))
         finally:

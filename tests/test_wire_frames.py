@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from livemig import _core, wire
+from livemig.protocol import Command, FrameType
 from livemig.errors import ConnectionLost, ProtocolError
 
 from wire_helpers import PAGE, config, crc32c_reference, pattern
@@ -46,55 +47,55 @@ def test_crc32c_three_way_path_matches_reference(n: int) -> None:
 # ---- round trips ----
 
 ALL_FRAMES = [
-    wire.Frame("pages", 3, 2, data=bytes(pattern(2, seed=1))),
-    wire.Frame("zero", 10, 5),
-    wire.Frame("discard", ranges=((1, 2), (40, 24))),
-    wire.Frame("local_fill", value=0xDEADBEEF, ranges=((0, 1), (63, 1))),
-    wire.Frame("device_state", data=b"\x00device\xffstate" * 100),
-    wire.Frame("device_state", data=b""),
-    wire.Frame("command", value=wire.COMMAND_SWITCHOVER),
-    wire.Frame("command", value=wire.COMMAND_POSTCOPY_START, data=b"args"),
-    wire.Frame("command", value=wire.COMMAND_COMPLETE),
-    wire.Frame("error", data=b"something broke"),
-    wire.Frame("end"),
+    wire.Frame(FrameType.PAGES, 3, 2, data=bytes(pattern(2, seed=1))),
+    wire.Frame(FrameType.ZERO, 10, 5),
+    wire.Frame(FrameType.DISCARD, ranges=((1, 2), (40, 24))),
+    wire.Frame(FrameType.LOCAL_FILL, value=0xDEADBEEF, ranges=((0, 1), (63, 1))),
+    wire.Frame(FrameType.DEVICE_STATE, data=b"\x00device\xffstate" * 100),
+    wire.Frame(FrameType.DEVICE_STATE, data=b""),
+    wire.Frame(FrameType.COMMAND, value=Command.SWITCHOVER),
+    wire.Frame(FrameType.COMMAND, value=Command.POSTCOPY_START, data=b"args"),
+    wire.Frame(FrameType.COMMAND, value=Command.COMPLETE),
+    wire.Frame(FrameType.ERROR, data=b"something broke"),
+    wire.Frame(FrameType.END),
 ]
 RETURN_FRAMES = [
-    wire.Frame("request", 7, 3),
-    wire.Frame("received_bitmap", data=bytes([0xFF] * 7 + [0x01])),  # 64 pages
-    wire.Frame("ack", count=1, value=42),
-    wire.Frame("ack", count=0, value=2**64 - 1),
-    wire.Frame("error", data="ünïcode".encode()),
-    wire.Frame("end"),
+    wire.Frame(FrameType.REQUEST, 7, 3),
+    wire.Frame(FrameType.RECEIVED_BITMAP, data=bytes([0xFF] * 7 + [0x01])),  # 64 pages
+    wire.Frame(FrameType.ACK, count=1, value=42),
+    wire.Frame(FrameType.ACK, count=0, value=2**64 - 1),
+    wire.Frame(FrameType.ERROR, data="ünïcode".encode()),
+    wire.Frame(FrameType.END),
 ]
 
 
 def write_frame(w: _core.FrameWriter, f: wire.Frame) -> None:
-    if f.kind == "pages":
+    if f.type == FrameType.PAGES:
         w.send_pages(f.first, f.data)
-    elif f.kind == "zero":
+    elif f.type == FrameType.ZERO:
         w.send_zero(f.first, f.count)
         w.flush()
-    elif f.kind == "discard":
+    elif f.type == FrameType.DISCARD:
         w.send_discard(list(f.ranges))
-    elif f.kind == "local_fill":
+    elif f.type == FrameType.LOCAL_FILL:
         w.send_local_fill(list(f.ranges), f.value)
-    elif f.kind == "device_state":
+    elif f.type == FrameType.DEVICE_STATE:
         w.send_device_state(f.data)
-    elif f.kind == "command":
+    elif f.type == FrameType.COMMAND:
         w.send_command(f.value, f.data)
-    elif f.kind == "end":
+    elif f.type == FrameType.END:
         w.send_end()
-    elif f.kind == "request":
+    elif f.type == FrameType.REQUEST:
         w.send_request(f.first, f.count)
-    elif f.kind == "received_bitmap":
+    elif f.type == FrameType.RECEIVED_BITMAP:
         bm = _core.PageBitmap.from_bytes(64, f.data)
         w.send_received_bitmap(bm)
-    elif f.kind == "ack":
+    elif f.type == FrameType.ACK:
         w.send_ack(f.count, f.value)
-    elif f.kind == "error":
+    elif f.type == FrameType.ERROR:
         w.send_error(f.data.decode())
     else:  # pragma: no cover
-        raise AssertionError(f.kind)
+        raise AssertionError(f.type)
 
 
 @pytest.mark.parametrize("checksums", [False, True])
@@ -133,13 +134,13 @@ ranges_st = st.lists(
     max_size=5,
 ).map(tuple)
 frame_st = st.one_of(
-    st.builds(lambda f, n, s: wire.Frame("pages", f, min(n, 64 - f), data=bytes(pattern(min(n, 64 - f), s))),
+    st.builds(lambda f, n, s: wire.Frame(FrameType.PAGES, f, min(n, 64 - f), data=bytes(pattern(min(n, 64 - f), s))),
               st.integers(0, 63), st.integers(1, 3), st.integers(0, 9)),
-    st.builds(lambda f, n: wire.Frame("zero", f, min(n, 64 - f)), st.integers(0, 63), st.integers(1, 64)),
-    st.builds(lambda r: wire.Frame("discard", ranges=r), ranges_st),
-    st.builds(lambda r, v: wire.Frame("local_fill", value=v, ranges=r), ranges_st, st.integers(0, 2**32 - 1)),
-    st.builds(lambda d: wire.Frame("device_state", data=d), st.binary(max_size=100)),
-    st.builds(lambda c, d: wire.Frame("command", value=c, data=d), st.integers(1, 3), st.binary(max_size=20)),
+    st.builds(lambda f, n: wire.Frame(FrameType.ZERO, f, min(n, 64 - f)), st.integers(0, 63), st.integers(1, 64)),
+    st.builds(lambda r: wire.Frame(FrameType.DISCARD, ranges=r), ranges_st),
+    st.builds(lambda r, v: wire.Frame(FrameType.LOCAL_FILL, value=v, ranges=r), ranges_st, st.integers(0, 2**32 - 1)),
+    st.builds(lambda d: wire.Frame(FrameType.DEVICE_STATE, data=d), st.binary(max_size=100)),
+    st.builds(lambda c, d: wire.Frame(FrameType.COMMAND, value=c, data=d), st.integers(1, 3), st.binary(max_size=20)),
 )
 
 
@@ -159,14 +160,14 @@ def test_large_runs_are_split_into_frames_and_zero_pages_detected() -> None:
     w = _core.FrameWriter(-1, cfg)
     w.send_pages(0, data, detect_zero=True)
     frames = wire.decode(w.take_bytes(), cfg)
-    assert all(f.count <= 64 for f in frames if f.kind == "pages")
-    assert sum(f.count for f in frames if f.kind == "zero") == 100
+    assert all(f.count <= 64 for f in frames if f.type == FrameType.PAGES)
+    assert sum(f.count for f in frames if f.type == FrameType.ZERO) == 100
     rebuilt = np.zeros_like(data)
     for f in frames:
-        if f.kind == "pages":
+        if f.type == FrameType.PAGES:
             rebuilt[f.first * PAGE : (f.first + f.count) * PAGE] = np.frombuffer(f.data, np.uint8)
     assert np.array_equal(rebuilt, data)
-    assert w.stats["pages"] == 900 and w.stats["zero_pages"] == 100
+    assert w.stats.pages == 900 and w.stats.zero_pages == 100
 
 
 def test_writer_refuses_caller_mistakes() -> None:
@@ -255,7 +256,7 @@ def test_peer_error_frame_is_delivered_not_raised() -> None:
     cfg = config()
     w = _core.FrameWriter(-1, cfg)
     w.send_error("disk on fire")
-    assert wire.decode(w.take_bytes(), cfg) == [wire.Frame("error", data=b"disk on fire")]
+    assert wire.decode(w.take_bytes(), cfg) == [wire.Frame(FrameType.ERROR, data=b"disk on fire")]
 
 
 # ---- fuzzing the decoder: anything at all gives frames or ProtocolError, never a crash ----
@@ -297,7 +298,7 @@ def test_fuzz_mutated_valid_streams(checksums: bool, flips: list[tuple[int, int]
     except ProtocolError:
         return
     for f in frames:  # whatever got through is within the limits
-        assert f.first + f.count <= 64 or f.kind == "ack"
+        assert f.first + f.count <= 64 or f.type == FrameType.ACK
         assert all(a + n <= 64 and n > 0 for a, n in f.ranges)
 
 
@@ -336,14 +337,14 @@ def test_precopy_receive_lands_in_the_region_and_marks_received(checksums: bool)
         t.start()
         r = _core.FrameReader(b.fileno(), cfg, "to_destination")
         r.attach_region(dst, received)
-        assert wire.read_frame(r) == wire.Frame("discard", ranges=((10, 5),))
-        assert wire.read_frame(r) == wire.Frame("end")
+        assert wire.read_frame(r) == wire.Frame(FrameType.DISCARD, ranges=((10, 5),))
+        assert wire.read_frame(r) == wire.Frame(FrameType.END)
         t.join()
         assert np.array_equal(src, dst)
         assert received.count() == n - 5 and not received.test(10) and received.test(15)
         st_ = r.stats
-        assert st_["pages"] + st_["zero_pages"] == n
-        assert w.stats["syscalls"] < w.stats["frames"] / 4  # batched: never a syscall per frame, let alone per page
+        assert st_.pages + st_.zero_pages == n
+        assert w.stats.syscalls < w.stats.frames / 4  # batched: never a syscall per frame, let alone per page
 
 
 def test_bad_crc_leaves_the_received_bit_clear() -> None:
@@ -440,7 +441,7 @@ def test_many_small_frames_across_batch_boundaries(checksums: bool) -> None:
     assert len(frames) == n
     rebuilt = np.zeros_like(data)
     for f in frames:
-        if f.kind == "pages":
+        if f.type == FrameType.PAGES:
             rebuilt[f.first * PAGE : (f.first + f.count) * PAGE] = np.frombuffer(f.data, np.uint8)
     assert np.array_equal(rebuilt, data)
 
@@ -457,7 +458,7 @@ def test_checksummed_pages_survive_a_flush_between_small_and_large_frames() -> N
     frames = wire.decode(w.take_bytes(), cfg)
     rebuilt = np.zeros_like(data)
     for f in frames:
-        if f.kind == "pages":
+        if f.type == FrameType.PAGES:
             rebuilt[f.first * PAGE : (f.first + f.count) * PAGE] = np.frombuffer(f.data, np.uint8)
     assert np.array_equal(rebuilt, data)
 
@@ -521,7 +522,7 @@ def test_urgent_pages_overtake_queued_bulk_frames(checksums: bool) -> None:
     page = bytes(pattern(1, 5))
     w.send_urgent(40, page)
     assert wire.decode(w.take_bytes(), cfg) == [
-        wire.Frame("pages", 40, 1, data=page),
-        wire.Frame("zero", 0, 3),
-        wire.Frame("zero", 10, 2),
+        wire.Frame(FrameType.PAGES, 40, 1, data=page),
+        wire.Frame(FrameType.ZERO, 0, 3),
+        wire.Frame(FrameType.ZERO, 10, 2),
     ]

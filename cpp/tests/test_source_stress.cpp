@@ -168,7 +168,9 @@ void kernel_tracking_with_writers() {
   std::atomic<int> running{2};
   // A guest balloon thread hints the upper half (which the writers never touch) while they write
   // the lower half and syncs run: hint resets of kernel tracking and harvests interleave freely.
-  balloon::Device& sink = src->balloon();
+  balloon::Recorder unused(kPages);
+  balloon::Device sink(kPages, unused);
+  sink.set_target(std::shared_ptr<balloon::HintTarget>(std::shared_ptr<void>(), &src->hint_sink()));
   sink.host_request(balloon::kFirstRoundId);
   CHECK(sink.ack(balloon::kFirstRoundId));
   std::thread hinter([&] {

@@ -14,9 +14,7 @@ GIL held, if it is a Python thread) until the page is placed by another thread o
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,6 +24,7 @@ import numpy.typing as npt
 from livemig import _core
 from livemig._core import PageBitmap
 from livemig.errors import UnsupportedError
+from livemig.memory import Region, system_page_size
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -36,42 +35,13 @@ Runs = npt.ArrayLike | Sequence[tuple[int, int]]
 State = Literal["precopy", "postcopy", "stopped"]
 
 
-@dataclass(frozen=True)
-class DestCounters:
-    """Destination counters, in pages unless named otherwise."""
-
-    faults: int  # fault events read (one per faulting thread and page)
-    requests: int  # requests sent to the sink (one per run of adjacent pages)
-    requested_pages: int  # pages in those requests
-    placed: int  # pages placed with data
-    zero: int  # pages placed as zero pages
-    local_fills: int  # faults resolved locally from the local-fill set
-    filled: int  # pages placed with a non-zero fill pattern
-    duplicates: int  # pages dropped because already received
-    eexist: int  # pages the kernel already had (EEXIST): marked received and woken
-    eagain: int  # placement retries after EAGAIN (pending REMOVE/UNMAP events)
-    removed: int  # received pages dropped by REMOVE/UNMAP events
-    discarded: int  # received pages dropped by discard()
-    stale_faults: int  # fault events for pages placed meanwhile (only woken)
-    errors: int  # errors caught on the fault thread (see Destination.last_error)
+DestCounters = _core.DestCounters
+LatencyStats = _core.LatencySnapshot
 
 
-@dataclass(frozen=True)
-class LatencyStats:
-    """Fault-to-placement latency. ``buckets[0]`` counts [0, 1) us, ``buckets[k]`` [2^(k-1), 2^k) us
-    (the last bucket also everything longer). Quantiles are bucket upper bounds, capped at max."""
-
-    buckets: npt.NDArray[np.uint64]
-    count: int
-    p50_us: float
-    p99_us: float
-    max_us: float
-    blocked_us: float  # total time threads were blocked (waiters x latency)
-
-    @staticmethod
-    def bucket_upper_us(k: int) -> float:
-        """Upper bound of bucket ``k`` in microseconds."""
-        return 1.0 if k == 0 else float(2**k)
+def bucket_upper_us(k: int) -> float:
+    """Upper bound of latency bucket ``k`` in microseconds (bucket 0: [0, 1) us; k: [2^(k-1), 2^k))."""
+    return 1.0 if k == 0 else float(2**k)
 
 
 def _runs_array(runs: Runs) -> npt.NDArray[np.uint64]:
@@ -90,18 +60,22 @@ def _runs_array(runs: Runs) -> npt.NDArray[np.uint64]:
 class Destination:
     """A destination region with received bitmap, placement and (in postcopy) a fault thread."""
 
-    def __init__(self, nbytes: int, *, memfd: bool = False) -> None:
+    def __init__(self, nbytes: int, *, memfd: bool = False, page_size: int | None = None) -> None:
         """A new region of ``nbytes`` (a positive page multiple); ``memfd`` for shared memory."""
-        self._r = _core.DestRegion(nbytes, memfd)
+        self._r = _core.DestRegion(nbytes, memfd, page_size or system_page_size())
         self._array: npt.NDArray[np.uint8] | None = None
 
     @classmethod
-    def adopt(cls, buffer: Any) -> Destination:
-        """A destination over an existing writable, page-aligned buffer (e.g. an ``mmap``)."""
+    def adopt(cls, region: Region) -> Destination:
+        """A destination over a region's memory (kept exported by the engine while it lives)."""
         self = cls.__new__(cls)
-        self._r = _core.DestRegion.adopt(buffer)
+        self._r = _core.DestRegion.adopt(region.buffer, region.page_size)
         self._array = None
         return self
+
+    def as_region(self) -> Region:
+        """The destination's memory as a :class:`Region` (for the workload rebuilt on it)."""
+        return Region(self.array, page_size=self.page_size)
 
     # ---- the region ----
     @property
@@ -215,30 +189,31 @@ class Destination:
 
     def counters(self) -> DestCounters:
         """A snapshot of the counters."""
-        c = self._r.counters()
-        return DestCounters(**{f.name: int(c[f.name]) for f in fields(DestCounters)})
+        return self._r.counters()
 
     def latency(self) -> LatencyStats:
         """The fault latency histogram with p50, p99, max and total blocked time."""
-        d = self._r.latency()
-        return LatencyStats(
-            buckets=d["buckets"],
-            count=int(d["count"]),
-            p50_us=float(d["p50_us"]),
-            p99_us=float(d["p99_us"]),
-            max_us=float(d["max_us"]),
-            blocked_us=float(d["blocked_us"]),
-        )
+        return self._r.latency()
+
+    # ---- the generic oracle ----
+    def enable_digests(self) -> None:
+        """Keep a digest of every page as it is placed (before anything is placed)."""
+        self._r.enable_digests()
+
+    @property
+    def digests(self) -> npt.NDArray[np.uint64] | None:
+        """What each page's last placement put there, as digests (0: nothing); None when off."""
+        return self._r.digests
 
 
-__all__ = ["DestCounters", "Destination", "LatencyStats"]
+__all__ = ["DestCounters", "Destination", "LatencyStats", "bucket_upper_us", "postcopy_unsupported_reason"]
 
 
 def postcopy_unsupported_reason() -> str | None:
     """None when this process can run a postcopy destination; otherwise why not (the missing
     kernel feature or permission, as :class:`livemig.UnsupportedError` words it)."""
     try:
-        d = Destination(mmap.PAGESIZE)
+        d = Destination(system_page_size())
         d.start_postcopy()
         d.stop()
     except UnsupportedError as e:

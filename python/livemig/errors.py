@@ -50,6 +50,11 @@ class MigrationError(LivemigError):
     """A migration could not complete; the message says which step and why."""
 
 
+class WorkloadError(LivemigError):
+    """A workload did not do what the migration asked of it (pause in time, export or rebuild its
+    state, host a kind): the message names the workload and what went wrong."""
+
+
 __all__ = [
     "AuthenticationError",
     "ConnectionLost",
@@ -58,4 +63,5 @@ __all__ = [
     "MigrationError",
     "ProtocolError",
     "UnsupportedError",
+    "WorkloadError",
 ]

@@ -1,13 +1,13 @@
-"""The guest model: C++ threads that use a memory region like a VM's guest uses its RAM.
+"""The model guest: C++ threads that use a memory region like a VM's guest uses its RAM.
 
 Python configures and observes; the writer threads, the page allocator and the balloon driver run
 in C++ and never take the GIL, so they may fault on userfaultfd-registered memory. See
-cpp/include/livemig/guest.hpp for the page format and the threading rules.
+cpp/include/livemig/guest/guest.hpp for the page format and the threading rules. As something a
+migration moves, the model guest is a workload: :class:`livemig.workload.ModelGuest`.
 """
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -19,8 +19,10 @@ if TYPE_CHECKING:  # typing_extensions is not a runtime dependency
 
 from livemig import _core
 from livemig._core import BalloonPort, LocalBalloonDevice
+from livemig.memory import system_page_size
 
 Workload = Literal["idle", "increment", "random", "hotset"]
+WORKLOADS: tuple[Workload, ...] = ("increment", "random", "hotset", "idle")
 FillMode = Literal["pattern", "zero"]
 #: A guest region or a state: anything exporting a contiguous buffer (writable for regions).
 RegionLike: TypeAlias = "Buffer | npt.NDArray[Any]"
@@ -30,15 +32,10 @@ PAGE_ALLOCATED = 0
 PAGE_FREE = 1
 PAGE_HELD = 2
 
-#: Balloon command ids (DESIGN.md "Free page hinting").
-CMD_STOP = 0
-CMD_DONE = 1
-CMD_FIRST = 0x80000001
-
-
-def next_round_id(cmd_id: int) -> int:
-    """The round id after ``cmd_id``: 0x80000001 after STOP/DONE, 0xFFFFFFFF wraps to 0x80000000."""
-    return int(LocalBalloonDevice.next_round_id(cmd_id))
+GuestStats = _core.GuestStats
+VerifyResult = _core.VerifyResult
+Mismatch = _core.Mismatch
+IncrementCheck = _core.IncrementCheck
 
 
 @dataclass(frozen=True)
@@ -46,85 +43,54 @@ class GuestConfig:
     """What the guest does. Rates are pages per second over all writer threads."""
 
     workload: Workload = "idle"
-    page_size: int = mmap.PAGESIZE
+    page_size: int = 0  #: 0: the system's base page size
     rate: float = 0.0  #: workload pages/s; 0 = as fast as one thread can
     free_fraction: float = 0.0  #: share of the region in the free pool at start
     churn: float = 0.0  #: pages allocated+written and freed per second
     hotset_pages: int = 64  #: hot range per writer thread (hotset)
     hot_fraction: float = 0.9  #: share of hotset writes that hit the hot range
     seed: int = 1
-    fill: FillMode = (
-        "pattern"  #: "pattern": generation 0 in every page; "zero": keep the region zero
-    )
+    fill: FillMode = "pattern"  #: "pattern": generation 0 in every page; "zero": keep the region zero
     threads: int = 1  #: writer threads (increment always uses one)
     poll_interval_us: int = 1000  #: how often the balloon driver looks at the command id
     hint_reserve: float = 0.0  #: share of the free pool the balloon driver leaves unhinted
 
+    def __post_init__(self) -> None:
+        if self.page_size == 0:
+            object.__setattr__(self, "page_size", system_page_size())
+        check_guest_config(self)
 
-@dataclass(frozen=True)
-class GuestStats:
-    """Counters of a guest (carried across export/import)."""
-
-    pages_written: int
-    passes: int
-    allocations: int
-    frees: int
-    alloc_failures: int
-    rounds: int
-    hints_sent: int
-    pages_hinted: int
-    hints_dropped: int
-    pages_held: int
-    done_seen: int
-    last_cmd_id: int
-    free_pages: int
-    allocated_pages: int
+    def kwargs(self) -> dict[str, Any]:
+        """The fields as the core's Guest takes them."""
+        return asdict(self)
 
 
-@dataclass(frozen=True)
-class Mismatch:
-    """A page that does not hold what the guest last wrote there."""
-
-    page: int
-    kind: str  #: misplaced, generation, torn, zero, nonzero, counter
-    found_generation: int
-    expected_generation: int
-
-
-@dataclass(frozen=True)
-class VerifyResult:
-    """Result of Guest.verify(); free and held pages are excepted."""
-
-    pages_checked: int
-    pages_excepted: int
-    mismatches: int
-    first_mismatches: tuple[Mismatch, ...]
-
-    @property
-    def ok(self) -> bool:
-        return self.mismatches == 0
-
-
-@dataclass(frozen=True)
-class IncrementCheck:
-    """Result of the increment oracle."""
-
-    ok: bool
-    pages_checked: int
-    value: int  #: byte 0 of the first checked page
-    break_page: int | None  #: the page one lower than its predecessor, if any
-    bad_pages: tuple[int, ...]
-
-
-def _increment_check(d: dict[str, Any]) -> IncrementCheck:
-    brk = d["break_page"]
-    return IncrementCheck(
-        ok=bool(d["ok"]),
-        pages_checked=int(d["pages_checked"]),
-        value=int(d["value"]),
-        break_page=None if brk is None else int(brk),
-        bad_pages=tuple(int(p) for p in d["bad_pages"]),
-    )
+def check_guest_config(c: GuestConfig) -> None:
+    """ValueError naming the field when a guest config is unusable (the CLI and the API share it)."""
+    if c.workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {c.workload!r}; one of {', '.join(WORKLOADS)}")
+    if c.fill not in ("pattern", "zero"):
+        raise ValueError(f"fill must be 'pattern' or 'zero', got {c.fill!r}")
+    for name in ("rate", "churn"):
+        v = getattr(c, name)
+        if not (v >= 0.0 and v < float("inf")):
+            raise ValueError(f"{name} must be a finite number of pages per second >= 0, got {v}")
+    for name in ("free_fraction", "hint_reserve"):
+        v = getattr(c, name)
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
+    if not 0.0 <= c.hot_fraction <= 1.0:
+        raise ValueError(f"hot_fraction must be in [0, 1], got {c.hot_fraction}")
+    if not 1 <= c.threads <= 64:
+        raise ValueError(f"threads must be in [1, 64], got {c.threads}")
+    if c.seed < 0 or c.seed >= 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {c.seed}")
+    if c.hotset_pages < 1:
+        raise ValueError(f"hotset_pages must be at least 1, got {c.hotset_pages}")
+    if not 1 <= c.poll_interval_us <= 10_000_000:
+        raise ValueError(f"poll_interval_us must be in [1, 10000000], got {c.poll_interval_us}")
+    if c.workload == "increment" and c.churn > 0:
+        raise ValueError("churn needs a workload other than increment (its oracle needs a fixed set of pages)")
 
 
 def check_increment(
@@ -132,11 +98,11 @@ def check_increment(
 ) -> IncrementCheck:
     """The increment oracle over ``region``: byte 0 of every page (not marked in ``excepted``) is
     equal except one place where the next page is exactly one lower, mod 256."""
-    return _increment_check(_core.increment_oracle(region, page_size, excepted))
+    return _core.increment_oracle(region, page_size, excepted)
 
 
 class Guest:
-    """A guest on ``region`` (a writable buffer: numpy array, mmap), which it keeps alive.
+    """A guest on ``region`` (a writable buffer: numpy array, mmap), which it keeps exported.
 
     Construction writes generation 0 into every page (unless ``fill="zero"``). Threads start with
     ``start()``; ``pause()`` returns once every guest thread is parked.
@@ -154,7 +120,7 @@ class Guest:
             self._g = _core_guest
             return
         c = config or GuestConfig()
-        self._g = _core.Guest(region, device=device, **asdict(c))
+        self._g = _core.Guest(region, device=device, **c.kwargs())
 
     @property
     def config(self) -> GuestConfig:
@@ -215,19 +181,17 @@ class Guest:
 
     def stats(self) -> GuestStats:
         """The counters now."""
-        return GuestStats(**self._g.stats())
+        return self._g.stats()
 
     def verify(self) -> VerifyResult:
         """Checks every allocated page against the generation table.
 
         A running guest is paused for the check and resumed after it."""
-        d: dict[str, Any] = self._g.verify()
-        first = tuple(Mismatch(*m) for m in d["first_mismatches"])
-        return VerifyResult(d["pages_checked"], d["pages_excepted"], d["mismatches"], first)
+        return self._g.verify()
 
     def check_increment(self) -> IncrementCheck:
         """The increment oracle on this guest's region, free and held pages excepted."""
-        return _increment_check(self._g.check_increment())
+        return self._g.check_increment()
 
     def export_state(self) -> bytes:
         """The guest's state (paused or stopped guests only; ValueError otherwise)."""
@@ -253,12 +217,10 @@ class Guest:
 
 
 __all__ = [
-    "CMD_DONE",
-    "CMD_FIRST",
-    "CMD_STOP",
     "PAGE_ALLOCATED",
     "PAGE_FREE",
     "PAGE_HELD",
+    "WORKLOADS",
     "BalloonPort",
     "Guest",
     "GuestConfig",
@@ -267,6 +229,6 @@ __all__ = [
     "LocalBalloonDevice",
     "Mismatch",
     "VerifyResult",
+    "check_guest_config",
     "check_increment",
-    "next_round_id",
 ]

@@ -1,17 +1,18 @@
-"""A migration on one machine: the destination in a child process (its guest may block on faults,
-so it never shares a process with the caller), the source here, a deadline on everything. Used by
-the tests, the benchmarks and anyone scripting an experiment."""
+"""A migration on one machine: the destination in a child process (its workload may block on
+faults, so it never shares a process with the caller), the source here, a deadline on everything.
+Used by the tests, the benchmarks and anyone scripting an experiment."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-from dataclasses import asdict
 from typing import Any
 
 from livemig import migration, wire
 from livemig.errors import MigrationError
 from livemig.guest import GuestConfig
+from livemig.workload.base import Workload
+from livemig.workload.model import ModelGuest
 
 
 def _destination(q: Any, config: migration.DestinationConfig, settle_s: float, await_reuse: bool) -> None:
@@ -19,13 +20,13 @@ def _destination(q: Any, config: migration.DestinationConfig, settle_s: float, a
         q.put(("address", str(lst.address)))
         try:
             s = migration.serve(lst, config, settle_s=settle_s, await_reuse=await_reuse, wait=config.timeout)
-            q.put(("summary", asdict(s)))
+            q.put(("summary", s.to_json()))
         except Exception as e:  # noqa: BLE001 (reported to the caller, which raises it)
             q.put(("error", f"{type(e).__name__}: {e}"))
 
 
 def migrate_locally(
-    guest: GuestConfig,
+    workload: Workload | GuestConfig,
     config: migration.MigrationConfig,
     *,
     size: int = 16 << 20,
@@ -34,9 +35,10 @@ def migrate_locally(
     await_reuse: bool = False,
     deadline_s: float = 60.0,
 ) -> tuple[migration.MigrationResult, dict[str, Any]]:
-    """Migrates a fresh guest of ``size`` bytes; returns the source's result and the
-    destination's own summary. The destination runs in a spawned process, killed at the deadline;
-    ``settle_s``/``await_reuse`` are :func:`livemig.migration.serve`'s."""
+    """Migrates ``workload`` (a GuestConfig: a fresh model guest of ``size`` bytes) to a
+    destination in a spawned process, killed at the deadline; returns the source's result and the
+    destination's own summary (as JSON). ``settle_s``/``await_reuse`` are :func:`livemig.serve`'s."""
+    w = ModelGuest(size, workload) if isinstance(workload, GuestConfig) else workload
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     dest = dest or migration.DestinationConfig(timeout=20)
@@ -44,7 +46,11 @@ def migrate_locally(
     proc.start()
     try:
         _, address = q.get(timeout=deadline_s)
-        result = migration.migrate(address, size, guest, config)
+        try:
+            result = migration.migrate(address, w, config)
+        finally:
+            if w is not workload:  # made here: stopped here
+                w.stop()
         kind, summary = q.get(timeout=deadline_s)
         if kind != "summary":
             raise MigrationError(f"destination: {summary}")

@@ -1,4 +1,5 @@
-"""The source side of a migration: the region, its dirty tracking, the page state and the scanner.
+"""The source side of a migration: the engine over a workload's memory, its dirty tracking, the
+page state and the scanner.
 
 Python decides, C++ moves pages: every method here is one call into the core, none loops over pages.
 """
@@ -6,17 +7,19 @@ Python decides, C++ moves pages: every method here is one call into the core, no
 from __future__ import annotations
 
 import enum
-import mmap
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from livemig import _core
+from livemig.memory import Region, Tracking, system_page_size
 
-TrackMode = Literal["kernel", "explicit"]
 Backing = Literal["anonymous", "memfd"]
+TrackMode = Tracking
+SourceCounters = _core.SourceCounters
+SwitchoverSets = _core.SwitchoverSets
+
 
 class RunFlag(enum.IntFlag):
     """Flags of a run taken by :meth:`Source.next_batch`."""
@@ -26,62 +29,48 @@ class RunFlag(enum.IntFlag):
     SENT_WAS_CLEAR = 4  #: the sent bit was clear and the take set it
 
 
-@dataclass(frozen=True)
-class SourceCounters:
-    """A snapshot of the source's counters."""
-
-    syncs: int
-    pages_written: int
-    requests: int
-    request_pages_served: int
-    request_pages_dropped: int
-    requests_invalid: int
-    background_pages: int
-    pages_put_back: int
-    scan_calls: int
-    hints_accepted: int
-    pages_hinted: int
-    hints_dropped_stale: int
-    hints_dropped_invalid: int
-    hints_failed: int
-
-
-@dataclass(frozen=True)
-class SwitchoverSets:
-    """Range lists, (n, 2) uint64 arrays of (first page, npages), computed at switchover."""
-
-    discard: npt.NDArray[np.uint64]  #: dirty and sent: dropped on the destination (rule 3)
-    local_fill: npt.NDArray[np.uint64]  #: hinted, clean, unsent: filled locally (rule 4)
-
-
 class Source:
-    """A memory region being migrated out, with its page state.
+    """The engine over a region being migrated out, with its page state.
 
-    ``mode="kernel"`` tracks writes with userfaultfd asynchronous write-protect and PAGEMAP_SCAN
-    (raises :class:`livemig.UnsupportedError` naming the missing kernel feature);
-    ``mode="explicit"`` relies on the writer calling :meth:`mark_written`. The dirty bitmap starts
-    all set: every page is sent at least once.
-    """
+    Kernel tracking uses userfaultfd asynchronous write-protect and PAGEMAP_SCAN (raises
+    :class:`livemig.UnsupportedError` naming the missing kernel feature); explicit tracking relies
+    on the writer calling :meth:`Region.mark_written`. The dirty bitmap starts all set: every page is
+    sent at least once. :meth:`close` ends tracking (the memory is ordinary again)."""
 
-    def __init__(
-        self, pages: int, *, mode: TrackMode = "kernel", backing: Backing = "anonymous"
-    ) -> None:
-        self._core = _core.Source(pages, mode, backing)
-        self._buffer: mmap.mmap | None = None
+    def __init__(self, region: Region) -> None:
+        self.region: Region | None = region
+        self._core = _core.Source.adopt(region.buffer, region.tracking, region.page_size)
+        region._bind_tracker(self._core)
 
     @classmethod
-    def adopt(cls, buffer: mmap.mmap, *, mode: TrackMode = "kernel") -> Source:
-        """Track an existing writable, page-aligned buffer (kept alive by the source)."""
+    def allocate(cls, pages: int, *, mode: TrackMode = "kernel", backing: Backing = "anonymous") -> Source:
+        """A source over memory of its own (private anonymous, or a memfd's shared memory)."""
         self = cls.__new__(cls)
-        self._core = _core.Source.adopt(buffer, mode)
-        self._buffer = buffer
+        self.region = None
+        self._core = _core.Source(pages, mode, backing, system_page_size())
         return self
 
+    def close(self) -> None:
+        """Ends tracking now (docs/design.md rule 9): the region's write protection is dropped and
+        explicit marks go nowhere. The bitmaps stay readable. Idempotent."""
+        if self.region is not None:
+            self.region._bind_tracker(None)
+        self._core.stop_tracking()
+
     # ---- the region ----
+    @property
+    def core(self) -> _core.Source:
+        """The C++ engine (for the sessions)."""
+        return self._core
+
     @property
     def pages(self) -> int:
         """Number of pages."""
         return self._core.pages
+
+    @property
+    def page_size(self) -> int:
+        return self._core.page_size
 
     @property
     def nbytes(self) -> int:
@@ -112,7 +101,7 @@ class Source:
         """A view of one page."""
         if not 0 <= index < self.pages:
             raise IndexError(f"page {index} out of range [0, {self.pages})")
-        size = mmap.PAGESIZE
+        size = self.page_size
         return self._core.memory[index * size : (index + 1) * size]
 
     # ---- page state ----
@@ -131,6 +120,11 @@ class Source:
         """H: pages the guest hinted free and has not written since."""
         return self._core.hinted
 
+    @property
+    def hint_target(self) -> _core.HintTarget:
+        """Where a workload's balloon device sends the hints it accepts (they land in D and H)."""
+        return self._core.hint_target
+
     def sync(self) -> int:
         """Fold every write since the last sync into D (clearing H of written pages); returns the
         number of pages written."""
@@ -142,8 +136,7 @@ class Source:
 
     def switchover_sets(self) -> SwitchoverSets:
         """With the guest stopped and a final sync done: the discard and local-fill sets."""
-        discard, local_fill = self._core.switchover_sets()
-        return SwitchoverSets(discard, local_fill)
+        return self._core.switchover_sets()
 
     def take_stale_sent(self) -> npt.NDArray[np.uint64]:
         """Ahead of switchover (guest running, after a sync): the pages sent and dirty again, as
@@ -160,12 +153,6 @@ class Source:
         ``received`` bitmap) becomes dirty and unsent again, except hinted pages it fills locally
         when ``local_fill``. Returns how many pages are queued again."""
         return self._core.resync_with_received(received, local_fill)
-
-    # ---- hints ----
-    @property
-    def hints(self) -> _core.HintSink:
-        """The hint sink (the host side of the virtio-balloon device)."""
-        return self._core.hints
 
     # ---- scanner ----
     def request(self, first_page: int, npages: int = 1) -> bool:
@@ -205,10 +192,8 @@ class Source:
         return self._core.is_zero(page)
 
     def counters(self) -> SourceCounters:
-        """A snapshot of the sync, scanner and hint counters."""
-        c = self._core.counters()
-        c.update(self._core.hints.counters())
-        return SourceCounters(**c)
+        """A snapshot of the sync and scanner counters."""
+        return self._core.counters()
 
     def __repr__(self) -> str:
         return (
@@ -217,4 +202,4 @@ class Source:
         )
 
 
-__all__ = ["RunFlag", "Source", "SourceCounters", "SwitchoverSets"]
+__all__ = ["Backing", "RunFlag", "Source", "SourceCounters", "SwitchoverSets", "TrackMode"]

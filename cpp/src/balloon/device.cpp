@@ -6,7 +6,21 @@
 
 namespace livemig::balloon {
 
-Device::Device(std::uint64_t npages, HintTarget& target) noexcept : npages_(npages), target_(target) {}
+Device::Device(std::uint64_t npages, HintTarget& target) noexcept
+    : npages_(npages), own_target_(target), target_(&target) {}
+
+void Device::set_target(std::shared_ptr<HintTarget> target) {
+  // A round in progress ends first: its hints drain before the target changes (the guest's next
+  // ack of a round id would be refused anyway until the host starts a new round).
+  const State s = state();
+  if (s == State::Requested || s == State::Start) host_stop();
+  HintTarget* t = target ? target.get() : &own_target_;
+  // Drained above, and no round runs: no hint is in flight, none can enter until the host starts a
+  // round. Release: a hint that enters later (acquire CAS on word_, after host_request's release)
+  // sees the new target.
+  target_.store(t, std::memory_order_release);
+  target_owner_ = std::move(target);
+}
 
 void Device::host_transition(std::uint32_t id, State s) noexcept {
   std::uint64_t w = word_.load(std::memory_order_relaxed);
@@ -45,7 +59,7 @@ void Device::host_stop() noexcept { host_transition(kCmdStop, State::Stop); }
 
 void Device::host_done() noexcept {
   host_transition(kCmdDone, State::Done);
-  target_.done();
+  target_.load(std::memory_order_acquire)->done();
 }
 
 std::uint32_t Device::cmd_id() const noexcept { return id_of(word_.load(std::memory_order_acquire)); }
@@ -94,7 +108,7 @@ bool Device::hint(std::uint32_t id, std::uint64_t first, std::uint64_t n) noexce
     }
     if (word_.compare_exchange_weak(w, w + 1, std::memory_order_acquire, std::memory_order_acquire)) break;
   }
-  const bool ok = target_.apply(id, first, n);
+  const bool ok = target_.load(std::memory_order_acquire)->apply(id, first, n);
   if (ok) {
     hints_accepted_.fetch_add(1, std::memory_order_relaxed);
     pages_hinted_.fetch_add(n, std::memory_order_relaxed);

@@ -61,13 +61,18 @@ DirtyTracker::DirtyTracker(std::uint8_t* base, std::size_t npages, TrackMode mod
     throw_errno("writeprotect", "arming " + std::to_string(len) + " bytes", wp.range.start);
 }
 
-DirtyTracker::~DirtyTracker() {
+DirtyTracker::~DirtyTracker() { stop(); }
+
+void DirtyTracker::stop() noexcept {
+  if (stopped_.exchange(true, std::memory_order_acq_rel)) return;
   if (mode_ == TrackMode::Kernel && uffd_.fd() >= 0 && npages_ > 0) {
     try {
+      // Unregistering clears the range's uffd-wp bits: writes are plain writes again.
       uffd_.unregister_range(base_, npages_ * ps_);
-    } catch (...) {  // the fd closes next, which unregisters anyway
+    } catch (...) {  // closing the fd below releases the registration anyway
     }
   }
+  uffd_ = Userfaultfd{};
 }
 
 long DirtyTracker::scan(std::uint64_t start, std::uint64_t end, page_region* vec, std::size_t vec_len,
@@ -93,6 +98,7 @@ bool DirtyTracker::reset(std::size_t first, std::size_t n) noexcept {
     written_.clear_range(first, first + n);
     return true;
   }
+  if (stopped()) return false;
   const std::uint64_t start = reinterpret_cast<std::uintptr_t>(base_) + (std::uint64_t{first} << page_shift_);
   const std::uint64_t end = start + (std::uint64_t{n} << page_shift_);
   std::uint64_t walk_end = 0;

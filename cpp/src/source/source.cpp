@@ -53,7 +53,6 @@ Source::Source(Region region, std::size_t npages, TrackMode mode, std::size_t pa
       hinted_(std::make_shared<PageBitmap>(npages)),
       tracker_(base_, npages, mode, page_size),
       hints_(*dirty_, *hinted_, &tracker_),
-      balloon_(npages, hints_),
       scanner_(*dirty_, *sent_) {}
 
 std::size_t Source::sync() {
@@ -185,11 +184,15 @@ std::size_t Source::resync_with_received(const PageBitmap& received, bool local_
   return n;
 }
 
+void Source::stop_tracking() noexcept {
+  std::lock_guard lock(sync_mu_);
+  tracker_.stop();
+}
+
 SourceCounters Source::counters() const noexcept {
   SourceCounters c;
   c.sync = sync_counters();
   c.scanner = scanner_.counters();
-  c.balloon = balloon_.counters();
   c.scan_calls = tracker_.scan_calls();
   return c;
 }

@@ -1,8 +1,8 @@
 // The virtio-balloon free page hinting device: one state machine for the host side (the migration
 // drives rounds at its dirty syncs) and the guest side (the balloon driver acknowledges rounds and
-// reports free pages), used by the source (hints land in its page state) and by the destination
-// (hints are recorded; the guest there keeps its driver running). See balloon/protocol.hpp for the
-// ids and docs/design.md "Free page hinting" for the semantics.
+// reports free pages). A workload owns its device, as a VM owns its virtio-balloon; a migration
+// routes the hints it accepts into the source's page state (set_target) and drives the rounds.
+// See balloon/protocol.hpp for the ids and docs/design.md "Free page hinting" for the semantics.
 //
 // Concurrency: the command id, the state and the number of hints being applied share one atomic
 // 64-bit word: [63:32] command id, [31:24] state, [23:0] hints in flight. A hint enters by a CAS
@@ -17,6 +17,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -63,12 +64,13 @@ struct Counters {
   std::uint64_t hints_dropped_invalid = 0;  ///< empty or outside the region
   std::uint64_t hints_failed = 0;           ///< the target could not apply them
   std::uint64_t hints_unacked = 0;          ///< tagged with an id the guest never acknowledged: a driver bug
+  bool operator==(const Counters&) const = default;
 };
 
 class Device : public Port {
  public:
   /// A device for a region of `npages` pages, in Stop, applying hints to `target` (which must
-  /// outlive it).
+  /// outlive it, or until set_target replaces it).
   Device(std::uint64_t npages, HintTarget& target) noexcept;
   Device(const Device&) = delete;
   Device& operator=(const Device&) = delete;
@@ -88,6 +90,10 @@ class Device : public Port {
   /// Continues another device's id sequence (a migrated guest): the next round follows `id`.
   /// std::invalid_argument unless `id` is 0 (none yet) or a round id.
   void continue_after(std::uint32_t id);
+  /// Routes accepted hints to `target` from now on (nullptr: back to the target given at
+  /// construction). Host side: stops a running round first (in-flight hints drain), so no hint of
+  /// it lands anywhere after this returns. `target` must have `pages()` pages and is kept alive.
+  void set_target(std::shared_ptr<HintTarget> target);
   /// The device state.
   State state() const noexcept;
   /// Pages in the region (hints past it are dropped).
@@ -115,7 +121,11 @@ class Device : public Port {
   bool guest_transition(std::uint32_t id, State from, State to) noexcept;
 
   std::uint64_t npages_;
-  HintTarget& target_;
+  HintTarget& own_target_;
+  // The target hints are applied to: read by hint() inside its in-flight window; replaced only by
+  // the host after draining (set_target), so a hint never sees a target being dropped.
+  std::atomic<HintTarget*> target_;
+  std::shared_ptr<HintTarget> target_owner_;  // host side only
   std::atomic<std::uint64_t> word_{pack(kCmdStop, State::Stop)};
   std::atomic<std::uint32_t> last_round_{0};
   std::atomic<std::uint32_t> last_acked_{0};

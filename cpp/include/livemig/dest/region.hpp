@@ -113,6 +113,7 @@ struct DestCounters {
   std::uint64_t placed_twice = 0;    // postcopy placements of a page already placed in this postcopy
                                      // (or present when it started): rule 1 says never (a page the
                                      // guest zapped and that arrived again counts too)
+  bool operator==(const DestCounters&) const = default;
 };
 
 /// Which placement the fault thread and place() use for runs of data pages.

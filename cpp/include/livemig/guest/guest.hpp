@@ -149,6 +149,7 @@ struct GuestStats {
   std::uint32_t last_cmd_id = 0;
   std::uint64_t free_pages = 0;      // in the pool now
   std::uint64_t allocated_pages = 0;
+  bool operator==(const GuestStats&) const = default;
 };
 
 /// Per-page state for page_states(): allocated, in the free pool, held by the balloon driver.

@@ -40,6 +40,13 @@ class DirtyTracker {
   /// Unregisters the range (kernel mode); never throws.
   ~DirtyTracker();
 
+  /// Ends tracking now (kernel mode: unregisters the range, which drops its write protection, and
+  /// closes the userfaultfd), so the memory is ordinary again while this object may live on
+  /// (docs/design.md rule 9). Later harvests report nothing. Not concurrent with harvest(); idempotent.
+  void stop() noexcept;
+  /// True once stop() ran.
+  bool stopped() const noexcept { return stopped_.load(std::memory_order_acquire); }
+
   TrackMode mode() const noexcept { return mode_; }
   std::size_t pages() const noexcept { return npages_; }
   std::size_t page_size() const noexcept { return ps_; }
@@ -76,6 +83,7 @@ class DirtyTracker {
   PageBitmap written_;  // explicit mode only (size 0 otherwise)
   std::vector<page_region> vec_;
   std::atomic<std::uint64_t> scan_calls_{0};
+  std::atomic<bool> stopped_{false};
   std::size_t ps_;
   unsigned page_shift_ = 12;
 };
@@ -104,6 +112,7 @@ std::size_t DirtyTracker::harvest(Fn&& fn) {
     }
     return reported;
   }
+  if (stopped()) return 0;
   const std::uint64_t start = reinterpret_cast<std::uintptr_t>(base_);
   const std::uint64_t end = start + npages_ * ps_;
   std::uint64_t pos = start;

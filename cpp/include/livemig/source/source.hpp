@@ -42,7 +42,6 @@ struct SyncCounters {
 struct SourceCounters {
   SyncCounters sync;
   ScannerCounters scanner;
-  balloon::Counters balloon;
   std::uint64_t scan_calls = 0;  // PAGEMAP_SCAN calls made by syncs
 };
 
@@ -69,8 +68,9 @@ class Source {
   const std::shared_ptr<PageBitmap>& sent() const noexcept { return sent_; }
   const std::shared_ptr<PageBitmap>& hinted() const noexcept { return hinted_; }
   DirtyTracker& tracker() noexcept { return tracker_; }
-  /// The source's balloon device: the host side of free page hinting; accepted hints land in D and H.
-  balloon::Device& balloon() noexcept { return balloon_; }
+  /// Where a workload's balloon device sends the hints it accepts (balloon::Device::set_target):
+  /// they land in D and H (rules 4, 5).
+  HintSink& hint_sink() noexcept { return hints_; }
   PageScanner& scanner() noexcept { return scanner_; }
 
   /// Explicit mode: the writer records a write to [first, first + n); any thread, lock-free.
@@ -94,6 +94,9 @@ class Source {
   /// many pages were not received and are now queued again.
   std::size_t resync_with_received(const PageBitmap& received, bool local_fill);
   SyncCounters sync_counters() const noexcept;
+  /// Ends dirty tracking now: the region is ordinary memory again (rule 9) while the bitmaps stay
+  /// readable; later syncs find nothing. Serialised with sync(); idempotent.
+  void stop_tracking() noexcept;
   /// The sync, scanner and balloon counters.
   SourceCounters counters() const noexcept;
 
@@ -114,7 +117,6 @@ class Source {
   std::shared_ptr<PageBitmap> dirty_, sent_, hinted_;
   DirtyTracker tracker_;
   HintSink hints_;
-  balloon::Device balloon_;
   PageScanner scanner_;
   std::mutex sync_mu_;
   std::atomic<std::uint64_t> syncs_{0}, pages_written_{0};

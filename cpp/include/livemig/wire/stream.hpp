@@ -32,6 +32,7 @@ struct WireStats {
   std::uint64_t zero_pages = 0;  ///< pages carried by ZERO frames
   std::uint64_t bytes = 0;       ///< bytes on the wire, headers included
   std::uint64_t syscalls = 0;    ///< sendmsg / recvmsg calls
+  bool operator==(const WireStats&) const = default;
 };
 
 /// Puts SO_SNDTIMEO / SO_RCVTIMEO on a socket so a blocking call gives up after `timeout_ms`

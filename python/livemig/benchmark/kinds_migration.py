@@ -1,0 +1,290 @@
+"""The migration scenarios of ``livemig bench``: real loopback migrations (a destination process,
+this process the source), each figure beside a raw baseline measured in the same run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import TYPE_CHECKING
+
+from livemig import _core
+from livemig.benchmark.figures import (
+    MIB,
+    PAGE,
+    Figure,
+    Stat,
+    engine_figure,
+    first_round_gbps,
+    histogram_quantile_us,
+)
+from livemig.benchmark.scenarios import Scenario, size_label
+from livemig.guest import GuestConfig, Workload
+from livemig.migration.config import MigrationConfig
+from livemig.migration.results import MigrationResult
+from livemig.source import Source
+
+if TYPE_CHECKING:
+    from livemig.benchmark.runner import Bench
+
+
+def run_baselines(b: Bench, sc: Scenario) -> list[Figure]:
+    """The bandwidth and latency baselines not tied to one scenario."""
+    n = min(int(sc.arg("size")), 256 * MIB)
+    for _ in range(b.micro):
+        b.base.memcpy_gbps(n)
+        b.base.read_gbps(n)
+        b.base.socket_copy_warm_gbps(n)
+        b.base.uffd_copy_us()
+        b.base.pingpong_us()
+    for _ in range(min(b.micro, 3)):
+        b.base.first_touch_gbps(n)
+    return []
+
+def run_migration(b: Bench, sc: Scenario) -> list[Figure]:
+    size, mode, workload = int(sc.arg("size")), sc.arg("mode"), sc.arg("workload")
+    guest = GuestConfig(
+        workload=workload, rate=0.0 if workload == "idle" else b.dirty_rate, seed=1
+    )
+    config = MigrationConfig(postcopy=mode == "postcopy", hints=False, verify=True)
+    eng, raw, warm, results = [], [], [], []
+    for _ in range(b.repeat):
+        raw.append(b.base.socket_copy_gbps(size))
+        warm.append(b.base.socket_copy_warm_gbps(size))
+        r = b.migrate(size, guest, config)
+        results.append(r)
+        eng.append(first_round_gbps(r))
+    details = {
+        "region_bytes": size,
+        "workload": workload,
+        "dirty_rate": guest.rate,
+        "raw_copy_warm_destination_gbps": statistics.median(warm),
+        "ratio_vs_warm_destination": statistics.median(eng) / statistics.median(warm),
+        "downtime_ms": Stat.of(r.downtime_ms for r in results).median,
+        "total_ms": Stat.of(r.total_ms for r in results).median,
+        "precopy_rounds": Stat.of(r.precopy_rounds for r in results).median,
+        "bytes_sent": Stat.of(r.bytes_sent for r in results).median,
+    }
+    if mode == "postcopy":
+        details["requests"] = Stat.of(r.postcopy.requests for r in results).median
+        details["fault_p50_us"] = Stat.of(
+            histogram_quantile_us(r.postcopy.histogram, 0.5) for r in results
+        ).median
+    goal = "precopy >= 75% of a raw socket copy" if mode == "precopy" else None
+    figs = [
+        engine_figure(
+            f"{sc.name} first round",
+            "migration",
+            "GB/s",
+            "higher",
+            Stat.of(eng),
+            Stat.of(raw),
+            f"raw socket copy {size_label(size)}",
+            goal,
+            0.75 if mode == "precopy" else None,
+            **details,
+        )
+    ]
+    if mode == "precopy" and workload == "idle":
+        figs.append(switchover_figure(b, sc, size, results))
+    return figs
+
+def switchover_figure(b: Bench, sc: Scenario, size: int, results: list[MigrationResult]) -> Figure:
+    """Downtime of an idle guest's precopy against its floor: one bare PAGEMAP_SCAN of the
+    region (the final sync) plus one raw ping-pong (the device state and the resume ack)."""
+    scan = bare_scans_ms(size, b.micro)
+    ping = [b.base.pingpong_us(500) / 1e3 for _ in range(3)]
+    floor = Stat.of(s + statistics.median(ping) for s in scan)
+    return engine_figure(
+        f"switchover-{size_label(size)} downtime",
+        "scaling",
+        "ms",
+        "lower",
+        Stat.of(r.downtime_ms for r in results),
+        floor,
+        "bare PAGEMAP_SCAN of the region + raw ping-pong",
+        None,
+        None,
+        region_bytes=size,
+        scan_ms=statistics.median(scan),
+        pingpong_ms=statistics.median(ping),
+    )
+
+def bare_scans_ms(size: int, runs: int) -> list[float]:
+    """Milliseconds of `runs` bare PAGEMAP_SCAN walks over a populated, tracked region with
+    nothing written (what a final sync of an idle guest must do at least)."""
+    src = Source.allocate(size // PAGE)  # unmapped when the last reference goes
+    _core._bench.source_touch_pages(src.address, src.pages, 1, 1)
+    src.sync()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        _core._bench.source_pagemap_scan_loop(src.address, src.nbytes, 1024)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+def run_zero(b: Bench, sc: Scenario) -> list[Figure]:
+    """An all-zero idle guest: wire bytes per page against a page (what a raw copy moves)."""
+    size = int(sc.arg("size"))
+    guest = GuestConfig(workload="idle", fill="zero", seed=1)
+    per_page = []
+    results = []
+    for _ in range(b.repeat):
+        r = b.migrate(size, guest, MigrationConfig(hints=False, verify=True))
+        results.append(r)
+        per_page.append(r.bytes_sent / (size // PAGE))
+    return [
+        engine_figure(
+            f"{sc.name} wire bytes per page",
+            "zero",
+            "B/page",
+            "lower",
+            Stat.of(per_page),
+            Stat.of([float(PAGE)]),
+            "one page's bytes (what a raw copy sends)",
+            "zero pages cost no payload bytes (< 1% of a page)",
+            0.01,
+            region_bytes=size,
+            zero_pages=results[0].zero_pages,
+            bytes_sent=results[0].bytes_sent,
+        )
+    ]
+
+def run_hints(b: Bench, sc: Scenario) -> list[Figure]:
+    """An idle guest with a share of its memory free: bytes sent with hints against without
+    (same run); and what a hinted page cost on the wire."""
+    size, free = int(sc.arg("size")), float(sc.arg("free"))
+    guest = GuestConfig(workload="idle", free_fraction=free, seed=2)
+    on, off, hinted = [], [], []
+    for _ in range(b.repeat):
+        off.append(
+            float(
+                b.migrate(size, guest, MigrationConfig(hints=False, verify=True)).bytes_sent
+            )
+        )
+        r = b.migrate(size, guest, MigrationConfig(hints=True, verify=True))
+        on.append(float(r.bytes_sent))
+        hinted.append(float(r.hints.pages_hinted))
+    pages_hinted = statistics.median(hinted)
+    figs = [
+        engine_figure(
+            f"{sc.name} bytes sent",
+            "hints",
+            "MB",
+            "lower",
+            Stat.of(x / 1e6 for x in on),
+            Stat.of(x / 1e6 for x in off),
+            "bytes sent with hints off",
+            None,
+            None,
+            region_bytes=size,
+            free_fraction=free,
+            pages_hinted=pages_hinted,
+            expected_ratio=1 - free,
+        )
+    ]
+    if pages_hinted > 0:
+        cost = [
+            max(0.0, b_on - (b_off - h * PAGE)) / h
+            for b_on, b_off, h in zip(on, off, hinted)
+            if h
+        ]
+        figs.append(
+            engine_figure(
+                f"{sc.name} wire bytes per hinted page",
+                "hints",
+                "B/page",
+                "lower",
+                Stat.of(cost),
+                Stat.of([float(PAGE)]),
+                "one page's bytes (hints off)",
+                "hinted pages cost no payload bytes (< 1% of a page)",
+                0.01,
+                pages_hinted=pages_hinted,
+            )
+        )
+    return figs
+
+def run_faults(b: Bench, sc: Scenario) -> list[Figure]:
+    """Postcopy after one precopy round with a writing guest (increment: address order;
+    random), urgent channel on or off: fault service p50 against a raw ping-pong p50 plus one
+    raw UFFDIO_COPY, measured between the migrations."""
+    size, access, urgent = int(sc.arg("size")), sc.arg("access"), bool(sc.arg("urgent"))
+    # Sequential: the increment writer at full speed dirties whole passes during the first
+    # round, so after switchover it faults page after page in address order, racing the push.
+    workload: Workload = "increment" if access == "sequential" else "random"
+    guest = GuestConfig(
+        workload=workload, rate=0.0 if access == "sequential" else 5 * b.dirty_rate, seed=3
+    )
+    off = frozenset() if urgent else frozenset({"urgent-channel"})
+    config = MigrationConfig(postcopy=True, hints=False, verify=True, disable_capabilities=off)
+    p50, p99, floor, requests, ping, copy, push = [], [], [], [], [], [], []
+    hist_sum = [0] * 32
+    for _ in range(b.repeat):
+        ping.append(b.base.pingpong_us())
+        copy.append(b.base.uffd_copy_us())
+        floor.append(ping[-1] + copy[-1])
+        r = b.migrate(size, guest, config)
+        for k, n in enumerate(r.postcopy.histogram[:32]):
+            hist_sum[k] += int(n)
+        if ("urgent-channel" in r.capabilities) != urgent:
+            raise RuntimeError(
+                f"urgent channel negotiated: {'urgent-channel' in r.capabilities}"
+            )
+        p50.append(histogram_quantile_us(r.postcopy.histogram, 0.5))
+        p99.append(histogram_quantile_us(r.postcopy.histogram, 0.99))
+        requests.append(float(r.postcopy.requests))
+        if r.push_seconds > 0:
+            push.append(r.push_bytes / r.push_seconds / 1e9)
+    if statistics.median(requests) == 0:
+        raise RuntimeError("no postcopy faults were requested: nothing to measure")
+    return [
+        engine_figure(
+            f"{sc.name} fault p50",
+            "faults",
+            "us",
+            "lower",
+            Stat.of(p50),
+            Stat.of(floor),
+            "raw ping-pong p50 + raw UFFDIO_COPY",
+            "fault service p50 within 1.5x of raw ping-pong + UFFDIO_COPY",
+            1.5,
+            region_bytes=size,
+            workload=workload,
+            urgent_channel=urgent,
+            p99_us=statistics.median(p99),
+            requests=statistics.median(requests),
+            dirty_rate=guest.rate,
+            histogram=hist_sum,
+            pingpong_p50_us=statistics.median(ping),
+            uffd_copy_us=statistics.median(copy),
+            push_gbps=statistics.median(push) if push else 0.0,
+        )
+    ]
+
+def run_channels(b: Bench, sc: Scenario) -> list[Figure]:
+    size, n = int(sc.arg("size")), int(sc.arg("channels"))
+    guest = GuestConfig(workload="idle", seed=1)
+    config = MigrationConfig(channels=n, hints=False, verify=True)
+    eng, raw = [], []
+    for _ in range(b.repeat):
+        raw.append(b.base.socket_copy_gbps(size, n))
+        r = b.migrate(size, guest, config)
+        eng.append(first_round_gbps(r))
+    return [
+        engine_figure(
+            f"{sc.name} first round",
+            "channels",
+            "GB/s",
+            "higher",
+            Stat.of(eng),
+            Stat.of(raw),
+            f"raw socket copy x{n}",
+            "precopy >= 75% of a raw socket copy",
+            0.75,
+            region_bytes=size,
+            channels=n,
+        )
+    ]
+
+
+__all__ = ["run_baselines", "run_channels", "run_faults", "run_hints", "run_migration", "run_zero"]

@@ -1,0 +1,127 @@
+"""``livemig listen ADDRESS``: accepts migrations and runs what arrives (the model guest, or a
+buffer workload) with the standard factory."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from collections.abc import Sequence
+
+import click
+
+from livemig import display, local, migration, wire
+from livemig.cli.base import describe, error, load_secret, main, print_json, stderr_console, usage
+from livemig.cli.params import (
+    _KNOWN_CAPABILITIES,
+    ADDRESS,
+    CAPABILITY,
+    QUEUE_DEFAULT,
+    QUEUE_HELP,
+    QUEUE_SIZE,
+    SIZE,
+    NumberType,
+    Side,
+)
+from livemig.errors import LivemigError, MigrationError
+
+
+@main.command()
+@click.argument("address", type=ADDRESS)
+@click.option("--once", is_flag=True, help="Serve one migration, then exit.")
+@click.option("--announce", is_flag=True, help="Print 'listening on ADDRESS' first on stdout.")
+@click.option("--disable-capability", "disabled", type=CAPABILITY, multiple=True, metavar="NAME",
+              help=f"Withhold a capability. Repeatable. NAME: {_KNOWN_CAPABILITIES}.")
+@click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
+              help=f"Shared secret sources must prove (default: ${wire.SECRET_ENV}).")
+@click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without a secret.")
+@click.option("--max-size", type=SIZE, default=None, help="Largest region accepted.")
+@click.option("--postcopy-queue", type=QUEUE_SIZE, default=QUEUE_DEFAULT, show_default=True,
+              metavar="SIZE", help=QUEUE_HELP)
+@click.option("--resume-deadline", type=NumberType(0.0), default=60.0, show_default=True, metavar="S",
+              help="Postcopy recovery: seconds a broken connection waits for the source to resume (0: fail).")
+@click.option("--timeout", type=NumberType(0.0, positive=True), default=30.0, show_default=True,
+              metavar="S", help="Seconds a silent peer is waited for.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print each migration's summary as JSON on stdout.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress on stderr (default: when stderr is a terminal).")
+@click.option("-q", "--quiet", is_flag=True, help="No summary table.")
+def listen(
+    address: wire.Address,
+    once: bool,
+    announce: bool,
+    disabled: Sequence[tuple[Side, str]],
+    secret_file: str | None,
+    insecure: bool,
+    max_size: int | None,
+    postcopy_queue: int,
+    resume_deadline: float,
+    timeout: float,
+    as_json: bool,
+    progress: bool | None,
+    quiet: bool,
+) -> int:
+    """Accept migrations on ADDRESS (host:port, [v6]:port or unix:/path; port 0: any free one)."""
+    if any(side == "src" for side, _ in disabled):
+        raise usage("src:NAME makes no sense on the destination; use NAME or dst:NAME",
+                     "--disable-capability")
+    secret = load_secret(secret_file)
+    if address.family == "tcp":
+        try:
+            socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise usage(f"cannot resolve {address.host!r}: {e.strerror or e}", "ADDRESS") from None
+    if secret is None and not insecure and not wire.is_loopback(address):
+        raise usage(
+            f"refusing to listen on {address} beyond loopback without a shared secret: pass"
+            f" --secret-file (or set ${wire.SECRET_ENV}), or --insecure to accept anyone"
+        )
+    config = _dest_config(
+        disable_capabilities=frozenset(name for _, name in disabled),
+        secret=secret,
+        max_region_bytes=max_size or 0,
+        timeout=timeout,
+        resume_deadline_s=resume_deadline,
+        postcopy_queue_bytes=postcopy_queue,
+    )
+    try:
+        listener = wire.Listener(address, insecure=insecure)
+    except OSError as e:
+        why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise MigrationError(f"cannot listen on {address}: {why}") from None
+    console = stderr_console()
+    failed = False
+    with listener:
+        if announce:
+            sys.stdout.write(f"{local.ANNOUNCE_PREFIX}{listener.address}\n")
+            sys.stdout.flush()
+        while True:
+            returned = False
+            try:
+                with display.progress_display(console, progress) as reporter:
+                    summary = migration.serve(listener, config, reporter)
+                returned = True
+            except (LivemigError, OSError) as e:
+                summary = migration.DestinationSummary(
+                    ok=False, mode="precopy", region_bytes=0, error=describe(e)
+                )
+            if not quiet and returned:
+                console.print(display.destination_table(summary))
+            if as_json:
+                print_json(summary.to_json())
+            if not summary.ok:
+                failed = True
+                error(f"migration failed: {summary.error or 'see the summary'}")
+            if once:
+                break
+    return 1 if failed else 0
+
+
+
+
+def _dest_config(**kwargs: object) -> migration.DestinationConfig:
+    try:
+        return migration.DestinationConfig(**kwargs)  # type: ignore[arg-type]
+    except (ValueError, TypeError) as e:
+        raise usage(str(e)) from None

@@ -1,0 +1,56 @@
+"""Migrations end to end: :func:`migrate` moves a workload out, :func:`serve` takes one in.
+
+- ``config``: :class:`MigrationConfig`, :class:`DestinationConfig` (validated on construction);
+- ``results``: what a migration reports (:class:`MigrationResult`, :class:`DestinationSummary`);
+- ``source_run`` / ``dest_run``: the two sides' steps; ``recovery``: postcopy's pause and resume;
+- ``device_state``: what travels with a workload; ``oracle``: the generic verification;
+- ``control``: steering a running migration (:class:`MigrationControl`, the control socket).
+"""
+
+from __future__ import annotations
+
+from livemig.migration.config import DestinationConfig, MigrationConfig
+from livemig.migration.control import ControlServer, MigrationControl, request_resume
+from livemig.migration.dest_run import serve
+from livemig.migration.progress import NoProgress, Progress
+from livemig.migration.results import (
+    BalloonReport,
+    DestinationSummary,
+    HintStats,
+    LatencySummary,
+    MigrationFailed,
+    MigrationResult,
+    Mode,
+    PostcopyStats,
+    RoundStats,
+    SourceWorkloadReport,
+    VerifyReport,
+    WorkloadCheck,
+    WorkloadInfo,
+)
+from livemig.migration.source_run import migrate
+
+__all__ = [
+    "BalloonReport",
+    "ControlServer",
+    "DestinationConfig",
+    "DestinationSummary",
+    "HintStats",
+    "LatencySummary",
+    "MigrationConfig",
+    "MigrationControl",
+    "MigrationFailed",
+    "MigrationResult",
+    "Mode",
+    "NoProgress",
+    "PostcopyStats",
+    "Progress",
+    "RoundStats",
+    "SourceWorkloadReport",
+    "VerifyReport",
+    "WorkloadCheck",
+    "WorkloadInfo",
+    "migrate",
+    "request_resume",
+    "serve",
+]

@@ -1,0 +1,81 @@
+"""A connection's worth of each side's wire state (:class:`SourceLink`, :class:`DestLink`): what
+recovery tears down and replaces whole when a channel breaks, and the one place that words a
+session event for a person."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+
+from livemig import _core, wire
+from livemig.protocol import EventKind
+
+
+def shutdown_channels(conn: wire.Connection) -> None:
+    """Shuts every socket of ``conn`` down (waking threads blocked on them) without closing."""
+    for ch in conn.channels():
+        try:
+            ch.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+_BARE_EVENTS = {
+    EventKind.END: "the connection closed",
+    EventKind.FAILED: "the connection failed",
+}
+
+
+def event_summary(ev: _core.SessionEvent) -> str:
+    """What a session event says; a bare END or failure, which carries no text, in words."""
+    return str(ev.text or _BARE_EVENTS.get(ev.kind, ev.kind.name.lower()))
+
+
+@dataclass
+class SourceLink:
+    """The source's connection, its frame writers and its session (pumps and return path)."""
+
+    conn: wire.Connection
+    session: _core.SourceSession
+    main: _core.FrameWriter
+    extras: list[_core.FrameWriter]
+    urgent: _core.FrameWriter | None
+
+    @classmethod
+    def open(cls, conn: wire.Connection, source: _core.Source, *, extras: bool = True) -> SourceLink:
+        """Writers for every channel of ``conn`` and a session over ``source`` (not started)."""
+        main = conn.writer()
+        extra = [conn.writer(ch) for ch in conn.pages] if extras else []
+        urgent = conn.writer(conn.urgent) if conn.urgent is not None else None
+        session = _core.SourceSession(source, main, extra, urgent, conn.main.fileno(), conn.config())
+        return cls(conn, session, main, extra, urgent)
+
+    def end_extras(self) -> None:
+        """END on every extra page channel (they carry nothing after this)."""
+        for w in self.extras:
+            w.send_end()
+        self.extras = []
+
+    def teardown(self) -> None:
+        """Pumps stopped, sockets shut down, return path joined, sockets closed (in that order, so
+        no thread writes to a closed fd that a new connection may reuse)."""
+        self.session.interrupt()
+        shutdown_channels(self.conn)
+        self.session.join_return_path()
+        self.conn.close()
+
+
+@dataclass
+class DestLink:
+    """The destination's connection and its return-path writer (the main socket's other direction)."""
+
+    conn: wire.Connection
+    return_path: _core.FrameWriter
+    ended: set[int] = field(default_factory=set)  #: channels that sent END
+
+    @classmethod
+    def of(cls, conn: wire.Connection) -> DestLink:
+        return cls(conn, conn.writer())
+
+
+__all__ = ["DestLink", "SourceLink", "event_summary", "shutdown_channels"]

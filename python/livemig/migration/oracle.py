@@ -1,0 +1,56 @@
+"""The generic oracle (docs/design.md rule 10), for any workload: with the workload paused at
+switchover, the destination's region equals the source's byte for byte, and no page was placed
+twice. Both sides digest pages in C++ (the destination as it places them, so its workload may run
+on; the source from its frozen memory after the switchover), the source compares the tables, and
+the destination counts placements where they happen. Nothing here runs per page in Python."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig import _core
+from livemig.memory import Region
+from livemig.migration.results import VerifyReport, WorkloadCheck
+
+
+def region_digests(region: Region) -> npt.NDArray[np.uint64]:
+    """A digest of every page of ``region`` (C++, GIL released)."""
+    return _core.page_digests(region.buffer, region.page_size)
+
+
+def free_pages(hinted: _core.PageBitmap, dirty: _core.PageBitmap) -> _core.PageBitmap:
+    """What the comparison skips, taken at the final sync: the pages the workload declared free
+    (hinted, H) and did not write since (not dirty, D). Their content is the workload's to forget:
+    a hint drops the write tracking of the page (rule 5), so the destination may hold any older
+    version of it, or its fill value. Word operations in C++."""
+    bm = _core.PageBitmap(hinted.size)
+    bm.or_(hinted)
+    bm.and_not(dirty)
+    return bm
+
+
+def compare(
+    expected: npt.NDArray[np.uint64],
+    got: npt.NDArray[np.uint64],
+    excepted: _core.PageBitmap | None,
+    placed_twice: int,
+    workload: WorkloadCheck | None,
+) -> VerifyReport:
+    """The verdict of the source's digests against the destination's."""
+    c = _core.compare_digests(expected, got, excepted)
+    return VerifyReport(
+        pages_checked=int(c.compared), mismatches=int(c.mismatches), placed_twice=placed_twice,
+        excepted=int(c.excepted), missing=int(c.missing), first_mismatches=tuple(int(p) for p in c.first_mismatches),
+        digests=True, workload=workload)
+
+
+def without_digests(placed_twice: int, workload: WorkloadCheck | None) -> VerifyReport:
+    """The verdict when the peer keeps no digests: the placement count and the workload's own check."""
+    return VerifyReport(
+        pages_checked=workload.pages_checked if workload else 0,
+        mismatches=workload.mismatches if workload else 0,
+        placed_twice=placed_twice, digests=False, workload=workload)
+
+
+__all__ = ["compare", "free_pages", "region_digests", "without_digests"]

@@ -1,0 +1,266 @@
+"""What a migration reports: the source's :class:`MigrationResult` (the CLI's ``--json``), the
+destination's :class:`DestinationSummary` (also sent back to the source as its report), and the
+exception a failed migration raises."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from livemig.errors import MigrationError, ProtocolError
+
+if TYPE_CHECKING:
+    from livemig.workload.base import Workload
+
+Mode = Literal["precopy", "postcopy"]
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    """One precopy round."""
+
+    index: int
+    dirty_pages: int  #: dirty after this round's sync, before sending
+    pages_sent: int
+    zero_pages: int
+    bytes_sent: int
+    seconds: float
+    bandwidth_bps: float  #: bytes per second on the wire this round
+    remaining_pages: int  #: dirty after the round (what the next round or switchover must send)
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    """Fault latency in microseconds (power-of-two buckets: p50/p99 are bucket upper bounds)."""
+
+    p50: float = 0.0
+    p99: float = 0.0
+    max: float = 0.0
+
+
+@dataclass(frozen=True)
+class PostcopyStats:
+    requests: int = 0  #: page requests the destination sent
+    local_fills: int = 0  #: faults resolved on the destination without a request
+    fault_latency_us: LatencySummary = field(default_factory=LatencySummary)
+    histogram: tuple[int, ...] = ()  #: faults per power-of-two microsecond bucket
+    outstanding_requests: int = 0  #: requested pages never placed (must be 0)
+    local_fill_pages: int = 0  #: pages the source said the destination may fill itself
+
+
+@dataclass(frozen=True)
+class HintStats:
+    rounds: int = 0
+    pages_hinted: int = 0
+    stale_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class BalloonReport:
+    last_cmd_id: int = 0  #: the command id the destination guest's driver saw last
+    done_delivered: bool = False  #: the destination guest saw DONE
+    held_pages_after: int = 0  #: pages the destination guest still held back (must be 0)
+
+
+@dataclass(frozen=True)
+class WorkloadCheck:
+    """A workload's own check of its memory (the second oracle)."""
+
+    ok: bool
+    pages_checked: int = 0
+    mismatches: int = 0
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The generic oracle (docs/design.md rule 10): the destination's pages as of the switchover
+    against the source's, digest by digest, and placements counted where they happen; plus the
+    workload's own check on the destination."""
+
+    pages_checked: int = 0  #: pages compared (or checked by the workload, without digests)
+    mismatches: int = 0  #: pages that differ (digests), or the workload's own mismatches
+    placed_twice: int = 0  #: postcopy placements of a page already placed (the destination's count)
+    excepted: int = 0  #: pages not compared: hinted free and never sent (their content is the guest's)
+    missing: int = 0  #: of the mismatches, pages the destination never got
+    first_mismatches: tuple[int, ...] = ()  #: the first few mismatching pages
+    digests: bool = False  #: the digest comparison ran (both sides had the digests capability)
+    workload: WorkloadCheck | None = None  #: the destination workload's own check
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0 and self.placed_twice == 0 and (self.workload is None or self.workload.ok)
+
+
+@dataclass
+class WorkloadInfo:
+    """What was migrated."""
+
+    kind: str = ""
+    stats: dict[str, int | float] = field(default_factory=dict)
+
+
+@dataclass
+class MigrationResult:
+    """What a migration did; ``to_json()`` is the CLI's ``--json`` object."""
+
+    ok: bool
+    mode: Mode
+    region_bytes: int
+    page_size: int
+    total_ms: float = 0.0
+    downtime_ms: float = 0.0
+    precopy_rounds: int = 0
+    bytes_sent: int = 0
+    pages_sent: int = 0
+    zero_pages: int = 0
+    postcopy: PostcopyStats = field(default_factory=PostcopyStats)
+    hints: HintStats = field(default_factory=HintStats)
+    balloon: BalloonReport = field(default_factory=BalloonReport)
+    verify: VerifyReport | None = None
+    rounds: list[RoundStats] = field(default_factory=list)
+    capabilities: list[str] = field(default_factory=list)  #: negotiated
+    error: str | None = None
+    recoveries: int = 0  #: times a broken postcopy connection was resumed
+    requeued_pages: int = 0  #: pages made dirty again on resuming (not received by the destination)
+    push_bytes: int = 0  #: postcopy: bytes the background push and the served requests sent
+    push_seconds: float = 0.0  #: postcopy: from the start command until nothing was left to push
+    workload: WorkloadInfo = field(default_factory=WorkloadInfo)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the ``--json`` output)."""
+        d = asdict(self)
+        if d["verify"] is None:
+            del d["verify"]
+        return d
+
+
+@dataclass
+class DestinationSummary:
+    """What the destination saw of one migration (also sent back to the source as its report).
+    ``workload``: the rebuilt workload (not part of the report)."""
+
+    ok: bool
+    mode: Mode
+    region_bytes: int
+    postcopy: PostcopyStats = field(default_factory=PostcopyStats)
+    balloon: BalloonReport = field(default_factory=BalloonReport)
+    verify: VerifyReport | None = None
+    error: str | None = None
+    recoveries: int = 0  #: times a broken postcopy connection was resumed
+    placed_twice: int = 0  #: postcopy placements of a page already placed (rule 1: 0)
+    workload_kind: str = ""
+    workload: Workload | None = field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the listener's ``--json`` output, and the report's header)."""
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "workload":
+                continue
+            v = getattr(self, f.name)
+            d[f.name] = asdict(v) if is_dataclass(v) and not isinstance(v, type) else v
+        if d["verify"] is None:
+            del d["verify"]
+        return d
+
+
+@dataclass(frozen=True)
+class SourceWorkloadReport:
+    """What became of the source workload when a migration failed."""
+
+    running: bool  #: resumed here (the destination never ran it); False: stale, it stays paused
+    done_delivered: bool  #: its balloon driver saw DONE (True when it has no balloon)
+    held_pages: int  #: pages its balloon driver still holds back
+    check: WorkloadCheck | None = None  #: with ``MigrationConfig.verify``: its own check
+
+
+class MigrationFailed(MigrationError):
+    """A migration failed; ``source_workload`` says what became of the source workload."""
+
+    def __init__(self, message: str, source_workload: SourceWorkloadReport | None = None) -> None:
+        super().__init__(message)
+        self.source_workload = source_workload
+
+
+# ---- the report: the destination's summary, and its page digests, back to the source ----
+
+_REPORT_MAGIC = b"LMRP"
+_REPORT_VERSION = 1
+_REPORT_HEAD = struct.Struct("<4sHHIQ")  # magic, version, reserved, JSON bytes, digest count
+
+
+def encode_report(summary: DestinationSummary, digests: npt.NDArray[np.uint64] | None) -> bytes:
+    """The report blob: a header, the summary as JSON, then the page digests (little-endian u64)."""
+    body = json.dumps(summary.to_json()).encode()
+    d = b"" if digests is None else np.ascontiguousarray(digests, dtype="<u8").tobytes()
+    n = 0 if digests is None else len(digests)
+    return _REPORT_HEAD.pack(_REPORT_MAGIC, _REPORT_VERSION, 0, len(body), n) + body + d
+
+
+def _latency(d: dict[str, Any]) -> LatencySummary:
+    return LatencySummary(p50=d.get("p50", 0.0), p99=d.get("p99", 0.0), max=d.get("max", 0.0))
+
+
+def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint64] | None]:
+    """Inverse of :func:`encode_report`; ProtocolError for anything else."""
+    if len(blob) < _REPORT_HEAD.size:
+        raise ProtocolError("report: shorter than its header")
+    magic, version, _reserved, nbody, ndig = _REPORT_HEAD.unpack_from(blob)
+    if magic != _REPORT_MAGIC:
+        raise ProtocolError("report: bad magic")
+    if version != _REPORT_VERSION:
+        raise ProtocolError(f"report: version {version}, this side reads version {_REPORT_VERSION}")
+    end = _REPORT_HEAD.size + nbody
+    if end + 8 * ndig != len(blob):
+        raise ProtocolError("report: its lengths do not add up to its size")
+    try:
+        d = json.loads(blob[_REPORT_HEAD.size:end])
+        pc = d.get("postcopy", {})
+        v = d.get("verify")
+        verify = None
+        if v:
+            wl = v.get("workload")
+            verify = VerifyReport(
+                pages_checked=v.get("pages_checked", 0), mismatches=v.get("mismatches", 0),
+                placed_twice=v.get("placed_twice", 0), excepted=v.get("excepted", 0), missing=v.get("missing", 0),
+                first_mismatches=tuple(v.get("first_mismatches", ())), digests=bool(v.get("digests", False)),
+                workload=WorkloadCheck(**wl) if wl else None)
+        summary = DestinationSummary(
+            ok=bool(d["ok"]), mode=d["mode"], region_bytes=int(d["region_bytes"]),
+            postcopy=PostcopyStats(
+                requests=pc.get("requests", 0), local_fills=pc.get("local_fills", 0),
+                fault_latency_us=_latency(pc.get("fault_latency_us", {})),
+                histogram=tuple(pc.get("histogram", ())), outstanding_requests=pc.get("outstanding_requests", 0),
+                local_fill_pages=pc.get("local_fill_pages", 0)),
+            balloon=BalloonReport(**d.get("balloon", {})), verify=verify, error=d.get("error"),
+            recoveries=d.get("recoveries", 0), placed_twice=d.get("placed_twice", 0),
+            workload_kind=d.get("workload_kind", ""))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProtocolError(f"report: bad summary: {e}") from None
+    digests = np.frombuffer(blob, dtype="<u8", count=ndig, offset=end).astype(np.uint64) if ndig else None
+    return summary, digests
+
+
+__all__ = [
+    "BalloonReport",
+    "DestinationSummary",
+    "HintStats",
+    "LatencySummary",
+    "MigrationFailed",
+    "MigrationResult",
+    "Mode",
+    "PostcopyStats",
+    "RoundStats",
+    "SourceWorkloadReport",
+    "VerifyReport",
+    "WorkloadCheck",
+    "WorkloadInfo",
+    "decode_report",
+    "encode_report",
+]

@@ -1,0 +1,488 @@
+"""The source of a migration: :func:`migrate` and the run behind it.
+
+Python decides, C++ moves pages. The source runs precopy rounds (sync, send, measure) until what is
+left fits the downtime limit at the measured bandwidth, or a round limit, or the postcopy point;
+then it pauses the workload, does the final sync, and either sends the rest (precopy) or hands the
+workload over early and serves the destination's faults while pushing the rest (postcopy). The
+workload's balloon device is driven at every round event so hinted pages are skipped, and DONE
+always reaches it. docs/design.md has the rules every step keeps.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Any
+
+from livemig import _core, wire
+from livemig.balloon import BalloonDriver
+from livemig.errors import LivemigError, MigrationError, ProtocolError
+from livemig.migration import device_state, oracle
+from livemig.migration.config import MigrationConfig
+from livemig.migration.control import MigrationControl
+from livemig.migration.links import SourceLink, event_summary
+from livemig.migration.progress import NoProgress, Progress
+from livemig.migration.recovery import ChannelBroken, NeverRan, SourceRecovery
+from livemig.migration.results import (
+    DestinationSummary,
+    HintStats,
+    MigrationFailed,
+    MigrationResult,
+    RoundStats,
+    SourceWorkloadReport,
+    WorkloadCheck,
+    WorkloadInfo,
+    decode_report,
+)
+from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
+from livemig.source import Source
+from livemig.workload.base import Workload
+
+
+def _check(w: Workload) -> WorkloadCheck | None:
+    c = w.check()
+    return None if c is None else WorkloadCheck(c.ok, c.pages_checked, c.mismatches, c.detail)
+
+
+class SourceRun:
+    """One outgoing migration of ``workload``: its engine, the connection and the page pumps."""
+
+    def __init__(self, workload: Workload, config: MigrationConfig, progress: Progress,
+                 control: MigrationControl | None = None) -> None:
+        self.workload, self.config, self.progress = workload, config, progress
+        self.control = control or MigrationControl()
+        region = workload.region
+        self.engine = Source(region)
+        self.result = MigrationResult(ok=False, mode="postcopy" if config.postcopy else "precopy",
+                                      region_bytes=region.nbytes, page_size=region.page_size,
+                                      workload=WorkloadInfo(kind=workload.kind))
+        self.link: SourceLink | None = None
+        self.balloon = BalloonDriver(None, enabled=False)
+        self.recovery: SourceRecovery | None = None
+        self.dest_running = False  #: the destination workload may run: the source's must never resume
+        self.excepted: _core.PageBitmap | None = None  #: free pages at the final sync (the oracle skips them)
+        self._acked = False
+        self._t_pause = 0.0
+        self._hints_before: _core.BalloonCounters | None = None
+
+    # ---- steps ----
+    def connect(self, address: str) -> None:
+        self.progress.phase("connect")
+        caps = wire.Capabilities.default(extra_channels=self.config.channels - 1)
+        if self.config.verify:
+            caps = wire.Capabilities(caps.names | {"digests"}, caps.extra_channels)
+        caps = caps.without(*self.config.disable_capabilities)
+        if not self.config.checksums:
+            caps = caps.without("checksums")
+        opts = wire.WireOptions(page_size=self.result.page_size, region_bytes=self.result.region_bytes,
+                                capabilities=caps, secret=self.config.secret, timeout=self.config.timeout)
+        conn = wire.connect(address, opts)
+        self.link = SourceLink.open(conn, self.engine.core)
+        self.result.capabilities = sorted(conn.negotiated.capabilities)
+        self.link.session.start_return_path()
+        self.recovery = SourceRecovery(self.config, self.engine.core, self.control, self.progress, address, conn)
+        port = self.workload.balloon
+        if port is not None:
+            port.device.set_target(self.engine.hint_target)  # accepted hints land in D and H
+            self._hints_before = port.device.counters()
+            hinting = self.config.hints and conn.negotiated.hinting_allowed(postcopy_possible=self.config.postcopy)
+            self.balloon = BalloonDriver(port.device, enabled=hinting, notify=port.notify)
+
+    def _add(self, st: _core.SendStats) -> None:
+        self.result.pages_sent += st.pages
+        self.result.zero_pages += st.zero_pages
+        self.result.bytes_sent += st.bytes
+
+    def _check_peer(self) -> None:
+        """Fails fast when the return path reported an error or broke."""
+        assert self.link is not None
+        ev = self.link.session.wait_event(0)
+        if ev is not None:
+            if ev.kind in (EventKind.PEER_ERROR, EventKind.FAILED, EventKind.END):
+                raise MigrationError(f"destination: {event_summary(ev)}")
+            raise MigrationError(f"unexpected {ev.kind.name} from the destination during precopy")
+
+    def precopy(self) -> None:
+        """Rounds until the rest fits the downtime limit, or the round limit, or postcopy time."""
+        assert self.link is not None
+        self.progress.phase("precopy")
+        cfg, page, total = self.config, self.result.page_size, self.engine.pages
+        bandwidth = 0.0
+        for index in range(cfg.max_rounds + 1):
+            self.balloon.before_sync()
+            self.engine.sync()
+            self.balloon.after_sync()
+            dirty = self.engine.dirty.count()
+            if cfg.postcopy and index >= cfg.postcopy_after:
+                break  # (postcopy_after=0: no precopy round, every page comes on demand or pushed)
+            if index > 0:
+                fits = bandwidth > 0 and dirty * page / bandwidth * 1e3 <= cfg.downtime_limit_ms
+                if not cfg.postcopy and (fits or index >= cfg.max_rounds):
+                    break
+                if cfg.postcopy and index >= cfg.max_rounds:
+                    break
+            self._check_peer()
+            st = self.link.session.precopy_pass(max_seconds=3600.0, max_pages=dirty)
+            self._add(st)
+            bandwidth = st.bytes / st.seconds if st.seconds > 0 else bandwidth
+            remaining = self.engine.dirty.count()
+            self.result.rounds.append(RoundStats(index, dirty, st.pages, st.zero_pages, st.bytes, st.seconds,
+                                                 bandwidth, remaining))
+            self.progress.update(round=index, remaining_pages=remaining, total_pages=total, bandwidth_bps=bandwidth)
+        self.result.precopy_rounds = len(self.result.rounds)
+
+    def kind_line(self) -> device_state.KindLine:
+        return device_state.KindLine(self.workload.kind, self.workload.version)
+
+    def announce_postcopy(self) -> None:
+        """Before the workload pauses for a postcopy switchover: ends the extra page channels, syncs
+        once more and has the destination drop the pages sent and written since, sends COMMAND 1
+        (with the workload's kind, so a destination that cannot host it refuses now, the workload
+        still running) and waits for its ACK. The destination has then applied everything sent so
+        far, so the downtime holds neither the pages still queued in the sockets nor more discard
+        work than the workload makes in its last milliseconds. From then on a destination whose
+        connection breaks before its workload ran waits for a resume to say so."""
+        assert self.link is not None
+        self.link.end_extras()
+        self.balloon.before_sync()
+        self.engine.sync()
+        self.balloon.after_sync()
+        stale = self.engine.take_stale_sent()
+        if len(stale):
+            self.link.main.send_discard(stale)
+        self.link.main.send_command(Command.SWITCHOVER, self.kind_line().pack())
+        self.wait_ack(Command.SWITCHOVER)
+        # Everything sent is applied: from here on the push queues little ahead of a request.
+        self.link.conn.main.bound_queue("source", self.config.postcopy_queue_bytes)
+
+    def switchover(self) -> float:
+        """Pauses the workload, final sync, DONE, and (precopy) sends the rest; returns the pause time."""
+        assert self.link is not None
+        self.progress.phase("switchover")
+        self.workload.pause(self.config.pause_timeout_s)
+        t_pause = time.perf_counter()
+        self.balloon.before_sync()
+        self.engine.sync()
+        self.balloon.final_sync()  # DONE before the device state is sent, precopy and postcopy alike
+        if self.config.verify:
+            self.excepted = oracle.free_pages(self.engine.hinted, self.engine.dirty)
+        if not self.config.postcopy:
+            while True:
+                st = self.link.session.precopy_pass(max_seconds=3600.0)
+                self._add(st)
+                if st.drained:
+                    break
+        self.link.end_extras()  # (postcopy ended them ahead of the pause: announce_postcopy)
+        return t_pause
+
+    def device_state(self) -> bytes:
+        balloon = {"cmd_id": self.balloon.cmd_id, "last_round_id": self.balloon.last_round_id}
+        return device_state.pack(self.kind_line(), balloon, self.workload.export_state())
+
+    def wait_ack(self, command: Command) -> float:
+        """Waits until the destination acknowledges ``command``: COMMAND 1 with AckKind.SWITCHOVER
+        (everything before it applied); COMMAND 2/3 with AckKind.GUEST_RUNS (its workload runs).
+        Returns when that word arrived (time.perf_counter() clock)."""
+        assert self.link is not None
+        switchover = command == Command.SWITCHOVER
+        want = (AckKind.SWITCHOVER, 0) if switchover else (AckKind.GUEST_RUNS, int(command))
+        deadline = time.monotonic() + self.config.timeout
+        while True:
+            ev = self.link.session.wait_event(max(0.0, deadline - time.monotonic()))
+            if ev is None:
+                what = "acknowledge the switchover" if switchover else "resume the workload"
+                raise MigrationError(f"the destination did not {what} within {self.config.timeout} s")
+            if ev.kind == EventKind.ACK and (ev.ack_kind, ev.ack_value) == want:
+                return ev.at
+            if ev.kind in (EventKind.PEER_ERROR, EventKind.FAILED, EventKind.END):
+                raise MigrationError(f"destination: {event_summary(ev)}")
+
+    def finish_precopy(self, t_pause: float) -> None:
+        assert self.link is not None
+        self.link.main.send_device_state(self.device_state())
+        self.link.main.send_command(Command.COMPLETE)
+        resumed_at = self.wait_ack(Command.COMPLETE)
+        self.dest_running = True
+        self.result.downtime_ms = (resumed_at - t_pause) * 1e3
+
+    def postcopy(self, t_pause: float) -> None:
+        assert self.link is not None
+        sets = self.engine.switchover_sets()
+        main = self.link.main
+        if self.link.conn.negotiated.local_fill:
+            main.send_discard(sets.discard)
+            main.send_local_fill(sets.local_fill, 0)  # the workload has no poison value
+        else:
+            self.engine.dirty_hinted_unsent()  # served on request and pushed like any other page
+            main.send_discard(sets.discard)
+        main.send_device_state(self.device_state())
+        main.send_command(Command.POSTCOPY_START)
+        self.dest_running = True  # from here on the source workload must never resume
+        self.progress.phase("postcopy")
+        self._acked = False
+        self._t_pause = t_pause
+        self._serve_postcopy()
+
+    def _resume(self, cause: str) -> None:
+        """A break in postcopy: pause, then resume over a new connection."""
+        assert self.link is not None and self.recovery is not None
+        if not (self.dest_running and self.recovery.enabled()):
+            self.link.teardown()
+            raise MigrationError(cause)
+        self.link = self.recovery.pause_and_resume(cause, self.link)
+
+    def _serve_postcopy(self) -> None:
+        """Pushes until done, then ends the urgent channel and sends COMPLETE; a break pauses and
+        resumes (recovery), then pushes on."""
+        while True:
+            try:
+                self._push_until_drained()
+                assert self.link is not None
+                try:
+                    self.link.session.end_urgent()
+                    self.link.main.send_command(Command.COMPLETE)
+                except (LivemigError, OSError) as e:
+                    raise ChannelBroken(str(e)) from None
+                return
+            except ChannelBroken as e:
+                self._resume(str(e))
+                self._acked = True  # the destination resumed: its workload runs
+                assert self.recovery is not None
+                if self.recovery.dest_completed:
+                    return  # it has every page already
+
+    def _push_until_drained(self) -> None:
+        """Serve requests and push at once: the destination workload may fault before its ack arrives."""
+        assert self.link is not None
+        session = self.link.session
+        t_push, pushing = time.perf_counter(), True
+        while True:
+            try:
+                st = session.postcopy_push(max_seconds=0.05)
+            except (LivemigError, OSError) as e:
+                raise ChannelBroken(str(e)) from None
+            self._add(st)
+            if pushing:
+                self.result.push_bytes += int(st.bytes)
+                if st.drained:
+                    self.result.push_seconds += time.perf_counter() - t_push
+                    pushing = False
+            wait = 0.05 if st.drained else 0.0  # nothing to push: block for the ack instead
+            while (ev := session.wait_event(wait)) is not None:
+                wait = 0.0
+                if ev.kind == EventKind.ACK and ev.ack_kind == AckKind.GUEST_RUNS and not self._acked:
+                    if ev.ack_value == ACK_NEVER_RAN:
+                        raise NeverRan("the destination could not start the workload")
+                    if ev.ack_value == int(Command.POSTCOPY_START):
+                        self._acked = True
+                        self.result.downtime_ms = (ev.at - self._t_pause) * 1e3
+                elif ev.kind in (EventKind.FAILED, EventKind.END):
+                    raise ChannelBroken(event_summary(ev))
+                elif ev.kind == EventKind.PEER_ERROR:
+                    raise MigrationError(f"destination: {event_summary(ev)}")
+            self.progress.update(round=len(self.result.rounds), remaining_pages=self.engine.dirty.count(),
+                                 total_pages=self.engine.pages,
+                                 bandwidth_bps=st.bytes / st.seconds if st.seconds else 0.0)
+            if st.drained and self._acked:
+                break
+            if not self._acked and time.perf_counter() - self._t_pause > self.config.timeout:
+                raise MigrationError(f"the destination did not resume the workload within {self.config.timeout} s")
+
+    def say_committed(self) -> None:
+        """Precopy, once the destination said its workload runs: COMMAND 4 tells it this source will
+        never resume its own, so the destination keeps its workload even if the rest of the
+        conversation (the report, its confirmation) is lost (docs/protocol.md, Recovery)."""
+        if self.config.postcopy or not self.dest_running or self.link is None:
+            return
+        try:
+            self.link.main.send_command(Command.COMMITTED)
+        except (LivemigError, OSError):
+            pass  # the report wait sees the break
+
+    def report(self) -> DestinationSummary:
+        """The destination's summary, sent once it is done (and verified, when asked), with the
+        generic oracle's verdict when both sides kept digests."""
+        assert self.link is not None and self.recovery is not None
+        self.say_committed()
+        expected = None
+        if self.config.verify and self.link.conn.negotiated.digests:
+            # The workload is paused for good (the destination's runs): its memory is as at switchover.
+            expected = oracle.region_digests(self.workload.region)
+        deadline = time.monotonic() + self.config.timeout + 60.0
+        while True:
+            ev = self.link.session.wait_event(max(0.0, deadline - time.monotonic()))
+            if ev is None:
+                raise MigrationError("the destination sent no report")
+            if ev.kind == EventKind.REPORT:
+                summary, got = decode_report(ev.data)
+                try:
+                    self.link.main.send_end()  # the destination waits for this word that its report arrived
+                except (LivemigError, OSError):
+                    pass
+                self._await_end()
+                if expected is not None:
+                    self._judge(summary, expected, got)
+                return summary
+            if ev.kind in (EventKind.FAILED, EventKind.END) and self.dest_running and self.recovery.enabled():
+                # The report did not come: the destination may still miss pages (postcopy) or only
+                # its report was lost. Resume; push what it lacks and complete again if need be.
+                self._resume(ev.text or ev.kind.name.lower())
+                if not self.recovery.dest_completed:
+                    self._serve_postcopy()
+                deadline = time.monotonic() + self.config.timeout + 60.0
+                continue
+            if ev.kind in (EventKind.PEER_ERROR, EventKind.FAILED, EventKind.END):
+                raise MigrationError(f"destination: {event_summary(ev)}")
+
+    def _judge(self, summary: DestinationSummary, expected: Any, got: Any) -> None:
+        if got is None:
+            raise ProtocolError("the destination negotiated digests but sent none with its report")
+        workload = summary.verify.workload if summary.verify is not None else None
+        summary.verify = oracle.compare(expected, got, self.excepted, summary.placed_twice, workload)
+        summary.ok = summary.ok and summary.verify.ok
+
+    def _await_end(self) -> None:
+        """The destination ends the return path after its report; closing first would make its END
+        fail. A destination that does not end it within a second is not waited for."""
+        assert self.link is not None
+        deadline = time.monotonic() + 1.0
+        while (left := deadline - time.monotonic()) > 0:
+            ev = self.link.session.wait_event(left)
+            if ev is None or ev.kind in (EventKind.END, EventKind.FAILED, EventKind.PEER_ERROR):
+                return
+
+    def cancel(self) -> None:
+        """After a failure: the source workload gets DONE and keeps running, unless the destination
+        workload may already run (then the source's must not resume: it would be stale)."""
+        self.balloon.cleanup()
+        if not self.dest_running:
+            self.workload.resume()
+
+    def source_report(self, settle_s: float = 10.0) -> SourceWorkloadReport:
+        """After cancel(): lets a resumed workload see DONE (up to ``settle_s``), then reports (and,
+        with ``config.verify``, has it check itself)."""
+        running = not self.dest_running
+        port = self.workload.balloon
+        deadline = time.monotonic() + settle_s
+        while running and port is not None and time.monotonic() < deadline:  # DONE was sent
+            now = port.status()
+            if now.done_seen and now.pages_held == 0:
+                break
+            time.sleep(0.005)  # the workload's driver runs at its own pace
+        s = port.status() if port is not None else None
+        check = None
+        if self.config.verify:
+            if running:
+                self.workload.pause(self.config.pause_timeout_s)
+            check = _check(self.workload)
+            if running:
+                self.workload.resume()
+        return SourceWorkloadReport(running=running, done_delivered=s.done_seen if s else True,
+                                    held_pages=s.pages_held if s else 0, check=check)
+
+    def hint_stats(self) -> HintStats:
+        """What the workload's balloon device took during this migration."""
+        port, before = self.workload.balloon, self._hints_before
+        if port is None or before is None:
+            return HintStats(rounds=self.balloon.stats.rounds)
+        now = port.device.counters()
+        return HintStats(rounds=self.balloon.stats.rounds, pages_hinted=int(now.pages_hinted - before.pages_hinted),
+                         stale_dropped=int(now.hints_dropped_stale - before.hints_dropped_stale))
+
+    def close(self) -> None:
+        """Connection down, tracking ended (the workload's memory is ordinary again, rule 9), hints
+        routed back to the workload's device."""
+        if self.link is not None:
+            self.link.teardown()
+        port = self.workload.balloon
+        if port is not None:
+            port.device.set_target(None)
+        self.engine.close()
+        if self.recovery is not None:
+            self.result.recoveries, self.result.requeued_pages = self.recovery.recoveries, self.recovery.requeued_pages
+
+
+def _legacy(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Workload, tuple[Any, ...]]:
+    """``migrate(address, region_bytes, GuestConfig, ...)`` (before workloads) as a model guest."""
+    from livemig.guest import GuestConfig
+    from livemig.workload.model import ModelGuest
+
+    warnings.warn("migrate(address, region_bytes, GuestConfig(...), ...) is deprecated: pass a workload,"
+                  " e.g. migrate(address, ModelGuest(region_bytes, GuestConfig(...)), config)",
+                  DeprecationWarning, stacklevel=3)
+    size, guest, *rest = args
+    if not isinstance(guest, GuestConfig):
+        raise TypeError("the old call form is migrate(address, region_bytes, GuestConfig, config, ...)")
+    image = kwargs.pop("image", None)
+    return (ModelGuest.from_image(image) if image is not None else ModelGuest(size, guest)), tuple(rest)
+
+
+def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -> MigrationResult:
+    """Migrates ``workload`` to the destination listening at ``address``:
+    ``migrate(address, workload, config=MigrationConfig(), progress=None, control=None)``.
+
+    The workload is started if it does not run. Raises :class:`MigrationFailed` (naming the step
+    and cause) when the migration fails; the source workload then keeps running and has been sent
+    DONE, unless the destination's had already started (postcopy), in which case the source's
+    stays paused. After success the source workload stays paused: its memory is stale.
+
+    Postcopy recovery: a connection that breaks after the destination workload started pauses the
+    migration; it resumes over a new connection (by itself, or through ``control``: see
+    :class:`livemig.migration.MigrationControl`) within ``config.reconnect_deadline_s``.
+    """
+    if isinstance(workload, int):
+        workload, args = _legacy((workload, *args), kwargs)
+    names = ("config", "progress", "control")
+    params: dict[str, Any] = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names or k in params:
+            raise TypeError(f"migrate() got an unexpected or repeated argument {k!r}")
+        params[k] = v
+    config: MigrationConfig = params.get("config") or MigrationConfig()
+    prog: Progress = params.get("progress") or NoProgress()
+    run = SourceRun(workload, config, prog, params.get("control"))
+    t0 = time.perf_counter()
+    step = "connect"
+    try:
+        workload.start()
+        run.connect(address)
+        step = "precopy"
+        run.precopy()
+        if config.postcopy:
+            run.announce_postcopy()
+        step = "switchover"
+        t_pause = run.switchover()
+        if config.postcopy:
+            step = "postcopy"
+            run.postcopy(t_pause)
+        else:
+            run.finish_precopy(t_pause)
+        step = "complete"
+        prog.phase("complete")
+        summary = run.report()
+    except NeverRan as e:
+        run.dest_running = False
+        run.cancel()
+        report = run.source_report()
+        run.close()
+        raise MigrationFailed(f"{step}: {e}", report) from e
+    except (LivemigError, OSError) as e:
+        run.cancel()
+        report = run.source_report()
+        run.close()
+        raise MigrationFailed(f"{step}: {e}", report) from e
+    except BaseException:
+        run.cancel()
+        run.close()
+        raise
+    run.close()
+    r = run.result
+    r.total_ms = (time.perf_counter() - t0) * 1e3
+    r.hints = run.hint_stats()
+    r.postcopy, r.balloon, r.verify, r.error, r.ok = (summary.postcopy, summary.balloon, summary.verify,
+                                                      summary.error, summary.ok)
+    r.workload.stats = workload.stats()
+    return r
+
+
+__all__ = ["SourceRun", "migrate"]

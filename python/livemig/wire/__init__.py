@@ -1,0 +1,77 @@
+"""The wire (docs/protocol.md): capabilities, addresses, the handshake, connections and frames.
+
+The destination listens, the source connects. Every channel (main, urgent, extra page channels)
+is its own stream socket and starts with the handshake; the return path is the main socket's other
+direction. After the handshake, frames and pages move in C++ with the GIL released.
+"""
+
+from __future__ import annotations
+
+from livemig.protocol import PROTOCOL_VERSION
+from livemig.wire.address import Address, is_loopback, parse_address
+from livemig.wire.capabilities import (
+    ALL_CAPABILITIES,
+    CAPABILITY_BITS,
+    DEFAULT_CAPABILITIES,
+    MAX_EXTRA_CHANNELS,
+    Capabilities,
+    Negotiated,
+)
+from livemig.wire.connection import (
+    MAX_POSTCOPY_QUEUE_BYTES,
+    MIN_POSTCOPY_QUEUE_BYTES,
+    POSTCOPY_QUEUE_BYTES,
+    Channel,
+    Connection,
+    Listener,
+    check_queue_bytes,
+    connect,
+)
+from livemig.wire.frames import Frame, decode, expect, read_frame
+from livemig.wire.handshake import (
+    MAGIC,
+    SECRET_ENV,
+    ChannelKind,
+    HandshakeResult,
+    Role,
+    WireOptions,
+    handshake_destination,
+    handshake_source,
+    load_secret,
+    physical_memory_bytes,
+)
+
+__all__ = [
+    "ALL_CAPABILITIES",
+    "CAPABILITY_BITS",
+    "DEFAULT_CAPABILITIES",
+    "MAGIC",
+    "MAX_EXTRA_CHANNELS",
+    "MAX_POSTCOPY_QUEUE_BYTES",
+    "MIN_POSTCOPY_QUEUE_BYTES",
+    "POSTCOPY_QUEUE_BYTES",
+    "PROTOCOL_VERSION",
+    "SECRET_ENV",
+    "Address",
+    "Capabilities",
+    "Channel",
+    "ChannelKind",
+    "Connection",
+    "Frame",
+    "HandshakeResult",
+    "Listener",
+    "Negotiated",
+    "Role",
+    "WireOptions",
+    "check_queue_bytes",
+    "connect",
+    "decode",
+    "expect",
+    "handshake_destination",
+    "handshake_source",
+    "is_loopback",
+    "load_secret",
+    "parse_address",
+    "physical_memory_bytes",
+    "read_frame",
+]

@@ -1,0 +1,131 @@
+"""Capabilities: what each side of a connection announces, and what both may use
+(docs/protocol.md, "Capabilities"). A behaviour an older peer would misread is used only when both
+sides announce it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CAPABILITY_BITS: dict[str, int] = {
+    "hints-postcopy": 1 << 0,
+    "local-fill": 1 << 1,
+    "urgent-channel": 1 << 2,
+    "multichannel": 1 << 3,
+    "checksums": 1 << 4,
+    "digests": 1 << 5,
+}
+"""Capability names (docs/design.md) and their bits. Bits a peer sets that we do not know are
+ignored. ``digests``: the destination keeps a digest of every page it places and sends the table
+with its report (the generic oracle); a source offers it only when it verifies."""
+ALL_CAPABILITIES: frozenset[str] = frozenset(CAPABILITY_BITS)
+#: Capabilities a side offers unless told otherwise (``digests`` is offered per migration).
+DEFAULT_CAPABILITIES: frozenset[str] = ALL_CAPABILITIES - {"digests"}
+MAX_EXTRA_CHANNELS = 64
+
+
+def _unknown_caps(unknown: set[str]) -> str:
+    return f"unknown capabilities {sorted(unknown)}; known: {sorted(ALL_CAPABILITIES)}"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one side announces: a set of capability names and, with ``multichannel``, how many
+    extra page channels it is willing to use. Withhold a capability with :meth:`without`."""
+
+    names: frozenset[str] = ALL_CAPABILITIES
+    extra_channels: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.names) - ALL_CAPABILITIES
+        if unknown:
+            raise ValueError(_unknown_caps(unknown))
+        if not 0 <= self.extra_channels <= MAX_EXTRA_CHANNELS:
+            raise ValueError(
+                f"extra_channels must be in [0, {MAX_EXTRA_CHANNELS}], got {self.extra_channels}"
+            )
+
+    @classmethod
+    def all(cls, extra_channels: int = 0) -> Capabilities:
+        """Every capability this version knows."""
+        return cls(ALL_CAPABILITIES, extra_channels)
+
+    @classmethod
+    def default(cls, extra_channels: int = 0) -> Capabilities:
+        """What a side offers unless told otherwise: everything but ``digests``."""
+        return cls(DEFAULT_CAPABILITIES, extra_channels)
+
+    @classmethod
+    def none(cls) -> Capabilities:
+        """No capability: behaves like the oldest peer."""
+        return cls(frozenset(), 0)
+
+    def without(self, *names: str) -> Capabilities:
+        """These capabilities withheld (``--disable-capability NAME``); ValueError for an
+        unknown name."""
+        unknown = set(names) - ALL_CAPABILITIES
+        if unknown:
+            raise ValueError(_unknown_caps(unknown))
+        return Capabilities(self.names - set(names), self.extra_channels)
+
+    def to_bits(self) -> int:
+        """The capability bit mask sent in HELLO."""
+        bits = 0
+        for n in self.names:
+            bits |= CAPABILITY_BITS[n]
+        return bits
+
+    @classmethod
+    def from_bits(cls, bits: int, extra_channels: int = 0) -> Capabilities:
+        """The known capabilities in a peer's bit mask (unknown bits are dropped)."""
+        names = frozenset(n for n, b in CAPABILITY_BITS.items() if bits & b)
+        return cls(names, min(extra_channels, MAX_EXTRA_CHANNELS))
+
+    def negotiate(self, peer: Capabilities) -> Negotiated:
+        """The capabilities both sides announced; extra channels only with multichannel, at most
+        the smaller offer."""
+        both = self.names & peer.names
+        extra = min(self.extra_channels, peer.extra_channels) if "multichannel" in both else 0
+        return Negotiated(both, extra)
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What a connection may use: a feature is used only when both sides announced it."""
+
+    capabilities: frozenset[str]
+    extra_channels: int = 0
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.capabilities
+
+    @property
+    def checksums(self) -> bool:
+        """CRC32C trailer on every frame."""
+        return "checksums" in self.capabilities
+
+    @property
+    def urgent_channel(self) -> bool:
+        """Requested pages travel on their own channel; without it they go first on main."""
+        return "urgent-channel" in self.capabilities
+
+    @property
+    def local_fill(self) -> bool:
+        """The destination resolves hinted pages itself; without it they are requested and served
+        like any other unsent page."""
+        return "local-fill" in self.capabilities
+
+    def hinting_allowed(self, postcopy_possible: bool) -> bool:
+        """Free page hinting may be used: always in pure precopy; with postcopy possible only when
+        the peer keeps hinted pages correct (``hints-postcopy``), as QEMU does since 6.2."""
+        return not postcopy_possible or "hints-postcopy" in self.capabilities
+
+
+
+    @property
+    def digests(self) -> bool:
+        """The destination keeps page digests and sends them with its report (generic oracle)."""
+        return "digests" in self.capabilities
+
+
+__all__ = ["ALL_CAPABILITIES", "CAPABILITY_BITS", "DEFAULT_CAPABILITIES", "MAX_EXTRA_CHANNELS", "Capabilities",
+           "Negotiated"]

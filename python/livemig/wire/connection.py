@@ -1,0 +1,324 @@
+"""Connections: a migration's channels on one side, the destination's listener and the source's
+connect (docs/protocol.md, "Transports and channels"). Each channel is a stream socket that starts
+with the handshake; after it, frames and pages move in C++ (:class:`livemig._core.FrameWriter`,
+:class:`livemig._core.FrameReader`) with the GIL released. Nothing here runs per page."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from livemig import _core
+from livemig.errors import AuthenticationError, ConnectionLost, ProtocolError
+from livemig.wire.address import Address, is_loopback, parse_address, socket_for
+from livemig.wire.capabilities import Negotiated
+from livemig.wire.handshake import (
+    SECRET_ENV,
+    ChannelKind,
+    Role,
+    WireOptions,
+    handshake_destination,
+    handshake_source,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+#: Postcopy: the most bytes of the main channel's stream that each side lets its kernel queue
+#: (see Channel.bound_queue). A page the background push already took is not sent again on
+#: request (DESIGN.md rule 2), so a fault on it waits for everything queued ahead of it: at
+#: about 1 GB/s, a quarter of a millisecond here against several behind the autotuned buffers.
+POSTCOPY_QUEUE_BYTES = 256 << 10
+#: The smallest bound that keeps the push's bandwidth: with a receive buffer of 128 KiB the push
+#: under faults fell to a third here, and at 64 KiB to 2% (TCP stalls on a window that small).
+MIN_POSTCOPY_QUEUE_BYTES = 256 << 10
+
+
+#: The largest bound accepted: beyond it the kernel's own limits (net.core.rmem_max) decide anyway.
+MAX_POSTCOPY_QUEUE_BYTES = 256 << 20
+
+
+def check_queue_bytes(nbytes: int) -> int:
+    """``nbytes`` when it is a usable postcopy queue bound (0: none); ValueError otherwise."""
+    if nbytes != 0 and nbytes < MIN_POSTCOPY_QUEUE_BYTES:
+        raise ValueError(f"a postcopy queue bound of {nbytes} bytes is below the minimum of"
+                         f" {MIN_POSTCOPY_QUEUE_BYTES >> 10} KiB, where TCP throughput collapses;"
+                         " use 0 for no bound")
+    if nbytes > MAX_POSTCOPY_QUEUE_BYTES:
+        raise ValueError(f"a postcopy queue bound of {nbytes} bytes is past the maximum of"
+                         f" {MAX_POSTCOPY_QUEUE_BYTES >> 20} MiB; use 0 for the kernel's own buffers")
+    return nbytes
+
+
+@dataclass
+class Channel:
+    """One stream socket of a connection, after its handshake (blocking; C++ sets its timeouts)."""
+
+    kind: ChannelKind
+    index: int
+    sock: socket.socket
+
+    def fileno(self) -> int:
+        """The socket's fd, for FrameWriter / FrameReader (which do not own it)."""
+        return self.sock.fileno()
+
+    def bound_queue(self, role: Role, nbytes: int) -> None:
+        """Keeps this channel's stream queued in the kernel, on this side, to about ``nbytes``:
+        a TCP receiver shrinks its receive buffer (which also caps the window: a link whose
+        bandwidth-delay product is larger wants more) and a TCP sender holds back what it has
+        not sent beyond a quarter of it (TCP_NOTSENT_LOWAT); a Unix-socket sender caps its send
+        buffer, which holds what the peer has not read (never raising it). 0 leaves the kernel's
+        own buffers. Call while the stream is quiet: the bound applies to what is queued after.
+        Best effort: on a socket that already broke it does nothing (its next read or write says so)."""
+        if nbytes <= 0:
+            return
+        sock = self.sock
+        try:
+            # SO_RCVBUF and SO_SNDBUF: the kernel doubles the value asked for (bookkeeping).
+            if sock.family == socket.AF_UNIX:
+                if role == "source" and sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) > nbytes:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes // 2)
+            elif role == "source":
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, max(nbytes // 4, 1))
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes // 2)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Shuts the socket down (waking any thread blocked on it), then closes it."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+@dataclass
+class Connection:
+    """A migration's channels on one side, and what the handshake settled."""
+
+    role: Role
+    page_size: int
+    region_bytes: int
+    negotiated: Negotiated
+    session: bytes
+    main: Channel
+    urgent: Channel | None = None
+    pages: list[Channel] = field(default_factory=list)
+    timeout: float = 30.0
+    _writers: dict[tuple[str, int], _core.FrameWriter] = field(default_factory=dict, repr=False)
+    _readers: dict[tuple[str, int], _core.FrameReader] = field(default_factory=dict, repr=False)
+
+    @property
+    def region_pages(self) -> int:
+        return self.region_bytes // self.page_size
+
+    def config(self, **kw: object) -> _core.WireConfig:
+        """The frame-level config for this connection (extra keywords: WireConfig's limits)."""
+        args: dict[str, object] = {"timeout": self.timeout, **kw}
+        return _core.WireConfig(
+            page_size=self.page_size,
+            region_pages=self.region_pages,
+            checksums=self.negotiated.checksums,
+            **args,  # type: ignore[arg-type]
+        )
+
+    def channels(self) -> list[Channel]:
+        """Every channel: main, urgent (if any), then the extra page channels."""
+        return [self.main, *([self.urgent] if self.urgent else []), *self.pages]
+
+    def writer(self, channel: Channel | None = None) -> _core.FrameWriter:
+        """The FrameWriter of `channel` (default main; on the destination that is the return path).
+        One per channel, made on first use; thread-safe."""
+        ch = channel or self.main
+        key = (ch.kind, ch.index)
+        if key not in self._writers:
+            self._writers[key] = _core.FrameWriter(ch.fileno(), self.config())
+        return self._writers[key]
+
+    def reader(self, channel: Channel | None = None) -> _core.FrameReader:
+        """The FrameReader of `channel` (default main) for frames coming from the peer. One per
+        channel for the channel's life (it reads ahead, so a second reader could miss bytes); use
+        it from one thread at a time."""
+        ch = channel or self.main
+        key = (ch.kind, ch.index)
+        if key not in self._readers:
+            direction = "to_destination" if self.role == "destination" else "to_source"
+            self._readers[key] = _core.FrameReader(ch.fileno(), self.config(), direction)
+        return self._readers[key]
+
+    def close(self) -> None:
+        """Shuts down and closes every channel."""
+        for ch in self.channels():
+            ch.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Listener:
+    """The destination's listening socket (TCP v4/v6 or Unix). Port 0 picks a free port.
+
+    Bound beyond loopback, it accepts only with a shared secret (``WireOptions.secret``):
+    :meth:`accept` without one raises AuthenticationError before it takes a connection, unless
+    the listener was made ``insecure=True`` (anyone who can reach the port may then migrate in)."""
+
+    def __init__(self, address: str | Address, backlog: int = 16, *, insecure: bool = False) -> None:
+        self.insecure = insecure
+        addr = parse_address(address) if isinstance(address, str) else address
+        self._sock, sockaddr = socket_for(addr)
+        if addr.family == "tcp":
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(sockaddr)  # type: ignore[arg-type]
+        self._sock.listen(backlog)
+        self._unix_path = addr.path if addr.family == "unix" else None
+        if addr.family == "unix":
+            self.address = addr
+        else:
+            host, port = self._sock.getsockname()[:2]
+            self.address = Address("tcp", host=host, port=port)
+
+    def _accept_one(self, timeout: float | None) -> socket.socket:
+        self._sock.settimeout(timeout)
+        try:
+            conn, _ = self._sock.accept()
+        except TimeoutError:
+            raise ConnectionLost(
+                f"no source connected to {self.address} within {timeout} s"
+            ) from None
+        return conn
+
+    def accept(
+        self,
+        opts: WireOptions,
+        wait: float | None | Literal["timeout"] = "timeout",
+        *,
+        resume: tuple[bytes, Negotiated] | None = None,
+    ) -> Connection:
+        """Accepts a source's main channel and then its urgent and extra page channels, each
+        with its handshake; a connection that fails its handshake is refused and dropped, and the
+        error raised (a wrong secret never gets past this). ``wait``: how long to wait for the
+        source to connect (None: forever; default: ``opts.timeout``). ``resume``: (session id,
+        negotiated) of a paused session: only its resume connection is accepted. Beyond loopback
+        without a secret (and not ``insecure``): AuthenticationError, before any connection is taken."""
+        if opts.secret is None and not self.insecure and not is_loopback(self.address):
+            raise AuthenticationError(
+                f"refusing to accept sources on {self.address} beyond loopback without a shared"
+                f" secret: set one (WireOptions.secret, ${SECRET_ENV}), or make the listener"
+                " insecure=True to accept anyone"
+            )
+        sock = self._accept_one(opts.timeout if wait == "timeout" else wait)
+        try:
+            res = handshake_destination(sock, opts, paused=dict([resume]) if resume else None)
+        except BaseException:
+            sock.close()
+            raise
+        conn = Connection(
+            "destination", res.page_size, res.region_bytes, res.negotiated, res.session,
+            Channel("main", 0, sock), timeout=opts.timeout,
+        )
+        try:
+            want_urgent = res.negotiated.urgent_channel
+            want_pages = res.negotiated.extra_channels
+            pages: dict[int, Channel] = {}
+            while (want_urgent and conn.urgent is None) or len(pages) < want_pages:
+                s = self._accept_one(opts.timeout)
+                try:
+                    r = handshake_destination(s, opts, {res.session: res.negotiated})
+                except BaseException:
+                    s.close()
+                    raise
+                if r.kind == "urgent" and conn.urgent is None:
+                    conn.urgent = Channel("urgent", 0, s)
+                elif r.kind == "pages" and r.index not in pages:
+                    pages[r.index] = Channel("pages", r.index, s)
+                else:
+                    s.close()
+                    raise ProtocolError(f"handshake: duplicate {r.kind} channel {r.index}")
+            conn.pages = [pages[i] for i in sorted(pages)]
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def close(self) -> None:
+        """Stops listening (and removes a Unix socket's file)."""
+        self._sock.close()
+        if self._unix_path:
+            try:
+                os.unlink(self._unix_path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _dial(addr: Address, timeout: float) -> socket.socket:
+    sock, sockaddr = socket_for(addr)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(sockaddr)  # type: ignore[arg-type]
+    except TimeoutError:
+        sock.close()
+        raise ConnectionLost(f"connect to {addr}: timeout after {timeout} s") from None
+    except OSError as e:
+        sock.close()
+        raise ConnectionLost(f"connect to {addr}: {e.strerror or e}") from None
+    return sock
+
+
+def connect(address: str | Address, opts: WireOptions, *, resume: bytes | None = None) -> Connection:
+    """The source's side: connects the main channel, then (as negotiated) the urgent channel and
+    the extra page channels, each with its own handshake. ``resume``: the session id of a paused
+    migration this connection resumes (its options must announce no extra page channels)."""
+    addr = parse_address(address) if isinstance(address, str) else address
+    sock = _dial(addr, opts.timeout)
+    try:
+        res = handshake_source(sock, opts, "resume" if resume else "main", 0, resume)
+    except BaseException:
+        sock.close()
+        raise
+    conn = Connection(
+        "source", res.page_size, res.region_bytes, res.negotiated, res.session,
+        Channel("main", 0, sock), timeout=opts.timeout,
+    )
+    try:
+        urgent: list[tuple[ChannelKind, int]] = [("urgent", 0)] if res.negotiated.urgent_channel else []
+        extra = [*urgent, *[("pages", i) for i in range(res.negotiated.extra_channels)]]
+        for kind, index in extra:
+            s = _dial(addr, opts.timeout)
+            try:
+                handshake_source(s, opts, kind, index, res.session)
+            except BaseException:
+                s.close()
+                raise
+            if kind == "urgent":
+                conn.urgent = Channel("urgent", 0, s)
+            else:
+                conn.pages.append(Channel("pages", index, s))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+
+__all__ = [
+    "MAX_POSTCOPY_QUEUE_BYTES",
+    "MIN_POSTCOPY_QUEUE_BYTES",
+    "POSTCOPY_QUEUE_BYTES",
+    "Channel",
+    "Connection",
+    "Listener",
+    "check_queue_bytes",
+    "connect",
+]
