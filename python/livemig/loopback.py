@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+from collections.abc import Callable
 from typing import Any
 
 from livemig import migration, wire
 from livemig.errors import MigrationError
 from livemig.guest import GuestConfig
-from livemig.workload.base import Workload
+from livemig.workload.base import Workload, WorkloadFactory
 from livemig.workload.model import ModelGuest
 
 
-def _destination(q: Any, config: migration.DestinationConfig, settle_s: float, await_reuse: bool) -> None:
+def _destination(q: Any, config: migration.DestinationConfig, settle_s: float, await_reuse: bool,
+                 factory: Callable[[], WorkloadFactory] | None = None) -> None:
     with wire.Listener("127.0.0.1:0") as lst:
         q.put(("address", str(lst.address)))
         try:
-            s = migration.serve(lst, config, settle_s=settle_s, await_reuse=await_reuse, wait=config.timeout)
+            s = migration.serve(lst, config, factory=None if factory is None else factory(), settle_s=settle_s,
+                                await_reuse=await_reuse, wait=config.timeout)
             q.put(("summary", s.to_json()))
         except Exception as e:  # noqa: BLE001 (reported to the caller, which raises it)
             q.put(("error", f"{type(e).__name__}: {e}"))
@@ -34,15 +37,17 @@ def migrate_locally(
     settle_s: float = 3.0,
     await_reuse: bool = False,
     deadline_s: float = 60.0,
+    factory: Callable[[], WorkloadFactory] | None = None,
 ) -> tuple[migration.MigrationResult, dict[str, Any]]:
     """Migrates ``workload`` (a GuestConfig: a fresh model guest of ``size`` bytes) to a
     destination in a spawned process, killed at the deadline; returns the source's result and the
-    destination's own summary (as JSON). ``settle_s``/``await_reuse`` are :func:`livemig.serve`'s."""
+    destination's own summary (as JSON). ``settle_s``/``await_reuse`` are :func:`livemig.serve`'s;
+    ``factory`` (a picklable callable, run in the child) makes its workload factory."""
     w = ModelGuest(size, workload) if isinstance(workload, GuestConfig) else workload
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     dest = dest or migration.DestinationConfig(timeout=20)
-    proc = ctx.Process(target=_destination, args=(q, dest, settle_s, await_reuse))
+    proc = ctx.Process(target=_destination, args=(q, dest, settle_s, await_reuse, factory))
     proc.start()
     try:
         _, address = q.get(timeout=deadline_s)

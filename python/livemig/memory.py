@@ -154,10 +154,16 @@ class Region:
         self._tracker = source
 
     def release(self) -> None:
-        """Lets the buffer go (it may be closed or resized after this). The region is unusable then."""
-        self._array = np.empty(0, dtype=np.uint8)
-        for v in reversed(self._views):
-            v.release()
+        """Lets the buffer go (it may be closed or resized after this); the region is unusable then.
+        BufferError while something still uses the region's memory (an engine, an array of it)."""
+        array, self._array = self._array, np.empty(0, dtype=np.uint8)
+        try:
+            for v in reversed(self._views):
+                v.release()
+        except BufferError:
+            self._array = array
+            raise BufferError("the region's memory is still in use (a migration engine, or an array taken from"
+                              " region.array): let those go first") from None
 
     def __repr__(self) -> str:
         return (f"Region({self.nbytes} bytes at 0x{self.address:x}, {self.pages} pages of {self.page_size},"

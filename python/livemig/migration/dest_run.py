@@ -193,9 +193,23 @@ class DestinationRun:
                              outstanding_requests=self.dest.requested.count(),
                              local_fill_pages=self.dest.local_fill.count())
 
+    def _check_complete(self) -> None:
+        """Postcopy, after COMPLETE: every page is here or fills itself here (local fill). A page
+        neither would block whoever touches it for ever, the workload's own check included: say
+        which instead (MigrationError)."""
+        have = _core.PageBitmap(self.dest.pages)
+        have.or_(self.dest.received)
+        have.or_(self.dest.local_fill)
+        missing = self.dest.pages - have.count()
+        if missing:
+            raise MigrationError(f"the source completed but {missing} pages never arrived here (the first:"
+                                 f" page {have.find_next_clear(0)})")
+
     def finish(self) -> DestinationSummary:
         assert self.workload is not None
         self.progress.phase("complete")
+        if self.postcopy:
+            self._check_complete()
         pc = self._postcopy_stats() if self.postcopy else PostcopyStats()
         return DestinationSummary(ok=True, mode=self.mode, region_bytes=self.dest.nbytes, postcopy=pc,
                                   workload_kind=self.workload.kind, workload=self.workload)

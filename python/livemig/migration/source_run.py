@@ -223,9 +223,31 @@ class SourceRun:
         self._t_pause = t_pause
         self._serve_postcopy()
 
+    def _last_words(self) -> None:
+        """A channel broke: reads what the return path still delivers (up to its own end, or a
+        second), in case the destination said why: its workload never ran (NeverRan: the caller
+        cancels and the source workload runs on), or an error of its own (MigrationError)."""
+        assert self.link is not None
+        deadline = time.monotonic() + 1.0
+        never_ran, why = False, ""
+        while (left := deadline - time.monotonic()) > 0:
+            ev = self.link.session.wait_event(left)
+            if ev is None or ev.kind in (EventKind.END, EventKind.FAILED):
+                break
+            if ev.kind == EventKind.ACK and ev.ack_kind == AckKind.GUEST_RUNS and ev.ack_value == ACK_NEVER_RAN:
+                never_ran = True
+            elif ev.kind == EventKind.PEER_ERROR:
+                why = ev.text
+        if never_ran:
+            raise NeverRan(f"the destination's workload never ran: {why or 'no reason given'}")
+        if why:
+            raise MigrationError(f"destination: {why}")
+
     def _resume(self, cause: str) -> None:
         """A break in postcopy: pause, then resume over a new connection."""
         assert self.link is not None and self.recovery is not None
+        if not self._acked:
+            self._last_words()
         if not (self.dest_running and self.recovery.enabled()):
             self.link.teardown()
             raise MigrationError(cause)

@@ -1,0 +1,41 @@
+"""A destination that breaks rule 1 on purpose, for the oracle's negative tests: as its workload
+starts, it drops pages it holds (MADV_DONTNEED, as a guest freeing memory would), so a copy of them
+that arrives again is placed a second time."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+
+from livemig.memory import Region
+from livemig.workload import StandardFactory, Workload
+
+ZAPPED = (0, 64)  #: the pages the destination drops: the first PAGES frame of round 1 (64-page routing runs)
+_MADV_DONTNEED = 4
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _Zapping:
+    """Wraps a workload: start() drops ZAPPED first."""
+
+    def __init__(self, inner: Workload) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def start(self) -> None:
+        r = self._inner.region
+        first, n = ZAPPED
+        # The kernel sends the region's userfaultfd a REMOVE event; the fault thread drops R.
+        rc = _libc.madvise(ctypes.c_void_p(r.address + first * mmap.PAGESIZE), n * mmap.PAGESIZE, _MADV_DONTNEED)
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), "madvise")
+        self._inner.start()
+
+
+class ZappingFactory(StandardFactory):
+    """The standard factory, whose workloads drop ZAPPED as they start."""
+
+    def build(self, kind: str, version: int, region: Region, state: bytes) -> Workload:
+        return _Zapping(super().build(kind, version, region, state))  # type: ignore[return-value]

@@ -1,0 +1,85 @@
+"""The workload kinds of the conformance suite (tests/test_workload_conformance.py), each as a kit:
+a workload of that kind with writers of its own, a count of the writes they made, and a way to
+stop them. A new kind of workload gets a kit here and must pass the suite unchanged."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from livemig.guest import GuestConfig
+from livemig.memory import Region
+from livemig.workload import BufferWorkload, ModelGuest, PauseGate, Workload
+
+SIZE = 16 << 20
+
+
+class Kit(Protocol):
+    """A workload of one kind and its writers."""
+
+    workload: Workload
+
+    def writes(self) -> int:
+        """Writes made so far (pages or stores: it only has to grow while the writers run)."""
+
+    def close(self) -> None:
+        """Stops the writers and the workload."""
+
+
+class ModelKit:
+    """The model guest: C++ writers at 20,000 pages/s with churn and a quarter of it free."""
+
+    def __init__(self) -> None:
+        self.workload = ModelGuest(SIZE, GuestConfig(workload="random", rate=20000, free_fraction=0.25,
+                                                     churn=500, seed=5))
+
+    def writes(self) -> int:
+        return int(self.workload.guest.stats().pages_written)
+
+    def close(self) -> None:
+        self.workload.stop()
+
+
+class BufferKit:
+    """A user's buffer: a numpy array over an mmap, written by a Python thread through a PauseGate,
+    tracked by the kernel (or, ``explicit``, by the writer's own marks)."""
+
+    def __init__(self, tracking: str = "kernel") -> None:
+        self.region = Region.allocate(SIZE, tracking="explicit" if tracking == "explicit" else "kernel")
+        self.gate = PauseGate()
+        self.words = np.frombuffer(self.region.buffer, dtype=np.uint64)
+        self.workload = BufferWorkload(self.region, gate=self.gate, state=b"conformance")
+        self._count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write, name="buffer-writer", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        rng = np.random.default_rng(9)
+        per_page = self.region.page_size // 8
+        while not self._stop.is_set():
+            pages = rng.integers(0, self.region.pages, 64)
+            with self.gate.writing():
+                self._count += 1
+                self.words[pages * per_page] = self._count  # one store per page
+                if self.region.tracking == "explicit":
+                    self.region.mark_written_runs(np.stack([pages, np.ones_like(pages)], axis=1))
+            self._stop.wait(0.001)
+
+    def writes(self) -> int:
+        return self._count
+
+    def close(self) -> None:
+        self._stop.set()
+        self.gate.resume()
+        self._thread.join(10)
+
+
+KITS: dict[str, Callable[[], Kit]] = {
+    "model-guest": ModelKit,
+    "buffer": BufferKit,
+    "buffer-explicit": lambda: BufferKit("explicit"),
+}
