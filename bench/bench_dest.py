@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from livemig import _core
 from livemig.destination import Destination, postcopy_unsupported_reason
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -103,8 +104,8 @@ def test_staged_copy_vs_move(benchmark: Any, src: np.ndarray) -> None:
         pytest.skip("kernel lacks UFFD_FEATURE_MOVE (Linux 6.8)")
     _core._bench.dest_staged_place(dc.region, src, run, False)
     _core._bench.dest_staged_place(dm.region, src, run, True)
-    copy_t: list[dict[str, float]] = []
-    move_t: list[dict[str, float]] = []
+    copy_t: list[Any] = []
+    move_t: list[Any] = []
 
     def setup() -> None:
         dc.discard([(0, PAGES)])
@@ -120,11 +121,11 @@ def test_staged_copy_vs_move(benchmark: Any, src: np.ndarray) -> None:
         assert np.array_equal(d.array[:: PAGE * 89], src[:: PAGE * 89])
         d.stop()
 
-    def med(ts: list[dict[str, float]], key: str) -> float:
-        return statistics.median(t[key] for t in ts)
+    def med(ts: list[Any], key: str) -> float:
+        return statistics.median(getattr(t, key) for t in ts)
 
-    def total(ts: list[dict[str, float]]) -> float:
-        return statistics.median(t["fill_s"] + t["place_s"] for t in ts)
+    def total(ts: list[Any]) -> float:
+        return statistics.median(t.fill_s + t.place_s for t in ts)
 
     info = {
         "bytes": REGION,

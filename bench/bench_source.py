@@ -30,7 +30,7 @@ from livemig import _core
 from livemig.errors import UnsupportedError
 from livemig.source import Source
 
-B = _core._source_bench
+B = _core._bench
 CMD_FIRST = 0x80000001  # the first hint round id
 PAGE = mmap.PAGESIZE
 GIB_PAGES = (1 << 30) // PAGE
@@ -97,10 +97,10 @@ def _alternate(
 def gib_source() -> Iterator[Source]:
     """A tracked 1 GiB region, every page populated (warmed), nothing counted as written."""
     try:
-        src = Source(GIB_PAGES)
+        src = Source.allocate(GIB_PAGES)
     except UnsupportedError as e:
         pytest.skip(f"kernel lacks {e.feature}: {e}")
-    B.touch_pages(src.address, src.pages, 1, 1)
+    B.source_touch_pages(src.address, src.pages, 1, 1)
     src.sync()
     src.dirty.reset()
     yield src
@@ -111,11 +111,11 @@ def test_sync_vs_bare_pagemap_scan(benchmark: Any, gib_source: Source, percent: 
     src = gib_source
     stride = 100 // percent
     expected = (src.pages + stride - 1) // stride
-    write = lambda: B.touch_pages(src.address, src.pages, stride, 2)
+    write = lambda: B.source_touch_pages(src.address, src.pages, stride, 2)
     found: list[int] = []
     p = _alternate(
         lambda: found.append(src.sync()),
-        lambda: found.append(B.pagemap_scan_loop(src.address, src.nbytes, 1024)),
+        lambda: found.append(B.source_pagemap_scan_loop(src.address, src.nbytes, 1024)),
         write,
         _rounds(benchmark, 15 if percent < 100 else 9),
     )
@@ -158,11 +158,11 @@ def test_writer_slowdown_under_tracking(
     if kind == "explicit_first_store":
         src = Source(src.pages, mode="explicit")
         src.memory[:] = 1
-        engine = lambda: B.touch_pages_marked(src._core, 1, 3)
-        baseline = lambda: B.touch_pages(plain.ctypes.data, src.pages, 1, 3)
+        engine = lambda: B.source_touch_pages_marked(src.core, 1, 3)
+        baseline = lambda: B.source_touch_pages(plain.ctypes.data, src.pages, 1, 3)
     elif kind == "first_store":
-        engine = lambda: B.touch_pages(src.address, src.pages, 1, 3)
-        baseline = lambda: B.touch_pages(plain.ctypes.data, src.pages, 1, 3)
+        engine = lambda: B.source_touch_pages(src.address, src.pages, 1, 3)
+        baseline = lambda: B.source_touch_pages(plain.ctypes.data, src.pages, 1, 3)
     else:
         engine = lambda: tracked.fill(4)
         baseline = lambda: plain.fill(4)
@@ -187,7 +187,8 @@ def test_writer_slowdown_under_tracking(
 @pytest.mark.parametrize("hint_pages", [1, 512])
 def test_hint_sink_throughput(benchmark: Any, gib_source: Source, hint_pages: int) -> None:
     src = gib_source
-    sink = src.hints
+    sink = _core.LocalBalloonDevice(src.pages)  # a workload's device, its hints landing in src
+    sink.set_target(src.hint_target)
     sink.host_request(CMD_FIRST)
     assert sink.guest_ack(CMD_FIRST)
     # 1-page: 100 k hints; 512-page: one pass over the 1 GiB region (512 hints). The baseline resets
@@ -198,8 +199,8 @@ def test_hint_sink_throughput(benchmark: Any, gib_source: Source, hint_pages: in
     span = count * hint_pages * PAGE
     accepted: list[int] = []
     p = _alternate(
-        lambda: accepted.append(B.hint_loop(sink, CMD_FIRST, 0, hint_pages, count)),
-        lambda: B.pagemap_reset_chunks(src.address, span, hint_pages),
+        lambda: accepted.append(B.source_hint_loop(sink, CMD_FIRST, 0, hint_pages, count)),
+        lambda: B.source_pagemap_reset_chunks(src.address, span, hint_pages),
         lambda: None,
         _rounds(benchmark, 9),
     )
@@ -215,9 +216,9 @@ def test_hint_sink_throughput(benchmark: Any, gib_source: Source, hint_pages: in
         **p.ratios("bare PAGEMAP_SCAN reset per hint"),
     )
     args = (sink, CMD_FIRST, 0, hint_pages, count)
-    benchmark.pedantic(B.hint_loop, args=args, rounds=_rounds(benchmark, 3))
+    benchmark.pedantic(B.source_hint_loop, args=args, rounds=_rounds(benchmark, 3))
     sink.host_stop()
-    counters = src.counters()
+    counters = sink.counters()
     assert counters.hints_failed == 0 and counters.hints_dropped_stale == 0
     src.hinted.reset()
 
@@ -232,8 +233,8 @@ def test_zero_page_detection_vs_read_bandwidth(benchmark: Any) -> None:
     pages = nbytes // PAGE
     zeros: list[int] = []
     p = _alternate(
-        lambda: zeros.append(B.count_zero_pages(buf.ctypes.data, pages)),
-        lambda: B.read_bandwidth(buf.ctypes.data, nbytes),
+        lambda: zeros.append(B.source_count_zero_pages(buf.ctypes.data, pages)),
+        lambda: B.source_read_bandwidth(buf.ctypes.data, nbytes),
         lambda: None,
         _rounds(benchmark, 11),
     )
@@ -242,7 +243,7 @@ def test_zero_page_detection_vs_read_bandwidth(benchmark: Any) -> None:
     ratios = p.ratios("AVX-512 read loop over the same buffer")
     benchmark.extra_info.update(
         bytes=nbytes,
-        impl=B.is_zero_impl(),
+        impl=B.source_is_zero_impl(),
         zero_gb_per_s=nbytes / p.e / 1e9,
         read_gb_per_s=nbytes / p.b / 1e9,
         memcpy_gb_per_s=nbytes / m / 1e9,
@@ -251,5 +252,5 @@ def test_zero_page_detection_vs_read_bandwidth(benchmark: Any) -> None:
         **ratios,
     )
     args = (buf.ctypes.data, pages)
-    benchmark.pedantic(B.count_zero_pages, args=args, rounds=_rounds(benchmark, 5))
+    benchmark.pedantic(B.source_count_zero_pages, args=args, rounds=_rounds(benchmark, 5))
 

@@ -18,10 +18,8 @@ Memory is warmed (written) before anything is timed. Run:
 from __future__ import annotations
 
 import itertools
-import socket
 import statistics
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,6 +27,7 @@ import numpy as np
 import pytest
 
 from livemig import _core, wire
+from livemig.benchmark.sockets import parallel, tcp_pairs
 
 PAGE = 4096
 MIB = 1 << 20
@@ -100,30 +99,8 @@ def crc_connection() -> Iterator[Pair]:
     pair.dst.close()
 
 
-def raw_sockets(n: int) -> tuple[list[socket.socket], list[socket.socket]]:
-    """n connected loopback TCP pairs (TCP_NODELAY like the wire's)."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    outs, ins = [], []
-    for _ in range(n):
-        c = socket.create_connection(srv.getsockname())
-        s, _ = srv.accept()
-        for x in (c, s):
-            x.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        outs.append(c)
-        ins.append(s)
-    srv.close()
-    return outs, ins
-
-
-def timed_parallel(jobs: list[Callable[[], object]]) -> float:
-    """Runs the jobs in threads (each releases the GIL in C++); seconds until all are done."""
-    threads = [threading.Thread(target=j) for j in jobs]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0
+raw_sockets = tcp_pairs  # n connected loopback TCP pairs, TCP_NODELAY like the wire's
+timed_parallel = parallel  # runs jobs in threads (each releases the GIL in C++); seconds until all are done
 
 
 def slices(n_channels: int) -> list[tuple[int, int]]:

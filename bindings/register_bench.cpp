@@ -65,6 +65,10 @@ void bitmap(py::module_& b) {
 }
 
 void dest(py::module_& b) {
+  py::class_<bench::dest::StagedTimes>(b, "DestStagedTimes", "A staged receive's two halves.")
+      .def_readonly("fill_s", &bench::dest::StagedTimes::fill_s, "Seconds copying into the staging buffer.")
+      .def_readonly("place_s", &bench::dest::StagedTimes::place_s, "Seconds placing (UFFDIO_COPY or MOVE).")
+      .def_readonly("pages", &bench::dest::StagedTimes::pages);
   py::class_<bench::dest::RawCopy>(b, "DestRawCopy", "A plain UFFDIO_COPY loop over a registered region.")
       .def(py::init<std::size_t>(), py::arg("nbytes"), py::call_guard<py::gil_scoped_release>())
       .def("run", &bench::dest::RawCopy::run, py::arg("run_pages"), py::call_guard<py::gil_scoped_release>(),
@@ -101,15 +105,11 @@ void dest(py::module_& b) {
         const BufferExport a(wire, BA::read, "wire");
         if (a.pages(r.page_bytes()) < r.pages()) throw py::value_error("wire must cover the region");
         if (run_pages == 0) throw py::value_error("run_pages must be > 0");
-        bench::dest::StagedTimes t;
-        {
-          py::gil_scoped_release rel;
-          t = bench::dest::staged_place(r, a.data(), run_pages, move);
-        }
-        return py::make_tuple(t.fill_s, t.place_s, t.pages);
+        py::gil_scoped_release rel;
+        return bench::dest::staged_place(r, a.data(), run_pages, move);
       },
       py::arg("region"), py::arg("wire"), py::arg("run_pages"), py::arg("move"),
-      "memcpy each run into a staging buffer, then UFFDIO_COPY or UFFDIO_MOVE it: (fill_s, place_s, pages).");
+      "memcpy each run into a staging buffer, then UFFDIO_COPY or UFFDIO_MOVE it.");
   b.def(
       "dest_place_move",
       [](DestRegion& r, std::uint64_t first, const py::handle& staging) {

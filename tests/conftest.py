@@ -13,11 +13,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from livemig.destination import postcopy_unsupported_reason  # noqa: E402
-from livemig.errors import UnsupportedError  # noqa: E402
-from livemig.source import Source  # noqa: E402
+from workload_kits import KITS, Kit
 
-from workload_kits import KITS, Kit  # noqa: E402
+from livemig.destination import postcopy_unsupported_reason
+from livemig.errors import UnsupportedError
+from livemig.source import Source
 
 
 def _tracking_unsupported() -> str | None:

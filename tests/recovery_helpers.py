@@ -13,6 +13,7 @@ from typing import Any
 from livemig import migration
 from livemig.guest import GuestConfig
 from livemig.loopback import _destination
+from livemig.workload import ModelGuest
 from livemig.migration import (
     DestinationConfig,
     MigrationConfig,
@@ -74,7 +75,8 @@ def run_through_relay(
         with FaultRelay(address, cuts=cuts, rate_bps=rate_bps) as relay:
             prog = progress(relay, proc) if progress else None
             try:
-                out.result = migration.migrate(relay.address, size, guest, config, prog, control)
+                with ModelGuest(size, guest) as w:
+                    out.result = migration.migrate(relay.address, w, config, prog, control)
             except MigrationFailed as e:
                 out.error = e
             out.cuts, out.connections = relay.cuts_done, relay.connections

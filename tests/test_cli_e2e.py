@@ -17,7 +17,6 @@ import pytest
 
 from cli_helpers import LIVEMIG, free_port, one_error_line, run
 
-
 M16 = 16 << 20
 CONTRACT_KEYS = {"ok", "mode", "region_bytes", "page_size", "total_ms", "downtime_ms", "precopy_rounds",
                  "bytes_sent", "pages_sent", "zero_pages", "postcopy", "hints", "balloon"}
@@ -61,7 +60,7 @@ def test_precopy_embedded_destination_json() -> None:
     # The generic oracle compared every page (the increment guest has no free pages to except).
     assert v["pages_checked"] == obj["region_bytes"] // obj["page_size"] and v["excepted"] == 0
     assert v["workload"]["ok"] and v["workload"]["pages_checked"] > 0
-    # DONE at the final sync in precopy too (DESIGN.md), even with nothing hinted
+    # DONE at the final sync in precopy too (docs/design.md), even with nothing hinted
     assert obj["balloon"] == {"last_cmd_id": 1, "done_delivered": True, "held_pages_after": 0}
     assert "livemig migrate: ok" in r.stderr  # the summary table went to stderr
 

@@ -195,7 +195,7 @@ def test_held_pages_are_not_written_until_done_then_reused() -> None:
 
 
 class DeviceModel:
-    """The device's state machine in plain Python (DESIGN.md "Free page hinting")."""
+    """The device's state machine in plain Python (docs/design.md "Free page hinting")."""
 
     def __init__(self, pages: int) -> None:
         self.pages, self.cmd, self.state, self.last = pages, CMD_STOP, "stop", 0

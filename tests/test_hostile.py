@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from livemig import local, migration, wire
-from livemig.migration import device_state
-from livemig.protocol import Command, FrameType
 from livemig.errors import AuthenticationError, ConnectionLost, MigrationError, ProtocolError
 from livemig.guest import Guest, GuestConfig
+from livemig.workload import ModelGuest
+from livemig.migration import device_state
+from livemig.protocol import Command, FrameType
 
 PAGE = 4096
 SECRET = b"hostile-test-secret"
@@ -94,7 +95,7 @@ class Listen:
     def good_migration(self, postcopy: bool = False) -> None:
         """A real migration (with the secret) still works, verified on the destination."""
         cfg = migration.MigrationConfig(postcopy=postcopy, secret=SECRET, verify=True, timeout=5.0)
-        r = migration.migrate(self.address, 4 << 20, GuestConfig(workload="increment"), cfg)
+        r = migration.migrate(self.address, ModelGuest(4 << 20, GuestConfig(workload="increment")), cfg)
         assert r.ok and r.verify is not None and r.verify.mismatches == 0, r
         s = self.summary()
         assert s["ok"] is True and s["verify"]["mismatches"] == 0, s
@@ -145,7 +146,7 @@ def test_a_source_without_the_secret_is_refused_and_the_listener_serves_on(liste
                                                                            secret: bytes | None) -> None:
     cfg = migration.MigrationConfig(secret=secret, timeout=5.0)
     with pytest.raises(MigrationError, match="connect: .*(secret|authentication)"):
-        migration.migrate(listener.address, 4 << 20, GuestConfig(), cfg)
+        migration.migrate(listener.address, ModelGuest(4 << 20, GuestConfig()), cfg)
     err = listener.failure()
     assert ("wrong shared secret" in err or "does not know the shared secret" in err
             or "peer offered no authentication" in err), err
@@ -328,7 +329,7 @@ def test_oversized_frames_on_the_return_path_fail_the_source_cleanly(bad: bytes,
         try:
             cfg = migration.MigrationConfig(secret=SECRET, timeout=5.0, disable_capabilities=frozenset({"urgent-channel"}))
             with pytest.raises(MigrationError, match="destination: ") as e:
-                migration.migrate(str(L.address), REGION, GuestConfig(workload="increment"), cfg)
+                migration.migrate(str(L.address), ModelGuest(REGION, GuestConfig(workload="increment")), cfg)
             assert message in str(e.value)
         finally:
             t.join(20)
@@ -413,7 +414,7 @@ def test_a_destination_silent_after_the_handshake_fails_the_source_within_its_ti
         try:
             cfg = migration.MigrationConfig(secret=SECRET, timeout=1.0)
             with pytest.raises(MigrationError, match=r"read nothing for 1\.0+ s \(timeout\)|did not resume the guest within 1\.0 s"):
-                migration.migrate(str(L.address), 16 << 20, GuestConfig(workload="increment"), cfg)
+                migration.migrate(str(L.address), ModelGuest(16 << 20, GuestConfig(workload="increment")), cfg)
         finally:
             release.set()
             t.join(20)

@@ -137,3 +137,21 @@ def test_pure_postcopy_sends_every_page_once_after_the_switchover(queue: int) ->
     assert result.mode == "postcopy" and result.precopy_rounds == 0 and result.rounds == []
     assert result.pages_sent + result.zero_pages == result.region_bytes // result.page_size
     assert result.push_bytes == result.bytes_sent and result.push_seconds > 0
+
+
+@pytest.mark.timeout(120)
+def test_the_old_call_form_still_migrates_and_says_it_is_deprecated() -> None:
+    """migrate(address, region_bytes, GuestConfig, config) from before workloads: a model guest,
+    with a DeprecationWarning that names the new form."""
+    from livemig import migration, wire
+
+    with wire.Listener("127.0.0.1:0") as lst:
+        import threading
+
+        box: list[object] = []
+        t = threading.Thread(target=lambda: box.append(migration.serve(lst, wait=30, settle_s=0.1)))
+        t.start()
+        with pytest.warns(DeprecationWarning, match=r"pass a workload, e.g. migrate\(address, ModelGuest"):
+            r = migration.migrate(str(lst.address), 4 << 20, GuestConfig(workload="idle"), MigrationConfig(verify=True))
+        t.join(30)
+    assert r.ok and r.workload.kind == "model-guest" and r.verify is not None and r.verify.mismatches == 0

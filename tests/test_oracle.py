@@ -11,15 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from oracle_helpers import ZAPPED, ZappingFactory
+from tamper_relay import Tampering, TamperRelay
 
 import livemig
 from livemig.guest import GuestConfig
 from livemig.loopback import _destination
 from livemig.migration import DestinationConfig, MigrationConfig, migrate
 from livemig.workload import BufferWorkload, ModelGuest
-
-from oracle_helpers import ZAPPED, ZappingFactory
-from tamper_relay import Tampering, TamperRelay
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("kernel_tracking")]
 
@@ -75,7 +74,7 @@ def test_a_page_placed_twice_is_counted_where_placement_happens() -> None:
     plan = Tampering(replay_frame=0)
     done = threading.Event()
     try:
-        result, (kind, dest) = _through_relay(guest, MigrationConfig(postcopy=True, verify=True), plan,
+        result, (_kind, dest) = _through_relay(guest, MigrationConfig(postcopy=True, verify=True), plan,
                                               factory=ZappingFactory)
     finally:
         done.set()

@@ -50,7 +50,7 @@ def _worker(name: str, commands: Any, answers: Any) -> None:
                     kept: list[GuestImage] = []
                     config = migration.DestinationConfig(secret=SECRET, timeout=20.0)
                     s = migration.serve(listener, config, wait=60.0,
-                                        keep=lambda w: kept.append(w.image()))  # type: ignore[attr-defined]
+                                        keep=lambda w, into=kept: into.append(w.image()))  # type: ignore[attr-defined]
                     image = kept[0] if kept else None
                     # The guest's own counters travel with it: they prove the same guest came back.
                     written = Guest.from_state(image.memory, image.state).stats().pages_written if image else -1

@@ -1,4 +1,4 @@
-"""Hint sink, sent bitmap, scanner and switchover sets on the source (DESIGN.md rules 2 to 7).
+"""Hint sink, sent bitmap, scanner and switchover sets on the source (docs/design.md rules 2 to 7).
 
 These use explicit-mode sources where kernel tracking is not the point, so they run anywhere.
 """

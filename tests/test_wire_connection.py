@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from livemig import _core, wire
-from livemig.protocol import AckKind, Command, FrameType
 from livemig.errors import AuthenticationError, ConnectionLost, ProtocolError
 from livemig.migration import DestinationConfig, MigrationConfig
+from livemig.protocol import AckKind, Command, FrameType
 
 from wire_helpers import PAGE, CuttingProxy, pattern
 

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from livemig import _core, wire
-from livemig.protocol import Command, FrameType
 from livemig.errors import ConnectionLost, ProtocolError
+from livemig.protocol import Command, FrameType
 
 from wire_helpers import PAGE, config, crc32c_reference, pattern
 

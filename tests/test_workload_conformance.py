@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from workload_kits import Kit
 
 from livemig import _core
 from livemig.errors import WorkloadError
@@ -21,7 +22,6 @@ from livemig.source import Source
 from livemig.workload import StandardFactory, Workload
 
 from guest_helpers import wait_until
-from workload_kits import Kit
 
 pytestmark = pytest.mark.timeout(120)
 

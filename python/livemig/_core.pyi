@@ -706,6 +706,14 @@ class _DestRawHandler:
     @property
     def pages(self) -> int: ...
 
+class _DestStagedTimes:
+    @property
+    def fill_s(self) -> float: ...
+    @property
+    def place_s(self) -> float: ...
+    @property
+    def pages(self) -> int: ...
+
 class _Bench:
     """The private submodule livemig._core._bench (not public API)."""
 
@@ -726,7 +734,7 @@ class _Bench:
     @staticmethod
     def dest_staged_place(
         region: DestRegion, wire: Buffer | npt.NDArray[Any], run_pages: int, move: bool
-    ) -> tuple[float, float, int]: ...
+    ) -> _DestStagedTimes: ...
     @staticmethod
     def dest_place_move(region: DestRegion, first_page: int, staging: Buffer | npt.NDArray[Any]) -> int: ...
     @staticmethod

@@ -33,7 +33,6 @@ from livemig.migration.results import (
 )
 from livemig.protocol import ACK_NEVER_RAN, BALLOON_CMD_DONE, AckKind, Command, EventKind
 from livemig.workload.base import Workload, WorkloadFactory
-from livemig.workload.factory import StandardFactory
 
 
 class DestinationRun:
@@ -287,7 +286,11 @@ def serve(
     with the paused workload after a verified migration, before it is stopped."""
     config = config or DestinationConfig()
     prog = progress or NoProgress()
-    fac = factory or StandardFactory()
+    if factory is None:
+        from livemig.workload.factory import StandardFactory  # the default hosts every kind this build knows
+
+        factory = StandardFactory()
+    fac = factory
     caps = wire.Capabilities.all(extra_channels=wire.MAX_EXTRA_CHANNELS).without(*config.disable_capabilities)
     opts = wire.WireOptions(page_size=system_page_size(), region_bytes=config.max_region_bytes,
                             capabilities=caps, secret=config.secret, timeout=config.timeout)

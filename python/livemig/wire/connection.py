@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 #: Postcopy: the most bytes of the main channel's stream that each side lets its kernel queue
 #: (see Channel.bound_queue). A page the background push already took is not sent again on
-#: request (DESIGN.md rule 2), so a fault on it waits for everything queued ahead of it: at
+#: request (docs/design.md rule 2), so a fault on it waits for everything queued ahead of it: at
 #: about 1 GB/s, a quarter of a millisecond here against several behind the autotuned buffers.
 POSTCOPY_QUEUE_BYTES = 256 << 10
 #: The smallest bound that keeps the push's bandwidth: with a receive buffer of 128 KiB the push

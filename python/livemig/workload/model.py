@@ -126,6 +126,12 @@ class ModelGuest:
         return {"pages_written": int(s.pages_written), "passes": int(s.passes), "allocations": int(s.allocations),
                 "frees": int(s.frees), "pages_hinted": int(s.pages_hinted), "pages_held": int(s.pages_held)}
 
+    def __enter__(self) -> ModelGuest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     # ---- beyond the protocol ----
     def stale_pages(self) -> int:
         """After check(): how many mismatching pages hold an older generation (a stale page)."""

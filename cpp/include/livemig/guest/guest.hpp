@@ -2,7 +2,7 @@
 // so migrations have a real, checkable writer to move.
 //
 // - Writer threads run a workload: `increment` (byte 0 of each allocated page, in address order,
-//   pass after pass: DESIGN.md's test oracle), `random` (uniform over allocated pages), `hotset`
+//   pass after pass: docs/design.md's test oracle), `random` (uniform over allocated pages), `hotset`
 //   (most writes to a small range), `idle`. Rates are in pages per second, paced by batches per short
 //   sleep of the writer thread (a guest that sleeps models guest work; it never busy-burns a CPU).
 // - A page allocator: a free pool of a configurable fraction of the region, with churn (pages
@@ -132,7 +132,7 @@ struct IncrementCheck {
   std::vector<std::uint64_t> bad;    // pages where the pattern breaks (up to 16)
 };
 
-/// The increment oracle (DESIGN.md "Test oracle"): byte 0 of every page not in `excepted` (a
+/// The increment oracle (docs/design.md "Test oracle"): byte 0 of every page not in `excepted` (a
 /// page-state byte per page, non-zero = skip; may be empty) is equal, except one place where the
 /// next page is exactly one lower (mod 256). Reads `region` (npages * page_size bytes) only.
 IncrementCheck check_increment(const std::uint8_t* region, std::size_t page_size, std::size_t npages,

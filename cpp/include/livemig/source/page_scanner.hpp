@@ -1,4 +1,4 @@
-// PageScanner: chooses the next pages the source sends (DESIGN.md rules 2, 6 and 7).
+// PageScanner: chooses the next pages the source sends (docs/design.md rules 2, 6 and 7).
 //
 // Urgent requests (from the destination's return path) come first; then a background scan of the
 // dirty bitmap D that continues just after the last requested page. Taking a page test-and-clears

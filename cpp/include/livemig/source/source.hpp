@@ -1,6 +1,6 @@
 // Source: the source side of a migration for one memory region. Owns (or adopts) the region, its
 // dirty tracking, the page state bitmaps D (dirty), S (sent), H (hinted), the hint sink and the
-// page scanner (DESIGN.md rules 2 to 8).
+// page scanner (docs/design.md rules 2 to 8).
 //
 // Writers (guest threads) write the region directly; sync() folds what they wrote into D and out of
 // H. Initially D is all ones (everything must be sent), S and H clear.
@@ -88,7 +88,7 @@ class Source {
   /// For a peer without local fill: makes hinted, unsent, clean pages dirty (D |= H & ~S) so the
   /// background scan pushes them; returns how many.
   std::size_t dirty_hinted_unsent() noexcept;
-  /// Recovery after a broken channel (DESIGN.md "Recovery"): `received` is the destination's R
+  /// Recovery after a broken channel (docs/design.md "Recovery"): `received` is the destination's R
   /// (same size, else invalid_argument). Every page not received becomes dirty and unsent again,
   /// except, when `local_fill`, pages the destination fills itself (H, not D, not S). Returns how
   /// many pages were not received and are now queued again.
