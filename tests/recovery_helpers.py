@@ -13,7 +13,6 @@ from typing import Any
 from livemig import migration
 from livemig.guest import GuestConfig
 from livemig.loopback import _destination
-from livemig.workload import ModelGuest
 from livemig.migration import (
     DestinationConfig,
     MigrationConfig,
@@ -22,6 +21,7 @@ from livemig.migration import (
     MigrationResult,
     NoProgress,
 )
+from livemig.workload import ModelGuest
 
 from fault_relay import FaultRelay
 

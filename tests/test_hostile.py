@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from livemig import local, migration, wire
 from livemig.errors import AuthenticationError, ConnectionLost, MigrationError, ProtocolError
 from livemig.guest import Guest, GuestConfig
-from livemig.workload import ModelGuest
 from livemig.migration import device_state
 from livemig.protocol import Command, FrameType
+from livemig.workload import ModelGuest
 
 PAGE = 4096
 SECRET = b"hostile-test-secret"

@@ -348,16 +348,17 @@ void DestRegion::on_eagain() {
 
 std::size_t DestRegion::place_run(Op op, std::uint64_t first, std::size_t n, const std::uint8_t* src,
                                   std::uint64_t move_src) {
-  // With digests on, digest the run before placing it: after UFFDIO_COPY the woken guest may write
-  // the page at once, and after UFFDIO_MOVE the staging pages are gone.
+  // With digests on, the digest is of the bytes placed, never of the region (the woken guest may
+  // write a page at once). A copy's source stays put, so its digests are taken after the ioctl, off
+  // the faulting thread's wait; a move empties its staging pages, so those are digested before.
   thread_local std::vector<std::uint64_t> digests;
   const std::uint64_t* run_digests = nullptr;
-  if (digests_ != nullptr) {
+  if (digests_ != nullptr && op != Op::copy) {
     digests.resize(n);
     if (op == Op::zero)
       std::fill(digests.begin(), digests.end(), zero_digest_);
     else
-      page_digests(op == Op::copy ? src : reinterpret_cast<const std::uint8_t*>(move_src), ps_, 0, n, digests.data());
+      page_digests(reinterpret_cast<const std::uint8_t*>(move_src), ps_, 0, n, digests.data());
     run_digests = digests.data();
   }
   std::size_t placed = 0;
@@ -403,8 +404,15 @@ std::size_t DestRegion::place_run(Op op, std::uint64_t first, std::size_t n, con
     if (done > 0) {
       // Whole or partial: the first done bytes are in (and woken); continue where it stopped.
       const auto np = static_cast<std::size_t>(done) / ps_;
-      note_placed(page, np, run_digests == nullptr ? nullptr : run_digests + (page - first));
-      placed_pages(page, np);
+      placed_pages(page, np);  // R, the wake-up's timing: the faulting thread runs on from here
+      if (digests_ != nullptr && op == Op::copy) {
+        digests.resize(np);
+        page_digests(src + off, ps_, 0, np, digests.data());
+        run_digests = digests.data();
+        note_placed(page, np, run_digests);
+      } else {
+        note_placed(page, np, run_digests == nullptr ? nullptr : run_digests + (page - first));
+      }
       placed += np;
       page += np;
       continue;

@@ -7,6 +7,8 @@ import statistics
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from livemig import _core
 from livemig.benchmark.figures import (
     MIB,
@@ -19,9 +21,11 @@ from livemig.benchmark.figures import (
 )
 from livemig.benchmark.scenarios import Scenario, size_label
 from livemig.guest import GuestConfig, Workload
+from livemig.memory import Region
 from livemig.migration.config import MigrationConfig
 from livemig.migration.results import MigrationResult
 from livemig.source import Source
+from livemig.workload.buffer import BufferWorkload
 
 if TYPE_CHECKING:
     from livemig.benchmark.runner import Bench
@@ -40,17 +44,26 @@ def run_baselines(b: Bench, sc: Scenario) -> list[Figure]:
         b.base.first_touch_gbps(n)
     return []
 
+def _buffer(size: int) -> Region:
+    """A user's buffer of ``size`` bytes, warm and without zero pages (like the model guest's)."""
+    region = Region.allocate(size)
+    region.array.reshape(-1, PAGE)[:, :8] = np.arange(1, region.pages + 1, dtype=np.uint64)[:, None].view(np.uint8)
+    return region
+
+
 def run_migration(b: Bench, sc: Scenario) -> list[Figure]:
     size, mode, workload = int(sc.arg("size")), sc.arg("mode"), sc.arg("workload")
+    buffer = _buffer(size) if workload == "buffer" else None
     guest = GuestConfig(
-        workload=workload, rate=0.0 if workload == "idle" else b.dirty_rate, seed=1
+        workload="idle" if buffer is not None else workload,
+        rate=0.0 if workload in ("idle", "buffer") else b.dirty_rate, seed=1
     )
     config = MigrationConfig(postcopy=mode == "postcopy", hints=False, verify=True)
     eng, raw, warm, results = [], [], [], []
     for _ in range(b.repeat):
         raw.append(b.base.socket_copy_gbps(size))
         warm.append(b.base.socket_copy_warm_gbps(size))
-        r = b.migrate(size, guest, config)
+        r = b.migrate(size, guest if buffer is None else BufferWorkload(buffer), config)
         results.append(r)
         eng.append(first_round_gbps(r))
     details = {

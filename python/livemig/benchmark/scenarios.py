@@ -41,7 +41,9 @@ def scenarios(sizes: Sequence[int], quick: bool = False) -> list[Scenario]:
     for size in sizes:
         s = size_label(size)
         for mode in ("precopy", "postcopy"):
-            for w in workloads:
+            # "buffer": a user's buffer (the buffer workload) of the same size, nothing writing it,
+            # beside the model guest's idle run.
+            for w in (*workloads, "buffer"):
                 out.append(
                     Scenario(
                         f"{mode}-{w}-{s}",

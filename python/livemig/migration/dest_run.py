@@ -287,7 +287,9 @@ def serve(
     config = config or DestinationConfig()
     prog = progress or NoProgress()
     if factory is None:
-        from livemig.workload.factory import StandardFactory  # the default hosts every kind this build knows
+        from livemig.workload.factory import (
+            StandardFactory,  # the default hosts every kind this build knows
+        )
 
         factory = StandardFactory()
     fac = factory

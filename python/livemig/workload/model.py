@@ -4,6 +4,7 @@ memory livemig allocates (the CLI's ``--workload``). Kind ``model-guest``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -13,6 +14,9 @@ from livemig.errors import WorkloadError
 from livemig.guest import Guest, GuestConfig
 from livemig.memory import Region
 from livemig.workload.base import BalloonGuestStatus, CheckResult
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 KIND = "model-guest"
 VERSION = 1
@@ -126,7 +130,7 @@ class ModelGuest:
         return {"pages_written": int(s.pages_written), "passes": int(s.passes), "allocations": int(s.allocations),
                 "frees": int(s.frees), "pages_hinted": int(s.pages_hinted), "pages_held": int(s.pages_held)}
 
-    def __enter__(self) -> ModelGuest:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
