@@ -299,11 +299,11 @@ void register_tls(py::module_& m) {
 void register_tls_bench(py::module_& b) {
   b.def(
       "tls_evp_seal_loop",
-      [](const std::string& cipher, std::size_t record_bytes, std::uint64_t total_bytes) {
+      [](const std::string& cipher, std::size_t record_bytes, std::uint64_t total_bytes, std::size_t source_bytes) {
         bench::tls::Throughput t;
         {
           py::gil_scoped_release rel;
-          t = bench::tls::evp_seal_loop(cipher, record_bytes, total_bytes);
+          t = bench::tls::evp_seal_loop(cipher, record_bytes, total_bytes, source_bytes);
         }
         py::dict d;
         d["bytes"] = t.bytes;
@@ -311,8 +311,9 @@ void register_tls_bench(py::module_& b) {
         return d;
       },
       py::arg("cipher") = "aes-128-gcm", py::arg("record_bytes") = 16384,
-      py::arg("total_bytes") = std::uint64_t{1} << 30,
-      "The raw AEAD baseline: EVP seals total_bytes in records (aes-128-gcm, aes-256-gcm, chacha20-poly1305).");
+      py::arg("total_bytes") = std::uint64_t{1} << 30, py::arg("source_bytes") = std::size_t{64} << 20,
+      "The raw AEAD baseline: EVP seals total_bytes in records (aes-128-gcm, aes-256-gcm, chacha20-poly1305), "
+      "reading a source of source_bytes round and round.");
   b.def(
       "tls_socketpair_throughput",
       [](bool tls, const std::string& transport, const std::string& ciphersuites, bool ktls,
@@ -352,6 +353,20 @@ void register_tls_bench(py::module_& b) {
       "Pages through FrameWriter, a socket pair (transport 'unix') or loopback TCP ('tcp'), and FrameReader into "
       "a region, plaintext or TLS (PSK); wall time and each end's CPU seconds. drain_only: the receiver only "
       "drains the socket (the sending channel's cost alone).");
+  b.def(
+      "tls_request_round_trips",
+      [](bool tls, std::size_t iters, const std::string& record_layer) {
+        const TlsRecordLayer layer = parse_layer(record_layer);
+        std::vector<std::uint64_t> v;
+        {
+          py::gil_scoped_release rel;
+          v = bench::tls::request_round_trips(tls, iters, layer);
+        }
+        return to_array(v);
+      },
+      py::arg("tls") = true, py::arg("iters") = 2000, py::arg("record_layer") = "direct",
+      "Postcopy's fault path on the wire over loopback TCP, plaintext or TLS: REQUEST on the return path, the "
+      "PAGES frame back on the urgent socket into a region; each round trip in nanoseconds.");
   b.def(
       "tls_handshake_times",
       [](const std::string& keying, std::size_t n, const std::string& transport) {

@@ -262,7 +262,8 @@ std::string evp_cipher_of_suite(const std::string& suite) {
   throw std::invalid_argument("no EVP baseline for suite '" + suite + "'");
 }
 
-Throughput evp_seal_loop(const std::string& cipher, std::size_t record_bytes, std::uint64_t total_bytes) {
+Throughput evp_seal_loop(const std::string& cipher, std::size_t record_bytes, std::uint64_t total_bytes,
+                         std::size_t source_bytes) {
   const char* name = cipher == "aes-128-gcm"         ? "AES-128-GCM"
                      : cipher == "aes-256-gcm"       ? "AES-256-GCM"
                      : cipher == "chacha20-poly1305" ? "ChaCha20-Poly1305"
@@ -279,8 +280,9 @@ Throughput evp_seal_loop(const std::string& cipher, std::size_t record_bytes, st
   std::uint8_t iv[12] = {};
   std::uint8_t aad[5] = {23, 3, 3, 0, 0};
   std::uint8_t tag[16];
-  // The source pages: any bytes; the output: a record buffer reused, as OpenSSL's write buffer is.
-  std::vector<std::uint8_t> src(std::max<std::size_t>(record_bytes, 1u << 20), 0xa5);
+  // The source: written before it is timed; the output: one record buffer reused, as a TLS
+  // sender's is.
+  std::vector<std::uint8_t> src(std::max(record_bytes, source_bytes), 0xa5);
   std::vector<std::uint8_t> out(record_bytes + 16);
   if (EVP_EncryptInit_ex2(ctx.get(), c.get(), key.data(), nullptr, nullptr) != 1)
     throw Error("EVP init failed: " + openssl_errors());
@@ -414,6 +416,87 @@ StreamResult stream_throughput(const StreamOptions& o) {
   res.sender_cpu = sender_cpu;
   res.send_calls = send_calls;
   return res;
+}
+
+std::vector<std::uint64_t> request_round_trips(bool tls, std::size_t iters, livemig::wire::TlsRecordLayer layer) {
+  constexpr std::size_t kPage = 4096;
+  constexpr std::uint64_t kPages = 1024;
+  auto [main_src, main_dst] = connected_pair("tcp");
+  auto [urgent_src, urgent_dst] = connected_pair("tcp");
+  std::vector<std::uint8_t> src(kPages * kPage, 0x11);
+  std::vector<std::uint8_t> dst(kPages * kPage);
+  livemig::wire::WireConfig cfg;
+  cfg.page_size = kPage;
+  cfg.region_pages = kPages;
+  cfg.timeout_ms = 30000;
+  std::shared_ptr<TlsChannel> ms, md, us, ud;
+  if (tls) {
+    const auto cctx = std::make_shared<const TlsContext>(
+        psk_options(livemig::wire::kDefaultCiphersuites, true, layer), TlsRole::kClient);
+    const auto sctx = std::make_shared<const TlsContext>(
+        psk_options(livemig::wire::kDefaultCiphersuites, true, layer), TlsRole::kServer);
+    ms = std::make_shared<TlsChannel>(cctx, main_src.get(), kBenchContext);
+    md = std::make_shared<TlsChannel>(sctx, main_dst.get(), kBenchContext);
+    us = std::make_shared<TlsChannel>(cctx, urgent_src.get(), kBenchContext);
+    ud = std::make_shared<TlsChannel>(sctx, urgent_dst.get(), kBenchContext);
+    handshake_both(*ms, *md, 10000);
+    handshake_both(*us, *ud, 10000);
+  }
+  using livemig::wire::FrameWriter;
+  const auto writer = [&](const std::shared_ptr<TlsChannel>& c, int fd) {
+    return c ? std::make_unique<FrameWriter>(*c, cfg) : std::make_unique<FrameWriter>(fd, cfg);
+  };
+  const auto input = [&](const std::shared_ptr<TlsChannel>& c, int fd) -> std::unique_ptr<livemig::wire::FrameInput> {
+    if (c) return std::make_unique<livemig::wire::TlsInput>(*c, cfg.timeout_ms);
+    return std::make_unique<livemig::wire::FdInput>(fd, cfg.timeout_ms);
+  };
+  // The source: answers each REQUEST on the return path with its page on the urgent socket.
+  std::exception_ptr server_error;
+  std::thread server([&] {
+    try {
+      const auto urgent = writer(us, urgent_src.get());
+      const auto in = input(ms, main_src.get());
+      livemig::wire::FrameReader reader(*in, cfg, livemig::wire::Direction::kToSource);
+      struct Serve : livemig::wire::FrameHandler {
+        FrameWriter* out = nullptr;
+        const std::uint8_t* region = nullptr;
+        std::uint8_t* page_buffer(std::uint64_t, std::uint32_t) override { throw ProtocolError("no pages here"); }
+        void pages(std::uint64_t, std::uint32_t, const std::uint8_t*) override {}
+        void zero(std::uint64_t, std::uint32_t) override {}
+        void request(std::uint64_t first, std::uint32_t n) override {
+          out->send_urgent_pages(first, n, region + first * kPage);
+        }
+        void end() override {}
+      } serve;
+      serve.out = urgent.get();
+      serve.region = src.data();
+      reader.run(serve);
+    } catch (...) {
+      server_error = std::current_exception();
+    }
+  });
+  std::vector<std::uint64_t> out;
+  out.reserve(iters);
+  {
+    const auto ret = writer(md, main_dst.get());
+    const auto in = input(ud, urgent_dst.get());
+    livemig::wire::FrameReader reader(*in, cfg, livemig::wire::Direction::kToDestination);
+    PageBitmap received(kPages);
+    EndOnly control;
+    livemig::wire::RegionReceiver receiver(dst.data(), kPage, received, &control);
+    for (std::size_t i = 0; i < iters; ++i) {
+      const auto t0 = Clock::now();
+      ret->send_request((i * 7919) % kPages, 1);
+      if (reader.next(receiver) != livemig::wire::FrameType::kPages)
+        throw ProtocolError("request benchmark: no PAGES frame answered");
+      out.push_back(static_cast<std::uint64_t>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t0).count()));
+    }
+    ret->send_end();
+  }
+  server.join();
+  if (server_error) std::rethrow_exception(server_error);
+  return out;
 }
 
 std::vector<double> handshake_times(TlsKeying keying, std::size_t n, const std::string& transport) {

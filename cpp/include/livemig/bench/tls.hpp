@@ -45,10 +45,12 @@ struct Throughput {
 };
 
 /// The raw AEAD baseline: seals `total_bytes` in records of `record_bytes` with EVP
-/// ("aes-128-gcm" or "chacha20-poly1305"), each record out of place (source to an output buffer,
-/// as TLS does) with a fresh nonce, 5 bytes of AAD and a 16-byte tag. std::invalid_argument for
-/// an unknown cipher.
-Throughput evp_seal_loop(const std::string& cipher, std::size_t record_bytes, std::uint64_t total_bytes);
+/// ("aes-128-gcm", "aes-256-gcm" or "chacha20-poly1305"), each record out of place (source to an
+/// output buffer, as TLS does) with a fresh nonce, 5 bytes of AAD and a 16-byte tag, reading a
+/// source of `source_bytes` round and round (64 MiB: the stream benchmarks' region, from memory
+/// rather than cache). std::invalid_argument for an unknown cipher.
+Throughput evp_seal_loop(const std::string& cipher, std::size_t record_bytes, std::uint64_t total_bytes,
+                         std::size_t source_bytes = std::size_t{64} << 20);
 
 /// The record-layer AEAD name for a TLS 1.3 suite: "TLS_AES_128_GCM_SHA256" -> "aes-128-gcm".
 std::string evp_cipher_of_suite(const std::string& suite);
@@ -85,6 +87,13 @@ struct StreamResult {
 /// FrameReader into a destination region (precopy's RegionReceiver), one thread each end; checks
 /// the destination's bytes once at the end. Throws on any failure.
 StreamResult stream_throughput(const StreamOptions& options);
+
+/// Postcopy's fault path on the wire, `iters` times: the destination sends REQUEST for one page
+/// on the return path (the main socket's other direction), the source answers with the PAGES
+/// frame on the urgent socket, the destination reads it into a region. Loopback TCP, plaintext
+/// or TLS (PSK, both sockets); returns each round trip in nanoseconds.
+std::vector<std::uint64_t> request_round_trips(bool tls, std::size_t iters,
+                                               livemig::wire::TlsRecordLayer layer = livemig::wire::TlsRecordLayer::kDirect);
 
 /// Times `n` TLS handshakes (client side, including the server's acceptance) over fresh socket
 /// pairs or loopback TCP connections; returns each in seconds. x509 uses a throwaway PKI.
