@@ -162,7 +162,7 @@ struct TlsChannel::State {
   std::unique_ptr<std::uint8_t[]> stage;  // gathers small pieces into one record
   std::size_t stage_len = 0;
 
-  // direct / kernel send: one writer at a time; write_mu also orders close_notify against it.
+  // Sending: one batch at a time (write_mu, every engine), close_notify ordered against it.
   std::mutex write_mu;
   std::unique_ptr<tls13::Protection> seal;
   std::unique_ptr<std::uint8_t[]> out;
@@ -665,6 +665,9 @@ void openssl_write_record(TlsChannel::State& st, const std::uint8_t* p, std::siz
 
 std::uint64_t openssl_write(TlsChannel::State& st, const struct iovec* iov, std::size_t iovcnt, int timeout_ms,
                             const std::string& where) {
+  // The whole batch under write_mu, as the other engines: its frames go out whole even when two
+  // writers share the channel (the FIFO lock is taken per record, for the reader's sake).
+  std::lock_guard batch(st.write_mu);
   const std::uint64_t before = st.sends.load(std::memory_order_relaxed);
   st.stage_len = 0;
   for (std::size_t i = 0; i < iovcnt; ++i) {
@@ -1376,6 +1379,7 @@ void TlsChannel::close_notify() noexcept {
         break;
       }
       case Engine::kOpenSsl: {
+        std::lock_guard batch(st.write_mu);
         std::lock_guard lock(st.lock);
         SigpipeGuard guard(st.sigpipe_guard);
         ERR_clear_error();

@@ -140,16 +140,18 @@ class TlsChannel final : public FrameOutput {
   /// which kTLS needs, has no per-call flag); its flags are restored before this returns.
   void handshake(int timeout_ms);
 
-  /// Writes the iovecs' `total` bytes as TLS records of up to 16 KiB (FrameOutput; one caller
-  /// at a time), sealed straight from the caller's memory into a 256 KiB buffer sent per 16
-  /// records; kTLS: sendmsg straight from the caller's memory. Returns the send calls.
+  /// Writes the iovecs' `total` bytes as TLS records of up to 16 KiB (FrameOutput), sealed
+  /// straight from the caller's memory into a 256 KiB buffer sent per 16 records; kTLS: sendmsg
+  /// straight from the caller's memory. Concurrent calls go out one whole batch after the other.
+  /// Returns the send calls.
   std::uint64_t write_all(struct iovec* iov, std::size_t iovcnt, std::size_t total, int timeout_ms) override;
   /// Reads up to `n` bytes into `p`: at least one byte, or 0 when the stream ended (close_notify,
   /// or the peer closed the socket). One caller at a time. A record that fits in [p, p + n) is
   /// opened straight into it; a record that fails authentication is wiped from it before the
   /// ProtocolError, so only verified bytes are ever left there.
   std::size_t read_some(std::uint8_t* p, std::size_t n, int timeout_ms);
-  /// Sends TLS close_notify (best effort, never waits): the peer's reads then end cleanly.
+  /// Sends TLS close_notify (best effort: after a write in progress, waiting at most 1 s for room
+  /// in the socket): the peer's reads then end cleanly. Any thread.
   void close_notify() noexcept;
   /// Shuts the socket down both ways (any thread): a thread waiting in read or write wakes.
   void shutdown() noexcept;
