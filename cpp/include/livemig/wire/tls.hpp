@@ -100,9 +100,11 @@ class TlsContext {
   TlsContext& operator=(const TlsContext&) = delete;
   ~TlsContext();
 
+  /// Client (the source) or server (the destination).
   TlsRole role() const noexcept { return role_; }
+  /// The settings it was made with (the secret is wiped when the context goes).
   const TlsOptions& options() const noexcept { return options_; }
-  /// The OpenSSL SSL_CTX (for tls.cpp).
+  /// The OpenSSL SSL_CTX (for tls.cpp; no caller may change it).
   ssl_ctx_st* native() const noexcept { return ctx_; }
 
  private:
@@ -189,6 +191,7 @@ class TlsChannel final : public FrameOutput {
 /// timeout_ms (<= 0: no limit) is ConnectionLost.
 class TlsInput final : public FrameInput {
  public:
+  /// Reads `channel` (which must outlive this input).
   TlsInput(TlsChannel& channel, int timeout_ms) : channel_(channel), timeout_ms_(timeout_ms) {}
   std::size_t read_full(struct iovec* iov, int iovcnt) override;
   [[noreturn]] void truncated(const std::string& what, std::size_t got, std::size_t want) override;
