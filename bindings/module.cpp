@@ -17,4 +17,5 @@ PYBIND11_MODULE(_core, m) {
   livemig::py_bindings::register_guest(m);
   livemig::py_bindings::register_session(m);
   livemig::py_bindings::register_bench(m);
+  livemig::py_bindings::register_tls(m);
 }

@@ -15,5 +15,6 @@ void register_session(pybind11::module_& m);
 void register_balloon(pybind11::module_& m);
 void register_verify(pybind11::module_& m);
 void register_bench(pybind11::module_& m);
+void register_tls(pybind11::module_& m);  // after register_bench: also adds the TLS loops to m._bench
 
 }  // namespace livemig::py_bindings

@@ -130,14 +130,19 @@ void SourceSession::resync_on_received_bitmap(bool local_fill) {
   resync_local_fill_ = local_fill;
 }
 
+void SourceSession::read_through(wire::InputOpener open) {
+  if (return_thread_.joinable()) throw std::logic_error("read_through: the return path already started");
+  open_ = std::move(open);
+}
+
 void SourceSession::start_return_path() {
   if (return_thread_.joinable()) throw std::logic_error("the return path is already being read");
   return_thread_ = std::thread([this] {
     try {
       // The return path may stay silent for a long time (no faults): no read timeout here; the
       // orchestrator ends it by shutting the socket down.
-      wire::FdInput in(return_fd_, 0);
-      wire::FrameReader reader(in, cfg_, wire::Direction::kToSource);
+      const auto in = wire::open_input(open_, return_fd_, 0);
+      wire::FrameReader reader(*in, cfg_, wire::Direction::kToSource);
       ReturnHandler handler(*source_, events_, *this, resync_, resync_local_fill_);
       if (!reader.run(handler)) {
         SessionEvent e;
@@ -495,6 +500,12 @@ DestSession::DestSession(std::shared_ptr<DestRegion> region, int main_fd, std::v
 
 DestSession::~DestSession() { join(); }
 
+void DestSession::read_through(wire::InputOpener open) {
+  for (auto& t : threads_)
+    if (t.joinable()) throw std::logic_error("read_through: join() the readers first");
+  open_ = std::move(open);
+}
+
 void DestSession::start() {
   if (!threads_.empty()) throw std::logic_error("the session already started");
   sink_->bind(return_path_);
@@ -545,8 +556,8 @@ void DestSession::read_channel(int fd, std::uint64_t index, bool is_extra) noexc
   try {
     // No read timeout: in postcopy a channel may be quiet for long; the orchestrator ends a
     // session by shutting its sockets down.
-    wire::FdInput in(fd, 0);
-    wire::FrameReader reader(in, cfg_, wire::Direction::kToDestination);
+    const auto in = wire::open_input(open_, fd, 0);
+    wire::FrameReader reader(*in, cfg_, wire::Direction::kToDestination);
     ChannelHandler handler(*this, index, is_extra);
     if (!reader.run(handler)) {
       SessionEvent e;

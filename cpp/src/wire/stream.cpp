@@ -68,6 +68,11 @@ FrameWriter::FrameWriter(int fd, const WireConfig& cfg) : fd_(fd), cfg_(cfg) {
   }
 }
 
+FrameWriter::FrameWriter(FrameOutput& out, const WireConfig& cfg) : fd_(-1), out_(&out), cfg_(cfg) {
+  cfg_.validate();
+  cfg_.frame_pages = std::min(cfg_.frame_pages, cfg_.max_frame_pages());
+}
+
 void FrameWriter::check_range(std::uint64_t first, std::uint64_t n, const char* what) const {
   if (first > cfg_.region_pages || n > cfg_.region_pages - first)
     throw std::out_of_range(std::string(what) + ": pages [" + std::to_string(first) + ", +" + std::to_string(n) +
@@ -320,6 +325,10 @@ void FrameWriter::flush_locked() {
   const std::size_t total = std::exchange(queued_bytes_, 0);
   nslots_ = 0;
   bounce_used_ = 0;
+  if (out_ != nullptr) {
+    stats_.syscalls += out_->write_all(iov_.data(), cnt, total, cfg_.timeout_ms);
+    return;
+  }
   if (fd_ < 0) {
     for (std::size_t i = 0; i < cnt; ++i) {
       const auto* p = static_cast<const std::uint8_t*>(iov_[i].iov_base);
@@ -459,6 +468,13 @@ std::size_t FdInput::read_full(struct iovec* iov_in, int iovcnt) {
 void FdInput::truncated(const std::string& what, std::size_t got, std::size_t want) {
   throw ConnectionLost("the peer closed the connection in the middle of " + what + " (" + std::to_string(got) +
                        " of " + std::to_string(want) + " bytes)");
+}
+
+std::unique_ptr<FrameInput> open_input(const InputOpener& open, int fd, int timeout_ms) {
+  if (!open) return std::make_unique<FdInput>(fd, timeout_ms);
+  auto in = open(fd, timeout_ms);
+  if (!in) throw ProtocolError("no input for fd " + std::to_string(fd));
+  return in;
 }
 
 std::size_t MemoryInput::read_full(struct iovec* iov, int iovcnt) {

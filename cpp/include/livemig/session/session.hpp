@@ -89,6 +89,9 @@ class SourceSession {
   /// received, and with `local_fill` not filled by the destination itself, become dirty and unsent
   /// again), so no request that follows it is judged on the stale bits. Call before start_return_path.
   void resync_on_received_bitmap(bool local_fill);
+  /// Reads the return path through `open` (e.g. wire::tls_input_opener) instead of the bare
+  /// socket. Call before start_return_path.
+  void read_through(wire::InputOpener open);
   /// Starts the thread that reads the return path: requests go to the scanner, the rest to events.
   void start_return_path();
   /// Sends dirty pages on the main and extra channels (one thread each) until none is left, or
@@ -125,6 +128,7 @@ class SourceSession {
   std::vector<wire::FrameWriter*> extras_;
   wire::FrameWriter* urgent_;
   int return_fd_;
+  wire::InputOpener open_;  // set before the return thread starts (its creation orders it)
   wire::WireConfig cfg_;
   EventQueue events_;
   std::thread return_thread_;
@@ -153,6 +157,10 @@ class DestSession {
   /// Joins the reader threads (the caller shuts the sockets down first).
   ~DestSession();
 
+  /// Reads the channels' sockets through `open` (e.g. wire::tls_input_opener over this
+  /// connection's TLS channels) instead of the bare sockets. Call before start(), and again with
+  /// the new connection's channels before reattach(), never while readers run.
+  void read_through(wire::InputOpener open);
   /// Installs the request sink and starts the reader threads.
   void start();
   /// Recovery, when the connection broke in postcopy: from now on the fault thread's requests are
@@ -187,6 +195,7 @@ class DestSession {
   int main_fd_;
   std::vector<int> extra_fds_;
   int urgent_fd_;
+  wire::InputOpener open_;  // set while no reader runs (thread creation orders it)
   wire::FrameWriter* return_path_;
   wire::WireConfig cfg_;
   EventQueue events_;

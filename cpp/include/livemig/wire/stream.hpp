@@ -35,6 +35,17 @@ struct WireStats {
   bool operator==(const WireStats&) const = default;
 };
 
+/// Where a FrameWriter's batches go instead of straight to a socket (a TLS channel).
+class FrameOutput {
+ public:
+  virtual ~FrameOutput() = default;
+  /// Writes the iovecs' `total` bytes in order (it may consume the iovecs), waiting at most
+  /// `timeout_ms` (<= 0: no limit) for the peer to make room; returns the send calls made.
+  /// Throws ConnectionLost / ProtocolError / AuthenticationError / KernelError. Called by one
+  /// thread at a time.
+  virtual std::uint64_t write_all(struct iovec* iov, std::size_t iovcnt, std::size_t total, int timeout_ms) = 0;
+};
+
 /// Puts SO_SNDTIMEO / SO_RCVTIMEO on a socket so a blocking call gives up after `timeout_ms`
 /// (<= 0 clears them). Not a socket (a pipe): ignored. Throws KernelError("setsockopt").
 void set_socket_timeouts(int fd, int timeout_ms);
@@ -52,6 +63,8 @@ class FrameWriter {
  public:
   /// A writer on `fd` (not owned; a blocking socket), or a memory writer when fd < 0.
   FrameWriter(int fd, const WireConfig& cfg);
+  /// A writer whose batches go to `out` (not owned; it must outlive the writer), e.g. a TlsChannel.
+  FrameWriter(FrameOutput& out, const WireConfig& cfg);
   FrameWriter(const FrameWriter&) = delete;
   FrameWriter& operator=(const FrameWriter&) = delete;
   ~FrameWriter() = default;
@@ -112,6 +125,7 @@ class FrameWriter {
   void send_ranges(FrameType type, std::span<const Range> ranges, std::uint64_t arg);
 
   int fd_;
+  FrameOutput* out_ = nullptr;  // not null: batches go there instead of fd_
   bool blocking_ = true;
   WireConfig cfg_;
   mutable std::mutex mu_;
@@ -163,6 +177,12 @@ class FdInput final : public FrameInput {
   std::size_t ahead_pos_ = 0;
   std::size_t ahead_len_ = 0;
 };
+
+/// Makes the input a session's reader thread uses for a socket (e.g. its TLS channel's); throws
+/// when it has none for that fd. Sessions given no opener read the sockets themselves (FdInput).
+using InputOpener = std::function<std::unique_ptr<FrameInput>(int fd, int timeout_ms)>;
+/// `open(fd, timeout_ms)` when `open` is set, an FdInput on fd otherwise.
+std::unique_ptr<FrameInput> open_input(const InputOpener& open, int fd, int timeout_ms);
 
 /// Reads a byte buffer (for decoding captured streams and fuzzing). Truncation is ProtocolError.
 class MemoryInput final : public FrameInput {
