@@ -127,7 +127,7 @@ struct table {
   /* Events for the main loop. */
   int event_fd;
   atomic_int lost, lost_exit;
-  int lost_registered;        /* written before `lost` is set, read after */
+  int lost_registered;        /* guarded by mu: what ops->lost reported */
   uint64_t lost_missing;
   FILE *status;
   pthread_mutex_t status_mu;
@@ -441,7 +441,7 @@ static void table_stop(struct table *t) {
 /* The check                                                                                      */
 
 struct check_result {
-  uint64_t records, failures, free_slots, held;
+  uint64_t records, failures, free_slots, held, ops; /* ops: the writers' operations so far */
   char first[256];
 };
 
@@ -458,6 +458,7 @@ static void fail(struct check_result *c, const char *fmt, ...) {
 /* Checks the whole table; the threads must be parked or stopped. */
 static void check_parked(struct table *t, struct check_result *c) {
   memset(c, 0, sizeof *c);
+  for (unsigned i = 0; i < t->nthreads; ++i) c->ops += t->w[i].ops;
   const uint32_t *hdr = (const uint32_t *)t->base;
   if (hdr[0] != TABLE_MAGIC || hdr[1] != t->nthreads || hdr[2] != t->nslots || hdr[3] != t->nbuckets)
     fail(c, "header page: magic 0x%x threads %u slots %u buckets %u", hdr[0], hdr[1], hdr[2], hdr[3]);
@@ -534,12 +535,6 @@ static int table_check(struct table *t, struct check_result *c) {
   check_parked(t, c);
   if (was_running) table_resume(t);
   return 0;
-}
-
-static uint64_t total_ops(const struct table *t) {
-  uint64_t n = 0;
-  for (unsigned i = 0; i < t->nthreads; ++i) n += t->w[i].ops;
-  return n;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -661,20 +656,22 @@ static int cb_check(void *user, uint64_t *items, uint64_t *failures, char *text,
   *items = c.records;
   *failures = c.failures;
   snprintf(text, size, "records=%" PRIu64 " free=%" PRIu64 " held=%" PRIu64 " ops=%" PRIu64 " failures=%" PRIu64 "%s%s",
-           c.records, c.free_slots, c.held, total_ops(t), c.failures, c.failures ? " first: " : "", c.first);
+           c.records, c.free_slots, c.held, c.ops, c.failures, c.failures ? " first: " : "", c.first);
   return 0;
 }
 
 static void cb_lost(void *user, const struct livemig_attach_lost *l) {
   struct table *t = user;
-  status(t,
-         "lost error=%d handed_off=%d resumed=%d paused=%d complete=%d registered=%d missing=%" PRIu64 " why=%s",
-         l->error, l->handed_off, l->resumed, l->paused, l->complete, l->registered, l->missing_pages, l->why);
   int exit_code = -1; /* keep running */
   if (l->role == LIVEMIG_ATTACH_SOURCE && l->handed_off) exit_code = 0;                   /* runs elsewhere */
   if (l->role == LIVEMIG_ATTACH_DESTINATION && !l->complete && !l->registered) exit_code = 3; /* never ran */
+  pthread_mutex_lock(&t->mu);
   t->lost_registered = l->registered;
   t->lost_missing = l->missing_pages;
+  pthread_mutex_unlock(&t->mu);
+  status(t,
+         "lost error=%d handed_off=%d resumed=%d paused=%d complete=%d registered=%d missing=%" PRIu64 " why=%s",
+         l->error, l->handed_off, l->resumed, l->paused, l->complete, l->registered, l->missing_pages, l->why);
   atomic_store(&t->lost_exit, exit_code);
   atomic_store(&t->lost, 1);
   uint64_t one = 1;
@@ -867,7 +864,7 @@ int main(int argc, char **argv) {
           status(t, "check error=%s", strerror(-rc));
         else
           status(t, "check records=%" PRIu64 " free=%" PRIu64 " held=%" PRIu64 " ops=%" PRIu64 " failures=%" PRIu64 "%s%s",
-                 c.records, c.free_slots, c.held, total_ops(t), c.failures, c.failures ? " first: " : "", c.first);
+                 c.records, c.free_slots, c.held, c.ops, c.failures, c.failures ? " first: " : "", c.first);
       } else {
         exit_code = 0;
       }
@@ -878,12 +875,16 @@ int main(int argc, char **argv) {
     livemig_attach_destroy(t->att);
     return 3;
   }
-  if (t->lost_registered) {
+  pthread_mutex_lock(&t->mu);
+  const int lost_registered = t->lost_registered;
+  const uint64_t lost_missing = t->lost_missing;
+  pthread_mutex_unlock(&t->mu);
+  if (lost_registered) {
     /* A destination that ran and lost livemig with pages still missing: its writers may wait on
      * them forever. Exiting, it accepts losing them: release (they read as zero), no check. */
     livemig_attach_release(t->att);
     table_stop(t);
-    status(t, "exit code=4 memory incomplete (%" PRIu64 " pages never arrived); released", t->lost_missing);
+    status(t, "exit code=4 memory incomplete (%" PRIu64 " pages never arrived); released", lost_missing);
     livemig_attach_destroy(t->att);
     return 4;
   }
@@ -892,7 +893,7 @@ int main(int argc, char **argv) {
   const int code = exit_code;
   struct check_result c;
   check_parked(t, &c);
-  status(t, "exit records=%" PRIu64 " ops=%" PRIu64 " failures=%" PRIu64 "%s%s", c.records, total_ops(t), c.failures,
+  status(t, "exit records=%" PRIu64 " ops=%" PRIu64 " failures=%" PRIu64 "%s%s", c.records, c.ops, c.failures,
          c.failures ? " first: " : "", c.first);
   livemig_attach_destroy(t->att);
   close(sfd);

@@ -276,13 +276,16 @@ static int disarm(livemig_attach *a) {
 static int arm(livemig_attach *a) {
   const uint64_t want = a->role == LIVEMIG_ATTACH_SOURCE ? SOURCE_FEATURES : DESTINATION_FEATURES;
   if (a->role == LIVEMIG_ATTACH_DESTINATION) {
+    /* Empty: no page at all when the region is the whole file (st_blocks also counts fallocated
+     * pages, which SEEK_DATA calls holes); else no data inside the region. */
     struct stat st;
     if (fstat(a->memfd, &st) != 0) return lma_fail(errno, "fstat of the memfd: %s", strerror(errno));
-    if (st.st_blocks != 0)
+    const int whole = a->memfd_offset == 0 && (uint64_t)st.st_size <= a->len;
+    const off_t data = whole ? 0 : lseek(a->memfd, (off_t)a->memfd_offset, SEEK_DATA);
+    if (whole ? st.st_blocks != 0 : (data >= 0 && (uint64_t)data < a->memfd_offset + a->len))
       return lma_fail(EINVAL,
-                      "the destination memfd already holds %lld blocks: a destination starts with empty memory "
-                      "that only livemig fills",
-                      (long long)st.st_blocks);
+                      "the destination memfd already holds data in the region: a destination starts with empty "
+                      "memory that only livemig fills");
   }
   int fd = open_uffd();
   if (fd < 0) return fd;

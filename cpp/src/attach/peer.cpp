@@ -421,9 +421,15 @@ Connection Connection::accept(UniqueFd sock, const AcceptOptions& opts) {
     if (!source) {
       if ((seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE)) != 0)
         refuse(LIVEMIG_ATTACH_ERR_DESCRIPTOR, "memfd: a destination's memfd is sealed against writes");
-      if (st.st_blocks != 0)
-        refuse(LIVEMIG_ATTACH_ERR_DESCRIPTOR, "memfd: the destination's memfd already holds " + std::to_string(st.st_blocks / 2) +
-                                                  " KiB; a destination starts empty (pages present before livemig "
+      // Empty: no page at all when the region is the whole file (st_blocks also counts pages
+      // allocated by fallocate, which SEEK_DATA calls holes); else no data inside the region.
+      const bool whole = L.memfd_offset == 0 && static_cast<std::uint64_t>(st.st_size) <= L.len;
+      const off_t data = whole ? 0 : ::lseek(m, static_cast<off_t>(L.memfd_offset), SEEK_DATA);
+      if (whole ? st.st_blocks != 0 : (data >= 0 && static_cast<std::uint64_t>(data) < L.memfd_offset + L.len))
+        refuse(LIVEMIG_ATTACH_ERR_DESCRIPTOR, "memfd: the destination's memfd already holds " +
+                                                  (whole ? std::to_string(st.st_blocks / 2) + " KiB"
+                                                         : "data at offset " + hex(static_cast<std::uint64_t>(data))) +
+                                                  "; a destination starts empty (pages present before livemig "
                                                   "places them would never fault)");
     }
   }
