@@ -137,7 +137,7 @@ def writer_regions() -> Iterator[tuple[Source, np.ndarray]]:
     """64 MiB tracked and 64 MiB untracked, both populated."""
     pages = (64 << 20) // PAGE
     try:
-        src = Source(pages)
+        src = Source.allocate(pages)
     except UnsupportedError as e:
         pytest.skip(f"kernel lacks {e.feature}: {e}")
     plain = np.frombuffer(mmap.mmap(-1, pages * PAGE), dtype=np.uint8)
@@ -156,7 +156,7 @@ def test_writer_slowdown_under_tracking(
     src, plain = writer_regions
     tracked = src.memory
     if kind == "explicit_first_store":
-        src = Source(src.pages, mode="explicit")
+        src = Source.allocate(src.pages, mode="explicit")
         src.memory[:] = 1
         engine = lambda: B.source_touch_pages_marked(src.core, 1, 3)
         baseline = lambda: B.source_touch_pages(plain.ctypes.data, src.pages, 1, 3)

@@ -28,6 +28,7 @@ import pytest
 
 from livemig import _core, wire
 from livemig.benchmark.sockets import parallel, tcp_pairs
+from livemig.protocol import FrameType
 
 PAGE = 4096
 MIB = 1 << 20
@@ -140,7 +141,7 @@ def run_throughput(benchmark, pair: Pair, src: np.ndarray, dst: np.ndarray, n_ch
             w.send_end()
 
         def recv(r: _core.FrameReader) -> None:
-            assert wire.read_frame(r) == wire.Frame("end")
+            assert wire.read_frame(r).type == FrameType.END
 
         jobs: list[Callable[[], object]] = []
         for (first, n), w, r in zip(parts, writers, readers):
@@ -241,7 +242,7 @@ def test_request_round_trip(benchmark, connection: Pair, src_region: np.ndarray,
         )
         server.join()
         # The server answered END with END on the urgent channel: consume it.
-        assert wire.read_frame(pair.dst.reader(pair.dst.urgent)) == wire.Frame("end")
+        assert wire.read_frame(pair.dst.reader(pair.dst.urgent)).type == FrameType.END
 
     rounds = RTT_BATCHES if not benchmark.disabled else 1
     benchmark.pedantic(wire_batch, setup=raw_batches, rounds=rounds, iterations=1)
