@@ -491,6 +491,11 @@ Connection Connection::accept(UniqueFd sock, const AcceptOptions& opts) {
       if (::ioctl(p, PAGEMAP_SCAN, &arg) < 0) {
         if (errno == ENOTTY || errno == EINVAL)
           refuse(LIVEMIG_ATTACH_ERR_DESCRIPTOR, "pagemap: PAGEMAP_SCAN is missing on this kernel (Linux 6.7)");
+        // EFAULT: the range is not a valid user range of the process (e.g. past its address space).
+        if (errno == EFAULT)
+          refuse(LIVEMIG_ATTACH_ERR_DESCRIPTOR, "mapping: the process maps nothing at " + hex(L.addr) +
+                                                    " inside its region " + hex(L.addr) + " + " + std::to_string(L.len) +
+                                                    " (not a valid address range there)");
         refuse(LIVEMIG_ATTACH_ERR_DESCRIPTOR, "pagemap: the region at " + hex(L.addr) +
                                                   " is not registered for asynchronous write-protect in the process (" +
                                                   std::strerror(errno) + ")");
