@@ -27,10 +27,14 @@ class _Zapping:
     def start(self) -> None:
         r = self._inner.region
         first, n = ZAPPED
-        # The kernel sends the region's userfaultfd a REMOVE event; the fault thread drops R.
-        rc = _libc.madvise(ctypes.c_void_p(r.address + first * mmap.PAGESIZE), n * mmap.PAGESIZE, _MADV_DONTNEED)
-        if rc != 0:
-            raise OSError(ctypes.get_errno(), "madvise")
+        # The kernel sends the region's userfaultfd a REMOVE event; the fault thread drops R. madvise
+        # returns once the event is read, not handled; a second drop of the first page returns once
+        # its own event is read, which the fault thread does only after handling the batch that held
+        # the first: R is dropped for every zapped page before the start is acknowledged.
+        for length in (n * mmap.PAGESIZE, mmap.PAGESIZE):
+            rc = _libc.madvise(ctypes.c_void_p(r.address + first * mmap.PAGESIZE), length, _MADV_DONTNEED)
+            if rc != 0:
+                raise OSError(ctypes.get_errno(), "madvise")
         self._inner.start()
 
 
