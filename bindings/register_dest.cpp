@@ -33,9 +33,17 @@ const char* state_name(DestRegion::State s) {
 // The fault-latency histogram as Python sees it.
 struct LatencySnapshot {
   py::array_t<std::uint64_t> buckets;
+  py::array_t<double> upper_us;
   std::uint64_t count;
   double p50_us, p99_us, max_us, blocked_us;
 };
+
+py::array_t<double> latency_bounds() {
+  py::array_t<double> out(static_cast<py::ssize_t>(LatencyHistogram::kBuckets));
+  auto v = out.mutable_unchecked<1>();
+  for (std::size_t k = 0; k < LatencyHistogram::kBuckets; ++k) v(static_cast<py::ssize_t>(k)) = LatencyHistogram::upper_us(k);
+  return out;
+}
 
 void register_counters(py::module_& m) {
   py::class_<DestCounters>(m, "DestCounters", "The destination's counters, in pages unless named otherwise.")
@@ -60,6 +68,8 @@ void register_counters(py::module_& m) {
                               "Fault-to-placement latency: power-of-two microsecond buckets and quantiles.")
       .def_readonly("buckets", &LatencySnapshot::buckets,
                     "buckets[0]: [0, 1) us; buckets[k]: [2^(k-1), 2^k) us (the last also holds longer ones).")
+      .def_readonly("upper_us", &LatencySnapshot::upper_us,
+                    "upper_us[k]: bucket k's upper bound in us (draw and label buckets with these).")
       .def_readonly("count", &LatencySnapshot::count)
       .def_readonly("p50_us", &LatencySnapshot::p50_us, "Upper bound of the bucket holding the median.")
       .def_readonly("p99_us", &LatencySnapshot::p99_us)
@@ -164,10 +174,13 @@ void register_dest(py::module_& m) {
            [](const DestRegion& r) {
              const auto& h = r.latency();
              const auto b = h.buckets();
-             return LatencySnapshot{to_array(std::vector<std::uint64_t>(b.begin(), b.end())), h.count(),
+             return LatencySnapshot{to_array(std::vector<std::uint64_t>(b.begin(), b.end())), latency_bounds(),
+                                    h.count(),
                                     h.quantile_us(0.5), h.quantile_us(0.99), h.max_us(), h.blocked_us()};
            })
-      .def("reset_latency", [](DestRegion& r) { r.latency().reset(); });
+      .def("reset_latency", [](DestRegion& r) { r.latency().reset(); })
+      .def_static("latency_bucket_upper_us", &latency_bounds,
+                  "The fault-latency buckets' upper bounds in us, bucket by bucket.");
 }
 
 }  // namespace livemig::py_bindings

@@ -1,6 +1,7 @@
 // Source bindings: the Source region with its dirty tracking, its balloon device and the page
 // scanner. Arguments are checked under the GIL; anything that walks the region or blocks releases it.
 // An adopted buffer stays exported for the Source's whole life.
+#include <pybind11/native_enum.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "convert.hpp"
+#include "livemig/base/timeline.hpp"
 #include "livemig/source/source.hpp"
 #include "livemig/base/page_size.hpp"
 #include "livemig/base/zero_page.hpp"
@@ -88,6 +90,39 @@ void register_counters(py::module_& m) {
       .def_readonly("sync", &SourceCounters::sync)
       .def_readonly("scanner", &SourceCounters::scanner)
       .def_readonly("scan_calls", &SourceCounters::scan_calls, "PAGEMAP_SCAN calls made by syncs.");
+}
+
+void register_timeline(py::module_& m) {
+  py::native_enum<Timeline::Series>(m, "TimelineSeries", "enum.IntEnum", "What a timeline series counts.")
+      .value("REQUESTS", Timeline::kRequests, "Page requests from the destination (served or queued).")
+      .value("REQUEST_PAGES", Timeline::kRequestPages, "Pages taken to answer requests.")
+      .value("PUSH_PAGES", Timeline::kPushPages, "Pages taken by the background scan.")
+      .value("LEFT_PAGES", Timeline::kLeftPages, "A level: dirty pages still to send, sampled once per bin.")
+      .finalize();
+  py::class_<Timeline, std::shared_ptr<Timeline>>(
+      m, "Timeline", "What the source's scanner does, in bins of fixed width from start(): lock-free counts.")
+      .def(py::init<double, std::size_t>(), py::arg("bin_seconds"), py::arg("bins"))
+      .def("start", &Timeline::start, "Starts the clock now (a second call is ignored).")
+      .def("add", &Timeline::add, py::arg("series"), py::arg("n"), "Adds n to a count series in the current bin.")
+      .def(
+          "series",
+          [](const Timeline& t, Timeline::Series s) {
+            if (s >= Timeline::kSeries) throw py::value_error("no such timeline series");
+            return to_array(t.series(s));
+          },
+          py::arg("series"), "The series bin by bin, up to the last bin used (a uint64 array).")
+      .def(
+          "total",
+          [](const Timeline& t, Timeline::Series s) {
+            if (s >= Timeline::kSeries) throw py::value_error("no such timeline series");
+            return t.total(s);
+          },
+          py::arg("series"), "Everything added so far (a level: its latest sample); lock-free.")
+      .def_property_readonly("bin_seconds", &Timeline::bin_seconds)
+      .def_property_readonly("capacity", &Timeline::capacity, "Bins it holds.")
+      .def_property_readonly("started_at", &Timeline::started_at,
+                             "When start() ran, in time.perf_counter() seconds (0 before).")
+      .def_property_readonly("overflowed", &Timeline::overflowed, "Something landed past the last bin.");
 }
 
 void register_source_class(py::module_& m) {
@@ -245,13 +280,17 @@ void register_source_class(py::module_& m) {
             return is_zero(s.data() + i * s.page_size(), s.page_size());
           },
           py::arg("page"), "True when the page is all zero bytes.")
-      .def("counters", &Source::counters, "The sync, scanner and balloon counters.");
+      .def("counters", &Source::counters, "The sync, scanner and balloon counters.")
+      .def("set_timeline", &Source::set_timeline, py::arg("timeline"),
+           "Count the scanner's requests and takes into timeline from now on (once per Source).")
+      .def_property_readonly("timeline", [](const Source& s) { return s.timeline(); });
 }
 
 }  // namespace
 
 void register_source(py::module_& m) {
   register_counters(m);
+  register_timeline(m);
   register_source_class(m);
 }
 

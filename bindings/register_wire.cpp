@@ -313,7 +313,11 @@ void register_wire(py::module_& m) {
             return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
           },
           "Memory writer: the bytes written so far.")
-      .def_property_readonly("stats", [](const wire::FrameWriter& w) { return w.stats(); });
+      .def_property_readonly("stats", [](const wire::FrameWriter& w) { return w.stats(); })
+      .def_property_readonly(
+          "sent", [](const wire::FrameWriter& w) { return w.sent(); },
+          "Pages, zero pages and bytes sent by the flushes so far, read without the writer's lock (a live "
+          "view reads it while a send blocks); frames and syscalls are 0.");
 
   py::class_<PyFrameReader>(m, "FrameReader",
                             "Reads and validates frames from a socket fd (not owned). One thread at a time.")

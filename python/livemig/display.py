@@ -1,26 +1,29 @@
 """What the CLI shows: live progress, the summary table (rich, on stderr) and the ``--plot`` figure.
 
-Progress objects implement :class:`livemig.migration.Progress`; the orchestrators may call them
-from any thread (rich's Progress locks internally; the line printer locks itself).
+Progress objects implement :class:`livemig.migration.LiveProgress` and take the migration's events
+(``event``); the orchestrators call them from the migrating thread and the monitor's thread, never
+at once. Every figure shown comes from a Snapshot, an event or the result: none is computed here.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import BarColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.progress import Progress as RichProgressBar
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
-from livemig.migration import DestinationSummary, MigrationResult, Progress
+from livemig.migration import DestinationSummary, MigrationEvent, MigrationResult, Snapshot
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -63,78 +66,169 @@ def json_ready(obj: Any) -> Any:
 # ---- progress ----
 
 
+def format_duration(seconds: float) -> str:
+    """``75.3`` -> ``1:15.3`` (minutes:seconds), ``3723`` -> ``1:02:03.0``."""
+    m, sec = divmod(max(seconds, 0.0), 60)
+    h, m = divmod(int(m), 60)
+    return f"{h}:{m:02d}:{sec:04.1f}" if h else f"{m}:{sec:04.1f}"
+
+
+def _eta(s: Snapshot) -> str:
+    return "ETA -" if s.round_eta_s is None else f"ETA {format_duration(s.round_eta_s)}"
+
+
+def snapshot_lines(s: Snapshot) -> tuple[str, str, float | None]:
+    """A snapshot in words: (headline, details, fraction done or None), the live view's two lines."""
+    elapsed = format_duration(s.t)
+    if s.side == "destination":
+        here = s.total_pages - s.remaining_pages
+        head = f"{s.phase}: {here:,} of {s.total_pages:,} pages here"
+        tail = f"{format_rate(s.rate_bps)} over the last second"
+        if s.phase == "postcopy" or s.faults:
+            tail += f" · {s.faults_per_s:,.0f} faults/s ({s.faults:,} in all)"
+        if s.phase == "paused":
+            head = f"paused for recovery: {s.paused_cause}"
+        done = here / s.total_pages if s.total_pages else None
+        return head, f"{tail} · {elapsed}", done
+    sent = f"sent {format_bytes(s.bytes_sent)} ({s.pages_sent:,} pages)"
+    rate = f"{format_rate(s.rate_bps)} over the last second"
+    if s.phase == "precopy" and s.round >= 0:
+        done_pages = s.round_pages - s.round_pages_left
+        head = f"precopy round {s.round}: {done_pages:,} of {s.round_pages:,} pages · {_eta(s)}"
+        dirt = f"tracker: {s.dirty_rate_pps:,.0f} pages/s dirtied" if s.round > 0 else "tracker: first round"
+        tail = f"{rate} · {sent} · {dirt} · {s.remaining_pages:,} dirty left · {elapsed}"
+        return head, tail, done_pages / s.round_pages if s.round_pages else None
+    if s.phase == "postcopy":
+        on_dest = s.total_pages - s.remaining_pages
+        head = (f"postcopy: {on_dest:,} of {s.total_pages:,} pages sent · {s.remaining_pages:,} still on the"
+                f" source · {s.faults_per_s:,.0f} faults/s ({s.faults:,} in all)")
+        down = f" · downtime {_ms(s.downtime_ms)}" if s.downtime_ms is not None else ""
+        tail = f"{rate} · {sent} · pushed {s.push_pages:,}{down}"
+        if s.recoveries:
+            tail += f" · {s.recoveries} recover{'y' if s.recoveries == 1 else 'ies'}"
+        return head, f"{tail} · {elapsed}", on_dest / s.total_pages if s.total_pages else None
+    if s.phase == "paused":
+        tries = f"attempt {s.attempts + 1}" if s.attempts else "reconnecting"
+        head = f"paused for recovery ({tries}): {s.paused_cause}"
+        return head, f"{s.remaining_pages:,} pages still on the source · {sent} · {elapsed}", None
+    if s.phase == "switchover":
+        head = f"switchover: workload paused, {s.remaining_pages:,} dirty pages left"
+        return head, f"{rate} · {sent} · {elapsed}", None
+    if s.phase in ("complete", "verify"):
+        down = f" · downtime {_ms(s.downtime_ms)}" if s.downtime_ms is not None else ""
+        return f"{s.phase}: waiting for the destination's report", f"{sent}{down} · {elapsed}", None
+    return f"{s.phase}", f"{sent} · {elapsed}", None
+
+
+def event_line(ev: MigrationEvent) -> str | None:
+    """The log line an event deserves (None: the live view shows it well enough)."""
+    d = ev.data
+    at = format_duration(ev.t)
+    if ev.kind == "round_end":
+        sent = d["pages_sent"] + d["zero_pages"]
+        dirtied = (f"; {d['dirtied_pages']:,} dirtied meanwhile ({d['dirty_rate_pps']:,.0f} pages/s)")
+        return (f"{at} round {d['index']}: sent {sent:,} of {d['dirty_pages']:,} dirty pages"
+                f" ({format_bytes(d['bytes_sent'])}) in {d['seconds']:.2f} s at {format_rate(d['bandwidth_bps'])}"
+                f"{dirtied}; {d['remaining_pages']:,} left")
+    if ev.kind == "switchover":
+        what = ("the workload runs on the destination; the rest comes by push and on demand"
+                if d["mode"] == "postcopy" else "the workload runs on the destination")
+        return (f"{at} switchover: downtime {_ms(d['downtime_ms'])}, {d['switchover_pages']:,} pages dirty at"
+                f" the final sync; {what}")
+    if ev.kind == "paused":
+        return f"{at} paused for recovery: {d['cause']}"
+    if ev.kind == "resume_attempt":
+        return f"{at} resume attempt {d['attempt']} failed: {d['error']}"
+    if ev.kind == "resumed":
+        again = f", {d['requeued_pages']:,} pages to send again" if d.get("requeued_pages") else ""
+        return f"{at} resumed (recovery {d['recoveries']}){again}"
+    if ev.kind == "faults":
+        return f"{at} {d['faults_per_s']:,.0f} faults/s (over {d['threshold_per_s']:,.0f}/s)"
+    return None
+
+
+class _Live:
+    """The live view's renderable: two lines and a bar, swapped whole by the monitor's thread."""
+
+    def __init__(self) -> None:
+        self.lines: tuple[str, str, float | None] = ("starting", "", None)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        head, tail, done = self.lines
+        yield Text(head, style="bold", overflow="ellipsis", no_wrap=True)
+        if done is not None:
+            yield ProgressBar(total=1.0, completed=min(max(done, 0.0), 1.0), width=min(options.max_width, 60))
+        if tail:
+            yield Text(tail, overflow="ellipsis", no_wrap=True)
+
+
 class RichProgress:
-    """A live progress bar (phase, round, remaining pages, bandwidth) on a terminal."""
+    """The live view on a terminal: what moves now (redrawn with every snapshot, at least 4 times a
+    second), with a log line above it for each round, the switchover and each recovery step."""
 
     def __init__(self, console: Console) -> None:
-        self._bar = RichProgressBar(
-            TextColumn("[bold]{task.fields[phase]:<10}"),
-            BarColumn(),
-            TextColumn("round {task.fields[round]:>3}"),
-            TextColumn("{task.fields[remaining]:>10} pages left"),
-            TextColumn("{task.fields[bandwidth]:>14}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        )
-        self._task: TaskID = self._bar.add_task(
-            "migration", total=None, phase="start", round=0, remaining="-", bandwidth="-"
-        )
+        self._console = console
+        self._view = _Live()
+        self._live = Live(self._view, console=console, auto_refresh=False, transient=True)
 
     def phase(self, name: str) -> None:
-        self._bar.update(self._task, phase=name)
+        if name in ("precopy", "postcopy", "paused"):
+            return  # the snapshot says it, and the events log it
+        self._view.lines = (name, self._view.lines[1], None)
+        self._live.refresh()
 
-    def update(
-        self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float
-    ) -> None:
-        self._bar.update(
-            self._task,
-            total=max(total_pages, 1),
-            completed=max(total_pages - remaining_pages, 0),
-            round=round,
-            remaining=f"{remaining_pages:,}",
-            bandwidth=format_rate(bandwidth_bps),
-        )
+    def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
+        pass  # the round_end event carries the whole round
+
+    def snapshot(self, s: Snapshot) -> None:
+        self._view.lines = snapshot_lines(s)
+        self._live.refresh()
+
+    def event(self, ev: MigrationEvent) -> None:
+        line = event_line(ev)
+        if line is not None:
+            self._live.console.print(line, highlight=False, markup=False)
 
     def __enter__(self) -> Self:
-        self._bar.start()
+        self._live.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._bar.stop()
+        self._live.stop()
 
 
 class LineProgress:
-    """Progress as plain lines (for logs): one per phase, and at most one per round or second."""
+    """Progress as plain lines (for logs): one per phase, round, switchover and recovery step, and
+    the live figures at most once a second."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], every_s: float = 1.0) -> None:
         self._out = out
         self._lock = threading.Lock()
-        self._phase = "start"
-        self._round = -1
-        self._last = 0.0
+        self._every = every_s
+        self._last = -math.inf
 
     def _print(self, text: str) -> None:
-        self._out.write(f"livemig: {text}\n")
-        self._out.flush()
+        with self._lock:
+            self._out.write(f"livemig: {text}\n")
+            self._out.flush()
 
     def phase(self, name: str) -> None:
-        with self._lock:
-            self._phase = name
-            self._print(f"phase {name}")
+        self._print(f"phase {name}")
 
-    def update(
-        self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float
-    ) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if round == self._round and now - self._last < 1.0:
-                return
-            self._round, self._last = round, now
-            self._print(
-                f"{self._phase} round {round}: {remaining_pages:,} of {total_pages:,} pages left,"
-                f" {format_rate(bandwidth_bps)}"
-            )
+    def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
+        pass  # the round_end event carries the whole round
+
+    def snapshot(self, s: Snapshot) -> None:
+        if s.t - self._last < self._every:
+            return
+        self._last = s.t
+        head, tail, _ = snapshot_lines(s)
+        self._print(f"{head} · {tail}")
+
+    def event(self, ev: MigrationEvent) -> None:
+        line = event_line(ev)
+        if line is not None:
+            self._print(line)
 
     def __enter__(self) -> Self:
         return self
@@ -147,16 +241,21 @@ class _Quiet:
     def phase(self, name: str) -> None:
         pass
 
-    def update(
-        self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float
-    ) -> None:
+    def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
+        pass
+
+    def event(self, ev: MigrationEvent) -> None:
         pass
 
 
+ProgressDisplay = RichProgress | LineProgress | _Quiet
+
+
 @contextmanager
-def progress_display(console: Console, enabled: bool | None) -> Iterator[Progress]:
-    """The progress reporter for ``--progress/--no-progress`` (None: only on a terminal): a live
-    rich display on a terminal, plain lines otherwise, nothing when disabled."""
+def progress_display(console: Console, enabled: bool | None) -> Iterator[ProgressDisplay]:
+    """The progress reporter for ``--progress/--no-progress`` (None: only on a terminal): the live
+    view on a terminal, plain lines otherwise, nothing when disabled. Hand it to migrate()/serve()
+    as ``progress`` and its ``event`` method as (part of) ``events``."""
     if enabled is None:
         enabled = console.is_terminal
     if not enabled:
@@ -168,11 +267,22 @@ def progress_display(console: Console, enabled: bool | None) -> Iterator[Progres
         yield LineProgress(console.file)
 
 
+def fan_out(*callbacks: Callable[[MigrationEvent], None] | None) -> Callable[[MigrationEvent], None]:
+    """One event callback calling each of ``callbacks`` (None ones left out) in turn."""
+    chosen = [cb for cb in callbacks if cb is not None]
+
+    def call(ev: MigrationEvent) -> None:
+        for cb in chosen:
+            cb(ev)
+
+    return call
+
+
 # ---- summaries ----
 
 
-def _ms(v: float) -> str:
-    return f"{v:,.1f} ms" if math.isfinite(v) else "-"
+def _ms(v: float | None) -> str:
+    return f"{v:,.1f} ms" if v is not None and math.isfinite(v) else "-"
 
 
 def _balloon(b: Any) -> str:
@@ -188,8 +298,26 @@ def _latency(p: Any) -> str:
     return f"p50 {lat.p50:,.0f} us, p99 {lat.p99:,.0f} us, max {lat.max:,.0f} us"
 
 
+def rounds_table(r: MigrationResult, most: int = 12) -> Table:
+    """The precopy rounds, one row each (the first and last few when there are more than ``most``)."""
+    t = Table(title="precopy rounds", title_justify="left", show_edge=False, pad_edge=False)
+    for name in ("round", "dirty at sync", "sent", "in", "bandwidth", "dirtied meanwhile", "left"):
+        t.add_column(name, justify="right")
+    rows = list(r.rounds)
+    if len(rows) > most:
+        rows = rows[: most // 2] + [None] + rows[-(most // 2):]  # type: ignore[list-item]
+    for x in rows:
+        if x is None:
+            t.add_row("...", "", "", "", "", "", "")
+            continue
+        t.add_row(str(x.index), f"{x.dirty_pages:,}", f"{x.pages_sent + x.zero_pages:,} ({format_bytes(x.bytes_sent)})",
+                  f"{x.seconds:.2f} s", format_rate(x.bandwidth_bps),
+                  f"{x.dirtied_pages:,} ({x.dirty_rate_pps:,.0f}/s)", f"{x.remaining_pages:,}")
+    return t
+
+
 def summary_table(r: MigrationResult) -> Table:
-    """The end-of-migration summary."""
+    """The end-of-migration summary: every figure is a field of ``r`` (the JSON's)."""
     status = "[green]ok[/green]" if r.ok else "[red]FAILED[/red]"
     t = Table(title=f"livemig migrate: {status}", show_header=False, title_justify="left")
     t.add_column(style="bold")
@@ -198,19 +326,24 @@ def summary_table(r: MigrationResult) -> Table:
     pages = r.region_bytes // max(r.page_size, 1)
     t.add_row("region", f"{format_bytes(r.region_bytes)} ({pages:,} pages of {r.page_size} B)")
     t.add_row("total time", _ms(r.total_ms))
-    t.add_row("downtime", _ms(r.downtime_ms))
+    t.add_row("downtime", f"{_ms(r.downtime_ms)} ({r.switchover_pages:,} pages dirty at the final sync)")
     t.add_row("precopy rounds", str(r.precopy_rounds))
     t.add_row("sent",
               f"{format_bytes(r.bytes_sent)} ({r.pages_sent:,} pages, {r.zero_pages:,} zero)")
-    if r.total_ms > 0 and r.bytes_sent:
-        t.add_row("throughput", format_rate(r.bytes_sent / (r.total_ms / 1000.0)))
+    if r.throughput_bps > 0:
+        t.add_row("throughput", f"{format_rate(r.throughput_bps)} (all bytes sent over the total time)")
     if r.mode == "postcopy":
         p = r.postcopy
-        t.add_row("postcopy", f"{p.requests:,} requests, {p.local_fills:,} local fills")
+        t.add_row("postcopy", f"{r.postcopy_pages_left:,} pages left at the start; {p.requests:,} requests,"
+                  f" {p.local_fills:,} local fills, {p.faults:,} faults")
         if r.push_seconds > 0:
             t.add_row("postcopy push", f"{format_bytes(r.push_bytes)} in {_ms(r.push_seconds * 1e3)}"
                       f" ({format_rate(r.push_bytes / r.push_seconds)})")
         t.add_row("fault latency", _latency(p))
+        again = f", {r.requeued_pages:,} pages sent again" if r.recoveries else ""
+        t.add_row("recoveries", f"{r.recoveries}{again}")
+    elif r.recoveries:
+        t.add_row("recoveries", f"{r.recoveries}, {r.requeued_pages:,} pages sent again")
     h = r.hints
     t.add_row("hints", f"{h.rounds} rounds, {h.pages_hinted:,} pages hinted,"
               f" {h.stale_dropped:,} stale dropped")
@@ -239,6 +372,7 @@ def destination_table(s: DestinationSummary) -> Table:
         t.add_row("postcopy",
                   f"{s.postcopy.requests:,} requests, {s.postcopy.local_fills:,} local fills")
         t.add_row("fault latency", _latency(s.postcopy))
+        t.add_row("recoveries", str(s.recoveries))
     t.add_row("balloon", _balloon(s.balloon))
     if s.verify is not None:
         v = s.verify
@@ -249,7 +383,7 @@ def destination_table(s: DestinationSummary) -> Table:
     return t
 
 
-# ---- plot ----
+# ---- plot (livemig.plot draws) ----
 
 
 class PlotUnavailable(RuntimeError):
@@ -267,55 +401,20 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def plot(result: MigrationResult, path: str) -> None:
-    """Writes ``path`` (format from its suffix): bandwidth and remaining pages per precopy round,
-    and the postcopy fault latency histogram (bucket i: latencies up to 2**i microseconds)."""
+def plot_formats() -> dict[str, str]:
+    """The image formats matplotlib writes here: suffix (no dot) -> description."""
     require_matplotlib()
-    from matplotlib.figure import Figure  # optional dependency
+    from matplotlib.backend_bases import FigureCanvasBase
 
-    fig = Figure(figsize=(8, 9), layout="constrained")
-    ax_bw, ax_rem, ax_lat = fig.subplots(3, 1)
-    rounds = [s.index for s in result.rounds]
-    if rounds:
-        ax_bw.bar(rounds, [s.bandwidth_bps / 2**20 if math.isfinite(s.bandwidth_bps) else 0.0
-                           for s in result.rounds], color="tab:blue")
-        remaining = [s.remaining_pages for s in result.rounds]
-        ax_rem.plot(rounds, remaining, marker="o", color="tab:orange")
-        for ax in (ax_bw, ax_rem):
-            ax.set_xticks(rounds)
-    else:
-        for ax in (ax_bw, ax_rem):
-            ax.text(0.5, 0.5, "no precopy rounds", ha="center", va="center", transform=ax.transAxes)
-    ax_bw.set_title("bandwidth per precopy round")
-    ax_bw.set_xlabel("round")
-    ax_bw.set_ylabel("MiB/s")
-    ax_rem.set_title("remaining pages after each round")
-    ax_rem.set_xlabel("round")
-    ax_rem.set_ylabel("pages")
-
-    hist = list(result.postcopy.histogram)
-    while hist and hist[-1] == 0:
-        hist.pop()
-    if any(hist):
-        xs = list(range(len(hist)))
-        ax_lat.bar(xs, hist, color="tab:green")
-        ax_lat.set_xticks(xs, [_bucket_label(i) for i in xs], rotation=45)
-        ax_lat.set_yscale("log")
-    else:
-        ax_lat.text(0.5, 0.5, "no postcopy faults", ha="center", va="center",
-                    transform=ax_lat.transAxes)
-    ax_lat.set_title("postcopy fault latency")
-    ax_lat.set_xlabel("latency up to (microseconds)")
-    ax_lat.set_ylabel("faults")
-    fig.suptitle(f"livemig {result.mode}: {format_bytes(result.region_bytes)},"
-                 f" {result.precopy_rounds} rounds, downtime {_ms(result.downtime_ms)}")
-    fig.savefig(path)
+    return dict(FigureCanvasBase.get_supported_filetypes())
 
 
-def _bucket_label(i: int) -> str:
-    us = 2**i
-    if us >= 1_000_000:
-        return f"{us // 1_000_000}s" if us % 1_000_000 == 0 else f"{us / 1e6:.1f}s"
-    if us >= 1000:
-        return f"{us / 1000:g}ms"
-    return f"{us}"
+def check_plot_path(path: str) -> str:
+    """``path``'s format (its suffix); ValueError naming the choices when it has none matplotlib writes."""
+    suffix = os.path.splitext(path)[1].lower().lstrip(".")
+    formats = plot_formats()
+    if suffix not in formats:
+        choices = ", ".join(f".{k}" for k in sorted(formats))
+        what = f"its suffix .{suffix} is not an image format" if suffix else "it has no suffix to say its format"
+        raise ValueError(f"cannot draw to {path!r}: {what}; name it with one of {choices} (e.g. run.png)")
+    return suffix

@@ -112,6 +112,10 @@ std::array<std::uint64_t, LatencyHistogram::kBuckets> LatencyHistogram::buckets(
   return out;
 }
 
+double LatencyHistogram::upper_us(std::size_t k) noexcept {
+  return k == 0 ? 1.0 : static_cast<double>(std::uint64_t{1} << std::min<std::size_t>(k, 63));
+}
+
 std::uint64_t LatencyHistogram::count() const noexcept {
   std::uint64_t n = 0;
   for (const auto& b : b_) n += b.load(kRelaxed);
@@ -129,7 +133,7 @@ double LatencyHistogram::quantile_us(double q) const noexcept {
   for (std::size_t k = 0; k < kBuckets; ++k) {
     cum += b[k];
     if (cum >= target) {
-      const double upper = k == 0 ? 1.0 : static_cast<double>(std::uint64_t{1} << k);
+      const double upper = upper_us(k);
       return std::min(upper, max_us());
     }
   }

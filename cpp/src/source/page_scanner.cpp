@@ -39,6 +39,7 @@ bool PageScanner::request(std::uint64_t first_page, std::uint64_t npages) {
   }
   cv_.notify_all();
   requests_.fetch_add(1, std::memory_order_relaxed);
+  count(Timeline::kRequests, 1);
   return true;
 }
 
@@ -120,7 +121,10 @@ std::size_t PageScanner::take_range(std::uint64_t first, std::uint64_t n, std::v
     ++served;
   }
   if (dropped != 0) dropped_.fetch_add(dropped, std::memory_order_relaxed);
-  if (served != 0) served_.fetch_add(served, std::memory_order_relaxed);
+  if (served != 0) {
+    served_.fetch_add(served, std::memory_order_relaxed);
+    count(Timeline::kRequestPages, served);
+  }
   // Rule 6: the background scan continues just after the requested pages.
   set_cursor(first + n);
   return served;
@@ -169,7 +173,12 @@ std::size_t PageScanner::take_background(std::size_t max_pages, std::vector<Page
     }
     if (taken >= max_pages) break;
   }
-  if (taken != 0) background_.fetch_add(taken, std::memory_order_relaxed);
+  if (taken != 0) {
+    background_.fetch_add(taken, std::memory_order_relaxed);
+    count(Timeline::kPushPages, taken);
+  }
+  if (Timeline* t = timeline_.load(std::memory_order_acquire); t != nullptr && t->due(Timeline::kLeftPages))
+    t->level(Timeline::kLeftPages, dirty_.count());  // once per bin: a popcount of the bitmap
   cursor_.store(pos >= size ? 0 : pos, std::memory_order_relaxed);
   return taken;
 }
@@ -192,6 +201,7 @@ bool PageScanner::take_request(std::uint64_t first_page, std::uint64_t npages, s
     return false;
   }
   requests_.fetch_add(1, std::memory_order_relaxed);
+  count(Timeline::kRequests, 1);
   take_range(first_page, npages, out);
   return true;
 }

@@ -197,6 +197,12 @@ SourceCounters Source::counters() const noexcept {
   return c;
 }
 
+void Source::set_timeline(std::shared_ptr<Timeline> t) {
+  if (timeline_) throw std::logic_error("the source has a timeline already");
+  timeline_ = std::move(t);
+  scanner_.set_timeline(timeline_.get());
+}
+
 SyncCounters Source::sync_counters() const noexcept {
   return {syncs_.load(std::memory_order_relaxed), pages_written_.load(std::memory_order_relaxed)};
 }

@@ -327,16 +327,29 @@ void FrameWriter::flush_locked() {
   bounce_used_ = 0;
   if (out_ != nullptr) {
     stats_.syscalls += out_->write_all(iov_.data(), cnt, total, cfg_.timeout_ms);
-    return;
-  }
-  if (fd_ < 0) {
+  } else if (fd_ < 0) {
     for (std::size_t i = 0; i < cnt; ++i) {
       const auto* p = static_cast<const std::uint8_t*>(iov_[i].iov_base);
       memory_.insert(memory_.end(), p, p + iov_[i].iov_len);
     }
-    return;
+  } else {
+    write_all(iov_.data(), cnt, total);
   }
-  write_all(iov_.data(), cnt, total);
+  publish_sent();  // everything queued has gone out
+}
+
+void FrameWriter::publish_sent() noexcept {
+  sent_pages_.store(stats_.pages, std::memory_order_relaxed);
+  sent_zero_pages_.store(stats_.zero_pages, std::memory_order_relaxed);
+  sent_bytes_.store(stats_.bytes, std::memory_order_relaxed);
+}
+
+WireStats FrameWriter::sent() const noexcept {
+  WireStats s;
+  s.pages = sent_pages_.load(std::memory_order_relaxed);
+  s.zero_pages = sent_zero_pages_.load(std::memory_order_relaxed);
+  s.bytes = sent_bytes_.load(std::memory_order_relaxed);
+  return s;
 }
 
 void FrameWriter::write_all(struct iovec* iov, std::size_t iovcnt, std::size_t total) {

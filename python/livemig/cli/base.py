@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import ExitStack
 from typing import Any
 
 import click
 from rich.console import Console
 
 import livemig
-from livemig import display, wire
+from livemig import display, migration, wire
 from livemig.errors import LivemigError
 
 
@@ -78,6 +79,19 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def events_output(stack: ExitStack, path: str | None) -> migration.EventWriter | None:
+    """The ``--events FILE|-`` writer (None without the option); the file closes with ``stack``."""
+    if path is None:
+        return None
+    if path == "-":
+        return migration.EventWriter(sys.stdout)
+    try:
+        f = stack.enter_context(open(path, "w", encoding="utf-8"))  # noqa: SIM115 (closed by the stack)
+    except OSError as e:
+        raise usage(f"cannot write the events to {path}: {e.strerror or e}", "--events") from None
+    return migration.EventWriter(f)
+
+
 def load_secret(path: str | None) -> bytes | None:
     try:
         return wire.load_secret(path)
@@ -87,4 +101,4 @@ def load_secret(path: str | None) -> bytes | None:
 
 
 
-__all__ = ["describe", "error", "load_secret", "main", "print_json", "stderr_console", "usage"]
+__all__ = ["describe", "error", "events_output", "load_secret", "main", "print_json", "stderr_console", "usage"]

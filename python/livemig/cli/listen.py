@@ -7,11 +7,21 @@ import errno
 import socket
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 
 import click
 
 from livemig import display, local, migration, wire
-from livemig.cli.base import describe, error, load_secret, main, print_json, stderr_console, usage
+from livemig.cli.base import (
+    describe,
+    error,
+    events_output,
+    load_secret,
+    main,
+    print_json,
+    stderr_console,
+    usage,
+)
 from livemig.cli.params import (
     _KNOWN_CAPABILITIES,
     ADDRESS,
@@ -44,6 +54,8 @@ from livemig.errors import LivemigError, MigrationError
               metavar="S", help="Seconds a silent peer is waited for.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print each migration's summary as JSON on stdout.")
+@click.option("--events", "events_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              metavar="FILE|-", help="Write each migration's events as JSON lines to FILE ('-': stdout).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary table.")
@@ -59,6 +71,7 @@ def listen(
     resume_deadline: float,
     timeout: float,
     as_json: bool,
+    events_file: str | None,
     progress: bool | None,
     quiet: bool,
 ) -> int:
@@ -85,6 +98,8 @@ def listen(
         resume_deadline_s=resume_deadline,
         postcopy_queue_bytes=postcopy_queue,
     )
+    if events_file == "-" and as_json:
+        raise usage("--events - and --json both write to stdout: write the events to a file")
     try:
         listener = wire.Listener(address, insecure=insecure)
     except OSError as e:
@@ -92,15 +107,20 @@ def listen(
         raise MigrationError(f"cannot listen on {address}: {why}") from None
     console = stderr_console()
     failed = False
-    with listener:
+    with listener, ExitStack() as stack:
+        writer = events_output(stack, events_file)
         if announce:
             sys.stdout.write(f"{local.ANNOUNCE_PREFIX}{listener.address}\n")
             sys.stdout.flush()
+        else:  # the port it got (port 0) is news to whoever started it
+            sys.stderr.write(f"livemig: listening on {listener.address}\n")
+            sys.stderr.flush()
         while True:
             returned = False
             try:
                 with display.progress_display(console, progress) as reporter:
-                    summary = migration.serve(listener, config, reporter)
+                    summary = migration.serve(listener, config, reporter,
+                                              events=display.fan_out(reporter.event, writer))
                 returned = True
             except (LivemigError, OSError) as e:
                 summary = migration.DestinationSummary(

@@ -11,8 +11,17 @@ from typing import Any
 
 import click
 
-from livemig import display, local, migration, wire
-from livemig.cli.base import describe, error, load_secret, main, print_json, stderr_console, usage
+from livemig import display, local, migration, plot, wire
+from livemig.cli.base import (
+    describe,
+    error,
+    events_output,
+    load_secret,
+    main,
+    print_json,
+    stderr_console,
+    usage,
+)
 from livemig.cli.params import (
     _KNOWN_CAPABILITIES,
     ADDRESS,
@@ -81,7 +90,10 @@ def _config(cls: Any, **kwargs: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the result as one JSON object on stdout.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="Draw rounds and fault latency to FILE.png (needs livemig[plot]).")
+              help="Draw the rounds, the postcopy timeline and the fault latency to FILE; its suffix"
+              " (.png, .svg, .pdf) names the format (needs livemig[plot]).")
+@click.option("--events", "events_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+              metavar="FILE|-", help="Write the migration's events as JSON lines to FILE ('-': stdout).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
 @click.option("--postcopy-queue", type=QUEUE_SIZE, default=QUEUE_DEFAULT, show_default=True,
@@ -115,6 +127,7 @@ def migrate(
     timeout: float,
     as_json: bool,
     plot_file: str | None,
+    events_file: str | None,
     progress: bool | None,
     postcopy_queue: int,
     reconnect_deadline: float,
@@ -143,12 +156,17 @@ def migrate(
                      " --disable-capability to `livemig listen` on the destination")
     if plot_file is not None:
         try:
-            display.require_matplotlib()
+            display.check_plot_path(plot_file)
         except display.PlotUnavailable as e:
             raise usage(str(e)) from None
+        except ValueError as e:
+            raise usage(str(e), "--plot") from None
         parent = os.path.dirname(os.path.abspath(plot_file))
         if not os.path.isdir(parent):
             raise usage(f"no directory {parent!r} for the plot", "--plot")
+    if events_file == "-" and as_json:
+        raise usage("--events - and --json both write to stdout: write the events to a file, or take the"
+                    " report from the last event (\"end\")")
     secret = load_secret(secret_file)
 
     defaults = migration.MigrationConfig()
@@ -185,6 +203,7 @@ def migrate(
     returned = False  # migrate() returned a result (else it raised before or while running)
     with ExitStack() as stack:
         dest: local.LocalDestination | None = None
+        writer = events_output(stack, events_file)
         try:
             if to is None:
                 args = ["--no-progress", "--quiet", "--max-size", str(size),
@@ -203,7 +222,8 @@ def migrate(
             model = ModelGuest(size, guest)
             stack.callback(model.stop)
             with display.progress_display(console, progress) as reporter:
-                result = migration.migrate(address, model, config, reporter, control)
+                result = migration.migrate(address, model, config, reporter, control,
+                                           events=display.fan_out(reporter.event, writer))
             returned = True
         except (LivemigError, OSError) as e:
             result = migration.MigrationResult(
@@ -227,7 +247,7 @@ def migrate(
         _relay_destination(dest_stderr)
     if plot_file is not None and returned:  # a run that raised has nothing to draw
         try:
-            display.plot(result, plot_file)
+            plot.plot_migration(result, plot_file)
         except (OSError, ValueError) as e:
             error(f"cannot write the plot {plot_file}: {e}")
             return 1

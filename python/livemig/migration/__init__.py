@@ -4,7 +4,10 @@
 - ``results``: what a migration reports (:class:`MigrationResult`, :class:`DestinationSummary`);
 - ``source_run`` / ``dest_run``: the two sides' steps; ``recovery``: postcopy's pause and resume;
 - ``device_state``: what travels with a workload; ``oracle``: the generic verification;
-- ``control``: steering a running migration (:class:`MigrationControl`, the control socket).
+- ``control``: steering a running migration (:class:`MigrationControl`, the control socket);
+- ``progress`` / ``events`` / ``monitor``: what a running migration shows (:class:`Progress`,
+  :class:`LiveProgress` and its :class:`Snapshot`) and tells programs (:class:`MigrationEvent`,
+  :class:`EventStream`, :class:`EventWriter`; schema :data:`EVENTS_SCHEMA`, docs/cli.md).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 from livemig.migration.config import DestinationConfig, MigrationConfig
 from livemig.migration.control import ControlServer, MigrationControl, request_resume
 from livemig.migration.dest_run import serve
-from livemig.migration.progress import NoProgress, Progress
+from livemig.migration.events import SCHEMA as EVENTS_SCHEMA
+from livemig.migration.events import EventStream, EventWriter, MigrationEvent
+from livemig.migration.progress import LiveProgress, NoProgress, Progress, Snapshot
 from livemig.migration.results import (
     BalloonReport,
     DestinationSummary,
@@ -22,6 +27,7 @@ from livemig.migration.results import (
     MigrationResult,
     Mode,
     PostcopyStats,
+    PostcopyTimeline,
     RoundStats,
     SourceWorkloadReport,
     VerifyReport,
@@ -35,17 +41,24 @@ __all__ = [
     "ControlServer",
     "DestinationConfig",
     "DestinationSummary",
+    "EVENTS_SCHEMA",
+    "EventStream",
+    "EventWriter",
     "HintStats",
     "LatencySummary",
+    "LiveProgress",
     "MigrationConfig",
     "MigrationControl",
+    "MigrationEvent",
     "MigrationFailed",
     "MigrationResult",
     "Mode",
     "NoProgress",
     "PostcopyStats",
+    "PostcopyTimeline",
     "Progress",
     "RoundStats",
+    "Snapshot",
     "SourceWorkloadReport",
     "VerifyReport",
     "WorkloadCheck",

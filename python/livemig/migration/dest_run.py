@@ -18,8 +18,10 @@ from livemig.errors import LivemigError, MigrationError, ProtocolError, Workload
 from livemig.memory import system_page_size
 from livemig.migration import device_state
 from livemig.migration.config import DestinationConfig
+from livemig.migration.events import EventCallback
 from livemig.migration.links import DestLink, event_summary
-from livemig.migration.progress import NoProgress, Progress
+from livemig.migration.monitor import Counts, Monitor
+from livemig.migration.progress import Progress
 from livemig.migration.recovery import DestinationRecovery
 from livemig.migration.results import (
     BalloonReport,
@@ -38,7 +40,7 @@ from livemig.workload.base import Workload, WorkloadFactory
 class DestinationRun:
     """One incoming migration: the region, the channel readers and, after switchover, the workload."""
 
-    def __init__(self, conn: wire.Connection, config: DestinationConfig, progress: Progress, factory: WorkloadFactory,
+    def __init__(self, conn: wire.Connection, config: DestinationConfig, progress: Monitor, factory: WorkloadFactory,
                  listener: wire.Listener | None = None, wire_options: wire.WireOptions | None = None) -> None:
         self.config, self.progress, self.factory = config, progress, factory
         mine = factory.memory(conn.region_bytes, conn.page_size)
@@ -66,6 +68,12 @@ class DestinationRun:
     @property
     def postcopy(self) -> bool:
         return self.mode == "postcopy"
+
+    def counts(self) -> Counts:
+        """What has arrived, for the live view and the progress events (atomic loads in the core)."""
+        return Counts(pages_sent=int(self.session.pages_received),
+                      remaining_pages=self.dest.pages - self.dest.received.count(),
+                      faults=int(self.dest.counters().faults), total_pages=self.dest.pages)
 
     def next_event(self) -> _core.SessionEvent:
         while True:
@@ -148,6 +156,7 @@ class DestinationRun:
                     self._never_ran(str(e))
                     raise
                 self._send_resumed_ack(ev.command)
+                self.progress.emit("switchover", mode=self.mode)
                 port = self.workload.balloon if self.workload is not None else None
                 if port is not None:
                     port.notify()  # the driver looks at the device now, not at its next poll
@@ -190,7 +199,8 @@ class DestinationRun:
                              fault_latency_us=LatencySummary(lat.p50_us, lat.p99_us, lat.max_us),
                              histogram=tuple(int(x) for x in lat.buckets),
                              outstanding_requests=self.dest.requested.count(),
-                             local_fill_pages=self.dest.local_fill.count())
+                             local_fill_pages=self.dest.local_fill.count(),
+                             histogram_upper_us=tuple(float(x) for x in lat.upper_us), faults=c.faults)
 
     def _check_complete(self) -> None:
         """Postcopy, after COMPLETE: every page is here or fills itself here (local fill). A page
@@ -277,15 +287,17 @@ def serve(
     await_reuse: bool = False,
     wait: float | None = None,
     keep: Callable[[Workload], None] | None = None,
+    events: EventCallback | None = None,
 ) -> DestinationSummary:
     """Accepts one migration on ``listener`` (waiting ``wait`` seconds for a source, None: forever),
     rebuilds its workload here with ``factory`` (default: :class:`StandardFactory`), runs until the
     source completes, and returns the summary (also sent back to the source as its report), whose
     ``workload`` is the rebuilt workload (a buffer workload's memory is the caller's from then on).
     ``settle_s``/``await_reuse``: see :meth:`DestinationRun.settle_and_report`. ``keep``: called
-    with the paused workload after a verified migration, before it is stopped."""
+    with the paused workload after a verified migration, before it is stopped. ``progress`` and
+    ``events``: as for :func:`migrate` (the events' ``side`` is "destination"; ``start`` comes
+    once a source connected)."""
     config = config or DestinationConfig()
-    prog = progress or NoProgress()
     if factory is None:
         from livemig.workload.factory import (
             StandardFactory,  # the default hosts every kind this build knows
@@ -297,11 +309,15 @@ def serve(
     opts = wire.WireOptions(page_size=system_page_size(), region_bytes=config.max_region_bytes,
                             capabilities=caps, secret=config.secret, timeout=config.timeout)
     conn = listener.accept(opts, wait=wait)
+    monitor = Monitor("destination", progress, events, page_size=conn.page_size)
     try:
-        run = DestinationRun(conn, config, prog, fac, listener, opts)
-    except BaseException:
+        run = DestinationRun(conn, config, monitor, fac, listener, opts)
+    except BaseException as e:
         conn.close()
+        monitor.end(False, None, str(e))
         raise
+    monitor.start(run.counts, region_bytes=conn.region_bytes, page_size=conn.page_size,
+                  pages=run.dest.pages, capabilities=sorted(conn.negotiated.capabilities))
     try:
         summary = run.run()
         summary = run.settle_and_report(summary, verify, settle_s, await_reuse)
@@ -310,16 +326,22 @@ def serve(
             keep(run.workload)
         run.link = run.recovery.deliver_report(run.report_blob(summary), run.link, run.postcopy)
     except (LivemigError, OSError) as e:
+        monitor.close()
         try:
             run.link.return_path.send_error(str(e)[:4000])
         except LivemigError:
             pass
         run.close()
+        monitor.end(False, None, str(e))
         raise MigrationError(str(e)) from e
-    except BaseException:
+    except BaseException as e:
+        monitor.close()
         run.close()
+        monitor.end(False, None, f"{type(e).__name__}: {e}")
         raise
+    monitor.close()
     run.close()
+    monitor.end(summary.ok, summary.to_json(), summary.error)
     return summary
 
 

@@ -32,9 +32,11 @@ from livemig.migration.links import DestLink, SourceLink, shutdown_channels
 from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from livemig.migration.config import DestinationConfig, MigrationConfig
     from livemig.migration.control import MigrationControl
-    from livemig.migration.progress import Progress
+    from livemig.migration.monitor import Monitor
 
 _HANDSHAKE_TIMEOUT_S = 5.0  # a resume attempt waits this long for the destination's answers
 _SWITCHOVER_WAIT_S = 10.0  # a destination broken during switchover waits this long for a resume
@@ -58,8 +60,10 @@ class SourceRecovery:
     """The source's side: reconnects and resumes a paused postcopy migration."""
 
     def __init__(self, config: MigrationConfig, source: _core.Source, control: MigrationControl,
-                 progress: Progress, address: str, conn: wire.Connection) -> None:
+                 progress: Monitor, address: str, conn: wire.Connection,
+                 on_link: Callable[[SourceLink], SourceLink] | None = None) -> None:
         self.config, self.source, self.control, self.progress = config, source, control, progress
+        self.on_link = on_link  #: sees every resumed link first (the live counts watch its writers)
         self.address = address
         self.session_id, self.negotiated = conn.session, conn.negotiated
         self.page_size, self.region_bytes = conn.page_size, conn.region_bytes
@@ -77,11 +81,13 @@ class SourceRecovery:
         destination says its workload never ran (the caller cancels)."""
         link.teardown()
         self.progress.phase("paused")
+        self.progress.paused(cause)
         ctl = self.control
         ctl._take_resume(0)  # a resume() from before this pause is stale
         ctl._set_paused(cause)
         deadline = time.monotonic() + self.config.reconnect_deadline_s
         address, last, delay, first = self.address, cause, 0.05, True
+        attempts = 0
         try:
             while True:
                 left = deadline - time.monotonic()
@@ -98,10 +104,12 @@ class SourceRecovery:
                 first = False
                 if req is not None and req[0] is not None:
                     address = req[0]
+                attempts += 1
                 try:
                     new = self._resume_connection(address)
                 except (ConnectionLost, OSError) as e:
                     last = str(e)
+                    self.progress.resume_attempt(attempts, last)
                     delay = min(delay * 2, 1.0)
                     continue
                 except NeverRan:
@@ -112,6 +120,7 @@ class SourceRecovery:
                     raise MigrationError(stale_message(f"resume refused by {address}: {e}")) from None
                 self.address = address
                 self.recoveries += 1
+                self.progress.resumed(self.recoveries, self.requeued_pages)
                 self.progress.phase("postcopy")
                 return new
         finally:
@@ -132,6 +141,8 @@ class SourceRecovery:
         conn.timeout = self.config.timeout
         conn.main.bound_queue("source", self.config.postcopy_queue_bytes)  # a resume is postcopy
         link = SourceLink.open(conn, self.source, extras=False)
+        if self.on_link is not None:
+            link = self.on_link(link)
         try:
             self._await_resumed(link, opts.timeout)
         except BaseException:
@@ -169,7 +180,7 @@ class DestinationRecovery:
     """The destination's side: waits, its workload running, for the source to resume."""
 
     def __init__(self, config: DestinationConfig, listener: wire.Listener | None,
-                 wire_options: wire.WireOptions | None, session: _core.DestSession, progress: Progress) -> None:
+                 wire_options: wire.WireOptions | None, session: _core.DestSession, progress: Monitor) -> None:
         self.config, self.listener, self.wire_options = config, listener, wire_options
         self.session, self.progress = session, progress
         self.recoveries = 0
@@ -222,6 +233,7 @@ class DestinationRecovery:
         returns the resumed link (or raises MigrationError at the deadline)."""
         self.drop(link)
         self.progress.phase("paused")
+        self.progress.paused(cause)
         deadline = time.monotonic() + self.config.resume_deadline_s
         while True:
             conn = self._accept_resume(cause, deadline, link)
@@ -240,6 +252,7 @@ class DestinationRecovery:
             new.return_path.send_ack(AckKind.GUEST_RUNS, int(Command.POSTCOPY_START))
         except LivemigError:
             pass  # the reader sees the break too: the next event pauses again
+        self.progress.resumed(self.recoveries)
         self.progress.phase("postcopy")
         return new
 

@@ -22,21 +22,28 @@ Mode = Literal["precopy", "postcopy"]
 
 @dataclass(frozen=True)
 class RoundStats:
-    """One precopy round."""
+    """One precopy round: it sends the pages dirty at its sync; the sync after it finds what the
+    workload wrote meanwhile. Every view of a round (summary, JSON, plot, live view, events)
+    takes its figures from here."""
 
     index: int
-    dirty_pages: int  #: dirty after this round's sync, before sending
-    pages_sent: int
-    zero_pages: int
-    bytes_sent: int
-    seconds: float
-    bandwidth_bps: float  #: bytes per second on the wire this round
-    remaining_pages: int  #: dirty after the round (what the next round or switchover must send)
+    dirty_pages: int  #: dirty after this round's sync: what the round set out to send
+    pages_sent: int  #: pages sent with data (zero pages not included)
+    zero_pages: int  #: pages sent as zero runs (header only)
+    bytes_sent: int  #: bytes on the wire, headers included
+    seconds: float  #: the round's send pass
+    bandwidth_bps: float  #: bytes_sent / seconds
+    #: dirty after the sync that followed the round: what the next round (or the switchover) must send
+    remaining_pages: int
+    dirtied_pages: int = 0  #: pages that sync found written since this round's own sync
+    dirty_rate_pps: float = 0.0  #: dirtied_pages over the time between the two syncs (pages/s)
+    started_s: float = 0.0  #: when the round's sync ran, seconds since the migration started
 
 
 @dataclass(frozen=True)
 class LatencySummary:
-    """Fault latency in microseconds (power-of-two buckets: p50/p99 are bucket upper bounds)."""
+    """Fault latency in microseconds (p50/p99: the upper bound of the histogram bucket holding them,
+    capped at max)."""
 
     p50: float = 0.0
     p99: float = 0.0
@@ -48,9 +55,27 @@ class PostcopyStats:
     requests: int = 0  #: page requests the destination sent
     local_fills: int = 0  #: faults resolved on the destination without a request
     fault_latency_us: LatencySummary = field(default_factory=LatencySummary)
-    histogram: tuple[int, ...] = ()  #: faults per power-of-two microsecond bucket
+    histogram: tuple[int, ...] = ()  #: faults per latency bucket (bucket k: up to histogram_upper_us[k])
     outstanding_requests: int = 0  #: requested pages never placed (must be 0)
     local_fill_pages: int = 0  #: pages the source said the destination may fill itself
+    #: each histogram bucket's upper bound in microseconds, as the destination's core lays them out
+    histogram_upper_us: tuple[float, ...] = ()
+    faults: int = 0  #: fault events the destination read (one per faulting thread and page)
+
+
+@dataclass(frozen=True)
+class PostcopyTimeline:
+    """The source's view of postcopy in bins of ``bin_seconds`` from the start command (C++
+    counters, core.Timeline): requests from the destination, pages taken to answer them, pages the
+    background push took, and the dirty pages still on the source at each bin."""
+
+    bin_seconds: float = 0.01
+    start_s: float = 0.0  #: when postcopy started, seconds since the migration started
+    requests: tuple[int, ...] = ()
+    request_pages: tuple[int, ...] = ()
+    push_pages: tuple[int, ...] = ()
+    left_pages: tuple[int, ...] = ()
+    left_at_start: int = 0  #: dirty pages on the source when postcopy started
 
 
 @dataclass(frozen=True)
@@ -131,12 +156,22 @@ class MigrationResult:
     push_bytes: int = 0  #: postcopy: bytes the background push and the served requests sent
     push_seconds: float = 0.0  #: postcopy: from the start command until nothing was left to push
     workload: WorkloadInfo = field(default_factory=WorkloadInfo)
+    #: bytes_sent over total_ms: the whole migration's average (the summary's "throughput")
+    throughput_bps: float = 0.0
+    #: dirty at the final sync with the workload paused: precopy sends them within the downtime,
+    #: postcopy leaves them (with every page never sent) to the push and the faults
+    switchover_pages: int = 0
+    postcopy_pages_left: int = 0  #: postcopy: dirty pages on the source when the start command went
+    downtime_limit_ms: float = 0.0  #: the limit precopy aimed at (MigrationConfig.downtime_limit_ms)
+    timeline: PostcopyTimeline | None = None  #: postcopy: the source's timeline
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``--json`` output)."""
         d = asdict(self)
         if d["verify"] is None:
             del d["verify"]
+        if d["timeline"] is None:
+            del d["timeline"]
         return d
 
 
@@ -237,7 +272,9 @@ def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint6
                 requests=pc.get("requests", 0), local_fills=pc.get("local_fills", 0),
                 fault_latency_us=_latency(pc.get("fault_latency_us", {})),
                 histogram=tuple(pc.get("histogram", ())), outstanding_requests=pc.get("outstanding_requests", 0),
-                local_fill_pages=pc.get("local_fill_pages", 0)),
+                local_fill_pages=pc.get("local_fill_pages", 0),
+                histogram_upper_us=tuple(float(x) for x in pc.get("histogram_upper_us", ())),
+                faults=pc.get("faults", 0)),
             balloon=BalloonReport(**d.get("balloon", {})), verify=verify, error=d.get("error"),
             recoveries=d.get("recoveries", 0), placed_twice=d.get("placed_twice", 0),
             workload_kind=d.get("workload_kind", ""))
@@ -256,6 +293,7 @@ __all__ = [
     "MigrationResult",
     "Mode",
     "PostcopyStats",
+    "PostcopyTimeline",
     "RoundStats",
     "SourceWorkloadReport",
     "VerifyReport",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 from livemig import _core, wire
 from livemig.balloon import BalloonDriver
@@ -20,14 +20,17 @@ from livemig.errors import LivemigError, MigrationError, ProtocolError
 from livemig.migration import device_state, oracle
 from livemig.migration.config import MigrationConfig
 from livemig.migration.control import MigrationControl
+from livemig.migration.events import EventCallback
 from livemig.migration.links import SourceLink, event_summary
-from livemig.migration.progress import NoProgress, Progress
+from livemig.migration.monitor import Counts, Monitor
+from livemig.migration.progress import Progress
 from livemig.migration.recovery import ChannelBroken, NeverRan, SourceRecovery
 from livemig.migration.results import (
     DestinationSummary,
     HintStats,
     MigrationFailed,
     MigrationResult,
+    PostcopyTimeline,
     RoundStats,
     SourceWorkloadReport,
     WorkloadCheck,
@@ -39,6 +42,11 @@ from livemig.source import Source
 from livemig.workload.base import Workload
 
 
+#: The postcopy timeline's bins: 10 ms each, ten minutes' worth (later events land in the last bin).
+TIMELINE_BIN_S = 0.01
+TIMELINE_BINS = 60_000
+
+
 def _check(w: Workload) -> WorkloadCheck | None:
     c = w.check()
     return None if c is None else WorkloadCheck(c.ok, c.pages_checked, c.mismatches, c.detail)
@@ -47,15 +55,16 @@ def _check(w: Workload) -> WorkloadCheck | None:
 class SourceRun:
     """One outgoing migration of ``workload``: its engine, the connection and the page pumps."""
 
-    def __init__(self, workload: Workload, config: MigrationConfig, progress: Progress,
+    def __init__(self, workload: Workload, config: MigrationConfig, monitor: Monitor,
                  control: MigrationControl | None = None) -> None:
-        self.workload, self.config, self.progress = workload, config, progress
+        self.workload, self.config, self.monitor = workload, config, monitor
         self.control = control or MigrationControl()
         region = workload.region
         self.engine = Source(region)
         self.result = MigrationResult(ok=False, mode="postcopy" if config.postcopy else "precopy",
                                       region_bytes=region.nbytes, page_size=region.page_size,
-                                      workload=WorkloadInfo(kind=workload.kind))
+                                      workload=WorkloadInfo(kind=workload.kind),
+                                      downtime_limit_ms=config.downtime_limit_ms)
         self.link: SourceLink | None = None
         self.balloon = BalloonDriver(None, enabled=False)
         self.recovery: SourceRecovery | None = None
@@ -64,10 +73,31 @@ class SourceRun:
         self._acked = False
         self._t_pause = 0.0
         self._hints_before: _core.BalloonCounters | None = None
+        self._writers: list[_core.FrameWriter] = []  #: every writer of every connection (the live counts)
+        self.timeline: _core.Timeline | None = None  #: postcopy: the scanner's timeline
+
+    # ---- the live counts (read by the monitor's thread: atomic loads in the core) ----
+    def counts(self) -> Counts:
+        """What the source has sent and has left, for the live view and the progress events."""
+        nbytes = pages = 0
+        for w in list(self._writers):
+            s = w.sent
+            nbytes += s.bytes
+            pages += s.pages + s.zero_pages
+        tl = self.timeline
+        return Counts(bytes_sent=nbytes, pages_sent=pages, remaining_pages=self.engine.dirty.count(),
+                      faults=self.engine.core.counters().scanner.requests,
+                      push_pages=tl.total(_core.TimelineSeries.PUSH_PAGES) if tl is not None else 0,
+                      total_pages=self.engine.pages)
+
+    def _watch(self, link: SourceLink) -> SourceLink:
+        """Counts ``link``'s writers in the live figures; returns it."""
+        self._writers += [link.main, *link.extras, *([link.urgent] if link.urgent is not None else [])]
+        return link
 
     # ---- steps ----
     def connect(self, address: str) -> None:
-        self.progress.phase("connect")
+        self.monitor.phase("connect")
         caps = wire.Capabilities.default(extra_channels=self.config.channels - 1)
         if self.config.verify:
             caps = wire.Capabilities(caps.names | {"digests"}, caps.extra_channels)
@@ -77,10 +107,11 @@ class SourceRun:
         opts = wire.WireOptions(page_size=self.result.page_size, region_bytes=self.result.region_bytes,
                                 capabilities=caps, secret=self.config.secret, timeout=self.config.timeout)
         conn = wire.connect(address, opts)
-        self.link = SourceLink.open(conn, self.engine.core)
+        self.link = self._watch(SourceLink.open(conn, self.engine.core))
         self.result.capabilities = sorted(conn.negotiated.capabilities)
         self.link.session.start_return_path()
-        self.recovery = SourceRecovery(self.config, self.engine.core, self.control, self.progress, address, conn)
+        self.recovery = SourceRecovery(self.config, self.engine.core, self.control, self.monitor, address, conn,
+                                       on_link=self._watch)
         port = self.workload.balloon
         if port is not None:
             port.device.set_target(self.engine.hint_target)  # accepted hints land in D and H
@@ -103,16 +134,21 @@ class SourceRun:
             raise MigrationError(f"unexpected {ev.kind.name} from the destination during precopy")
 
     def precopy(self) -> None:
-        """Rounds until the rest fits the downtime limit, or the round limit, or postcopy time."""
+        """Rounds until the rest fits the downtime limit, or the round limit, or postcopy time.
+        A round's figures are complete at the sync that follows it (RoundStats.remaining_pages)."""
         assert self.link is not None
-        self.progress.phase("precopy")
-        cfg, page, total = self.config, self.result.page_size, self.engine.pages
+        self.monitor.phase("precopy")
+        cfg, page = self.config, self.result.page_size
         bandwidth = 0.0
+        sent: tuple[int, int, _core.SendStats, float] | None = None  # the round just sent, and its sync time
         for index in range(cfg.max_rounds + 1):
             self.balloon.before_sync()
-            self.engine.sync()
+            t_sync = time.perf_counter()
+            written = self.engine.sync()
             self.balloon.after_sync()
             dirty = self.engine.dirty.count()
+            if sent is not None:
+                self._end_round(*sent, written=written, remaining=dirty, t_next=t_sync)
             if cfg.postcopy and index >= cfg.postcopy_after:
                 break  # (postcopy_after=0: no precopy round, every page comes on demand or pushed)
             if index > 0:
@@ -122,14 +158,24 @@ class SourceRun:
                 if cfg.postcopy and index >= cfg.max_rounds:
                     break
             self._check_peer()
+            self.monitor.round_begin(index, dirty, dirty, self.counts().pages_sent)
             st = self.link.session.precopy_pass(max_seconds=3600.0, max_pages=dirty)
             self._add(st)
             bandwidth = st.bytes / st.seconds if st.seconds > 0 else bandwidth
-            remaining = self.engine.dirty.count()
-            self.result.rounds.append(RoundStats(index, dirty, st.pages, st.zero_pages, st.bytes, st.seconds,
-                                                 bandwidth, remaining))
-            self.progress.update(round=index, remaining_pages=remaining, total_pages=total, bandwidth_bps=bandwidth)
+            sent = (index, dirty, st, t_sync)
         self.result.precopy_rounds = len(self.result.rounds)
+
+    def _end_round(self, index: int, dirty: int, st: _core.SendStats, t_sync: float, *, written: int,
+                   remaining: int, t_next: float) -> None:
+        """Round ``index`` is complete: the sync after it found ``written`` pages written and left
+        ``remaining`` dirty."""
+        interval = t_next - t_sync
+        r = RoundStats(index, dirty, int(st.pages), int(st.zero_pages), int(st.bytes), st.seconds,
+                       st.bytes / st.seconds if st.seconds > 0 else 0.0, remaining, dirtied_pages=written,
+                       dirty_rate_pps=written / interval if interval > 0 else 0.0,
+                       started_s=self.monitor.since_start(t_sync))
+        self.result.rounds.append(r)
+        self.monitor.round_end(r, self.engine.pages)
 
     def kind_line(self) -> device_state.KindLine:
         return device_state.KindLine(self.workload.kind, self.workload.version)
@@ -158,12 +204,13 @@ class SourceRun:
     def switchover(self) -> float:
         """Pauses the workload, final sync, DONE, and (precopy) sends the rest; returns the pause time."""
         assert self.link is not None
-        self.progress.phase("switchover")
+        self.monitor.phase("switchover")
         self.workload.pause(self.config.pause_timeout_s)
         t_pause = time.perf_counter()
         self.balloon.before_sync()
         self.engine.sync()
         self.balloon.final_sync()  # DONE before the device state is sent, precopy and postcopy alike
+        self.result.switchover_pages = self.engine.dirty.count()
         if self.config.verify:
             self.excepted = oracle.free_pages(self.engine.hinted, self.engine.dirty)
         if not self.config.postcopy:
@@ -204,6 +251,7 @@ class SourceRun:
         resumed_at = self.wait_ack(Command.COMPLETE)
         self.dest_running = True
         self.result.downtime_ms = (resumed_at - t_pause) * 1e3
+        self.monitor.switchover("precopy", self.result.downtime_ms, self.result.switchover_pages)
 
     def postcopy(self, t_pause: float) -> None:
         assert self.link is not None
@@ -216,9 +264,13 @@ class SourceRun:
             self.engine.dirty_hinted_unsent()  # served on request and pushed like any other page
             main.send_discard(sets.discard)
         main.send_device_state(self.device_state())
+        self.result.postcopy_pages_left = self.engine.dirty.count()
+        self.timeline = _core.Timeline(TIMELINE_BIN_S, TIMELINE_BINS)
+        self.engine.core.set_timeline(self.timeline)
+        self.timeline.start()
         main.send_command(Command.POSTCOPY_START)
         self.dest_running = True  # from here on the source workload must never resume
-        self.progress.phase("postcopy")
+        self.monitor.phase("postcopy")
         self._acked = False
         self._t_pause = t_pause
         self._serve_postcopy()
@@ -252,6 +304,21 @@ class SourceRun:
             self.link.teardown()
             raise MigrationError(cause)
         self.link = self.recovery.pause_and_resume(cause, self.link)
+
+    def collect_timeline(self) -> PostcopyTimeline | None:
+        """The postcopy timeline as the report holds it (None without postcopy)."""
+        tl = self.timeline
+        if tl is None:
+            return None
+        S = _core.TimelineSeries
+
+        def series(k: _core.TimelineSeries) -> tuple[int, ...]:
+            return tuple(int(x) for x in tl.series(k))
+
+        return PostcopyTimeline(bin_seconds=tl.bin_seconds, start_s=self.monitor.since_start(tl.started_at),
+                                requests=series(S.REQUESTS), request_pages=series(S.REQUEST_PAGES),
+                                push_pages=series(S.PUSH_PAGES), left_pages=series(S.LEFT_PAGES),
+                                left_at_start=self.result.postcopy_pages_left)
 
     def _serve_postcopy(self) -> None:
         """Pushes until done, then ends the urgent channel and sends COMPLETE; a break pauses and
@@ -298,13 +365,11 @@ class SourceRun:
                     if ev.ack_value == int(Command.POSTCOPY_START):
                         self._acked = True
                         self.result.downtime_ms = (ev.at - self._t_pause) * 1e3
+                        self.monitor.switchover("postcopy", self.result.downtime_ms, self.result.switchover_pages)
                 elif ev.kind in (EventKind.FAILED, EventKind.END):
                     raise ChannelBroken(event_summary(ev))
                 elif ev.kind == EventKind.PEER_ERROR:
                     raise MigrationError(f"destination: {event_summary(ev)}")
-            self.progress.update(round=len(self.result.rounds), remaining_pages=self.engine.dirty.count(),
-                                 total_pages=self.engine.pages,
-                                 bandwidth_bps=st.bytes / st.seconds if st.seconds else 0.0)
             if st.drained and self._acked:
                 break
             if not self._acked and time.perf_counter() - self._t_pause > self.config.timeout:
@@ -441,12 +506,17 @@ def _legacy(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Workload, tu
 
 def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -> MigrationResult:
     """Migrates ``workload`` to the destination listening at ``address``:
-    ``migrate(address, workload, config=MigrationConfig(), progress=None, control=None)``.
+    ``migrate(address, workload, config=MigrationConfig(), progress=None, control=None, events=None)``.
 
     The workload is started if it does not run. Raises :class:`MigrationFailed` (naming the step
     and cause) when the migration fails; the source workload then keeps running and has been sent
     DONE, unless the destination's had already started (postcopy), in which case the source's
     stays paused. After success the source workload stays paused: its memory is stale.
+
+    ``progress``: a :class:`Progress` (phases, rounds), or a :class:`LiveProgress` that also gets
+    the live figures several times a second. ``events``: a callable taking each
+    :class:`MigrationEvent` (e.g. an :class:`EventStream` to iterate over, or an
+    :class:`EventWriter` for NDJSON); the last is ``end``, with the report or the error.
 
     Postcopy recovery: a connection that breaks after the destination workload started pauses the
     migration; it resumes over a new connection (by itself, or through ``control``: see
@@ -454,17 +524,24 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
     """
     if isinstance(workload, int):
         workload, args = _legacy((workload, *args), kwargs)
-    names = ("config", "progress", "control")
+    names = ("config", "progress", "control", "events")
     params: dict[str, Any] = dict(zip(names, args))
     for k, v in kwargs.items():
         if k not in names or k in params:
             raise TypeError(f"migrate() got an unexpected or repeated argument {k!r}")
         params[k] = v
     config: MigrationConfig = params.get("config") or MigrationConfig()
-    prog: Progress = params.get("progress") or NoProgress()
-    run = SourceRun(workload, config, prog, params.get("control"))
-    t0 = time.perf_counter()
+    prog: Progress | None = params.get("progress")
+    events: EventCallback | None = params.get("events")
+    monitor = Monitor("source", prog, events, page_size=workload.region.page_size)
+    run = SourceRun(workload, config, monitor, params.get("control"))
+    t0 = monitor.t0
     step = "connect"
+    monitor.start(run.counts, address=address, mode=run.result.mode, region_bytes=run.result.region_bytes,
+                  page_size=run.result.page_size, pages=run.engine.pages, workload=workload.kind,
+                  config={"postcopy": config.postcopy, "postcopy_after": config.postcopy_after,
+                          "max_rounds": config.max_rounds, "downtime_limit_ms": config.downtime_limit_ms,
+                          "hints": config.hints, "channels": config.channels, "verify": config.verify})
     try:
         workload.start()
         run.connect(address)
@@ -480,31 +557,40 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
         else:
             run.finish_precopy(t_pause)
         step = "complete"
-        prog.phase("complete")
+        monitor.phase("complete")
         summary = run.report()
     except NeverRan as e:
         run.dest_running = False
-        run.cancel()
-        report = run.source_report()
-        run.close()
-        raise MigrationFailed(f"{step}: {e}", report) from e
+        _fail(run, monitor, f"{step}: {e}", e)
     except (LivemigError, OSError) as e:
-        run.cancel()
-        report = run.source_report()
-        run.close()
-        raise MigrationFailed(f"{step}: {e}", report) from e
-    except BaseException:
+        _fail(run, monitor, f"{step}: {e}", e)
+    except BaseException as e:
+        monitor.end(False, None, f"{step}: {type(e).__name__}: {e}")
         run.cancel()
         run.close()
         raise
-    run.close()
+    monitor.close()
     r = run.result
+    r.timeline = run.collect_timeline()
+    run.close()
     r.total_ms = (time.perf_counter() - t0) * 1e3
+    r.throughput_bps = r.bytes_sent / (r.total_ms / 1e3) if r.total_ms > 0 else 0.0
     r.hints = run.hint_stats()
     r.postcopy, r.balloon, r.verify, r.error, r.ok = (summary.postcopy, summary.balloon, summary.verify,
                                                       summary.error, summary.ok)
     r.workload.stats = workload.stats()
+    monitor.end(r.ok, r.to_json(), r.error)
     return r
+
+
+def _fail(run: SourceRun, monitor: Monitor, message: str, cause: BaseException) -> NoReturn:
+    """Cancels ``run`` after a failure, sends the end event, raises MigrationFailed."""
+    monitor.close()
+    run.cancel()
+    report = run.source_report()
+    run.close()
+    monitor.end(False, None, message)
+    raise MigrationFailed(message, report) from cause
 
 
 __all__ = ["SourceRun", "migrate"]

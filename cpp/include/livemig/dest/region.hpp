@@ -75,6 +75,9 @@ class LatencyHistogram {
   void record(std::uint64_t ns, std::uint64_t waiters = 1) noexcept;
   /// Bucket counts.
   std::array<std::uint64_t, kBuckets> buckets() const noexcept;
+  /// The upper bound of bucket `k` in us (exclusive; the last bucket's is where it starts to also
+  /// hold everything longer). Readers draw and label buckets with it, never with the layout.
+  static double upper_us(std::size_t k) noexcept;
   /// Number of samples.
   std::uint64_t count() const noexcept;
   /// Upper bound in us of the bucket holding quantile q (0 < q <= 1), capped at max; 0 when empty.

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "livemig/base/timeline.hpp"
 #include "livemig/bitmap/page_bitmap.hpp"
 
 namespace livemig {
@@ -96,8 +97,15 @@ class PageScanner {
   /// Moves the background scan's cursor (clamped to the region).
   void set_cursor(std::size_t page) noexcept;
   ScannerCounters counters() const noexcept;
+  /// From now on requests, pages taken for them, background pages and the dirty pages left (once
+  /// per bin) are also counted into `t` (not owned; it must outlive the scanner's use; nullptr: no
+  /// longer). Any thread.
+  void set_timeline(Timeline* t) noexcept { timeline_.store(t, std::memory_order_release); }
 
  private:
+  void count(Timeline::Series s, std::uint64_t n) noexcept {
+    if (Timeline* t = timeline_.load(std::memory_order_acquire)) t->add(s, n);
+  }
   std::size_t take_urgent(std::size_t max_pages, std::vector<PageRun>& out);
   std::size_t take_range(std::uint64_t first, std::uint64_t n, std::vector<PageRun>& out);
   std::size_t take_background(std::size_t max_pages, std::vector<PageRun>& out);
@@ -112,6 +120,7 @@ class PageScanner {
   std::atomic<std::size_t> queued_{0};  // requests in queue_: a lock-free "anything to do?" check
   std::atomic<std::size_t> cursor_{0};
   std::atomic<std::uint64_t> requests_{0}, served_{0}, dropped_{0}, invalid_{0}, background_{0}, put_back_{0};
+  std::atomic<Timeline*> timeline_{nullptr};
 };
 
 }  // namespace livemig

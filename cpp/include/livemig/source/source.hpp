@@ -99,6 +99,11 @@ class Source {
   void stop_tracking() noexcept;
   /// The sync, scanner and balloon counters.
   SourceCounters counters() const noexcept;
+  /// Counts the scanner's requests and takes into `t` from now on (see PageScanner::set_timeline);
+  /// the Source keeps it alive. Once: a second call throws std::logic_error.
+  void set_timeline(std::shared_ptr<Timeline> t);
+  /// The timeline set_timeline gave, or null.
+  const std::shared_ptr<Timeline>& timeline() const noexcept { return timeline_; }
 
  private:
   struct Region {
@@ -120,6 +125,7 @@ class Source {
   PageScanner scanner_;
   std::mutex sync_mu_;
   std::atomic<std::uint64_t> syncs_{0}, pages_written_{0};
+  std::shared_ptr<Timeline> timeline_;  // the scanner points at it (no take runs once the Source goes)
 };
 
 }  // namespace livemig

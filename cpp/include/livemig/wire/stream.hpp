@@ -104,6 +104,10 @@ class FrameWriter {
   std::vector<std::uint8_t> take_bytes();
   /// Counters so far.
   WireStats stats() const;
+  /// Pages, zero pages and bytes handed to the socket (or output) by the flushes so far, read
+  /// without the writer's lock: a live view may call it from any thread while a flush blocks.
+  /// frames and syscalls are 0.
+  WireStats sent() const noexcept;
   const WireConfig& config() const noexcept { return cfg_; }
 
  private:
@@ -139,6 +143,10 @@ class FrameWriter {
   std::size_t bounce_used_ = 0;
   std::vector<std::uint8_t> memory_;  // fd < 0: everything written
   WireStats stats_;
+  // stats_'s pages / zero_pages / bytes as of the last flush that returned (sent()); relaxed:
+  // they are figures for a display, ordered with nothing.
+  std::atomic<std::uint64_t> sent_pages_{0}, sent_zero_pages_{0}, sent_bytes_{0};
+  void publish_sent() noexcept;
 };
 
 /// Where a FrameReader's bytes come from.
