@@ -53,6 +53,12 @@ class FaultRelay:
         self._threads.append(t)
 
     # -- control --
+    def forwarded(self, direction: Direction) -> int:
+        """Bytes forwarded ``direction`` so far, every connection (an independent count of what the
+        peers sent)."""
+        with self._lock:
+            return self._dir_bytes[direction]
+
     def arm_cut_after(self, direction: Direction, nbytes: int) -> None:
         """Cut once ``nbytes`` more bytes went ``direction``."""
         with self._lock:

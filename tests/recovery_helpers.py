@@ -37,6 +37,8 @@ class Outcome:
     dest: dict[str, Any] | str = field(default_factory=dict)  #: its summary, or its error text
     cuts: int = 0  #: cuts the relay made
     connections: int = 0  #: connections it relayed
+    to_destination: int = 0  #: bytes the relay forwarded to the destination (every connection)
+    to_source: int = 0  #: bytes it forwarded back
 
 
 class PhaseHook(NoProgress):
@@ -63,6 +65,7 @@ def run_through_relay(
     control: MigrationControl | None = None,
     settle_s: float = 5.0,
     deadline_s: float = 60.0,
+    events: migration.EventCallback | None = None,
 ) -> Outcome:
     """Migrates a fresh guest through a FaultRelay to a destination in a child process."""
     ctx = mp.get_context("spawn")
@@ -76,10 +79,11 @@ def run_through_relay(
             prog = progress(relay, proc) if progress else None
             try:
                 with ModelGuest(size, guest) as w:
-                    out.result = migration.migrate(relay.address, w, config, prog, control)
+                    out.result = migration.migrate(relay.address, w, config, prog, control, events=events)
             except MigrationFailed as e:
                 out.error = e
             out.cuts, out.connections = relay.cuts_done, relay.connections
+            out.to_destination, out.to_source = relay.forwarded("to_destination"), relay.forwarded("to_source")
             kind, payload = _dest_answer(q, proc, deadline_s)
             out.dest_ok, out.dest_kind, out.dest = kind == "summary", kind, payload
         proc.join(deadline_s)

@@ -254,7 +254,8 @@ def test_live_progress_on_a_terminal() -> None:
     text = b"".join(chunks).decode(errors="replace")
     assert "\x1b[" in text  # drawn live, not printed as lines
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
-    assert "pages left" in plain and "round" in plain
+    assert "round 0: sent 16,384 of 16,384 dirty pages" in plain and " left" in plain  # the round's log line
+    assert "switchover: downtime" in plain
     assert "livemig migrate: ok" in plain
     assert "livemig: phase" not in text
 

@@ -6,21 +6,25 @@ import io
 import json
 import math
 import re
+from dataclasses import asdict
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from livemig import cli, display, wire
+from livemig import cli, display, plot, wire
 from livemig.migration import (
     BalloonReport,
     DestinationSummary,
     HintStats,
     LatencySummary,
+    MigrationEvent,
     MigrationResult,
     PostcopyStats,
     RoundStats,
+    Snapshot,
     VerifyReport,
 )
 
@@ -209,18 +213,47 @@ def test_result_json_has_the_contract_keys_and_is_valid() -> None:
                         "bytes_sent", "pages_sent", "zero_pages", "postcopy", "hints", "balloon", "verify"}
 
 
-def test_line_progress_prints_phases_and_rounds() -> None:
+def _snap(**kw: Any) -> Snapshot:
+    base: dict[str, Any] = {
+        "side": "source", "t": 1.5, "phase": "precopy", "round": 1, "total_pages": 4096, "bytes_sent": 8 << 20,
+        "pages_sent": 2048, "rate_bps": 2 * 2**30, "pages_per_s": 5e5, "dirty_rate_pps": 1234.0,
+        "remaining_pages": 100, "round_pages": 1000, "round_pages_left": 100, "round_eta_s": 0.25,
+        "faults_per_s": 0.0, "faults": 0, "push_pages": 0, "downtime_ms": None, "recoveries": 0, "attempts": 0,
+        "paused_cause": ""}
+    base.update(kw)
+    return Snapshot(**base)
+
+
+def test_line_progress_prints_phases_rounds_and_live_figures_once_a_second() -> None:
     out = io.StringIO()
     p = display.LineProgress(out)
     p.phase("precopy")
-    p.update(round=1, remaining_pages=100, total_pages=4096, bandwidth_bps=2 * 2**30)
-    p.update(round=1, remaining_pages=90, total_pages=4096, bandwidth_bps=2 * 2**30)  # same round, <1 s: dropped
+    p.snapshot(_snap(t=1.5))
+    p.snapshot(_snap(t=1.9, round_pages_left=50))  # within a second of the last: not printed
+    p.event(MigrationEvent("round_end", "source", 2.0, asdict(RoundStats(
+        1, 1000, 990, 10, 4 << 20, 0.5, 8 << 20, 300, dirtied_pages=300, dirty_rate_pps=600.0))))
+    p.event(MigrationEvent("progress", "source", 2.0, {}))  # the live figures print it: no line of its own
     p.phase("switchover")
     assert out.getvalue().splitlines() == [
         "livemig: phase precopy",
-        "livemig: precopy round 1: 100 of 4,096 pages left, 2.0 GiB/s",
+        "livemig: precopy round 1: 900 of 1,000 pages · ETA 0:00.2 · 2.0 GiB/s over the last second"
+        " · sent 8.0 MiB (2,048 pages) · tracker: 1,234 pages/s dirtied · 100 dirty left · 0:01.5",
+        "livemig: 0:02.0 round 1: sent 1,000 of 1,000 dirty pages (4.0 MiB) in 0.50 s at 8.0 MiB/s;"
+        " 300 dirtied meanwhile (600 pages/s); 300 left",
         "livemig: phase switchover",
     ]
+
+
+def test_snapshot_lines_say_each_phase() -> None:
+    head, tail, done = display.snapshot_lines(_snap(phase="postcopy", remaining_pages=96, faults_per_s=40.0,
+                                                    faults=12, push_pages=4000, downtime_ms=3.25, recoveries=1))
+    assert head == "postcopy: 4,000 of 4,096 pages sent · 96 still on the source · 40 faults/s (12 in all)"
+    assert "downtime 3.2 ms" in tail and "1 recovery" in tail and done == 4000 / 4096
+    head, tail, done = display.snapshot_lines(_snap(phase="paused", attempts=2, paused_cause="connection reset"))
+    assert head == "paused for recovery (attempt 3): connection reset" and done is None
+    head, _, _ = display.snapshot_lines(_snap(side="destination", phase="postcopy", remaining_pages=96,
+                                              faults_per_s=7.0, faults=9))
+    assert head == "postcopy: 4,000 of 4,096 pages here"
 
 
 @pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (3 << 30, "3.0 GiB")])
@@ -233,7 +266,10 @@ def test_plot_writes_a_png(tmp_path: object) -> None:
     from pathlib import Path
 
     out = Path(str(tmp_path)) / "m.png"
-    display.plot(_result(), str(out))
+    assert plot.plot_migration(_result(), str(out)) == [plot.PANEL_CONVERGENCE, plot.PANEL_RATES,
+                                                         plot.PANEL_TIMELINE, plot.PANEL_LATENCY]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    display.plot(_result(rounds=[], postcopy=PostcopyStats()), str(out))  # empty data still plots
+    plot.plot_migration(_result(rounds=[], postcopy=PostcopyStats()), str(out))  # empty data still plots
     assert out.stat().st_size > 0
+    with pytest.raises(ValueError, match="no suffix"):
+        plot.plot_migration(_result(), str(Path(str(tmp_path)) / "m"))

@@ -25,12 +25,14 @@ class Recorder:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
 
     def migrate(self, address: str, workload: Any, config: migration.MigrationConfig,
-                progress: migration.Progress | None = None, control: Any = None) -> migration.MigrationResult:
+                progress: migration.Progress | None = None, control: Any = None,
+                events: Any = None) -> migration.MigrationResult:
         region_bytes = workload.region.nbytes
         self.calls.append((address, region_bytes, workload.guest.config, config))
-        assert progress is not None
+        assert progress is not None and events is not None
         progress.phase("precopy")
         progress.update(round=1, remaining_pages=10, total_pages=region_bytes // mmap.PAGESIZE, bandwidth_bps=1e9)
+        events(migration.MigrationEvent("phase", "source", 0.0, {"phase": "precopy"}))
         if self.error is not None:
             raise self.error
         assert self.result is not None
@@ -135,7 +137,7 @@ class ServeRecorder:
     summary: migration.DestinationSummary | None = None
 
     def serve(self, listener: wire.Listener, config: migration.DestinationConfig,
-              progress: migration.Progress | None = None) -> migration.DestinationSummary:
+              progress: migration.Progress | None = None, events: Any = None) -> migration.DestinationSummary:
         self.calls.append(config)
         assert self.summary is not None
         return self.summary

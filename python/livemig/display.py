@@ -117,6 +117,8 @@ def snapshot_lines(s: Snapshot) -> tuple[str, str, float | None]:
     if s.phase in ("complete", "verify"):
         down = f" · downtime {_ms(s.downtime_ms)}" if s.downtime_ms is not None else ""
         return f"{s.phase}: waiting for the destination's report", f"{sent}{down} · {elapsed}", None
+    if s.phase in ("start", "connect"):
+        return "connecting to the destination", elapsed, None
     return f"{s.phase}", f"{sent} · {elapsed}", None
 
 

@@ -177,8 +177,11 @@ std::size_t PageScanner::take_background(std::size_t max_pages, std::vector<Page
     background_.fetch_add(taken, std::memory_order_relaxed);
     count(Timeline::kPushPages, taken);
   }
-  if (Timeline* t = timeline_.load(std::memory_order_acquire); t != nullptr && t->due(Timeline::kLeftPages))
-    t->level(Timeline::kLeftPages, dirty_.count());  // once per bin: a popcount of the bitmap
+  // The pages left, once per bin (a popcount of the bitmap), and whenever the scan found none (so
+  // the bin where the push drained says 0).
+  if (Timeline* t = timeline_.load(std::memory_order_acquire);
+      t != nullptr && t->started_at() > 0 && (taken == 0 || t->due(Timeline::kLeftPages)))
+    t->level(Timeline::kLeftPages, dirty_.count());
   cursor_.store(pos >= size ? 0 : pos, std::memory_order_relaxed);
   return taken;
 }

@@ -16,7 +16,7 @@ from livemig.migration.config import DestinationConfig, MigrationConfig
 from livemig.migration.control import ControlServer, MigrationControl, request_resume
 from livemig.migration.dest_run import serve
 from livemig.migration.events import SCHEMA as EVENTS_SCHEMA
-from livemig.migration.events import EventStream, EventWriter, MigrationEvent
+from livemig.migration.events import EventCallback, EventStream, EventWriter, MigrationEvent
 from livemig.migration.progress import LiveProgress, NoProgress, Progress, Snapshot
 from livemig.migration.results import (
     BalloonReport,
@@ -42,6 +42,7 @@ __all__ = [
     "DestinationConfig",
     "DestinationSummary",
     "EVENTS_SCHEMA",
+    "EventCallback",
     "EventStream",
     "EventWriter",
     "HintStats",

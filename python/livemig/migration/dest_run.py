@@ -253,6 +253,7 @@ class DestinationRun:
         if self.postcopy:  # the faults the workload took while settling count too
             summary.postcopy = self._postcopy_stats()
         summary.placed_twice = int(self.dest.counters().placed_twice)
+        summary.pages_received = int(self.session.pages_received)
         if verify:
             self.progress.phase("verify")
             c = w.check()

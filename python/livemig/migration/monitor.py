@@ -35,6 +35,7 @@ class Counts:
 
     bytes_sent: int = 0  #: source: bytes on the wire (destination: 0)
     pages_sent: int = 0  #: source: pages sent, zero pages included; destination: pages received
+    zero_pages: int = 0  #: source: of pages_sent, those sent as zero runs
     remaining_pages: int = 0  #: source: dirty pages; destination: pages not here yet
     faults: int = 0  #: source: requests from the destination; destination: fault events
     push_pages: int = 0  #: source, postcopy: pages the background push took

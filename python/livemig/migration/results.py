@@ -139,11 +139,13 @@ class MigrationResult:
     region_bytes: int
     page_size: int
     total_ms: float = 0.0
+    #: from the workload's pause to the destination's word that its own runs (NaN, null in the
+    #: JSON, when that word was lost with a broken connection)
     downtime_ms: float = 0.0
     precopy_rounds: int = 0
-    bytes_sent: int = 0
-    pages_sent: int = 0
-    zero_pages: int = 0
+    bytes_sent: int = 0  #: bytes every channel carried to the destination, frame headers included
+    pages_sent: int = 0  #: pages sent with data (precopy rounds, switchover, push and requests)
+    zero_pages: int = 0  #: pages sent as zero runs (header only)
     postcopy: PostcopyStats = field(default_factory=PostcopyStats)
     hints: HintStats = field(default_factory=HintStats)
     balloon: BalloonReport = field(default_factory=BalloonReport)
@@ -190,6 +192,7 @@ class DestinationSummary:
     recoveries: int = 0  #: times a broken postcopy connection was resumed
     placed_twice: int = 0  #: postcopy placements of a page already placed (rule 1: 0)
     workload_kind: str = ""
+    pages_received: int = 0  #: pages read from the source (zero pages included), every connection
     workload: Workload | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -277,7 +280,7 @@ def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint6
                 faults=pc.get("faults", 0)),
             balloon=BalloonReport(**d.get("balloon", {})), verify=verify, error=d.get("error"),
             recoveries=d.get("recoveries", 0), placed_twice=d.get("placed_twice", 0),
-            workload_kind=d.get("workload_kind", ""))
+            workload_kind=d.get("workload_kind", ""), pages_received=d.get("pages_received", 0))
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"report: bad summary: {e}") from None
     digests = np.frombuffer(blob, dtype="<u8", count=ndig, offset=end).astype(np.uint64) if ndig else None

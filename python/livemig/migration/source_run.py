@@ -10,6 +10,7 @@ always reaches it. docs/design.md has the rules every step keeps.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Any, NoReturn
@@ -79,13 +80,14 @@ class SourceRun:
     # ---- the live counts (read by the monitor's thread: atomic loads in the core) ----
     def counts(self) -> Counts:
         """What the source has sent and has left, for the live view and the progress events."""
-        nbytes = pages = 0
+        nbytes = pages = zero = 0
         for w in list(self._writers):
             s = w.sent
             nbytes += s.bytes
             pages += s.pages + s.zero_pages
+            zero += s.zero_pages
         tl = self.timeline
-        return Counts(bytes_sent=nbytes, pages_sent=pages, remaining_pages=self.engine.dirty.count(),
+        return Counts(bytes_sent=nbytes, pages_sent=pages, zero_pages=zero, remaining_pages=self.engine.dirty.count(),
                       faults=self.engine.core.counters().scanner.requests,
                       push_pages=tl.total(_core.TimelineSeries.PUSH_PAGES) if tl is not None else 0,
                       total_pages=self.engine.pages)
@@ -119,10 +121,6 @@ class SourceRun:
             hinting = self.config.hints and conn.negotiated.hinting_allowed(postcopy_possible=self.config.postcopy)
             self.balloon = BalloonDriver(port.device, enabled=hinting, notify=port.notify)
 
-    def _add(self, st: _core.SendStats) -> None:
-        self.result.pages_sent += st.pages
-        self.result.zero_pages += st.zero_pages
-        self.result.bytes_sent += st.bytes
 
     def _check_peer(self) -> None:
         """Fails fast when the return path reported an error or broke."""
@@ -160,7 +158,6 @@ class SourceRun:
             self._check_peer()
             self.monitor.round_begin(index, dirty, dirty, self.counts().pages_sent)
             st = self.link.session.precopy_pass(max_seconds=3600.0, max_pages=dirty)
-            self._add(st)
             bandwidth = st.bytes / st.seconds if st.seconds > 0 else bandwidth
             sent = (index, dirty, st, t_sync)
         self.result.precopy_rounds = len(self.result.rounds)
@@ -216,7 +213,6 @@ class SourceRun:
         if not self.config.postcopy:
             while True:
                 st = self.link.session.precopy_pass(max_seconds=3600.0)
-                self._add(st)
                 if st.drained:
                     break
         self.link.end_extras()  # (postcopy ended them ahead of the pause: announce_postcopy)
@@ -288,12 +284,20 @@ class SourceRun:
                 break
             if ev.kind == EventKind.ACK and ev.ack_kind == AckKind.GUEST_RUNS and ev.ack_value == ACK_NEVER_RAN:
                 never_ran = True
+            elif ev.kind == EventKind.ACK and ev.ack_kind == AckKind.GUEST_RUNS and not self._acked:
+                self._note_running(ev.at)  # it ran before the break: the downtime is known
             elif ev.kind == EventKind.PEER_ERROR:
                 why = ev.text
         if never_ran:
             raise NeverRan(f"the destination's workload never ran: {why or 'no reason given'}")
         if why:
             raise MigrationError(f"destination: {why}")
+
+    def _note_running(self, at: float) -> None:
+        """The destination said its workload runs (its ACK, read at ``at``): the downtime ends."""
+        self._acked = True
+        self.result.downtime_ms = (at - self._t_pause) * 1e3
+        self.monitor.switchover("postcopy", self.result.downtime_ms, self.result.switchover_pages)
 
     def _resume(self, cause: str) -> None:
         """A break in postcopy: pause, then resume over a new connection."""
@@ -335,7 +339,9 @@ class SourceRun:
                 return
             except ChannelBroken as e:
                 self._resume(str(e))
-                self._acked = True  # the destination resumed: its workload runs
+                if not self._acked:  # its word that the workload ran was lost with the connection
+                    self._acked = True  # (it resumed: its workload runs)
+                    self.result.downtime_ms = math.nan  # unknown: null in the JSON, "-" in the summary
                 assert self.recovery is not None
                 if self.recovery.dest_completed:
                     return  # it has every page already
@@ -350,7 +356,6 @@ class SourceRun:
                 st = session.postcopy_push(max_seconds=0.05)
             except (LivemigError, OSError) as e:
                 raise ChannelBroken(str(e)) from None
-            self._add(st)
             if pushing:
                 self.result.push_bytes += int(st.bytes)
                 if st.drained:
@@ -363,9 +368,7 @@ class SourceRun:
                     if ev.ack_value == ACK_NEVER_RAN:
                         raise NeverRan("the destination could not start the workload")
                     if ev.ack_value == int(Command.POSTCOPY_START):
-                        self._acked = True
-                        self.result.downtime_ms = (ev.at - self._t_pause) * 1e3
-                        self.monitor.switchover("postcopy", self.result.downtime_ms, self.result.switchover_pages)
+                        self._note_running(ev.at)
                 elif ev.kind in (EventKind.FAILED, EventKind.END):
                     raise ChannelBroken(event_summary(ev))
                 elif ev.kind == EventKind.PEER_ERROR:
@@ -571,6 +574,8 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
         raise
     monitor.close()
     r = run.result
+    c = run.counts()  # everything every writer sent, page passes, requests and control frames alike
+    r.bytes_sent, r.pages_sent, r.zero_pages = c.bytes_sent, c.pages_sent - c.zero_pages, c.zero_pages
     r.timeline = run.collect_timeline()
     run.close()
     r.total_ms = (time.perf_counter() - t0) * 1e3
