@@ -236,10 +236,10 @@ def test_line_progress_prints_phases_rounds_and_live_figures_once_a_second() -> 
     p.phase("switchover")
     assert out.getvalue().splitlines() == [
         "livemig: phase precopy",
-        "livemig: precopy round 1: 900 of 1,000 pages · ETA 0:00.2 · 2.0 GiB/s over the last second"
-        " · sent 8.0 MiB (2,048 pages) · tracker: 1,234 pages/s dirtied · 100 dirty left · 0:01.5",
-        "livemig: 0:02.0 round 1: sent 1,000 of 1,000 dirty pages (4.0 MiB) in 0.50 s at 8.0 MiB/s;"
-        " 300 dirtied meanwhile (600 pages/s); 300 left",
+        ("livemig: precopy round 1: 900 of 1,000 pages · ETA 0:00.2 · 2.0 GiB/s over the last second"
+         " · sent 8.0 MiB (2,048 pages) · tracker: 1,234 pages/s dirtied · 100 dirty left · 0:01.5"),
+        ("livemig: 0:02.0 round 1: sent 1,000 of 1,000 dirty pages (4.0 MiB) in 0.50 s at 8.0 MiB/s;"
+         " 300 dirtied meanwhile (600 pages/s); 300 left"),
         "livemig: phase switchover",
     ]
 

@@ -12,6 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from user_view_helpers import (
+    SCENARIOS,
+    Run,
+    check_events,
+    check_fields,
+    json_paths,
+    nonblank_fraction,
+    run_scenario,
+)
 
 from livemig import migration, plot
 from livemig.migration import MigrationResult
@@ -26,8 +35,6 @@ from livemig.migration.results import (
     WorkloadCheck,
     WorkloadInfo,
 )
-
-from user_view_helpers import SCENARIOS, Run, check_events, check_fields, json_paths, nonblank_fraction, run_scenario
 
 LIVEMIG = [sys.executable, "-m", "livemig"]
 _RUNS: dict[str, Run] = {}

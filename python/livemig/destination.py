@@ -40,8 +40,8 @@ LatencyStats = _core.LatencySnapshot
 
 
 def bucket_upper_us(k: int) -> float:
-    """Upper bound of latency bucket ``k`` in microseconds (bucket 0: [0, 1) us; k: [2^(k-1), 2^k))."""
-    return 1.0 if k == 0 else float(2**k)
+    """Upper bound of latency bucket ``k`` in microseconds, as the core lays the buckets out."""
+    return float(_core.DestRegion.latency_bucket_upper_us()[k])
 
 
 def _runs_array(runs: Runs) -> npt.NDArray[np.uint64]:

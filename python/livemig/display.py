@@ -11,7 +11,6 @@ import importlib
 import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
@@ -23,7 +22,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from livemig.migration import DestinationSummary, MigrationEvent, MigrationResult, Snapshot
+from livemig.migration import (
+    DestinationSummary,
+    MigrationEvent,
+    MigrationResult,
+    RoundStats,
+    Snapshot,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -305,9 +310,9 @@ def rounds_table(r: MigrationResult, most: int = 12) -> Table:
     t = Table(title="precopy rounds", title_justify="left", show_edge=False, pad_edge=False)
     for name in ("round", "dirty at sync", "sent", "in", "bandwidth", "dirtied meanwhile", "left"):
         t.add_column(name, justify="right")
-    rows = list(r.rounds)
+    rows: list[RoundStats | None] = list(r.rounds)
     if len(rows) > most:
-        rows = rows[: most // 2] + [None] + rows[-(most // 2):]  # type: ignore[list-item]
+        rows = rows[: most // 2] + [None] + rows[-(most // 2):]
     for x in rows:
         if x is None:
             t.add_row("...", "", "", "", "", "", "")

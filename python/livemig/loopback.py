@@ -39,12 +39,13 @@ def migrate_locally(
     deadline_s: float = 60.0,
     factory: Callable[[], WorkloadFactory] | None = None,
     events: migration.EventCallback | None = None,
+    progress: migration.Progress | None = None,
 ) -> tuple[migration.MigrationResult, dict[str, Any]]:
     """Migrates ``workload`` (a GuestConfig: a fresh model guest of ``size`` bytes) to a
     destination in a spawned process, killed at the deadline; returns the source's result and the
     destination's own summary (as JSON). ``settle_s``/``await_reuse`` are :func:`livemig.serve`'s;
-    ``factory`` (a picklable callable, run in the child) makes its workload factory; ``events``:
-    :func:`livemig.migrate`'s."""
+    ``factory`` (a picklable callable, run in the child) makes its workload factory; ``events`` and
+    ``progress``: :func:`livemig.migrate`'s."""
     w = ModelGuest(size, workload) if isinstance(workload, GuestConfig) else workload
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -54,7 +55,7 @@ def migrate_locally(
     try:
         _, address = q.get(timeout=deadline_s)
         try:
-            result = migration.migrate(address, w, config, events=events)
+            result = migration.migrate(address, w, config, progress, events=events)
         finally:
             if w is not workload:  # made here: stopped here
                 w.stop()

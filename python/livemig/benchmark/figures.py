@@ -132,20 +132,25 @@ def failed_figure(name: str, group: str, error: str) -> Figure:
 
 
 
-def histogram_quantile_us(buckets: Sequence[int], q: float) -> float:
-    """Quantile q of a power-of-two microsecond histogram (bucket 0: [0, 1) us, bucket k:
-    [2^(k-1), 2^k) us), interpolated linearly within the bucket that holds it; 0 when empty."""
+def histogram_quantile_us(buckets: Sequence[int], q: float, upper_us: Sequence[float] | None = None) -> float:
+    """Quantile q of a fault-latency histogram whose bucket k ends at ``upper_us[k]`` microseconds
+    (and starts where bucket k-1 ends; default: the core's layout), interpolated linearly within
+    the bucket that holds it; 0 when empty."""
     total = sum(buckets)
     if total == 0:
         return 0.0
+    if upper_us is None or len(upper_us) < len(buckets):
+        from livemig import _core
+
+        upper_us = [float(x) for x in _core.DestRegion.latency_bucket_upper_us()]
     want = q * total
     seen = 0.0
     for k, n in enumerate(buckets):
         if n and seen + n >= want:
-            lo, hi = (0.0, 1.0) if k == 0 else (float(2 ** (k - 1)), float(2**k))
+            lo, hi = (0.0 if k == 0 else upper_us[k - 1]), upper_us[k]
             return lo + (hi - lo) * (want - seen) / n
         seen += n
-    return float(2 ** (len(buckets) - 1))
+    return float(upper_us[len(buckets) - 1])
 
 
 def first_round_gbps(r: MigrationResult) -> float:

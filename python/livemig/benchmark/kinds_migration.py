@@ -243,8 +243,9 @@ def run_faults(b: Bench, sc: Scenario) -> list[Figure]:
             raise RuntimeError(
                 f"urgent channel negotiated: {'urgent-channel' in r.capabilities}"
             )
-        p50.append(histogram_quantile_us(r.postcopy.histogram, 0.5))
-        p99.append(histogram_quantile_us(r.postcopy.histogram, 0.99))
+        upper = r.postcopy.histogram_upper_us or None
+        p50.append(histogram_quantile_us(r.postcopy.histogram, 0.5, upper))
+        p99.append(histogram_quantile_us(r.postcopy.histogram, 0.99, upper))
         requests.append(float(r.postcopy.requests))
         if r.push_seconds > 0:
             push.append(r.push_bytes / r.push_seconds / 1e9)
@@ -268,6 +269,7 @@ def run_faults(b: Bench, sc: Scenario) -> list[Figure]:
             requests=statistics.median(requests),
             dirty_rate=guest.rate,
             histogram=hist_sum,
+            histogram_upper_us=list(r.postcopy.histogram_upper_us),
             pingpong_p50_us=statistics.median(ping),
             uffd_copy_us=statistics.median(copy),
             push_gbps=statistics.median(push) if push else 0.0,

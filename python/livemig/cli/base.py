@@ -18,7 +18,14 @@ from livemig.errors import LivemigError
 
 
 class _Group(click.Group):
-    """A group whose errors are one ``livemig: error:`` line, never a usage block or traceback."""
+    """A group whose errors are one ``livemig: error:`` line, never a usage block or traceback;
+    without a command it prints its help (on stderr, exit code 2: nothing was asked)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args:
+            click.echo(ctx.get_help(), err=True)
+            ctx.exit(2)
+        return super().parse_args(ctx, args)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False

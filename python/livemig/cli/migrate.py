@@ -239,6 +239,8 @@ def migrate(
 
     if not quiet and returned:
         # (a run that raised has no table: its error line says it all)
+        if result.rounds:
+            console.print(display.rounds_table(result))
         console.print(display.summary_table(result))
     if as_json:
         print_json(result.to_json())

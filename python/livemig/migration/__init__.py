@@ -37,11 +37,11 @@ from livemig.migration.results import (
 from livemig.migration.source_run import migrate
 
 __all__ = [
+    "EVENTS_SCHEMA",
     "BalloonReport",
     "ControlServer",
     "DestinationConfig",
     "DestinationSummary",
-    "EVENTS_SCHEMA",
     "EventCallback",
     "EventStream",
     "EventWriter",

@@ -77,6 +77,7 @@ class Monitor:
         self.attempts = 0
         self.paused_cause = ""
         self.ended = False
+        self.sample_error: Exception | None = None  #: what stopped the sampler, if anything did
 
     # ---- time ----
     def now(self) -> float:
@@ -161,10 +162,8 @@ class Monitor:
         self._thread = None
         self._stop.set()
         t.join()
-        try:
+        if self.sample_error is None:
             self.sample()  # the last figures, as the run leaves them
-        except Exception:
-            pass
 
     # ---- the sampler ----
     def _sample_loop(self) -> None:
@@ -172,8 +171,9 @@ class Monitor:
         while True:
             try:
                 self.sample()
-            except Exception:  # a counter read after the run closed its engine: nothing to show
-                pass
+            except Exception as e:  # noqa: BLE001 (a display's or a callback's bug must not stop a migration)
+                self.sample_error = e  # kept for whoever wonders why the figures stopped
+                return
             next_t += self.sample_interval_s
             if self._stop.wait(max(0.0, next_t - time.perf_counter())):
                 return

@@ -42,7 +42,6 @@ from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
 from livemig.source import Source
 from livemig.workload.base import Workload
 
-
 #: The postcopy timeline's bins: 10 ms each, ten minutes' worth (later events land in the last bin).
 TIMELINE_BIN_S = 0.01
 TIMELINE_BINS = 60_000
