@@ -181,3 +181,38 @@ def test_plot_of_a_real_postcopy_run(tmp_path: Path, kernel_tracking: None, post
     for i in range(4):
         band = (0.04 + 0.24 * i + 0.02, 0.04 + 0.24 * (i + 1) - 0.02)
         assert nonblank_fraction(str(out), band) > 0.02, names[i]
+
+
+# ---- the small CLI items ----
+
+
+def test_livemig_without_a_command_prints_its_help() -> None:
+    r = subprocess.run(LIVEMIG, capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("Usage:") and len(lines) > 10  # the help as it is, not squashed into one line
+    assert any(line.strip().startswith("migrate") for line in lines) and "error" not in r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_listen_on_port_0_says_which_port_it_got() -> None:
+    proc = subprocess.Popen([*LIVEMIG, "listen", "127.0.0.1:0", "--once"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("livemig: listening on 127.0.0.1:"), line
+        port = int(line.rsplit(":", 1)[1])
+        assert port > 0
+    finally:
+        proc.kill()
+        proc.communicate()  # reads and closes its pipes
+
+
+def test_plot_file_without_an_image_suffix_is_a_usage_error(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib (the plot extra) is not installed")
+    r = subprocess.run([*LIVEMIG, "migrate", "--size", "16M", "--plot", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "no suffix" in r.stderr and ".png" in r.stderr
+    assert not list(tmp_path.iterdir())  # nothing migrated, nothing written
