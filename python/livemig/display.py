@@ -137,6 +137,8 @@ def event_line(ev: MigrationEvent) -> str | None:
         return (f"{at} round {d['index']}: sent {sent:,} of {d['dirty_pages']:,} dirty pages"
                 f" ({format_bytes(d['bytes_sent'])}) in {d['seconds']:.2f} s at {format_rate(d['bandwidth_bps'])}"
                 f"{dirtied}; {d['remaining_pages']:,} left")
+    if ev.kind == "switchover" and ev.side == "destination":
+        return f"{at} switchover: the workload runs here ({d['mode']})"
     if ev.kind == "switchover":
         what = ("the workload runs on the destination; the rest comes by push and on demand"
                 if d["mode"] == "postcopy" else "the workload runs on the destination")
@@ -162,11 +164,14 @@ class _Live:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         head, tail, done = self.lines
-        yield Text(head, style="bold", overflow="ellipsis", no_wrap=True)
+        grid = Table.grid()
+        grid.add_column()
+        grid.add_row(Text(head, style="bold", overflow="ellipsis", no_wrap=True))
         if done is not None:
-            yield ProgressBar(total=1.0, completed=min(max(done, 0.0), 1.0), width=min(options.max_width, 60))
+            grid.add_row(ProgressBar(total=1.0, completed=min(max(done, 0.0), 1.0), width=min(options.max_width, 60)))
         if tail:
-            yield Text(tail, overflow="ellipsis", no_wrap=True)
+            grid.add_row(Text(tail, overflow="ellipsis", no_wrap=True))
+        yield grid
 
 
 class RichProgress:

@@ -166,7 +166,8 @@ def _timeline(ax: Axes, r: MigrationResult) -> None:
     right.set_ylim(bottom=0, top=max(1.0, tl.left_at_start, float(pushed.max())) * 1.05)
     lines = ax.get_legend_handles_labels()
     more = right.get_legend_handles_labels()
-    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center right")
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+              ncol=3, frameon=False)  # below the axes: the lines cross the whole panel
     ax.grid(axis="x", alpha=0.3)
 
 
