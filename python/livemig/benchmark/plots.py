@@ -56,14 +56,16 @@ def plot(report: Report, directory: str) -> list[str]:
                     color=colour,
                 )
             ax.set_xticks(xs, [f.name for f in sel], rotation=30, ha="right", fontsize=7)
-            ax.set_ylabel(unit)
+            better = {f.better for f in sel}
+            ax.set_ylabel(f"{unit} ({better.pop()} is better)" if len(better) == 1 else unit)
             if (
                 unit in ("ms", "us")
                 and max(vals + bases) / max(min(v for v in vals + bases if v > 0), 1e-9) > 100
             ):
                 ax.set_yscale("log")
             ax.legend(fontsize=8)
-        fig.suptitle(f"livemig bench: {group} (ratio = livemig / baseline)")
+        fig.suptitle(f"livemig bench: {group} (median of the runs, min-max bars; x ratio = livemig / baseline:"
+                     " green goal met, red not met, black no goal)")
         path = os.path.join(directory, f"{group}.png")
         fig.savefig(path, dpi=100)
         paths.append(path)

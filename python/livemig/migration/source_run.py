@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from typing import Any, NoReturn
 
 from livemig import _core, wire
@@ -21,30 +20,24 @@ from livemig.errors import LivemigError, MigrationError, ProtocolError
 from livemig.migration import device_state, oracle
 from livemig.migration.config import MigrationConfig
 from livemig.migration.control import MigrationControl
-from livemig.migration.events import EventCallback
+from livemig.migration.legacy import legacy_call
 from livemig.migration.links import SourceLink, event_summary
-from livemig.migration.monitor import Counts, Monitor
-from livemig.migration.progress import Progress
+from livemig.migration.monitor import Monitor
 from livemig.migration.recovery import ChannelBroken, NeverRan, SourceRecovery
 from livemig.migration.results import (
     DestinationSummary,
     HintStats,
     MigrationFailed,
     MigrationResult,
-    PostcopyTimeline,
-    RoundStats,
     SourceWorkloadReport,
     WorkloadCheck,
     WorkloadInfo,
     decode_report,
 )
+from livemig.migration.source_figures import SourceFigures
 from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
 from livemig.source import Source
 from livemig.workload.base import Workload
-
-#: The postcopy timeline's bins: 10 ms each, ten minutes' worth (later events land in the last bin).
-TIMELINE_BIN_S = 0.01
-TIMELINE_BINS = 60_000
 
 
 def _check(w: Workload) -> WorkloadCheck | None:
@@ -73,28 +66,7 @@ class SourceRun:
         self._acked = False
         self._t_pause = 0.0
         self._hints_before: _core.BalloonCounters | None = None
-        self._writers: list[_core.FrameWriter] = []  #: every writer of every connection (the live counts)
-        self.timeline: _core.Timeline | None = None  #: postcopy: the scanner's timeline
-
-    # ---- the live counts (read by the monitor's thread: atomic loads in the core) ----
-    def counts(self) -> Counts:
-        """What the source has sent and has left, for the live view and the progress events."""
-        nbytes = pages = zero = 0
-        for w in list(self._writers):
-            s = w.sent
-            nbytes += s.bytes
-            pages += s.pages + s.zero_pages
-            zero += s.zero_pages
-        tl = self.timeline
-        return Counts(bytes_sent=nbytes, pages_sent=pages, zero_pages=zero, remaining_pages=self.engine.dirty.count(),
-                      faults=self.engine.core.counters().scanner.requests,
-                      push_pages=tl.total(_core.TimelineSeries.PUSH_PAGES) if tl is not None else 0,
-                      total_pages=self.engine.pages)
-
-    def _watch(self, link: SourceLink) -> SourceLink:
-        """Counts ``link``'s writers in the live figures; returns it."""
-        self._writers += [link.main, *link.extras, *([link.urgent] if link.urgent is not None else [])]
-        return link
+        self.figures = SourceFigures(self.engine, monitor)  #: what it sent and has left (the core's counters)
 
     # ---- steps ----
     def connect(self, address: str) -> None:
@@ -108,11 +80,11 @@ class SourceRun:
         opts = wire.WireOptions(page_size=self.result.page_size, region_bytes=self.result.region_bytes,
                                 capabilities=caps, secret=self.config.secret, timeout=self.config.timeout)
         conn = wire.connect(address, opts)
-        self.link = self._watch(SourceLink.open(conn, self.engine.core))
+        self.link = self.figures.watch(SourceLink.open(conn, self.engine.core))
         self.result.capabilities = sorted(conn.negotiated.capabilities)
         self.link.session.start_return_path()
         self.recovery = SourceRecovery(self.config, self.engine.core, self.control, self.monitor, address, conn,
-                                       on_link=self._watch)
+                                       on_link=self.figures.watch)
         port = self.workload.balloon
         if port is not None:
             port.device.set_target(self.engine.hint_target)  # accepted hints land in D and H
@@ -144,8 +116,8 @@ class SourceRun:
             written = self.engine.sync()
             self.balloon.after_sync()
             dirty = self.engine.dirty.count()
-            if sent is not None:
-                self._end_round(*sent, written=written, remaining=dirty, t_next=t_sync)
+            if sent is not None:  # the sync after a round completes its figures
+                self.result.rounds.append(self.figures.round(*sent, written=written, remaining=dirty, t_next=t_sync))
             if cfg.postcopy and index >= cfg.postcopy_after:
                 break  # (postcopy_after=0: no precopy round, every page comes on demand or pushed)
             if index > 0:
@@ -155,23 +127,11 @@ class SourceRun:
                 if cfg.postcopy and index >= cfg.max_rounds:
                     break
             self._check_peer()
-            self.monitor.round_begin(index, dirty, dirty, self.counts().pages_sent)
+            self.monitor.round_begin(index, dirty, dirty, self.figures.counts().pages_sent)
             st = self.link.session.precopy_pass(max_seconds=3600.0, max_pages=dirty)
             bandwidth = st.bytes / st.seconds if st.seconds > 0 else bandwidth
             sent = (index, dirty, st, t_sync)
         self.result.precopy_rounds = len(self.result.rounds)
-
-    def _end_round(self, index: int, dirty: int, st: _core.SendStats, t_sync: float, *, written: int,
-                   remaining: int, t_next: float) -> None:
-        """Round ``index`` is complete: the sync after it found ``written`` pages written and left
-        ``remaining`` dirty."""
-        interval = t_next - t_sync
-        r = RoundStats(index, dirty, int(st.pages), int(st.zero_pages), int(st.bytes), st.seconds,
-                       st.bytes / st.seconds if st.seconds > 0 else 0.0, remaining, dirtied_pages=written,
-                       dirty_rate_pps=written / interval if interval > 0 else 0.0,
-                       started_s=self.monitor.since_start(t_sync))
-        self.result.rounds.append(r)
-        self.monitor.round_end(r, self.engine.pages)
 
     def kind_line(self) -> device_state.KindLine:
         return device_state.KindLine(self.workload.kind, self.workload.version)
@@ -259,10 +219,7 @@ class SourceRun:
             self.engine.dirty_hinted_unsent()  # served on request and pushed like any other page
             main.send_discard(sets.discard)
         main.send_device_state(self.device_state())
-        self.result.postcopy_pages_left = self.engine.dirty.count()
-        self.timeline = _core.Timeline(TIMELINE_BIN_S, TIMELINE_BINS)
-        self.engine.core.set_timeline(self.timeline)
-        self.timeline.start()
+        self.result.postcopy_pages_left = self.figures.start_timeline()
         main.send_command(Command.POSTCOPY_START)
         self.dest_running = True  # from here on the source workload must never resume
         self.monitor.phase("postcopy")
@@ -307,21 +264,6 @@ class SourceRun:
             self.link.teardown()
             raise MigrationError(cause)
         self.link = self.recovery.pause_and_resume(cause, self.link)
-
-    def collect_timeline(self) -> PostcopyTimeline | None:
-        """The postcopy timeline as the report holds it (None without postcopy)."""
-        tl = self.timeline
-        if tl is None:
-            return None
-        S = _core.TimelineSeries
-
-        def series(k: _core.TimelineSeries) -> tuple[int, ...]:
-            return tuple(int(x) for x in tl.series(k))
-
-        return PostcopyTimeline(bin_seconds=tl.bin_seconds, start_s=self.monitor.since_start(tl.started_at),
-                                requests=series(S.REQUESTS), request_pages=series(S.REQUEST_PAGES),
-                                push_pages=series(S.PUSH_PAGES), left_pages=series(S.LEFT_PAGES),
-                                left_at_start=self.result.postcopy_pages_left)
 
     def _serve_postcopy(self) -> None:
         """Pushes until done, then ends the urgent channel and sends COMPLETE; a break pauses and
@@ -491,21 +433,6 @@ class SourceRun:
             self.result.recoveries, self.result.requeued_pages = self.recovery.recoveries, self.recovery.requeued_pages
 
 
-def _legacy(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Workload, tuple[Any, ...]]:
-    """``migrate(address, region_bytes, GuestConfig, ...)`` (before workloads) as a model guest."""
-    from livemig.guest import GuestConfig
-    from livemig.workload.model import ModelGuest
-
-    warnings.warn("migrate(address, region_bytes, GuestConfig(...), ...) is deprecated: pass a workload,"
-                  " e.g. migrate(address, ModelGuest(region_bytes, GuestConfig(...)), config)",
-                  DeprecationWarning, stacklevel=3)
-    size, guest, *rest = args
-    if not isinstance(guest, GuestConfig):
-        raise TypeError("the old call form is migrate(address, region_bytes, GuestConfig, config, ...)")
-    image = kwargs.pop("image", None)
-    return (ModelGuest.from_image(image) if image is not None else ModelGuest(size, guest)), tuple(rest)
-
-
 def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -> MigrationResult:
     """Migrates ``workload`` to the destination listening at ``address``:
     ``migrate(address, workload, config=MigrationConfig(), progress=None, control=None, events=None)``.
@@ -525,7 +452,7 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
     :class:`livemig.migration.MigrationControl`) within ``config.reconnect_deadline_s``.
     """
     if isinstance(workload, int):
-        workload, args = _legacy((workload, *args), kwargs)
+        workload, args = legacy_call((workload, *args), kwargs)
     names = ("config", "progress", "control", "events")
     params: dict[str, Any] = dict(zip(names, args))
     for k, v in kwargs.items():
@@ -533,17 +460,10 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
             raise TypeError(f"migrate() got an unexpected or repeated argument {k!r}")
         params[k] = v
     config: MigrationConfig = params.get("config") or MigrationConfig()
-    prog: Progress | None = params.get("progress")
-    events: EventCallback | None = params.get("events")
-    monitor = Monitor("source", prog, events, page_size=workload.region.page_size)
+    monitor = Monitor("source", params.get("progress"), params.get("events"), page_size=workload.region.page_size)
     run = SourceRun(workload, config, monitor, params.get("control"))
-    t0 = monitor.t0
     step = "connect"
-    monitor.start(run.counts, address=address, mode=run.result.mode, region_bytes=run.result.region_bytes,
-                  page_size=run.result.page_size, pages=run.engine.pages, workload=workload.kind,
-                  config={"postcopy": config.postcopy, "postcopy_after": config.postcopy_after,
-                          "max_rounds": config.max_rounds, "downtime_limit_ms": config.downtime_limit_ms,
-                          "hints": config.hints, "channels": config.channels, "verify": config.verify})
+    monitor.start(run.figures.counts, **run.figures.start_fields(address, config, run.result, workload.kind))
     try:
         workload.start()
         run.connect(address)
@@ -572,12 +492,9 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
         run.close()
         raise
     monitor.close()
-    r = run.result
-    c = run.counts()  # everything every writer sent, page passes, requests and control frames alike
-    r.bytes_sent, r.pages_sent, r.zero_pages = c.bytes_sent, c.pages_sent - c.zero_pages, c.zero_pages
-    r.timeline = run.collect_timeline()
+    r = run.figures.finish(run.result)
     run.close()
-    r.total_ms = (time.perf_counter() - t0) * 1e3
+    r.total_ms = (time.perf_counter() - monitor.t0) * 1e3
     r.throughput_bps = r.bytes_sent / (r.total_ms / 1e3) if r.total_ms > 0 else 0.0
     r.hints = run.hint_stats()
     r.postcopy, r.balloon, r.verify, r.error, r.ok = (summary.postcopy, summary.balloon, summary.verify,
