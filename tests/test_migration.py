@@ -136,7 +136,9 @@ def test_pure_postcopy_sends_every_page_once_after_the_switchover(queue: int) ->
     assert_intact(result, summary)
     assert result.mode == "postcopy" and result.precopy_rounds == 0 and result.rounds == []
     assert result.pages_sent + result.zero_pages == result.region_bytes // result.page_size
-    assert result.push_bytes == result.bytes_sent and result.push_seconds > 0
+    # bytes_sent is everything the channels carried: the push's pages plus the control frames
+    # (device state, commands, END), a few KiB.
+    assert result.push_bytes <= result.bytes_sent <= result.push_bytes + 64 * 1024 and result.push_seconds > 0
 
 
 @pytest.mark.timeout(120)
