@@ -149,6 +149,8 @@ def test_one_sample_costs_microseconds(benchmark: Any) -> None:
         lv.close()
     finally:
         engine.close()
+    if getattr(benchmark, "disabled", False):
+        return  # CI's smoke run: it ran, nothing to time
     per_sample = benchmark.stats.stats.median
     share = per_sample * 5.0
     benchmark.extra_info.update(region_pages=pages, sample_us=round(per_sample * 1e6, 1),
