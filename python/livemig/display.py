@@ -192,6 +192,11 @@ class RichProgress:
     def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
         pass  # the round_end event carries the whole round
 
+    def note(self, text: str) -> None:
+        """What happens before the migration starts (no figures yet)."""
+        self._view.lines = (text, "", None)
+        self._live.refresh()
+
     def snapshot(self, s: Snapshot) -> None:
         self._view.lines = snapshot_lines(s)
         self._live.refresh()
@@ -227,6 +232,9 @@ class LineProgress:
     def phase(self, name: str) -> None:
         self._print(f"phase {name}")
 
+    def note(self, text: str) -> None:
+        self._print(text)
+
     def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
         pass  # the round_end event carries the whole round
 
@@ -251,6 +259,9 @@ class LineProgress:
 
 class _Quiet:
     def phase(self, name: str) -> None:
+        pass
+
+    def note(self, text: str) -> None:
         pass
 
     def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:

@@ -204,8 +204,11 @@ def migrate(
     with ExitStack() as stack:
         dest: local.LocalDestination | None = None
         writer = events_output(stack, events_file)
+        # The live view from the start: a local destination and a large guest take a while to make.
+        reporter = stack.enter_context(display.progress_display(console, progress))
         try:
             if to is None:
+                reporter.note("starting the local destination")
                 args = ["--no-progress", "--quiet", "--max-size", str(size),
                         "--timeout", f"{timeout:g}", "--postcopy-queue", str(postcopy_queue)]
                 args += [a for name in sorted(dst_off) for a in ("--disable-capability", name)]
@@ -219,11 +222,11 @@ def migrate(
                 address = str(to)
             if control_path is not None:
                 stack.enter_context(migration.ControlServer(control_path, control))
+            reporter.note(f"making the guest's {display.format_bytes(size)}")
             model = ModelGuest(size, guest)
             stack.callback(model.stop)
-            with display.progress_display(console, progress) as reporter:
-                result = migration.migrate(address, model, config, reporter, control,
-                                           events=display.fan_out(reporter.event, writer))
+            result = migration.migrate(address, model, config, reporter, control,
+                                       events=display.fan_out(reporter.event, writer))
             returned = True
         except (LivemigError, OSError) as e:
             result = migration.MigrationResult(
