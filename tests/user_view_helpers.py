@@ -253,9 +253,33 @@ def check_fields(run: Run) -> set[str]:
     return seen
 
 
+ROUND_FIELDS = {"index", "dirty_pages", "pages_sent", "zero_pages", "bytes_sent", "seconds", "bandwidth_bps",
+                "remaining_pages", "dirtied_pages", "dirty_rate_pps", "started_s"}
+#: The source's events and their fields as docs/cli.md documents them (schema livemig.events/1).
+SCHEMA_FIELDS = {
+    "start": {"address", "mode", "region_bytes", "page_size", "pages", "workload", "config"},
+    "phase": {"phase"},
+    "round_begin": {"round", "dirty_pages"},
+    "round_end": ROUND_FIELDS,
+    "switchover": {"mode", "downtime_ms", "switchover_pages"},
+    "progress": {"phase", "round", "total_pages", "bytes_sent", "pages_sent", "rate_bps", "pages_per_s",
+                 "dirty_rate_pps", "remaining_pages", "round_pages", "round_pages_left", "round_eta_s",
+                 "faults_per_s", "faults", "push_pages", "downtime_ms", "recoveries", "attempts", "paused_cause"},
+    "faults": {"faults_per_s", "threshold_per_s", "faults"},
+    "paused": {"cause", "recoveries"},
+    "resume_attempt": {"attempt", "error"},
+    "resumed": {"recoveries", "attempts", "requeued_pages"},
+    "end": {"ok", "error", "report"},
+}
+
+
 def check_events(run: Run) -> None:
-    """The run's event stream tells the same story as its report."""
+    """The run's event stream tells the same story as its report, in the documented schema."""
     evs, r = run.events, run.result
+    for e in evs:
+        assert set(e.data) == SCHEMA_FIELDS[e.kind], (e.kind, sorted(e.data))
+        line = e.to_json()
+        assert line["schema"] == "livemig.events/1" and line["event"] == e.kind and json.loads(json.dumps(line))
     kinds = [e.kind for e in evs]
     assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("end") == 1, kinds
     assert all(e.side == "source" for e in evs)
