@@ -40,7 +40,8 @@ def _recv_exact(s: socket.socket, n: int) -> bytes | None:
 class Tampering:
     """What to do to the main channel's page frames (to the destination)."""
 
-    flip_frame: int | None = None  #: flip one byte of the payload of this PAGES frame (0: the first)
+    flip_frame: int | None = None  #: flip one byte of the payload of this PAGES frame (0: the first), or of
+    #: the first later one long enough for ``flip_offset``
     flip_offset: int = 100  #: ... at this byte of its payload
     replay_frame: int | None = None  #: capture this PAGES frame and send it again after the destination's
     #: ACK that its workload runs (postcopy start)
@@ -155,8 +156,9 @@ class TamperRelay:
         if index == plan.replay_frame:
             plan.replayed = (first, count)
             self._replay = frame
-        if index == plan.flip_frame:
-            at = _HEADER.size + plan.flip_offset
+        at = _HEADER.size + plan.flip_offset
+        if plan.flip_frame is not None and index >= plan.flip_frame and plan.flipped_page is None and at < len(frame):
+            # This frame or, when it is too short for the offset, the first later one that is not.
             plan.flipped_page = first + plan.flip_offset // 4096
             frame = frame[:at] + bytes([frame[at] ^ 0x5A]) + frame[at + 1:]
         return frame

@@ -16,7 +16,7 @@ from tamper_relay import Tampering, TamperRelay
 
 import livemig
 from livemig.guest import GuestConfig
-from livemig.loopback import _destination
+from livemig.loopback import _destination, stop_destination
 from livemig.migration import DestinationConfig, MigrationConfig, migrate
 from livemig.workload import BufferWorkload, ModelGuest
 
@@ -39,9 +39,7 @@ def _through_relay(workload: Any, config: MigrationConfig, plan: Tampering, fact
         return result, (kind, summary)
     finally:
         proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        stop_destination(proc)
 
 
 def test_a_byte_flipped_in_flight_is_caught_by_the_digests() -> None:

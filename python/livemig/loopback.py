@@ -4,8 +4,11 @@ Used by the tests, the benchmarks and anyone scripting an experiment."""
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing as mp
+import os
 import queue
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +21,7 @@ from livemig.workload.model import ModelGuest
 
 def _destination(q: Any, config: migration.DestinationConfig, settle_s: float, await_reuse: bool,
                  factory: Callable[[], WorkloadFactory] | None = None) -> None:
+    faulthandler.register(signal.SIGUSR1)  # see _stop: a hung destination's stacks go to stderr
     with wire.Listener("127.0.0.1:0") as lst:
         q.put(("address", str(lst.address)))
         try:
@@ -26,6 +30,17 @@ def _destination(q: Any, config: migration.DestinationConfig, settle_s: float, a
             q.put(("summary", s.to_json()))
         except Exception as e:  # noqa: BLE001 (reported to the caller, which raises it)
             q.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def stop_destination(proc: Any) -> None:
+    """Kills a destination child still running, after asking it for its threads' stacks (on its
+    stderr: the trace a hang leaves)."""
+    if not proc.is_alive():
+        return
+    os.kill(proc.pid, signal.SIGUSR1)
+    proc.join(2)  # a bounded wait for the dump
+    proc.kill()
+    proc.join()
 
 
 def migrate_locally(
@@ -67,8 +82,6 @@ def migrate_locally(
     except queue.Empty:
         raise MigrationError(f"the destination did not answer within {deadline_s} s") from None
     finally:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        stop_destination(proc)
         q.close()
         q.join_thread()
