@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "convert.hpp"
+#include "frames.hpp"
 #include "livemig/bench/tls.hpp"
 #include "livemig/bitmap/page_bitmap.hpp"
 #include "livemig/session/session.hpp"
@@ -25,8 +26,6 @@ namespace livemig::py_bindings {
 namespace {
 
 using wire::Direction;
-using wire::Frame;
-using wire::FrameType;
 using wire::TlsChannel;
 using wire::TlsContext;
 using wire::TlsKeying;
@@ -72,58 +71,6 @@ std::shared_ptr<const TlsContext> make_context(TlsOptions o, const std::string& 
   py::gil_scoped_release rel;  // loading certificates and keys reads files
   return std::make_shared<const TlsContext>(std::move(o), r);
 }
-
-// A decoded frame as Python sees it: the fields of _core.Frame (register_wire.cpp), which lives
-// in that file's anonymous namespace.
-struct TlsFrame {
-  FrameType type;
-  std::uint64_t first;
-  std::uint32_t count;
-  std::uint64_t value;
-  py::array_t<std::uint64_t> ranges;
-  py::bytes data;
-};
-
-// A FrameReader over a TLS channel with a CollectingHandler, as _core.FrameReader is over a
-// socket; keeps the attached region exported while frames may land in it.
-class TlsFrameReader {
- public:
-  TlsFrameReader(std::shared_ptr<TlsChannel> channel, const WireConfig& cfg, Direction dir)
-      : channel_(std::move(channel)), cfg_(cfg), input_(*channel_, cfg.timeout_ms), reader_(input_, cfg, dir),
-        handler_(cfg) {}
-
-  void attach_region(const py::handle& region, std::shared_ptr<PageBitmap> received) {
-    auto exported = std::make_unique<BufferExport>(region, BufferExport::Access::write, "region");
-    if (exported->size() < cfg_.region_pages * cfg_.page_size)
-      throw py::value_error("region of " + std::to_string(exported->size()) + " bytes is smaller than " +
-                            std::to_string(cfg_.region_pages) + " pages of " + std::to_string(cfg_.page_size));
-    handler_.attach_region(exported->data(), std::move(received));
-    region_ = std::move(exported);
-  }
-  void detach_region() {
-    handler_.detach_region();
-    region_.reset();
-  }
-  std::optional<TlsFrame> next() {
-    std::optional<Frame> f;
-    {
-      py::gil_scoped_release rel;
-      f = handler_.pump(reader_);
-    }
-    if (!f) return std::nullopt;
-    return TlsFrame{f->type, f->first, f->count, f->value, ranges_array(f->ranges),
-                    py::bytes(reinterpret_cast<const char*>(f->data.data()), f->data.size())};
-  }
-  wire::WireStats stats() const { return reader_.stats(); }
-
- private:
-  std::shared_ptr<TlsChannel> channel_;
-  WireConfig cfg_;
-  wire::TlsInput input_;
-  wire::FrameReader reader_;
-  wire::CollectingHandler handler_;
-  std::unique_ptr<BufferExport> region_;
-};
 
 template <class Session>
 void read_through(Session& s, const std::vector<std::shared_ptr<TlsChannel>>& channels) {
@@ -197,23 +144,6 @@ void register_tls(py::module_& m) {
         return c.options().record_layer == TlsRecordLayer::kDirect ? "direct" : "openssl";
       });
 
-  py::class_<TlsFrame>(m, "TlsFrame", "One decoded frame read over TLS (the fields of Frame).")
-      .def_readonly("type", &TlsFrame::type)
-      .def_readonly("first", &TlsFrame::first, "PAGES / ZERO / REQUEST: the first page.")
-      .def_readonly("count", &TlsFrame::count, "Pages, ranges, or the ack kind.")
-      .def_readonly("value", &TlsFrame::value, "LOCAL_FILL fill value, COMMAND number, ACK value.")
-      .def_readonly("ranges", &TlsFrame::ranges, "DISCARD / LOCAL_FILL: (n, 2) array of (first_page, npages).")
-      .def_readonly("data", &TlsFrame::data, "Page bytes, blob, command arguments, bitmap or error text.");
-
-  py::class_<TlsFrameReader>(m, "TlsFrameReader",
-                             "Reads and validates frames from a TLS channel, as FrameReader does from a socket. "
-                             "One thread at a time.")
-      .def("attach_region", &TlsFrameReader::attach_region, py::arg("region"), py::arg("received"),
-           "Page frames go straight into `region` and set `received` (precopy); next() reads on past them.")
-      .def("detach_region", &TlsFrameReader::detach_region)
-      .def("next", &TlsFrameReader::next, "The next kept frame, or None at a clean end of stream.")
-      .def_property_readonly("stats", &TlsFrameReader::stats);
-
   py::class_<TlsChannel, std::shared_ptr<TlsChannel>>(
       m, "TlsChannel",
       "TLS 1.3 on one connected stream socket (fd not owned: keep the socket open while the channel lives, and "
@@ -229,14 +159,17 @@ void register_tls(py::module_& m) {
            "(the source's HELLO body followed by the destination's); ValueError when it is missing.")
       .def(
           "handshake",
-          [](TlsChannel& c, double timeout) {
+          [](TlsChannel& c, double timeout, const py::handle& transcript) {
             const int ms = timeout_ms(timeout, "timeout");
             if (ms <= 0) throw py::value_error("timeout must be > 0 seconds");
+            const std::vector<std::uint8_t> t = bytes_of(transcript, "transcript");
             py::gil_scoped_release rel;
-            c.handshake(ms);
+            c.handshake(ms, t);
           },
-          py::arg("timeout"),
-          "Runs the TLS handshake (and the server's acceptance) within `timeout` seconds in all. Once only.")
+          py::arg("timeout"), py::arg("transcript") = py::bytes(),
+          "Runs the TLS handshake (and the server's acceptance) within `timeout` seconds in all; with a "
+          "transcript (the plaintext handshake's bytes as this side saw them), both sides then compare its digest "
+          "inside the tunnel and refuse a peer that saw other bytes (ProtocolError). Once only.")
       .def(
           "writer",
           [](const std::shared_ptr<TlsChannel>& c, const WireConfig& cfg) {
@@ -249,10 +182,11 @@ void register_tls(py::module_& m) {
           "reader",
           [](const std::shared_ptr<TlsChannel>& c, const WireConfig& cfg, const std::string& direction) {
             if (!c->established()) throw py::value_error("reader: the channel has not completed its handshake");
-            return std::make_unique<TlsFrameReader>(c, cfg, parse_direction(direction));
+            const Direction dir = parse_direction(direction);
+            return std::make_unique<PyFrameReader>(std::make_unique<wire::TlsInput>(*c, cfg.timeout_ms), c, cfg, dir);
           },
           py::arg("config"), py::arg("direction"),
-          "A TlsFrameReader reading this channel (one per channel, one thread at a time).")
+          "A FrameReader reading this channel (one per channel, one thread at a time); it keeps the channel alive.")
       .def("close_notify", &TlsChannel::close_notify, py::call_guard<py::gil_scoped_release>(),
            "Sends TLS close_notify (best effort): the peer's reads end cleanly.")
       .def("shutdown", &TlsChannel::shutdown,

@@ -23,6 +23,7 @@
 #include "livemig/wire/format.hpp"
 #include "livemig/wire/frame_type.hpp"
 #include "convert.hpp"
+#include "frames.hpp"
 #include "register.hpp"
 
 namespace livemig::py_bindings {
@@ -40,70 +41,10 @@ Direction parse_direction(const std::string& s) {
   throw py::value_error("direction must be 'to_destination' or 'to_source', got '" + s + "'");
 }
 
-// A decoded frame as Python sees it (also made by tests, as the frame they expect).
-struct PyFrame {
-  FrameType type = FrameType::kEnd;
-  std::uint64_t first = 0;
-  std::uint32_t count = 0;
-  std::uint64_t value = 0;
-  std::vector<Range> ranges;
-  std::string data;
-  bool operator==(const PyFrame& o) const {
-    if (type != o.type || first != o.first || count != o.count || value != o.value || data != o.data) return false;
-    if (ranges.size() != o.ranges.size()) return false;
-    for (std::size_t i = 0; i < ranges.size(); ++i)
-      if (ranges[i].first != o.ranges[i].first || ranges[i].npages != o.ranges[i].npages) return false;
-    return true;
-  }
-};
-
-PyFrame to_py(const Frame& f) {
-  return PyFrame{f.type, f.first, f.count, f.value, f.ranges, std::string(f.data.begin(), f.data.end())};
-}
-
 // Ranges for a DISCARD / LOCAL_FILL frame (the writer checks them against its region).
 std::vector<Range> frame_ranges(const py::handle& obj) {
   return to_ranges(obj, ~std::uint64_t{0}, "ranges");
 }
-
-// Reader with its input and a CollectingHandler; keeps the attached region's buffer exported so
-// it cannot be resized or unmapped while frames may land in it.
-class PyFrameReader {
- public:
-  PyFrameReader(int fd, const WireConfig& cfg, Direction dir)
-      : cfg_(cfg), input_(fd, cfg.timeout_ms), reader_(input_, cfg, dir), handler_(cfg) {}
-
-  void attach_region(const py::handle& region, std::shared_ptr<PageBitmap> received) {
-    auto exported = std::make_unique<BufferExport>(region, BufferExport::Access::write, "region");
-    const std::size_t n = exported->size();
-    if (n < cfg_.region_pages * cfg_.page_size)
-      throw py::value_error("region of " + std::to_string(n) + " bytes is smaller than " +
-                            std::to_string(cfg_.region_pages) + " pages of " + std::to_string(cfg_.page_size));
-    handler_.attach_region(exported->data(), std::move(received));
-    region_ = std::move(exported);
-  }
-  void detach_region() {
-    handler_.detach_region();
-    region_.reset();
-  }
-  std::optional<PyFrame> next() {
-    std::optional<Frame> f;
-    {
-      py::gil_scoped_release rel;
-      f = handler_.pump(reader_);
-    }
-    if (!f) return std::nullopt;
-    return to_py(*f);
-  }
-  wire::WireStats stats() const { return reader_.stats(); }
-
- private:
-  WireConfig cfg_;
-  wire::FdInput input_;
-  wire::FrameReader reader_;
-  wire::CollectingHandler handler_;
-  std::unique_ptr<BufferExport> region_;  // exported while frames may land in it
-};
 
 void register_enums(py::module_& m) {
   py::native_enum<FrameType>(m, "FrameType", "enum.IntEnum", "Frame types (docs/protocol.md, Frames).")
@@ -320,9 +261,12 @@ void register_wire(py::module_& m) {
           "view reads it while a send blocks); frames and syscalls are 0.");
 
   py::class_<PyFrameReader>(m, "FrameReader",
-                            "Reads and validates frames from a socket fd (not owned). One thread at a time.")
+                            "Reads and validates frames from a socket fd (not owned), or through a TLS channel "
+                            "(TlsChannel.reader). One thread at a time.")
       .def(py::init([](int fd, const WireConfig& cfg, const std::string& direction) {
-             return std::make_unique<PyFrameReader>(fd, cfg, parse_direction(direction));
+             const Direction dir = parse_direction(direction);
+             return std::make_unique<PyFrameReader>(std::make_unique<wire::FdInput>(fd, cfg.timeout_ms), nullptr, cfg,
+                                                    dir);
            }),
            py::arg("fd"), py::arg("config"), py::arg("direction"))
       .def("attach_region", &PyFrameReader::attach_region, py::arg("region"), py::arg("received"),

@@ -3,7 +3,8 @@
 // with its error class and a bounded wait (wrong key, expired or unknown certificate, wrong name,
 // a plaintext peer, a peer that goes silent or stops mid-handshake), a flipped byte after the
 // handshake (detected, nothing unverified left in the buffers), a replayed session (refused), and
-// a writer shared by two threads with a reader on a third (run under ThreadSanitizer by CI).
+// a writer shared by two threads with a reader on a third (run under ThreadSanitizer by CI), and the
+// plaintext handshake's transcript bound to the session (a one-byte difference refused).
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -434,6 +435,44 @@ void x509_mutual() {
   CHECK(handshake_pair(client, server).second.kind == "ok");
 }
 
+// Both sides pass what they saw of the plaintext handshake: equal transcripts pass and the
+// channel carries frames; a transcript that differs by one byte (a HELLO altered in transit, which
+// x509 keying does not otherwise notice) is refused on both sides, whichever record layer runs.
+void transcript_binding() {
+  const bench::tls::TempPki pki("localhost");
+  const std::uint8_t altered[] = "source HELLO body | destination HELLO bodY";
+  for (const bool psk : {false, true}) {
+    Pair p;
+    auto cctx = psk ? psk_context(TlsRole::kClient) : x509_context(TlsRole::kClient, pki.dir(), "localhost");
+    auto sctx = psk ? psk_context(TlsRole::kServer, TlsRecordLayer::kOpenSsl) : x509_context(TlsRole::kServer, pki.dir(), "");
+    TlsChannel client(cctx, p.a.get(), kHello);
+    TlsChannel server(sctx, p.b.get(), kHello);
+    Outcome s;
+    std::thread t([&] { s = outcome([&] { server.handshake(kTimeout, kHello); }); });
+    const Outcome c = outcome([&] { client.handshake(kTimeout, kHello); });
+    t.join();
+    CHECK(c.kind == "ok" && s.kind == "ok");
+    frames_both_ways(client, server);
+  }
+  for (const TlsRecordLayer layer : {TlsRecordLayer::kDirect, TlsRecordLayer::kOpenSsl}) {
+    Pair p;
+    TlsChannel client(x509_context(TlsRole::kClient, pki.dir(), "localhost"), p.a.get());
+    TlsOptions so = TlsOptions::x509_dir(pki.dir(), TlsRole::kServer, "");
+    so.record_layer = layer;
+    TlsChannel server(std::make_shared<const TlsContext>(std::move(so), TlsRole::kServer), p.b.get());
+    Outcome s;
+    const auto t0 = Clock::now();
+    std::thread t([&] { s = outcome([&] { server.handshake(kTimeout, altered); }); });
+    const Outcome c = outcome([&] { client.handshake(kTimeout, kHello); });
+    t.join();
+    CHECK(has(c, "protocol", "the server saw other handshake messages than we did"));
+    CHECK(has(s, "protocol", "the client saw other handshake messages than we did"));
+    CHECK(Clock::now() - t0 < std::chrono::seconds(5));  // refused at once, not at the timeout
+    std::uint8_t byte = 0;
+    CHECK(has(outcome([&] { (void)client.read_some(&byte, 1, 100); }), "other", "before the handshake"));
+  }
+}
+
 void x509_expired() {
   const bench::tls::TempPki pki("localhost");
   {
@@ -733,6 +772,7 @@ int main(int argc, char** argv) {
                              {"psk_wrong_secret", psk_wrong_secret},
                              {"psk_derivation", psk_derivation},
                              {"x509_mutual", x509_mutual},
+                             {"transcript_binding", transcript_binding},
                              {"x509_expired", x509_expired},
                              {"x509_wrong_name", x509_wrong_name},
                              {"x509_unknown_ca", x509_unknown_ca},

@@ -497,7 +497,8 @@ class FrameWriter:
         """Pages, zero pages and bytes sent by the flushes so far, read without the writer's lock."""
 
 class FrameReader:
-    """Reads and validates frames from a socket fd (not owned). One thread at a time."""
+    """Reads and validates frames from a socket fd (not owned), or through a TLS channel
+    (:meth:`TlsChannel.reader`). One thread at a time."""
 
     def __init__(self, fd: int, config: WireConfig, direction: str) -> None: ...
     def attach_region(self, region: Buffer | npt.NDArray[Any], received: PageBitmap) -> None: ...
@@ -730,6 +731,95 @@ class DestSession:
     @property
     def pages_received(self) -> int: ...
 
+# ---- TLS (bindings/register_tls.cpp) ----
+
+TLS_DEFAULT_CIPHERSUITES: str
+
+class TlsConfig:
+    """One side's TLS 1.3 credentials and settings, loaded once and shared by all its channels."""
+
+    @staticmethod
+    def psk(
+        secret: Buffer,
+        *,
+        role: str,
+        ciphersuites: str = ...,
+        ktls: bool = True,
+        record_layer: str = "direct",
+        key_update_records: int = 16777216,
+    ) -> TlsConfig: ...
+    @staticmethod
+    def x509(
+        *,
+        role: str,
+        cert: str,
+        key: str,
+        ca: str,
+        peer_name: str = "",
+        ciphersuites: str = ...,
+        ktls: bool = True,
+        record_layer: str = "direct",
+    ) -> TlsConfig: ...
+    @staticmethod
+    def x509_dir(
+        directory: str,
+        *,
+        role: str,
+        peer_name: str = "",
+        ciphersuites: str = ...,
+        ktls: bool = True,
+        record_layer: str = "direct",
+    ) -> TlsConfig: ...
+    @property
+    def role(self) -> str: ...
+    @property
+    def keying(self) -> str: ...
+    @property
+    def peer_name(self) -> str: ...
+    @property
+    def ciphersuites(self) -> str: ...
+    @property
+    def ktls(self) -> bool: ...
+    @property
+    def record_layer(self) -> str: ...
+
+class TlsChannel:
+    """TLS 1.3 on one connected stream socket (fd not owned)."""
+
+    def __init__(self, config: TlsConfig, fd: int, psk_context: Buffer = b"") -> None: ...
+    def handshake(self, timeout: float, transcript: Buffer = b"") -> None: ...
+    def writer(self, config: WireConfig) -> FrameWriter: ...
+    def reader(self, config: WireConfig, direction: str) -> FrameReader: ...
+    def close_notify(self) -> None: ...
+    def shutdown(self) -> None: ...
+    @property
+    def fd(self) -> int: ...
+    @property
+    def established(self) -> bool: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def ktls_send(self) -> bool: ...
+    @property
+    def ktls_recv(self) -> bool: ...
+    @property
+    def cipher(self) -> str: ...
+    @property
+    def peer_identity(self) -> str: ...
+    @property
+    def handshake_seconds(self) -> float: ...
+    @property
+    def send_calls(self) -> int: ...
+    @property
+    def recv_calls(self) -> int: ...
+    @property
+    def key_updates_sent(self) -> int: ...
+    @property
+    def key_updates_received(self) -> int: ...
+
+def read_through_tls(session: SourceSession | DestSession, channels: list[TlsChannel]) -> None: ...
+def tls_derive_psk(secret: Buffer, context: Buffer) -> bytes: ...
+
 # ---- benchmark loops (bindings/register_bench.cpp): livemig._core._bench ----
 
 class _DestRawCopy:
@@ -832,5 +922,31 @@ class _Bench:
     ) -> npt.NDArray[np.uint64]: ...
     @staticmethod
     def wire_request_server(ret_fd: int, urgent_fd: int, config: WireConfig, region: Buffer | npt.NDArray[Any]) -> int: ...
+    @staticmethod
+    def tls_evp_seal_loop(
+        cipher: str = "aes-128-gcm", record_bytes: int = 16384, total_bytes: int = 1073741824,
+        source_bytes: int = 67108864,
+    ) -> dict[str, Any]: ...
+    @staticmethod
+    def tls_socketpair_throughput(
+        tls: bool = True,
+        transport: str = "unix",
+        ciphersuites: str = ...,
+        ktls: bool = True,
+        record_layer: str = "direct",
+        region_bytes: int = 67108864,
+        total_bytes: int = 1073741824,
+        frame_pages: int = 256,
+        batch_bytes: int = 4194304,
+        drain_only: bool = False,
+    ) -> dict[str, Any]: ...
+    @staticmethod
+    def tls_request_round_trips(tls: bool = True, iters: int = 2000, record_layer: str = "direct") -> npt.NDArray[np.uint64]: ...
+    @staticmethod
+    def tls_handshake_times(keying: str = "psk", n: int = 20, transport: str = "tcp") -> npt.NDArray[np.float64]: ...
+    @staticmethod
+    def tls_evp_cipher_of_suite(suite: str) -> str: ...
+    @staticmethod
+    def tls_write_test_pki(directory: str, server_name: str = "localhost") -> None: ...
 
 _bench: _Bench

@@ -62,6 +62,7 @@ constexpr std::uint8_t kAccepted = 0x01;            // the server's confirmation
 constexpr char kPskIdentity[] = "livemig-v1";
 constexpr char kPskSalt[] = "livemig-v1 tls13 psk";
 constexpr unsigned char kAes128GcmSha256[] = {0x13, 0x01};
+constexpr char kTranscriptLabel[] = "livemig-v1 handshake transcript";  // hashed with its NUL
 
 enum class Engine : std::uint8_t { kNone, kKernel, kDirect, kOpenSsl };
 
@@ -1127,6 +1128,39 @@ void start_engines(TlsChannel::State& st) {
   }
 }
 
+// The transcript digest each side sends inside the tunnel (docs/protocol.md, "Encryption"):
+// SHA-256 over a label and what this side saw of the plaintext handshake.
+std::array<std::uint8_t, kTranscriptDigestBytes> transcript_digest(std::span<const std::uint8_t> transcript) {
+  std::array<std::uint8_t, kTranscriptDigestBytes> out{};
+  const std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+  unsigned int len = 0;
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1 ||
+      EVP_DigestUpdate(ctx.get(), kTranscriptLabel, sizeof kTranscriptLabel) != 1 ||
+      EVP_DigestUpdate(ctx.get(), transcript.data(), transcript.size()) != 1 ||
+      EVP_DigestFinal_ex(ctx.get(), out.data(), &len) != 1 || len != out.size())
+    throw Error("TLS: SHA-256 of the handshake transcript failed: " + drain_errors());
+  return out;
+}
+
+// Reads exactly `n` bytes through the channel before `deadline`; the peer closing first is
+// ConnectionLost naming `where`.
+void read_exact(TlsChannel::State& st, std::uint8_t* p, std::size_t n, Clock::time_point deadline,
+                const std::string& where) {
+  while (n > 0) {
+    const std::size_t got = engine_read(st, p, n, std::max(1, ms_until(deadline)), where);
+    if (got == 0) throw ConnectionLost(where + ": the peer closed the connection");
+    p += got;
+    n -= got;
+  }
+}
+
+void check_transcript(const std::array<std::uint8_t, kTranscriptDigestBytes>& mine,
+                      const std::array<std::uint8_t, kTranscriptDigestBytes>& theirs, const char* peer) {
+  if (CRYPTO_memcmp(mine.data(), theirs.data(), mine.size()) != 0)
+    throw ProtocolError(std::string("TLS handshake: the ") + peer +
+                        " saw other handshake messages than we did: they were altered in transit");
+}
+
 }  // namespace
 
 // ---- options, PSK derivation ----
@@ -1286,7 +1320,7 @@ TlsChannel::TlsChannel(std::shared_ptr<const TlsContext> context, int fd, std::s
 
 TlsChannel::~TlsChannel() = default;
 
-void TlsChannel::handshake(int timeout_ms) {
+void TlsChannel::handshake(int timeout_ms, std::span<const std::uint8_t> transcript) {
   State& st = *st_;
   if (st.attempted) throw std::logic_error("TlsChannel::handshake: called twice");
   st.attempted = true;
@@ -1307,19 +1341,35 @@ void TlsChannel::handshake(int timeout_ms) {
       start_engines(st);
     }
     // TLS 1.3 lets a client finish before the server has checked its certificate; the server's
-    // first byte tells the client it was accepted, so a refusal surfaces here on both sides.
-    const int left = std::max(1, ms_until(deadline));
+    // first byte tells the client it was accepted, so a refusal surfaces here on both sides. With a
+    // transcript, the digest of what this side saw of the plaintext handshake follows inside the
+    // tunnel, both ways: a peer that saw other bytes (altered in transit) is refused on both sides.
+    const bool bind = !transcript.empty();
+    std::array<std::uint8_t, kTranscriptDigestBytes> mine{};
+    if (bind) mine = transcript_digest(transcript);
     if (st.context->role() == TlsRole::kServer) {
       std::uint8_t yes = kAccepted;
-      struct iovec v{&yes, 1};
-      engine_write(st, &v, 1, left, "TLS handshake (sending the acceptance)");
+      struct iovec v[2] = {{&yes, 1}, {mine.data(), bind ? mine.size() : 0}};
+      engine_write(st, v, bind ? 2 : 1, std::max(1, ms_until(deadline)), "TLS handshake (sending the acceptance)");
+      if (bind) {
+        std::array<std::uint8_t, kTranscriptDigestBytes> theirs{};
+        read_exact(st, theirs.data(), theirs.size(), deadline, "TLS handshake (waiting for the client's transcript)");
+        check_transcript(mine, theirs, "client");
+      }
     } else {
       std::uint8_t got = 0;
       const std::string where = "TLS handshake (waiting for the server to accept us)";
-      if (engine_read(st, &got, 1, left, where) == 0)
-        throw ConnectionLost(where + ": the server closed the connection");
+      read_exact(st, &got, 1, deadline, where);
       if (got != kAccepted)
         throw ProtocolError(where + ": the server's first byte is " + std::to_string(got) + ", not the acceptance (1)");
+      if (bind) {
+        std::array<std::uint8_t, kTranscriptDigestBytes> theirs{};
+        read_exact(st, theirs.data(), theirs.size(), deadline, "TLS handshake (waiting for the server's transcript)");
+        // Ours goes back whatever it holds, so the server judges for itself.
+        struct iovec v{mine.data(), mine.size()};
+        engine_write(st, &v, 1, std::max(1, ms_until(deadline)), "TLS handshake (sending our transcript)");
+        check_transcript(mine, theirs, "server");
+      }
     }
   } catch (...) {
     st.wipe_secrets();

@@ -51,6 +51,8 @@ inline constexpr const char* kDefaultCiphersuites = "TLS_AES_128_GCM_SHA256:TLS_
 inline constexpr std::size_t kTlsPskBytes = 32;
 /// Largest PSK context (HKDF info) accepted.
 inline constexpr std::size_t kMaxPskContext = 1024;
+/// Bytes of the handshake transcript's digest each side sends inside the tunnel (SHA-256).
+inline constexpr std::size_t kTranscriptDigestBytes = 32;
 
 /// One side's TLS settings.
 struct TlsOptions {
@@ -137,10 +139,14 @@ class TlsChannel final : public FrameOutput {
   ~TlsChannel() override;
 
   /// Runs the TLS handshake within `timeout_ms` (> 0) in all, then (client) waits for the
-  /// server's confirmation that it accepted us, so both sides learn a refusal here. Once only
-  /// (std::logic_error otherwise). The socket is non-blocking meanwhile (OpenSSL's socket BIO,
-  /// which kTLS needs, has no per-call flag); its flags are restored before this returns.
-  void handshake(int timeout_ms);
+  /// server's confirmation that it accepted us, so both sides learn a refusal here. With a
+  /// `transcript` (what this side sent and received of the plaintext handshake before TLS), both
+  /// sides then exchange its SHA-256 inside the tunnel and refuse (ProtocolError, on both sides) a
+  /// peer that saw other bytes, so nothing of the plaintext handshake can be changed in transit;
+  /// both sides must pass one or neither. Once only (std::logic_error otherwise). The socket is
+  /// non-blocking meanwhile (OpenSSL's socket BIO, which kTLS needs, has no per-call flag); its
+  /// flags are restored before this returns.
+  void handshake(int timeout_ms, std::span<const std::uint8_t> transcript = {});
 
   /// Writes the iovecs' `total` bytes as TLS records of up to 16 KiB (FrameOutput), sealed
   /// straight from the caller's memory into a 256 KiB buffer sent per 16 records; kTLS: sendmsg
