@@ -1,8 +1,10 @@
-"""The wire (docs/protocol.md): capabilities, addresses, the handshake, connections and frames.
+"""The wire (docs/protocol.md): capabilities, addresses, the handshake, encryption, connections and
+frames.
 
 The destination listens, the source connects. Every channel (main, urgent, extra page channels)
 is its own stream socket and starts with the handshake; the return path is the main socket's other
-direction. After the handshake, frames and pages move in C++ with the GIL released.
+direction. After the handshake (and on an encrypted connection its TLS 1.3 handshake), frames and
+pages move in C++ with the GIL released.
 """
 
 from __future__ import annotations
@@ -30,15 +32,21 @@ from livemig.wire.connection import (
 from livemig.wire.frames import Frame, decode, expect, read_frame
 from livemig.wire.handshake import (
     MAGIC,
-    SECRET_ENV,
     ChannelKind,
     HandshakeResult,
     Role,
     WireOptions,
     handshake_destination,
     handshake_source,
-    load_secret,
     physical_memory_bytes,
+)
+from livemig.wire.secret import SECRET_ENV, load_secret
+from livemig.wire.tls import (
+    MIN_PSK_SECRET_BYTES,
+    Keying,
+    TlsReport,
+    TlsSettings,
+    check_encryption,
 )
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "MAX_EXTRA_CHANNELS",
     "MAX_POSTCOPY_QUEUE_BYTES",
     "MIN_POSTCOPY_QUEUE_BYTES",
+    "MIN_PSK_SECRET_BYTES",
     "POSTCOPY_QUEUE_BYTES",
     "PROTOCOL_VERSION",
     "SECRET_ENV",
@@ -59,10 +68,14 @@ __all__ = [
     "Connection",
     "Frame",
     "HandshakeResult",
+    "Keying",
     "Listener",
     "Negotiated",
     "Role",
+    "TlsReport",
+    "TlsSettings",
     "WireOptions",
+    "check_encryption",
     "check_queue_bytes",
     "connect",
     "decode",

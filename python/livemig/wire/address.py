@@ -77,6 +77,18 @@ def is_loopback(address: Address) -> bool:
     return bool(hosts) and all(ipaddress.ip_address(h).is_loopback for h in hosts)
 
 
+def peer_is_loopback(sock: socket.socket) -> bool:
+    """The connected peer of ``sock`` is on this host: a Unix socket, or a loopback IP address (an
+    IPv4 address mapped into IPv6 counts as the IPv4 one)."""
+    if sock.family == socket.AF_UNIX:
+        return True
+    try:
+        ip = ipaddress.ip_address(str(sock.getpeername()[0]).split("%")[0])
+    except (OSError, ValueError):
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
-__all__ = ["Address", "is_loopback", "parse_address", "socket_for"]
+__all__ = ["Address", "is_loopback", "parse_address", "peer_is_loopback", "socket_for"]

@@ -5,6 +5,10 @@ sides announce it."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from livemig.wire.tls import Keying
 
 CAPABILITY_BITS: dict[str, int] = {
     "hints-postcopy": 1 << 0,
@@ -13,10 +17,13 @@ CAPABILITY_BITS: dict[str, int] = {
     "multichannel": 1 << 3,
     "checksums": 1 << 4,
     "digests": 1 << 5,
+    "tls": 1 << 6,
 }
 """Capability names (docs/design.md) and their bits. Bits a peer sets that we do not know are
 ignored. ``digests``: the destination keeps a digest of every page it places and sends the table
-with its report (the generic oracle); a source offers it only when it verifies."""
+with its report (the generic oracle); a source offers it only when it verifies. ``tls``: this side
+speaks TLS 1.3 on its channels (its HELLO then says whether it requires or declines encryption and
+which keys it holds: wire/tls.py)."""
 ALL_CAPABILITIES: frozenset[str] = frozenset(CAPABILITY_BITS)
 #: Capabilities a side offers unless told otherwise (``digests`` is offered per migration).
 DEFAULT_CAPABILITIES: frozenset[str] = ALL_CAPABILITIES - {"digests"}
@@ -94,6 +101,9 @@ class Negotiated:
 
     capabilities: frozenset[str]
     extra_channels: int = 0
+    #: how every channel of the connection is encrypted: ``psk`` (TLS keyed by the shared secret),
+    #: ``x509`` (certificates), or None (plaintext); settled by both sides from their HELLOs
+    encryption: Keying | None = None
 
     def __contains__(self, name: object) -> bool:
         return name in self.capabilities

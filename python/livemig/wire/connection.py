@@ -1,7 +1,8 @@
 """Connections: a migration's channels on one side, the destination's listener and the source's
 connect (docs/protocol.md, "Transports and channels"). Each channel is a stream socket that starts
 with the handshake; after it, frames and pages move in C++ (:class:`livemig._core.FrameWriter`,
-:class:`livemig._core.FrameReader`) with the GIL released. Nothing here runs per page."""
+:class:`livemig._core.FrameReader`) with the GIL released, through the channel's TLS 1.3 session
+when the connection is encrypted. Nothing here runs per page."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from livemig.wire.handshake import (
     handshake_destination,
     handshake_source,
 )
+from livemig.wire.tls import TlsKeys, TlsReport, side_offer
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -53,11 +55,14 @@ def check_queue_bytes(nbytes: int) -> int:
 
 @dataclass
 class Channel:
-    """One stream socket of a connection, after its handshake (blocking; C++ sets its timeouts)."""
+    """One stream socket of a connection, after its handshake (blocking; C++ sets its timeouts).
+    ``tls``: its TLS 1.3 session on an encrypted connection; the socket's bytes then go only
+    through it (writer, reader, the sessions' readers), never to the socket directly."""
 
     kind: ChannelKind
     index: int
     sock: socket.socket
+    tls: _core.TlsChannel | None = None
 
     def fileno(self) -> int:
         """The socket's fd, for FrameWriter / FrameReader (which do not own it)."""
@@ -130,12 +135,13 @@ class Connection:
         return [self.main, *([self.urgent] if self.urgent else []), *self.pages]
 
     def writer(self, channel: Channel | None = None) -> _core.FrameWriter:
-        """The FrameWriter of `channel` (default main; on the destination that is the return path).
-        One per channel, made on first use; thread-safe."""
+        """The FrameWriter of `channel` (default main; on the destination that is the return path),
+        through its TLS session when it has one. One per channel, made on first use; thread-safe."""
         ch = channel or self.main
         key = (ch.kind, ch.index)
         if key not in self._writers:
-            self._writers[key] = _core.FrameWriter(ch.fileno(), self.config())
+            cfg = self.config()
+            self._writers[key] = ch.tls.writer(cfg) if ch.tls is not None else _core.FrameWriter(ch.fileno(), cfg)
         return self._writers[key]
 
     def reader(self, channel: Channel | None = None) -> _core.FrameReader:
@@ -146,8 +152,27 @@ class Connection:
         key = (ch.kind, ch.index)
         if key not in self._readers:
             direction = "to_destination" if self.role == "destination" else "to_source"
-            self._readers[key] = _core.FrameReader(ch.fileno(), self.config(), direction)
+            cfg = self.config()
+            self._readers[key] = (ch.tls.reader(cfg, direction) if ch.tls is not None
+                                  else _core.FrameReader(ch.fileno(), cfg, direction))
         return self._readers[key]
+
+    @property
+    def encrypted(self) -> bool:
+        """Every channel runs TLS 1.3 (``negotiated.encryption`` says how it is keyed)."""
+        return self.main.tls is not None
+
+    def read_through(self, session: _core.SourceSession | _core.DestSession) -> None:
+        """Makes ``session``'s reader threads read this connection's sockets through their TLS
+        sessions (nothing for a plaintext connection). Before its readers start."""
+        channels = [ch.tls for ch in self.channels() if ch.tls is not None]
+        if channels:
+            _core.read_through_tls(session, channels)
+
+    def tls_report(self) -> TlsReport:
+        """What ran on this connection's channels (whether TLS ran, how, and its cost)."""
+        channels = [ch.tls for ch in self.channels() if ch.tls is not None]
+        return TlsReport.of(self.negotiated.encryption or "", channels, self.main.sock.family == socket.AF_UNIX)
 
     def close(self) -> None:
         """Shuts down and closes every channel."""
@@ -164,9 +189,11 @@ class Connection:
 class Listener:
     """The destination's listening socket (TCP v4/v6 or Unix). Port 0 picks a free port.
 
-    Bound beyond loopback, it accepts only with a shared secret (``WireOptions.secret``):
-    :meth:`accept` without one raises AuthenticationError before it takes a connection, unless
-    the listener was made ``insecure=True`` (anyone who can reach the port may then migrate in)."""
+    Bound beyond loopback, it accepts only with keys (``WireOptions.secret`` or certificates in
+    ``WireOptions.tls``), and then requires TLS 1.3 from every source beyond loopback:
+    :meth:`accept` without keys raises AuthenticationError before it takes a connection, unless
+    the listener was made ``insecure=True`` (anyone who can reach the port may then migrate in,
+    unencrypted unless the source asks for encryption)."""
 
     def __init__(self, address: str | Address, backlog: int = 16, *, insecure: bool = False) -> None:
         self.insecure = insecure
@@ -205,22 +232,25 @@ class Listener:
         error raised (a wrong secret never gets past this). ``wait``: how long to wait for the
         source to connect (None: forever; default: ``opts.timeout``). ``resume``: (session id,
         negotiated) of a paused session: only its resume connection is accepted. Beyond loopback
-        without a secret (and not ``insecure``): AuthenticationError, before any connection is taken."""
-        if opts.secret is None and not self.insecure and not is_loopback(self.address):
+        without keys (and not ``insecure``): AuthenticationError, before any connection is taken."""
+        if opts.secret is None and not opts.tls.x509 and not self.insecure and not is_loopback(self.address):
             raise AuthenticationError(
                 f"refusing to accept sources on {self.address} beyond loopback without a shared"
-                f" secret: set one (WireOptions.secret, ${SECRET_ENV}), or make the listener"
-                " insecure=True to accept anyone"
+                f" secret or certificates: set one (WireOptions.secret, ${SECRET_ENV}, or"
+                " WireOptions.tls), or make the listener insecure=True to accept anyone"
             )
+        keys = TlsKeys(opts.secret, opts.tls, "server", opts.tls.peer_name or "")
+        keys.preload()  # while no source is here yet
         sock = self._accept_one(opts.timeout if wait == "timeout" else wait)
         try:
-            res = handshake_destination(sock, opts, paused=dict([resume]) if resume else None)
+            res = handshake_destination(sock, opts, paused=dict([resume]) if resume else None, keys=keys,
+                                        insecure=self.insecure)
         except BaseException:
             sock.close()
             raise
         conn = Connection(
             "destination", res.page_size, res.region_bytes, res.negotiated, res.session,
-            Channel("main", 0, sock), timeout=opts.timeout,
+            Channel("main", 0, sock, res.tls), timeout=opts.timeout,
         )
         try:
             want_urgent = res.negotiated.urgent_channel
@@ -229,14 +259,15 @@ class Listener:
             while (want_urgent and conn.urgent is None) or len(pages) < want_pages:
                 s = self._accept_one(opts.timeout)
                 try:
-                    r = handshake_destination(s, opts, {res.session: res.negotiated})
+                    r = handshake_destination(s, opts, {res.session: res.negotiated}, keys=keys,
+                                              insecure=self.insecure)
                 except BaseException:
                     s.close()
                     raise
                 if r.kind == "urgent" and conn.urgent is None:
-                    conn.urgent = Channel("urgent", 0, s)
+                    conn.urgent = Channel("urgent", 0, s, r.tls)
                 elif r.kind == "pages" and r.index not in pages:
-                    pages[r.index] = Channel("pages", r.index, s)
+                    pages[r.index] = Channel("pages", r.index, s, r.tls)
                 else:
                     s.close()
                     raise ProtocolError(f"handshake: duplicate {r.kind} channel {r.index}")
@@ -276,20 +307,38 @@ def _dial(addr: Address, timeout: float) -> socket.socket:
     return sock
 
 
+def _check_keys(addr: Address, opts: WireOptions) -> None:
+    """Encryption is required toward ``addr`` but this side has no keys: AuthenticationError before
+    anything is sent."""
+    offer = side_offer("tls" in opts.capabilities.names, opts.encrypt, opts.secret, opts.tls, is_loopback(addr))
+    if offer.required and not offer.keyings:
+        why = "was asked for" if opts.encrypt else f"is on by default toward {addr}, beyond loopback,"
+        raise AuthenticationError(
+            f"encryption {why} and this side has no keys: give a shared secret of at least 16 bytes"
+            f" (${SECRET_ENV}, --secret-file) or certificates (--tls-cert, --tls-key, --tls-ca, or --tls-dir),"
+            " or decline encryption (--no-encrypt)")
+
+
 def connect(address: str | Address, opts: WireOptions, *, resume: bytes | None = None) -> Connection:
     """The source's side: connects the main channel, then (as negotiated) the urgent channel and
-    the extra page channels, each with its own handshake. ``resume``: the session id of a paused
-    migration this connection resumes (its options must announce no extra page channels)."""
+    the extra page channels, each with its own handshake (and TLS session, when encrypted: x509
+    keying checks that the destination's certificate names ``opts.tls.peer_name``, by default
+    the host of ``address``). ``resume``: the session id of a paused migration this connection
+    resumes (its options must announce no extra page channels); it runs a fresh TLS handshake."""
     addr = parse_address(address) if isinstance(address, str) else address
+    _check_keys(addr, opts)
+    peer_name = opts.tls.peer_name or (addr.host if addr.family == "tcp" else "localhost")
+    keys = TlsKeys(opts.secret, opts.tls, "client", peer_name)
+    keys.preload()
     sock = _dial(addr, opts.timeout)
     try:
-        res = handshake_source(sock, opts, "resume" if resume else "main", 0, resume)
+        res = handshake_source(sock, opts, "resume" if resume else "main", 0, resume, keys=keys)
     except BaseException:
         sock.close()
         raise
     conn = Connection(
         "source", res.page_size, res.region_bytes, res.negotiated, res.session,
-        Channel("main", 0, sock), timeout=opts.timeout,
+        Channel("main", 0, sock, res.tls), timeout=opts.timeout,
     )
     try:
         urgent: list[tuple[ChannelKind, int]] = [("urgent", 0)] if res.negotiated.urgent_channel else []
@@ -297,14 +346,17 @@ def connect(address: str | Address, opts: WireOptions, *, resume: bytes | None =
         for kind, index in extra:
             s = _dial(addr, opts.timeout)
             try:
-                handshake_source(s, opts, kind, index, res.session)
+                r = handshake_source(s, opts, kind, index, res.session, keys=keys)
             except BaseException:
                 s.close()
                 raise
+            if r.negotiated != res.negotiated:
+                s.close()
+                raise ProtocolError(f"handshake: the {kind} channel settled otherwise than main")
             if kind == "urgent":
-                conn.urgent = Channel("urgent", 0, s)
+                conn.urgent = Channel("urgent", 0, s, r.tls)
             else:
-                conn.pages.append(Channel("pages", index, s))
+                conn.pages.append(Channel("pages", index, s, r.tls))
     except BaseException:
         conn.close()
         raise

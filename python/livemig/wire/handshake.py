@@ -1,6 +1,8 @@
-"""The handshake every channel starts with (docs/protocol.md, "Handshake"): HELLO both ways, a
-mutual HMAC-SHA256 challenge when a shared secret is configured, then ACCEPT or REJECT from the
-destination. The prefix and the REJECT body never change between versions, so a peer of any
+"""The handshake every channel starts with (docs/protocol.md, "Handshake"): HELLO both ways, the
+encryption both sides settle from them (wire/tls.py), a mutual HMAC-SHA256 challenge when a
+shared secret is configured and the connection stays plaintext, then ACCEPT or REJECT from the
+destination, and on an encrypted connection the TLS 1.3 handshake, with the plaintext messages
+bound to it. The prefix and the REJECT body never change between versions, so a peer of any
 version can say why it refuses. This module is the one home of the handshake's numbers; channel
 kinds come from the core (wire/channel.hpp)."""
 
@@ -14,13 +16,26 @@ import socket
 import struct
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from livemig import _core
 from livemig.errors import AuthenticationError, ConnectionLost, ProtocolError
 from livemig.protocol import PROTOCOL_VERSION
 from livemig.protocol import ChannelKind as _ChannelKindCode
+from livemig.wire.address import peer_is_loopback
 from livemig.wire.capabilities import Capabilities, Negotiated
+from livemig.wire.secret import SECRET_ENV, load_secret
+from livemig.wire.tls import (
+    Keying,
+    TlsKeys,
+    TlsOffer,
+    TlsSettings,
+    keying_code,
+    keying_of,
+    settle,
+    side_offer,
+)
 
 MAGIC = b"\x89LVMIG\r\n"
 """First 8 bytes of every handshake message."""
@@ -30,9 +45,12 @@ _PREFIX = struct.Struct("<8sHBBI")
 _HELLO, _AUTH, _ACCEPT, _REJECT = 1, 2, 3, 4
 _MSG_NAMES = {_HELLO: "HELLO", _AUTH: "AUTH", _ACCEPT: "ACCEPT", _REJECT: "REJECT"}
 # HELLO body, version 1: role, channel kind, channel index, page size, region bytes, capability
-# bits, extra channels offered, auth flag, reserved, session id (16), nonce (32).
+# bits, extra channels offered, auth flag, reserved, session id (16), nonce (32); then, from a peer
+# with the tls capability, the TLS tail (wire/tls.py: TLS_TAIL), which older peers ignore.
 _HELLO_BODY = struct.Struct("<BBHIQQHBB16s32s")
-_ACCEPT_BODY = struct.Struct("<QH6x")
+# ACCEPT body: capability bits, extra channels, the settled encryption (0 none, 1 psk, 2 x509;
+# older peers send and read 0), reserved.
+_ACCEPT_BODY = struct.Struct("<QHB5x")
 _MAX_BODY = 4096
 _REJECT_PROTOCOL, _REJECT_AUTH, _REJECT_REFUSED = 0, 1, 2
 
@@ -49,32 +67,6 @@ _KINDS: dict[int, ChannelKind] = {
 }
 _KIND_CODES = {v: k for k, v in _KINDS.items()}
 
-SECRET_ENV = "LIVEMIG_SECRET"
-"""Environment variable that may hold the shared secret (see :func:`load_secret`)."""
-
-
-# ---- secret ----
-
-
-def load_secret(path: str | os.PathLike[str] | None = None, env: str = SECRET_ENV) -> bytes | None:
-    """The shared secret from a file (whole contents, one trailing newline stripped) or else from
-    the environment variable ``env``; None when neither is set. An empty secret is a ValueError."""
-    if path is not None:
-        with open(path, "rb") as f:
-            data = f.read()
-        if data.endswith(b"\n"):
-            data = data[:-1]
-    else:
-        value = os.environ.get(env)
-        if value is None:
-            return None
-        data = value.encode()
-    if not data:
-        raise ValueError("the shared secret is empty")
-    return data
-
-
-
 # ---- options ----
 
 
@@ -84,7 +76,10 @@ class WireOptions:
 
     ``region_bytes``: on the source the region it migrates; on the destination the most it accepts
     (0: whatever the source announces, within physical memory). ``secret``: when set, the peer
-    must prove it knows it (and vice versa) before anything else happens.
+    must prove it knows it (and vice versa) before anything else happens; it also keys TLS.
+    ``encrypt``: True requires TLS 1.3 on every channel, False declines it, None (default)
+    requires it from a peer beyond loopback. ``tls``: certificates (x509 keying) and the record
+    layer.
     """
 
     page_size: int
@@ -92,7 +87,8 @@ class WireOptions:
     capabilities: Capabilities = field(default_factory=Capabilities.default)
     secret: bytes | None = None
     timeout: float = 10.0
-
+    encrypt: bool | None = None
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
 
 # ---- handshake messages ----
@@ -127,9 +123,14 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
     return bytes(buf)
 
 
+def _message(mtype: int, body: bytes) -> bytes:
+    """A whole handshake message of this version (what the TLS transcript holds)."""
+    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, mtype, 0, len(body)) + body
+
+
 def _send(sock: socket.socket, mtype: int, body: bytes) -> None:
     try:
-        sock.sendall(_PREFIX.pack(MAGIC, PROTOCOL_VERSION, mtype, 0, len(body)) + body)
+        sock.sendall(_message(mtype, body))
     except TimeoutError:
         raise ConnectionLost("handshake: the peer stopped reading (timeout)") from None
     except OSError as e:
@@ -199,8 +200,10 @@ class _Hello:
     auth: bool
     session: bytes
     nonce: bytes
+    tls: TlsOffer = field(default_factory=TlsOffer)
 
     def pack(self) -> bytes:
+        tail = self.tls.pack() if "tls" in self.caps.names else b""
         return _HELLO_BODY.pack(
             _ROLE_CODES[self.role],
             _KIND_CODES[self.kind],
@@ -213,7 +216,7 @@ class _Hello:
             0,
             self.session,
             self.nonce,
-        )
+        ) + tail
 
     @classmethod
     def unpack(cls, body: bytes) -> _Hello:
@@ -234,10 +237,9 @@ class _Hello:
             )
         if page_size < 64 or page_size & (page_size - 1):
             raise ProtocolError(f"handshake: page size {page_size} is not a power of two >= 64")
-        return cls(
-            _ROLES[role], _KINDS[kind], index, page_size, region,
-            Capabilities.from_bits(bits, extra), bool(auth), session, nonce,
-        )
+        caps = Capabilities.from_bits(bits, extra)
+        tls = TlsOffer.unpack("tls" in caps.names, body[_HELLO_BODY.size:])
+        return cls(_ROLES[role], _KINDS[kind], index, page_size, region, caps, bool(auth), session, nonce, tls)
 
 
 def _mac(secret: bytes, label: bytes, transcript: bytes) -> bytes:
@@ -316,7 +318,8 @@ def _finish(sock: socket.socket) -> None:
 
 @dataclass(frozen=True)
 class HandshakeResult:
-    """One channel's settled handshake."""
+    """One channel's settled handshake; ``tls``: its TLS 1.3 channel when the connection is
+    encrypted (``negotiated.encryption``), through which alone the socket is used from then on."""
 
     kind: ChannelKind
     index: int
@@ -324,6 +327,25 @@ class HandshakeResult:
     region_bytes: int
     negotiated: Negotiated
     session: bytes
+    tls: _core.TlsChannel | None = None
+
+
+def _refuse_encryption(sock: socket.socket, source: TlsOffer, destination: TlsOffer) -> Keying | None:
+    """The settled encryption (None: plaintext); refuses the peer (REJECT, then AuthenticationError
+    here) when one side requires encryption and it cannot be had."""
+    try:
+        return settle(source, destination)
+    except AuthenticationError as e:
+        _reject(sock, _REJECT_AUTH, str(e))
+        raise
+
+
+def _start_tls(sock: socket.socket, keys: TlsKeys, keying: Keying, bodies: bytes, transcript: bytes) -> _core.TlsChannel:
+    """The TLS handshake on ``sock`` within what is left of the handshake's deadline (the socket
+    blocking again: the core waits on it itself)."""
+    deadline, _ = _DEADLINES.get(sock, (time.monotonic() + 1.0, 1.0))
+    _finish(sock)
+    return keys.start(sock.fileno(), keying, bodies, transcript, max(deadline - time.monotonic(), 1e-3))
 
 
 def handshake_source(
@@ -332,13 +354,17 @@ def handshake_source(
     kind: ChannelKind = "main",
     index: int = 0,
     session: bytes | None = None,
+    *,
+    keys: TlsKeys | None = None,
 ) -> HandshakeResult:
     """Runs the source's side of the handshake on a connected stream socket. Raises
-    ProtocolError / AuthenticationError (the peer refused, or spoke nonsense) or ConnectionLost."""
+    ProtocolError / AuthenticationError (the peer refused, or spoke nonsense, or encryption cannot
+    be had) or ConnectionLost. ``keys``: the connection's TLS contexts (made here when None)."""
     _prepare(sock, opts.timeout)
+    offer = side_offer("tls" in opts.capabilities.names, opts.encrypt, opts.secret, opts.tls, peer_is_loopback(sock))
     mine = _Hello(
         "source", kind, index, opts.page_size, opts.region_bytes, opts.capabilities,
-        opts.secret is not None, session or secrets.token_bytes(16), secrets.token_bytes(32),
+        opts.secret is not None, session or secrets.token_bytes(16), secrets.token_bytes(32), offer,
     )
     mine_body = mine.pack()
     _send(sock, _HELLO, mine_body)
@@ -347,14 +373,16 @@ def handshake_source(
     if peer.role != "destination":
         _reject(sock, _REJECT_PROTOCOL, "both ends are sources")
         raise ProtocolError(f"handshake: expected a destination, the peer says it is a {peer.role}")
-    _authenticate(sock, "source", opts.secret, mine, peer, mine_body + peer_body)
+    keying = _refuse_encryption(sock, offer, peer.tls)
+    if keying is None:
+        _authenticate(sock, "source", opts.secret, mine, peer, mine_body + peer_body)
     body = _recv_msg(sock, _ACCEPT)
     if len(body) < _ACCEPT_BODY.size:
         raise ProtocolError(
             f"handshake: ACCEPT body of {len(body)} bytes, expected {_ACCEPT_BODY.size}"
         )
-    bits, extra = _ACCEPT_BODY.unpack_from(body)
-    negotiated = opts.capabilities.negotiate(peer.caps)
+    bits, extra, code = _ACCEPT_BODY.unpack_from(body)
+    negotiated = replace(opts.capabilities.negotiate(peer.caps), encryption=keying)
     accepted = Capabilities.from_bits(bits, extra)
     if (accepted.names, accepted.extra_channels) != (
         negotiated.capabilities,
@@ -365,8 +393,16 @@ def handshake_source(
             f" {accepted.extra_channels} extra channels, but the intersection is"
             f" {sorted(negotiated.capabilities)} with {negotiated.extra_channels}"
         )
+    if code != keying_code(keying):
+        raise ProtocolError(f"handshake: the destination settled on encryption {keying_of(code)},"
+                            f" this side on {keying or 'none'}")
+    tls = None
+    if keying is not None:
+        keys = keys or TlsKeys(opts.secret, opts.tls, "client")
+        transcript = _message(_HELLO, mine_body) + _message(_HELLO, peer_body) + _message(_ACCEPT, body)
+        tls = _start_tls(sock, keys, keying, mine_body + peer_body, transcript)
     _finish(sock)
-    return HandshakeResult(kind, index, opts.page_size, opts.region_bytes, negotiated, mine.session)
+    return HandshakeResult(kind, index, opts.page_size, opts.region_bytes, negotiated, mine.session, tls)
 
 
 def handshake_destination(
@@ -374,12 +410,16 @@ def handshake_destination(
     opts: WireOptions,
     sessions: dict[bytes, Negotiated] | None = None,
     paused: dict[bytes, Negotiated] | None = None,
+    *,
+    keys: TlsKeys | None = None,
+    insecure: bool = False,
 ) -> HandshakeResult:
     """Runs the destination's side on an accepted stream socket. A main channel starts a session;
-    an urgent or page channel must name a session in `sessions` (and a negotiated channel); a
-    resume channel must name a session in `paused` (then no main channel is taken). Refuses
-    (REJECT to the peer, then ProtocolError / AuthenticationError here) a bad version, secret,
-    page size or an absurd region."""
+    an urgent or page channel must name a session in `sessions` (and a negotiated channel, and the
+    session's encryption); a resume channel must name a session in `paused` (then no main channel
+    is taken). Refuses (REJECT to the peer, then ProtocolError / AuthenticationError here) a bad
+    version, secret, page size, an absurd region, or a source that cannot meet the encryption
+    either side requires (``insecure``: a source beyond loopback need not encrypt)."""
     _prepare(sock, opts.timeout)
     peer_body = _recv_msg(sock, _HELLO)
     try:
@@ -390,15 +430,19 @@ def handshake_destination(
     if peer.role != "source":
         _reject(sock, _REJECT_PROTOCOL, "both ends are destinations")
         raise ProtocolError(f"handshake: expected a source, the peer says it is a {peer.role}")
+    offer = side_offer("tls" in opts.capabilities.names, opts.encrypt, opts.secret, opts.tls, peer_is_loopback(sock),
+                       insecure)
+    keying = _refuse_encryption(sock, peer.tls, offer)
     mine = _Hello(
         "destination", peer.kind, peer.index, opts.page_size, opts.region_bytes, opts.capabilities,
-        opts.secret is not None, peer.session, secrets.token_bytes(32),
+        opts.secret is not None, peer.session, secrets.token_bytes(32), offer,
     )
     mine_body = mine.pack()
     _send(sock, _HELLO, mine_body)
-    _authenticate(sock, "destination", opts.secret, mine, peer, peer_body + mine_body)
+    if keying is None:
+        _authenticate(sock, "destination", opts.secret, mine, peer, peer_body + mine_body)
     reason = _check_region(opts, peer)
-    negotiated = opts.capabilities.negotiate(peer.caps)
+    negotiated = replace(opts.capabilities.negotiate(peer.caps), encryption=keying)
     if reason is None and peer.kind == "resume":
         reason = _check_resume(peer.session, negotiated, paused)
     elif reason is None and peer.kind == "main" and paused:
@@ -412,16 +456,24 @@ def handshake_destination(
             reason = "urgent channel without the urgent-channel capability"
         elif peer.kind == "pages" and peer.index >= known.extra_channels:
             reason = f"page channel {peer.index} past the {known.extra_channels} negotiated"
+        elif known.encryption != negotiated.encryption:
+            reason = "channel encrypted otherwise than its session"
         elif known != negotiated:
             reason = "channel announces capabilities that differ from its session's"
     if reason is not None:
         _reject(sock, _REJECT_REFUSED, reason)
         raise ProtocolError(f"handshake: refused the source: {reason}")
     bits = Capabilities(negotiated.capabilities).to_bits()
-    _send(sock, _ACCEPT, _ACCEPT_BODY.pack(bits, negotiated.extra_channels))
+    accept = _ACCEPT_BODY.pack(bits, negotiated.extra_channels, keying_code(keying))
+    _send(sock, _ACCEPT, accept)
+    tls = None
+    if keying is not None:
+        keys = keys or TlsKeys(opts.secret, opts.tls, "server", opts.tls.peer_name or "")
+        transcript = _message(_HELLO, peer_body) + _message(_HELLO, mine_body) + _message(_ACCEPT, accept)
+        tls = _start_tls(sock, keys, keying, peer_body + mine_body, transcript)
     _finish(sock)
     return HandshakeResult(
-        peer.kind, peer.index, peer.page_size, peer.region_bytes, negotiated, peer.session
+        peer.kind, peer.index, peer.page_size, peer.region_bytes, negotiated, peer.session, tls
     )
 
 
@@ -434,8 +486,10 @@ def _check_resume(session: bytes, negotiated: Negotiated, paused: dict[bytes, Ne
                 " the guest is gone, or the migration already ended)")
     if negotiated.capabilities != known.capabilities or negotiated.extra_channels:
         return "resume announces capabilities that differ from its session's"
+    if negotiated.encryption != known.encryption:
+        return (f"the session was encrypted with {known.encryption or 'nothing'}, the resume with"
+                f" {negotiated.encryption or 'nothing'}")
     return None
-
 
 
 __all__ = [
