@@ -52,6 +52,12 @@ def error(message: str) -> None:
     sys.stderr.flush()
 
 
+def warn(message: str) -> None:
+    """One ``livemig: warning: ...`` line on stderr."""
+    sys.stderr.write(f"livemig: warning: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+
+
 def describe(e: BaseException) -> str:
     """An exception as one line, with its cause when the message does not already say it."""
     msg = str(e) or type(e).__name__
@@ -108,4 +114,5 @@ def load_secret(path: str | None) -> bytes | None:
 
 
 
-__all__ = ["describe", "error", "events_output", "load_secret", "main", "print_json", "stderr_console", "usage"]
+__all__ = ["describe", "error", "events_output", "load_secret", "main", "print_json", "stderr_console", "usage",
+           "warn"]

@@ -21,6 +21,7 @@ from livemig.cli.base import (
     print_json,
     stderr_console,
     usage,
+    warn,
 )
 from livemig.cli.params import (
     _KNOWN_CAPABILITIES,
@@ -32,6 +33,8 @@ from livemig.cli.params import (
     SIZE,
     NumberType,
     Side,
+    tls_options,
+    tls_settings,
 )
 from livemig.errors import LivemigError, MigrationError
 
@@ -44,7 +47,12 @@ from livemig.errors import LivemigError, MigrationError
               help=f"Withhold a capability. Repeatable. NAME: {_KNOWN_CAPABILITIES}.")
 @click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
               help=f"Shared secret sources must prove (default: ${wire.SECRET_ENV}).")
-@click.option("--insecure", is_flag=True, help="Allow listening beyond loopback without a secret.")
+@click.option("--insecure", is_flag=True,
+              help="Allow listening beyond loopback without keys, and sources beyond loopback without encryption"
+              " (warns).")
+@click.option("--encrypt", is_flag=True,
+              help="Require TLS 1.3 from every source, on loopback too (default: from sources beyond loopback).")
+@tls_options("The name (DNS or IP address) a source's certificate must carry (default: any its CA signed).")
 @click.option("--max-size", type=SIZE, default=None, help="Largest region accepted.")
 @click.option("--postcopy-queue", type=QUEUE_SIZE, default=QUEUE_DEFAULT, show_default=True,
               metavar="SIZE", help=QUEUE_HELP)
@@ -66,6 +74,12 @@ def listen(
     disabled: Sequence[tuple[Side, str]],
     secret_file: str | None,
     insecure: bool,
+    encrypt: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_dir: str | None,
+    tls_peer_name: str | None,
     max_size: int | None,
     postcopy_queue: int,
     resume_deadline: float,
@@ -85,14 +99,25 @@ def listen(
             socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
         except OSError as e:
             raise usage(f"cannot resolve {address.host!r}: {e.strerror or e}", "ADDRESS") from None
-    if secret is None and not insecure and not wire.is_loopback(address):
+    tls = tls_settings(tls_cert, tls_key, tls_ca, tls_dir, tls_peer_name)
+    if secret is None and not tls.x509 and not insecure and not wire.is_loopback(address):
         raise usage(
-            f"refusing to listen on {address} beyond loopback without a shared secret: pass"
-            f" --secret-file (or set ${wire.SECRET_ENV}), or --insecure to accept anyone"
+            f"refusing to listen on {address} beyond loopback without a shared secret or certificates: pass"
+            f" --secret-file (or set ${wire.SECRET_ENV}) or --tls-dir (or --tls-cert, --tls-key and --tls-ca),"
+            " or --insecure to accept anyone"
         )
+    if (secret is not None and len(secret) < wire.MIN_PSK_SECRET_BYTES and not tls.x509 and not insecure
+            and not wire.is_loopback(address)):
+        raise usage(f"the shared secret keys TLS for sources beyond loopback and must hold at least"
+                    f" {wire.MIN_PSK_SECRET_BYTES} bytes; it holds {len(secret)}", "--secret-file")
+    if insecure:
+        warn(f"--insecure: any source that reaches {address} may migrate memory into this host, unauthenticated"
+             " and in clear unless it asks for encryption itself")
     config = _dest_config(
         disable_capabilities=frozenset(name for _, name in disabled),
         secret=secret,
+        encrypt=True if encrypt else None,
+        tls=tls,
         max_region_bytes=max_size or 0,
         timeout=timeout,
         resume_deadline_s=resume_deadline,

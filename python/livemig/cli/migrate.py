@@ -21,6 +21,7 @@ from livemig.cli.base import (
     print_json,
     stderr_console,
     usage,
+    warn,
 )
 from livemig.cli.params import (
     _KNOWN_CAPABILITIES,
@@ -34,6 +35,8 @@ from livemig.cli.params import (
     NumberType,
     Side,
     split_capabilities,
+    tls_options,
+    tls_settings,
 )
 from livemig.errors import LivemigError
 from livemig.guest import WORKLOADS, GuestConfig
@@ -85,6 +88,10 @@ def _config(cls: Any, **kwargs: Any) -> Any:
               help="Prove the destination holds the guest's latest memory.")
 @click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
               help=f"Shared secret for the handshake (default: ${wire.SECRET_ENV}).")
+@click.option("--encrypt/--no-encrypt", default=None,
+              help="TLS 1.3 on every channel (default: whenever the destination is not on loopback, or requires"
+              " it); --no-encrypt: never, the guest's memory crosses in clear (warns).")
+@tls_options("The name (DNS or IP address) the destination's certificate must carry (default: the host of --to).")
 @click.option("--timeout", type=NumberType(0.0, positive=True), default=30.0, show_default=True,
               metavar="S", help="Seconds a silent peer is waited for.")
 @click.option("--json", "as_json", is_flag=True,
@@ -124,6 +131,12 @@ def migrate(
     disabled: Sequence[tuple[Side, str]],
     verify: bool,
     secret_file: str | None,
+    encrypt: bool | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    tls_dir: str | None,
+    tls_peer_name: str | None,
     timeout: float,
     as_json: bool,
     plot_file: str | None,
@@ -168,6 +181,8 @@ def migrate(
         raise usage("--events - and --json both write to stdout: write the events to a file, or take the"
                     " report from the last event (\"end\")")
     secret = load_secret(secret_file)
+    tls = tls_settings(tls_cert, tls_key, tls_ca, tls_dir, tls_peer_name)
+    _check_encryption(to, encrypt, secret, tls)
 
     defaults = migration.MigrationConfig()
     config = _config(migration.MigrationConfig,
@@ -179,6 +194,8 @@ def migrate(
         channels=channels,
         disable_capabilities=src_off,
         secret=secret,
+        encrypt=encrypt,
+        tls=tls,
         verify=verify,
         timeout=timeout,
         reconnect_deadline_s=reconnect_deadline,
@@ -214,6 +231,7 @@ def migrate(
                 args += [a for name in sorted(dst_off) for a in ("--disable-capability", name)]
                 if secret_file is not None:
                     args += ["--secret-file", secret_file]
+                args += _embedded_tls_args(encrypt, tls)
                 dest = stack.enter_context(
                     local.local_destination(args, deadline=max(timeout, 20.0))
                 )
@@ -257,6 +275,34 @@ def migrate(
             error(f"cannot write the plot {plot_file}: {e}")
             return 1
     return 0 if result.ok else 1
+
+
+def _check_encryption(to: wire.Address | None, encrypt: bool | None, secret: bytes | None,
+                      tls: wire.TlsSettings) -> None:
+    """Usage errors of encryption, found before anything starts; the warning of --no-encrypt."""
+    if encrypt is False:
+        warn("--no-encrypt: the guest's memory crosses the network in clear: anyone on the path can read it"
+             " and change it")
+        return
+    if encrypt is None and to is not None and not tls.x509 and not wire.is_loopback(to):
+        if secret is None:
+            raise usage(f"encryption is on by default toward {to}, beyond loopback, and there are no keys: pass"
+                        f" --secret-file (or set ${wire.SECRET_ENV}) or certificates (--tls-dir, or --tls-cert,"
+                        " --tls-key and --tls-ca), or --no-encrypt to send the guest's memory in clear")
+        if len(secret) < wire.MIN_PSK_SECRET_BYTES:
+            raise usage(f"the shared secret keys TLS toward {to} (beyond loopback) and must hold at least"
+                        f" {wire.MIN_PSK_SECRET_BYTES} bytes; it holds {len(secret)}", "--secret-file")
+
+
+def _embedded_tls_args(encrypt: bool | None, tls: wire.TlsSettings) -> list[str]:
+    """The embedded destination's encryption options: it requires TLS when the source asks for it,
+    and holds the same certificates (its own half of a --tls-dir)."""
+    args = ["--encrypt"] if encrypt else []
+    if tls.directory is not None:
+        args += ["--tls-dir", tls.directory]
+    elif tls.cert is not None and tls.key is not None and tls.ca is not None:
+        args += ["--tls-cert", tls.cert, "--tls-key", tls.key, "--tls-ca", tls.ca]
+    return args
 
 
 def _relay_destination(text: str) -> None:

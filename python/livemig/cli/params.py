@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import click
@@ -154,6 +154,39 @@ class QueueSizeType(SizeType):
             self.fail(str(e), param, ctx)
 
 
+def tls_options(peer_help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The certificate options both commands take (x509 keying; ``peer_help`` says whose name
+    --tls-peer-name checks)."""
+    opts = [
+        click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="This side's certificate (chain), PEM: TLS keyed with certificates (needs --tls-key, --tls-ca)."),
+        click.option("--tls-key", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="The certificate's private key, PEM."),
+        click.option("--tls-ca", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                     help="CA certificates (PEM) the peer's certificate must chain to."),
+        click.option("--tls-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                     help="Certificates laid out like QEMU's tls-creds-x509: ca-cert.pem, server-cert.pem,"
+                     " server-key.pem, client-cert.pem, client-key.pem."),
+        click.option("--tls-peer-name", default=None, metavar="NAME", help=peer_help),
+    ]
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
+
+
+def tls_settings(cert: str | None, key: str | None, ca: str | None, directory: str | None,
+                 peer_name: str | None) -> wire.TlsSettings:
+    """The certificate options as settings; a mistake is a usage error (exit code 2)."""
+    try:
+        return wire.TlsSettings(cert=cert, key=key, ca=ca, directory=directory, peer_name=peer_name)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+
 SIZE = SizeType()
 QUEUE_SIZE = QueueSizeType()
 QUEUE_DEFAULT = f"{wire.POSTCOPY_QUEUE_BYTES >> 10}K"
@@ -177,4 +210,6 @@ __all__ = [
     "parse_capability_spec",
     "parse_size",
     "split_capabilities",
+    "tls_options",
+    "tls_settings",
 ]

@@ -5,7 +5,8 @@ line runs (one validation for both), so a bad value is one clear ValueError nami
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 from livemig import wire
 from livemig.wire import check_queue_bytes
@@ -54,6 +55,15 @@ def _capabilities(names: frozenset[str]) -> None:
         raise ValueError(f"unknown capabilities {sorted(unknown)}; known: {sorted(wire.ALL_CAPABILITIES)}")
 
 
+def _encryption(encrypt: object, secret: bytes | None, tls: object, role: Literal["client", "server"],
+                disabled: frozenset[str]) -> None:
+    if encrypt is not None and not isinstance(encrypt, bool):
+        raise TypeError(f"encrypt must be True, False or None, got {encrypt!r}")
+    if not isinstance(tls, wire.TlsSettings):
+        raise TypeError(f"tls must be a wire.TlsSettings, not {type(tls).__name__}")
+    wire.check_encryption(encrypt, secret, tls, role, disabled)
+
+
 @dataclass(frozen=True)
 class MigrationConfig:
     """How a migration runs (the source's choices; the destination follows)."""
@@ -66,7 +76,12 @@ class MigrationConfig:
     channels: int = 1  #: page channels in precopy (1: the main channel only)
     checksums: bool = False  #: offer CRC32C on every frame (costs a copy of every page)
     disable_capabilities: frozenset[str] = frozenset()  #: capabilities this side withholds
-    secret: bytes | None = None  #: shared secret for the handshake
+    secret: bytes | None = None  #: shared secret for the handshake (and TLS's key, derived from it)
+    #: TLS 1.3 on every channel: True always, False never (guest memory crosses in clear), None
+    #: (default) whenever the destination is not on loopback or requires it
+    encrypt: bool | None = None
+    #: certificates (x509 keying, the destination's name checked) and the record layer
+    tls: wire.TlsSettings = field(default_factory=wire.TlsSettings)
     #: prove the destination holds exactly the workload's memory as of the switchover (page
     #: digests on both sides, no page placed twice) and run the workload's own check there
     verify: bool = False
@@ -89,6 +104,7 @@ class MigrationConfig:
         _capabilities(frozenset(self.disable_capabilities))
         object.__setattr__(self, "disable_capabilities", frozenset(self.disable_capabilities))
         object.__setattr__(self, "secret", check_secret(self.secret))
+        _encryption(self.encrypt, self.secret, self.tls, "client", self.disable_capabilities)
         _finite("timeout", self.timeout, positive=True)
         _finite("reconnect_deadline_s", self.reconnect_deadline_s)
         _int("postcopy_queue_bytes", self.postcopy_queue_bytes, 0)
@@ -101,7 +117,12 @@ class DestinationConfig:
     """How a destination accepts migrations."""
 
     disable_capabilities: frozenset[str] = frozenset()  #: capabilities this side withholds
-    secret: bytes | None = None  #: shared secret the source must prove
+    secret: bytes | None = None  #: shared secret the source must prove (and TLS's key, derived from it)
+    #: TLS 1.3 on every channel: True required from every source, False declined (plaintext only),
+    #: None (default) required from sources beyond loopback (unless the listener is insecure)
+    encrypt: bool | None = None
+    #: certificates (x509 keying; ``tls.peer_name``: the name a source's certificate must carry)
+    tls: wire.TlsSettings = field(default_factory=wire.TlsSettings)
     max_region_bytes: int = 0  #: largest region accepted (0: up to physical memory)
     timeout: float = 30.0  #: seconds a silent peer is waited for
     #: postcopy recovery: how long a broken connection is paused, the guest running and its
@@ -115,6 +136,7 @@ class DestinationConfig:
         _capabilities(frozenset(self.disable_capabilities))
         object.__setattr__(self, "disable_capabilities", frozenset(self.disable_capabilities))
         object.__setattr__(self, "secret", check_secret(self.secret))
+        _encryption(self.encrypt, self.secret, self.tls, "server", self.disable_capabilities)
         _int("max_region_bytes", self.max_region_bytes, 0)
         _finite("timeout", self.timeout, positive=True)
         _finite("resume_deadline_s", self.resume_deadline_s)

@@ -60,6 +60,7 @@ class DestinationRun:
         urgent_fd = conn.urgent.fileno() if conn.urgent is not None else -1
         self.session = _core.DestSession(self.dest.region, conn.main.fileno(), extra_fds, urgent_fd,
                                          self.link.return_path, conn.config())
+        conn.read_through(self.session)  # through the channels' TLS sessions when encrypted
         self.recovery = DestinationRecovery(config, listener, wire_options, self.session, progress)
         factory.prepare(self.region)
         self.workload: Workload | None = None
@@ -308,7 +309,8 @@ def serve(
     fac = factory
     caps = wire.Capabilities.all(extra_channels=wire.MAX_EXTRA_CHANNELS).without(*config.disable_capabilities)
     opts = wire.WireOptions(page_size=system_page_size(), region_bytes=config.max_region_bytes,
-                            capabilities=caps, secret=config.secret, timeout=config.timeout)
+                            capabilities=caps, secret=config.secret, timeout=config.timeout,
+                            encrypt=config.encrypt, tls=config.tls)
     conn = listener.accept(opts, wait=wait)
     monitor = Monitor("destination", progress, events, page_size=conn.page_size)
     try:
@@ -322,6 +324,7 @@ def serve(
     try:
         summary = run.run()
         summary = run.settle_and_report(summary, verify, settle_s, await_reuse)
+        summary.tls = run.link.conn.tls_report()
         summary.recoveries = run.recovery.recoveries
         if keep is not None and summary.ok and run.workload is not None:
             keep(run.workload)

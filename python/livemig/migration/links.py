@@ -48,6 +48,7 @@ class SourceLink:
         extra = [conn.writer(ch) for ch in conn.pages] if extras else []
         urgent = conn.writer(conn.urgent) if conn.urgent is not None else None
         session = _core.SourceSession(source, main, extra, urgent, conn.main.fileno(), conn.config())
+        conn.read_through(session)  # the return path, through main's TLS session when encrypted
         return cls(conn, session, main, extra, urgent)
 
     def end_extras(self) -> None:

@@ -131,13 +131,18 @@ class SourceRecovery:
         received bitmap (the C++ return path resyncs the source on it) and its word that its
         workload runs. Tears the attempt down on any failure."""
         caps = wire.Capabilities(self.negotiated.capabilities, 0)
+        # An encrypted session resumes encrypted, whatever the new address (fresh keys: a new handshake).
+        encrypt = True if self.negotiated.encryption else self.config.encrypt
         opts = wire.WireOptions(page_size=self.page_size, region_bytes=self.region_bytes, capabilities=caps,
                                 secret=self.config.secret,
-                                timeout=min(self.config.timeout, _HANDSHAKE_TIMEOUT_S))
+                                timeout=min(self.config.timeout, _HANDSHAKE_TIMEOUT_S),
+                                encrypt=encrypt, tls=self.config.tls)
         conn = wire.connect(address, opts, resume=self.session_id)
-        if conn.negotiated.capabilities != self.negotiated.capabilities:
+        if (conn.negotiated.capabilities, conn.negotiated.encryption) != (self.negotiated.capabilities,
+                                                                          self.negotiated.encryption):
             conn.close()
-            raise ProtocolError("the resumed connection negotiated other capabilities than the session")
+            raise ProtocolError("the resumed connection negotiated other capabilities or encryption than the"
+                                " session")
         conn.timeout = self.config.timeout
         conn.main.bound_queue("source", self.config.postcopy_queue_bytes)  # a resume is postcopy
         link = SourceLink.open(conn, self.source, extras=False)
@@ -241,6 +246,7 @@ class DestinationRecovery:
             new = DestLink.of(conn)
             urgent_fd = conn.urgent.fileno() if conn.urgent is not None else -1
             try:
+                conn.read_through(self.session)  # the new connection's TLS sessions (fresh keys)
                 self.session.reattach(conn.main.fileno(), [], urgent_fd, new.return_path)
             except LivemigError as e:  # the new connection broke already: wait for another
                 cause = str(e)
@@ -324,6 +330,7 @@ class DestinationRecovery:
             link = DestLink.of(conn)
             self.source_committed = True  # a source resumes only once it saw this workload run
             try:
+                conn.read_through(self.session)
                 self.session.reattach(conn.main.fileno(), [], -1 if conn.urgent is None else conn.urgent.fileno(),
                                       link.return_path, resync=False)
                 self.recoveries += 1

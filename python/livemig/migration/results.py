@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig.errors import MigrationError, ProtocolError
+from livemig.wire.tls import TlsReport
 
 if TYPE_CHECKING:
     from livemig.workload.base import Workload
@@ -166,6 +167,7 @@ class MigrationResult:
     postcopy_pages_left: int = 0  #: postcopy: dirty pages on the source when the start command went
     downtime_limit_ms: float = 0.0  #: the limit precopy aimed at (MigrationConfig.downtime_limit_ms)
     timeline: PostcopyTimeline | None = None  #: postcopy: the source's timeline
+    tls: TlsReport = field(default_factory=TlsReport)  #: encryption on the (last) connection
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``--json`` output)."""
@@ -193,6 +195,7 @@ class DestinationSummary:
     placed_twice: int = 0  #: postcopy placements of a page already placed (rule 1: 0)
     workload_kind: str = ""
     pages_received: int = 0  #: pages read from the source (zero pages included), every connection
+    tls: TlsReport = field(default_factory=TlsReport)  #: encryption on the (last) connection
     workload: Workload | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -245,6 +248,9 @@ def _latency(d: dict[str, Any]) -> LatencySummary:
     return LatencySummary(p50=d.get("p50", 0.0), p99=d.get("p99", 0.0), max=d.get("max", 0.0))
 
 
+_TLS_FIELDS = frozenset(f.name for f in fields(TlsReport))
+
+
 def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint64] | None]:
     """Inverse of :func:`encode_report`; ProtocolError for anything else."""
     if len(blob) < _REPORT_HEAD.size:
@@ -280,7 +286,8 @@ def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint6
                 faults=pc.get("faults", 0)),
             balloon=BalloonReport(**d.get("balloon", {})), verify=verify, error=d.get("error"),
             recoveries=d.get("recoveries", 0), placed_twice=d.get("placed_twice", 0),
-            workload_kind=d.get("workload_kind", ""), pages_received=d.get("pages_received", 0))
+            workload_kind=d.get("workload_kind", ""), pages_received=d.get("pages_received", 0),
+            tls=TlsReport(**{k: v for k, v in d.get("tls", {}).items() if k in _TLS_FIELDS}))
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"report: bad summary: {e}") from None
     digests = np.frombuffer(blob, dtype="<u8", count=ndig, offset=end).astype(np.uint64) if ndig else None

@@ -78,10 +78,12 @@ class SourceRun:
         if not self.config.checksums:
             caps = caps.without("checksums")
         opts = wire.WireOptions(page_size=self.result.page_size, region_bytes=self.result.region_bytes,
-                                capabilities=caps, secret=self.config.secret, timeout=self.config.timeout)
+                                capabilities=caps, secret=self.config.secret, timeout=self.config.timeout,
+                                encrypt=self.config.encrypt, tls=self.config.tls)
         conn = wire.connect(address, opts)
         self.link = self.figures.watch(SourceLink.open(conn, self.engine.core))
         self.result.capabilities = sorted(conn.negotiated.capabilities)
+        self.result.tls = conn.tls_report()
         self.link.session.start_return_path()
         self.recovery = SourceRecovery(self.config, self.engine.core, self.control, self.monitor, address, conn,
                                        on_link=self.figures.watch)
@@ -264,6 +266,7 @@ class SourceRun:
             self.link.teardown()
             raise MigrationError(cause)
         self.link = self.recovery.pause_and_resume(cause, self.link)
+        self.result.tls = self.link.conn.tls_report()  # a fresh TLS handshake, new keys
 
     def _serve_postcopy(self) -> None:
         """Pushes until done, then ends the urgent channel and sends COMPLETE; a break pauses and
