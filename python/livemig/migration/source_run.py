@@ -398,7 +398,8 @@ class SourceRun:
         running = not self.dest_running
         port = self.workload.balloon
         deadline = time.monotonic() + settle_s
-        while running and port is not None and time.monotonic() < deadline:  # DONE was sent
+        sent = self.balloon.device is not None  # a refusal in the handshake comes before the driver: no DONE
+        while running and port is not None and sent and time.monotonic() < deadline:  # DONE was sent
             now = port.status()
             if now.done_seen and now.pages_held == 0:
                 break
