@@ -168,7 +168,10 @@ def test_listen_beyond_loopback_with_insecure_is_allowed(monkeypatch: pytest.Mon
     r = invoke("listen", "0.0.0.0:0", "--once", "--insecure", "--quiet", "--announce")
     assert r.exit_code == 1  # the (recorded) migration failed
     assert r.stdout.startswith("listening on 0.0.0.0:")
-    assert r.stderr == "livemig: error: migration failed: x\n"
+    assert r.stderr.splitlines() == [
+        ("livemig: warning: --insecure: any source that reaches 0.0.0.0:0 may migrate memory into this host,"
+        " unauthenticated and in clear unless it asks for encryption itself"),
+        "livemig: error: migration failed: x"]
 
 
 def test_embedded_destination_args_and_its_errors_are_relayed(recorder: Recorder, monkeypatch: pytest.MonkeyPatch,
