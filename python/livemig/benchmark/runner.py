@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from livemig.benchmark import kinds_micro, kinds_migration
+from livemig.benchmark import kinds_micro, kinds_migration, kinds_tls
 from livemig.benchmark.baselines import Baselines
 from livemig.benchmark.figures import GROUPS, SKIPPED, Figure, failed_figure
 from livemig.benchmark.report import Report, StepFn, machine_info
@@ -23,7 +23,7 @@ from livemig.guest import GuestConfig
 from livemig.loopback import migrate_locally
 from livemig.migration.config import DestinationConfig, MigrationConfig
 from livemig.migration.results import MigrationResult
-from livemig.workload.base import Workload
+from livemig.workload.base import Workload, WorkloadFactory
 
 #: Seconds either side of a benchmark migration waits for a silent peer.
 PEER_TIMEOUT_S = 120.0
@@ -73,14 +73,18 @@ class Bench:
         machine["loadavg_at_end"] = list(os.getloadavg())
         return Report(figures, dict(settings or {}), machine, time.perf_counter() - t0)
 
-    def migrate(self, size: int, guest: GuestConfig | Workload, config: MigrationConfig) -> MigrationResult:
-        """One loopback migration of ``guest`` (a fresh model guest of ``size`` bytes, or a workload)."""
+    def migrate(self, size: int, guest: GuestConfig | Workload, config: MigrationConfig,
+                dest: DestinationConfig | None = None,
+                factory: Callable[[], WorkloadFactory] | None = None) -> MigrationResult:
+        """One loopback migration of ``guest`` (a fresh model guest of ``size`` bytes, or a workload)
+        to a destination with ``dest`` (default: the defaults) and ``factory`` (default: the standard one)."""
         # The destination's silence timeout counts time between events, and a long first round
         # (4 GiB on a loaded machine) has none: allow two minutes, not the default 20 s.
-        dest = DestinationConfig(timeout=PEER_TIMEOUT_S)
+        dest = replace(dest or DestinationConfig(), timeout=PEER_TIMEOUT_S)
         config = replace(config, timeout=PEER_TIMEOUT_S)
         result, _ = migrate_locally(
-            guest, config, size=size, dest=dest, settle_s=self.settle_s, deadline_s=self.deadline_s
+            guest, config, size=size, dest=dest, settle_s=self.settle_s, deadline_s=self.deadline_s,
+            factory=factory,
         )
         if not result.ok:
             raise RuntimeError(f"migration failed: {result.error}")
@@ -99,6 +103,10 @@ KINDS: dict[str, Callable[[Bench, Scenario], list[Figure]]] = {
     "channels": kinds_migration.run_channels,
     "sync": kinds_micro.run_sync,
     "bitmap": kinds_micro.run_bitmap,
+    "tls_precopy": kinds_tls.run_tls_precopy,
+    "tls_channel_cost": kinds_tls.run_tls_channel_cost,
+    "tls_faults": kinds_tls.run_tls_faults,
+    "tls_handshake": kinds_tls.run_tls_handshake,
 }
 
 __all__ = ["KINDS", "PEER_TIMEOUT_S", "Bench"]

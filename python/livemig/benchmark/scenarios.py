@@ -87,12 +87,27 @@ def scenarios(sizes: Sequence[int], quick: bool = False) -> list[Scenario]:
         out.append(
             Scenario(f"bitmap-{size_label(pages * PAGE)}", "bitmap", "bitmap", (("pages", pages),))
         )
+    out += tls_scenarios(min(max(sizes), 1 << 30))
+    return out
+
+
+def tls_scenarios(size: int) -> list[Scenario]:
+    """The encryption scenarios for a region of ``size`` bytes (1 GiB in the issue's goals): the
+    precopy into fresh and into warm destination memory, a sending channel's cost, fault latency
+    and the handshake."""
+    s = size_label(size)
+    out = [Scenario(f"tls-precopy-idle-{s}{'-warm' if warm else ''}", "tls", "tls_precopy",
+                    (("size", size), ("channels", 1), ("warm", warm))) for warm in (False, True)]
+    out.append(Scenario("tls-channel-cost", "tls", "tls_channel_cost", (("bytes", 512 << 20),)))
+    small = min(size, 256 << 20)
+    out.append(Scenario(f"tls-faults-{size_label(small)}", "tls", "tls_faults", (("size", small),)))
+    out.append(Scenario("tls-handshake", "tls", "tls_handshake", (("extra", 0),)))
     return out
 
 
 def needs_postcopy(sc: Scenario) -> bool:
     """The scenario runs a postcopy migration (userfaultfd on the destination)."""
-    return sc.kind == "faults" or (sc.kind == "migration" and sc.arg("mode") == "postcopy")
+    return sc.kind in ("faults", "tls_faults") or (sc.kind == "migration" and sc.arg("mode") == "postcopy")
 
 
 def select(all_scenarios: Sequence[Scenario], patterns: Sequence[str]) -> list[Scenario]:
@@ -106,4 +121,4 @@ def select(all_scenarios: Sequence[Scenario], patterns: Sequence[str]) -> list[S
     ]
 
 
-__all__ = ["BITMAP_PAGES", "Scenario", "needs_postcopy", "scenarios", "select", "size_label"]
+__all__ = ["BITMAP_PAGES", "Scenario", "needs_postcopy", "scenarios", "select", "size_label", "tls_scenarios"]
