@@ -187,6 +187,20 @@ void register_tls(py::module_& m) {
           },
           py::arg("config"), py::arg("direction"),
           "A FrameReader reading this channel (one per channel, one thread at a time); it keeps the channel alive.")
+      .def(
+          "export_keying_material",
+          [](const TlsChannel& c, const std::string& label, const py::handle& context, std::size_t length) {
+            const std::vector<std::uint8_t> ctx = bytes_of(context, "context");
+            std::vector<std::uint8_t> out;
+            {
+              py::gil_scoped_release rel;
+              out = c.export_keying_material(label, ctx, length);
+            }
+            return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+          },
+          py::arg("label"), py::arg("context"), py::arg("length") = 32,
+          "Keying material exported from this session (RFC 8446 7.5): the same bytes on both ends, known to "
+          "nobody else. After the handshake.")
       .def("close_notify", &TlsChannel::close_notify, py::call_guard<py::gil_scoped_release>(),
            "Sends TLS close_notify (best effort): the peer's reads end cleanly.")
       .def("shutdown", &TlsChannel::shutdown,

@@ -107,6 +107,9 @@ def test_every_channel_runs_tls_and_carries_pages_both_ways(keying: str, pki: Pk
         assert rep.cipher == "TLS_AES_128_GCM_SHA256" and rep.handshake_ms > 0
         assert not rep.ktls and "tls ULP" in rep.ktls_unavailable  # this kernel: no CONFIG_TLS
         assert rep.peer == ("psk:livemig-v1" if keying == "psk" else s.main.tls.peer_identity)  # type: ignore[union-attr]
+        if keying == "x509":  # main verified certificates; the other channels keyed from main's session
+            assert "CN=localhost" in rep.peer and "CN=livemig source" in d.main.tls.peer_identity  # type: ignore[union-attr]
+            assert {c.tls.peer_identity for c in chans[1:] + d.channels()[1:]} == {"psk:livemig-v1"}  # type: ignore[union-attr]
         # Pages on every source channel, each read through its TLS session into the region.
         src_pages = _pattern()
         region = np.zeros_like(src_pages)

@@ -473,6 +473,30 @@ void transcript_binding() {
   }
 }
 
+// Keying material exported from a session: the same on both ends, another for another label or
+// context, another in another session; refused before the handshake.
+void exporter() {
+  const bench::tls::TempPki pki("localhost");
+  std::vector<std::uint8_t> first;
+  for (int session = 0; session < 2; ++session) {
+    Pair p;
+    TlsChannel client(x509_context(TlsRole::kClient, pki.dir(), "localhost"), p.a.get());
+    TlsChannel server(x509_context(TlsRole::kServer, pki.dir(), ""), p.b.get());
+    CHECK(has(outcome([&] { (void)client.export_keying_material("EXPORTER-x", kHello, 32); }), "other",
+              "before the handshake"));
+    const auto [c, s] = handshake_pair(client, server);
+    CHECK(c.kind == "ok" && s.kind == "ok");
+    const auto a = client.export_keying_material("EXPORTER-livemig test", kHello, 32);
+    CHECK(a.size() == 32 && a == server.export_keying_material("EXPORTER-livemig test", kHello, 32));
+    CHECK(a != client.export_keying_material("EXPORTER-livemig other", kHello, 32));
+    const std::uint8_t other[] = "another context";
+    CHECK(a != client.export_keying_material("EXPORTER-livemig test", other, 32));
+    if (session == 0) first = a;
+    else CHECK(a != first);
+    frames_both_ways(client, server);  // exporting leaves the channel as it was
+  }
+}
+
 void x509_expired() {
   const bench::tls::TempPki pki("localhost");
   {
@@ -773,6 +797,7 @@ int main(int argc, char** argv) {
                              {"psk_derivation", psk_derivation},
                              {"x509_mutual", x509_mutual},
                              {"transcript_binding", transcript_binding},
+                             {"exporter", exporter},
                              {"x509_expired", x509_expired},
                              {"x509_wrong_name", x509_wrong_name},
                              {"x509_unknown_ca", x509_unknown_ca},

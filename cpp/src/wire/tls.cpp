@@ -1398,6 +1398,22 @@ std::size_t TlsChannel::read_some(std::uint8_t* p, std::size_t n, int timeout_ms
   return engine_read(*st_, p, n, timeout_ms, "TLS recv");
 }
 
+std::vector<std::uint8_t> TlsChannel::export_keying_material(const std::string& label,
+                                                              std::span<const std::uint8_t> context,
+                                                              std::size_t n) const {
+  State& st = *st_;
+  if (!st.established) throw std::logic_error("TlsChannel::export_keying_material before the handshake");
+  if (n == 0 || n > 255 * 32) throw std::invalid_argument("TLS exporter: 1 to 8160 bytes, got " + std::to_string(n));
+  std::vector<std::uint8_t> out(n);
+  // OpenSSL's object is shared with the openssl record layer's reads and writes: take its turn.
+  std::unique_lock<FairLock> turn(st.lock, std::defer_lock);
+  if (st.tx == Engine::kOpenSsl || st.rx == Engine::kOpenSsl) turn.lock();
+  if (SSL_export_keying_material(st.ssl, out.data(), n, label.data(), label.size(), context.data(), context.size(),
+                                 1) != 1)
+    throw Error("TLS exporter failed: " + drain_errors());
+  return out;
+}
+
 void TlsChannel::close_notify() noexcept {
   State& st = *st_;
   if (!st.established || st.failed.load(std::memory_order_acquire)) return;

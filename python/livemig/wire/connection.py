@@ -23,7 +23,7 @@ from livemig.wire.handshake import (
     handshake_destination,
     handshake_source,
 )
-from livemig.wire.tls import TlsKeys, TlsReport, side_offer
+from livemig.wire.tls import TlsKeys, TlsReport, TlsRole, side_offer
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -255,12 +255,13 @@ class Listener:
         try:
             want_urgent = res.negotiated.urgent_channel
             want_pages = res.negotiated.extra_channels
+            channel_keys = _channel_keys(conn, opts, "server")
             pages: dict[int, Channel] = {}
             while (want_urgent and conn.urgent is None) or len(pages) < want_pages:
                 s = self._accept_one(opts.timeout)
                 try:
                     r = handshake_destination(s, opts, {res.session: res.negotiated}, keys=keys,
-                                              insecure=self.insecure)
+                                              channel_keys=channel_keys, insecure=self.insecure)
                 except BaseException:
                     s.close()
                     raise
@@ -307,6 +308,13 @@ def _dial(addr: Address, timeout: float) -> socket.socket:
     return sock
 
 
+def _channel_keys(conn: Connection, opts: WireOptions, role: TlsRole) -> TlsKeys | None:
+    """The keys of an x509 session's urgent and page channels (exported from main), else None."""
+    if conn.negotiated.encryption != "x509" or conn.main.tls is None:
+        return None
+    return TlsKeys.for_channels(conn.main.tls, conn.session, opts.tls, role)
+
+
 def _check_keys(addr: Address, opts: WireOptions) -> None:
     """Encryption is required toward ``addr`` but this side has no keys: AuthenticationError before
     anything is sent."""
@@ -343,10 +351,11 @@ def connect(address: str | Address, opts: WireOptions, *, resume: bytes | None =
     try:
         urgent: list[tuple[ChannelKind, int]] = [("urgent", 0)] if res.negotiated.urgent_channel else []
         extra = [*urgent, *[("pages", i) for i in range(res.negotiated.extra_channels)]]
+        channel_keys = _channel_keys(conn, opts, "client")
         for kind, index in extra:
             s = _dial(addr, opts.timeout)
             try:
-                r = handshake_source(s, opts, kind, index, res.session, keys=keys)
+                r = handshake_source(s, opts, kind, index, res.session, keys=keys, channel_keys=channel_keys)
             except BaseException:
                 s.close()
                 raise

@@ -31,6 +31,7 @@ from livemig.wire.tls import (
     TlsKeys,
     TlsOffer,
     TlsSettings,
+    channel_keying,
     keying_code,
     keying_of,
     settle,
@@ -356,10 +357,12 @@ def handshake_source(
     session: bytes | None = None,
     *,
     keys: TlsKeys | None = None,
+    channel_keys: TlsKeys | None = None,
 ) -> HandshakeResult:
     """Runs the source's side of the handshake on a connected stream socket. Raises
     ProtocolError / AuthenticationError (the peer refused, or spoke nonsense, or encryption cannot
-    be had) or ConnectionLost. ``keys``: the connection's TLS contexts (made here when None)."""
+    be had) or ConnectionLost. ``keys``: the connection's TLS contexts (made here when None);
+    ``channel_keys``: an urgent or page channel's of an x509 session (TlsKeys.for_channels)."""
     _prepare(sock, opts.timeout)
     offer = side_offer("tls" in opts.capabilities.names, opts.encrypt, opts.secret, opts.tls, peer_is_loopback(sock))
     mine = _Hello(
@@ -400,7 +403,7 @@ def handshake_source(
     if keying is not None:
         keys = keys or TlsKeys(opts.secret, opts.tls, "client")
         transcript = _message(_HELLO, mine_body) + _message(_HELLO, peer_body) + _message(_ACCEPT, body)
-        tls = _start_tls(sock, keys, keying, mine_body + peer_body, transcript)
+        tls = _start_tls(sock, *channel_keying(kind, keying, keys, channel_keys), mine_body + peer_body, transcript)
     _finish(sock)
     return HandshakeResult(kind, index, opts.page_size, opts.region_bytes, negotiated, mine.session, tls)
 
@@ -412,6 +415,7 @@ def handshake_destination(
     paused: dict[bytes, Negotiated] | None = None,
     *,
     keys: TlsKeys | None = None,
+    channel_keys: TlsKeys | None = None,
     insecure: bool = False,
 ) -> HandshakeResult:
     """Runs the destination's side on an accepted stream socket. A main channel starts a session;
@@ -470,7 +474,8 @@ def handshake_destination(
     if keying is not None:
         keys = keys or TlsKeys(opts.secret, opts.tls, "server", opts.tls.peer_name or "")
         transcript = _message(_HELLO, peer_body) + _message(_HELLO, mine_body) + _message(_ACCEPT, accept)
-        tls = _start_tls(sock, keys, keying, peer_body + mine_body, transcript)
+        tls = _start_tls(sock, *channel_keying(peer.kind, keying, keys, channel_keys), peer_body + mine_body,
+                         transcript)
     _finish(sock)
     return HandshakeResult(
         peer.kind, peer.index, peer.page_size, peer.region_bytes, negotiated, peer.session, tls

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from livemig import _core
-from livemig.errors import AuthenticationError
+from livemig.errors import AuthenticationError, ProtocolError
 
 Keying = Literal["psk", "x509"]
 RecordLayer = Literal["direct", "openssl"]
@@ -22,6 +22,8 @@ TlsRole = Literal["client", "server"]
 
 #: Shortest shared secret that keys TLS (the core derives each channel's PSK from it with HKDF).
 MIN_PSK_SECRET_BYTES = 16
+#: The exporter label (RFC 8446 7.5) of the secret that keys an x509 session's other channels.
+CHANNEL_PSK_LABEL = "EXPORTER-livemig-v1 channel psk"
 _PSK, _X509 = 1 << 0, 1 << 1
 _KEYING_BITS: dict[Keying, int] = {"psk": _PSK, "x509": _X509}
 _KEYING_CODES: dict[Keying | None, int] = {None: 0, "psk": 1, "x509": 2}
@@ -235,10 +237,21 @@ def _stamp(path: str) -> tuple[str, int, int]:
 
 class TlsKeys:
     """One side's loaded TLS contexts for a connection's channels (made on first use, or ahead with
-    :meth:`preload`; shared with later connections made from the same keys)."""
+    :meth:`preload`; shared with later connections made from the same keys unless ``shared`` is
+    False: keys of one session)."""
 
-    def __init__(self, secret: bytes | None, tls: TlsSettings, role: TlsRole, peer_name: str = "") -> None:
+    def __init__(self, secret: bytes | None, tls: TlsSettings, role: TlsRole, peer_name: str = "", *,
+                 shared: bool = True) -> None:
         self.secret, self.tls, self.role, self.peer_name = secret, tls, role, peer_name
+        self._own: dict[Keying, _core.TlsConfig] | None = None if shared else {}
+
+    @classmethod
+    def for_channels(cls, main: _core.TlsChannel, session: bytes, tls: TlsSettings, role: TlsRole) -> TlsKeys:
+        """The keys of a session's other channels when its main channel ran x509: a secret exported
+        from main's TLS session (known to its two ends alone), from which each channel derives its
+        own PSK as with a shared secret, so it pays no certificate signatures again."""
+        secret = main.export_keying_material(CHANNEL_PSK_LABEL, session, 32)
+        return cls(secret, tls, role, shared=False)
 
     def _key(self, keying: Keying) -> tuple[object, ...]:
         common = (keying, self.role, self.tls.ktls, self.tls.record_layer)
@@ -249,6 +262,12 @@ class TlsKeys:
 
     def context(self, keying: Keying) -> _core.TlsConfig:
         """The context for ``keying`` (ValueError naming a file that cannot be loaded)."""
+        if self._own is not None:
+            if keying not in self._own:
+                assert self.secret is not None and keying == "psk"
+                self._own[keying] = _core.TlsConfig.psk(self.secret, role=self.role, ktls=self.tls.ktls,
+                                                        record_layer=self.tls.record_layer)
+            return self._own[keying]
         key = self._key(keying)
         with _CONTEXTS_LOCK:
             ctx = _CONTEXTS.get(key)
@@ -289,6 +308,17 @@ class TlsKeys:
             raise AuthenticationError(f"TLS: {e}") from None
         ch.handshake(timeout, transcript)
         return ch
+
+
+def channel_keying(kind: str, keying: Keying, keys: TlsKeys, channel_keys: TlsKeys | None) -> tuple[TlsKeys, Keying]:
+    """The keys a channel's TLS handshake runs with: an urgent or page channel of an x509 session
+    keys with the secret exported from its main channel (both sides apply the same rule); every
+    other channel (main, a resume) as settled."""
+    if kind in ("urgent", "pages") and keying == "x509":
+        if channel_keys is None:
+            raise ProtocolError(f"handshake: a {kind} channel of an x509 session without its main channel's keys")
+        return channel_keys, "psk"
+    return keys, keying
 
 
 @dataclass(frozen=True)
@@ -335,6 +365,7 @@ def kernel_tls_reason(channel: _core.TlsChannel, unix: bool) -> str:
 
 
 __all__ = [
+    "CHANNEL_PSK_LABEL",
     "DIR_FILES",
     "MIN_PSK_SECRET_BYTES",
     "TLS_TAIL",
@@ -345,6 +376,7 @@ __all__ = [
     "TlsReport",
     "TlsRole",
     "TlsSettings",
+    "channel_keying",
     "check_encryption",
     "kernel_tls_reason",
     "keying_code",

@@ -158,6 +158,11 @@ class TlsChannel final : public FrameOutput {
   /// opened straight into it; a record that fails authentication is wiped from it before the
   /// ProtocolError, so only verified bytes are ever left there.
   std::size_t read_some(std::uint8_t* p, std::size_t n, int timeout_ms);
+  /// `n` bytes of keying material exported from this session (RFC 8446 section 7.5) for `label`
+  /// and `context`: the same on both ends, computable by nobody else. After the handshake; any
+  /// thread. std::logic_error before the handshake.
+  std::vector<std::uint8_t> export_keying_material(const std::string& label, std::span<const std::uint8_t> context,
+                                                   std::size_t n) const;
   /// Sends TLS close_notify (best effort: after a write in progress, waiting at most 1 s for room
   /// in the socket): the peer's reads then end cleanly. Any thread.
   void close_notify() noexcept;
