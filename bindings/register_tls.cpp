@@ -201,6 +201,8 @@ void register_tls(py::module_& m) {
           py::arg("label"), py::arg("context"), py::arg("length") = 32,
           "Keying material exported from this session (RFC 8446 7.5): the same bytes on both ends, known to "
           "nobody else. After the handshake.")
+      .def("bound_batches", &TlsChannel::bound_batches, py::arg("bytes"),
+           "Bounds what livemig's record layer gathers per send and takes in per recv (one record to 256 KiB).")
       .def("close_notify", &TlsChannel::close_notify, py::call_guard<py::gil_scoped_release>(),
            "Sends TLS close_notify (best effort): the peer's reads end cleanly.")
       .def("shutdown", &TlsChannel::shutdown,

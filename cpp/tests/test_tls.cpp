@@ -283,6 +283,16 @@ void psk_frames_both_ways() {
   TlsChannel s2(psk_context(TlsRole::kServer), q.b.get(), kHello);
   CHECK(handshake_pair(c2, s2).first.kind == "ok");
   frames_both_ways(c2, s2, 1);
+  // Batches bounded to one record (postcopy's main channel): the same frames, in more sends.
+  Pair r;
+  TlsChannel c3(psk_context(TlsRole::kClient), r.a.get(), kHello);
+  TlsChannel s3(psk_context(TlsRole::kServer), r.b.get(), kHello);
+  CHECK(handshake_pair(c3, s3).first.kind == "ok");
+  c3.bound_batches(0);  // clamped to one record
+  s3.bound_batches(1 << 30);  // clamped to the default
+  frames_both_ways(c3, s3);
+  CHECK(c3.send_calls() >= kPages * kPage / (2 * 16384));  // about a send per one or two records
+  CHECK(c3.send_calls() > 4 * client.send_calls());
 }
 
 // Postcopy's receiver: payloads land in the staging buffer, then go to placement.

@@ -169,6 +169,10 @@ struct TlsChannel::State {
   std::unique_ptr<std::uint8_t[]> out;
   std::size_t out_len = 0;
   std::uint64_t since_update = 0;
+  // Sealed bytes gathered before a send, and bytes a recv may take in (bound_batches; relaxed: a
+  // bound that lands a call late only moves one batch's size).
+  std::atomic<std::size_t> out_flush{kOutFlush};
+  std::atomic<std::size_t> read_ahead{kReadAhead};
   std::atomic<bool> update_requested{false};  // the peer asked for a KeyUpdate back
 
   // direct / kernel receive: one reader at a time.
@@ -742,7 +746,8 @@ void direct_flush(TlsChannel::State& st, int timeout_ms, const std::string& wher
 // Seals one record into st.out (sending what is buffered first when it would not fit).
 void direct_seal(TlsChannel::State& st, const struct iovec* pieces, std::size_t n, std::size_t len,
                  std::uint8_t type, int timeout_ms, const std::string& where) {
-  if (st.out_len > kOutFlush) direct_flush(st, timeout_ms, where);  // st.out holds kOutFlush + one record
+  // st.out holds kOutFlush + one record; out_flush never exceeds kOutFlush.
+  if (st.out_len > st.out_flush.load(std::memory_order_relaxed)) direct_flush(st, timeout_ms, where);
   st.out_len += st.seal->seal(pieces, n, len, type, st.out.get() + st.out_len);
 }
 
@@ -884,7 +889,9 @@ std::size_t direct_read(TlsChannel::State& st, std::uint8_t* p, std::size_t n, i
       st.in_pos = 0;
     }
     st.recvs.fetch_add(1, std::memory_order_relaxed);
-    const ssize_t r = ::recv(st.fd, st.in.get() + st.in_len, kReadAhead + tls13::kMaxRecord - st.in_len, MSG_DONTWAIT);
+    // st.in holds kReadAhead + one record and keeps less than a record here: room is never 0.
+    const std::size_t room = st.read_ahead.load(std::memory_order_relaxed) + tls13::kMaxRecord - st.in_len;
+    const ssize_t r = ::recv(st.fd, st.in.get() + st.in_len, room, MSG_DONTWAIT);
     if (r > 0) {
       st.in_len += static_cast<std::size_t>(r);
       continue;
@@ -1396,6 +1403,12 @@ std::size_t TlsChannel::read_some(std::uint8_t* p, std::size_t n, int timeout_ms
   if (!st_->established) throw std::logic_error("TlsChannel::read_some before the handshake");
   if (n == 0) throw std::invalid_argument("TlsChannel::read_some: zero bytes asked for");
   return engine_read(*st_, p, n, timeout_ms, "TLS recv");
+}
+
+void TlsChannel::bound_batches(std::size_t bytes) noexcept {
+  const std::size_t b = std::clamp(bytes, kRecord, kOutFlush);
+  st_->out_flush.store(b, std::memory_order_relaxed);
+  st_->read_ahead.store(std::min(b, kReadAhead), std::memory_order_relaxed);
 }
 
 std::vector<std::uint8_t> TlsChannel::export_keying_material(const std::string& label,

@@ -74,10 +74,14 @@ class Channel:
         bandwidth-delay product is larger wants more) and a TCP sender holds back what it has
         not sent beyond a quarter of it (TCP_NOTSENT_LOWAT); a Unix-socket sender caps its send
         buffer, which holds what the peer has not read (never raising it). 0 leaves the kernel's
-        own buffers. Call while the stream is quiet: the bound applies to what is queued after.
+        own buffers. On an encrypted channel the TLS record layer's batches (what it seals before a
+        send, what it reads ahead) shrink to a quarter of it too. Call while the stream is quiet:
+        the bound applies to what is queued after.
         Best effort: on a socket that already broke it does nothing (its next read or write says so)."""
         if nbytes <= 0:
             return
+        if self.tls is not None:  # its record layer's batches queue too: a quarter each way
+            self.tls.bound_batches(max(nbytes // 4, 16 << 10))
         sock = self.sock
         try:
             # SO_RCVBUF and SO_SNDBUF: the kernel doubles the value asked for (bookkeeping).

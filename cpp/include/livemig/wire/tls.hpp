@@ -158,6 +158,11 @@ class TlsChannel final : public FrameOutput {
   /// opened straight into it; a record that fails authentication is wiped from it before the
   /// ProtocolError, so only verified bytes are ever left there.
   std::size_t read_some(std::uint8_t* p, std::size_t n, int timeout_ms);
+  /// Bounds what livemig's record layer gathers before a send and takes in per recv to about
+  /// `bytes` (one record at least, 256 KiB, the default, at most), so that little queues in the
+  /// channel ahead of what follows (postcopy: a page the background push already took, which a
+  /// fault waits for). The kernel's and OpenSSL's record layers keep their own. Any thread.
+  void bound_batches(std::size_t bytes) noexcept;
   /// `n` bytes of keying material exported from this session (RFC 8446 section 7.5) for `label`
   /// and `context`: the same on both ends, computable by nobody else. After the handshake; any
   /// thread. std::logic_error before the handshake.
