@@ -82,8 +82,7 @@ class SourceRun:
                                 encrypt=self.config.encrypt, tls=self.config.tls)
         conn = wire.connect(address, opts)
         self.link = self.figures.watch(SourceLink.open(conn, self.engine.core))
-        self.result.capabilities = sorted(conn.negotiated.capabilities)
-        self.result.tls = conn.tls_report()
+        self.result.capabilities, self.result.tls = sorted(conn.negotiated.capabilities), conn.tls_report()
         self.link.session.start_return_path()
         self.recovery = SourceRecovery(self.config, self.engine.core, self.control, self.monitor, address, conn,
                                        on_link=self.figures.watch)
@@ -397,9 +396,8 @@ class SourceRun:
         with ``config.verify``, has it check itself)."""
         running = not self.dest_running
         port = self.workload.balloon
-        deadline = time.monotonic() + settle_s
-        sent = self.balloon.device is not None  # a refusal in the handshake comes before the driver: no DONE
-        while running and port is not None and sent and time.monotonic() < deadline:  # DONE was sent
+        deadline = time.monotonic() + (settle_s if self.balloon.device is not None else 0.0)  # no device: no DONE sent
+        while running and port is not None and time.monotonic() < deadline:  # DONE was sent
             now = port.status()
             if now.done_seen and now.pages_held == 0:
                 break
