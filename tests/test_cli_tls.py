@@ -65,7 +65,7 @@ def _error(stderr: str, warnings: int = 0) -> str:
 class Recorder:
     configs: list[Any]
 
-    def migrate(self, address: str, workload: Any, config: migration.MigrationConfig, *rest: Any) -> Any:
+    def migrate(self, address: str, workload: Any, config: migration.MigrationConfig, *rest: Any, **kw: Any) -> Any:
         self.configs.append(config)
         return migration.MigrationResult(ok=True, mode="precopy", region_bytes=workload.region.nbytes,
                                          page_size=mmap.PAGESIZE)

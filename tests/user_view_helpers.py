@@ -17,7 +17,7 @@ import pytest
 
 from livemig import _core
 from livemig.guest import GuestConfig
-from livemig.migration import MigrationConfig, MigrationEvent, MigrationResult
+from livemig.migration import DestinationConfig, MigrationConfig, MigrationEvent, MigrationResult
 
 from fault_relay import FaultRelay
 from recovery_helpers import Outcome, PhaseHook, assert_completed, run_through_relay
@@ -28,6 +28,7 @@ SLOW_LINK = 40e6  # bytes/s: rounds long enough for the guest to dirty pages mea
 #: Bytes the source sends beside its page passes: handshake, device state, commands, discards,
 #: local-fill and END frames (a 16 MiB region: a few KiB; generous).
 CONTROL_BYTES = 256 * 1024
+SECRET = b"user-view secret"
 
 
 def _cut_in_postcopy(relay: FaultRelay, _proc: Any) -> PhaseHook:
@@ -44,6 +45,7 @@ class Scenario:
     config: MigrationConfig
     rate_bps: float = 0.0
     progress: Callable[[FaultRelay, Any], PhaseHook] | None = None
+    dest: DestinationConfig | None = None
 
 
 SCENARIOS = {
@@ -55,9 +57,12 @@ SCENARIOS = {
                          MigrationConfig(postcopy=True, verify=True, hints=False), rate_bps=SLOW_LINK),
     "hints": Scenario(GuestConfig(workload="random", rate=5000.0, free_fraction=0.5, seed=5),
                       MigrationConfig(postcopy=True, verify=True, hints=True), rate_bps=SLOW_LINK),
+    # Encrypted (TLS 1.3 keyed by the shared secret): the resumed connection runs a fresh handshake.
     "recovery": Scenario(GuestConfig(workload="increment", rate=20000.0, free_fraction=0.5, seed=7),
-                         MigrationConfig(postcopy=True, hints=True, verify=True, reconnect_deadline_s=20, timeout=10),
-                         rate_bps=SLOW_LINK, progress=_cut_in_postcopy),
+                         MigrationConfig(postcopy=True, hints=True, verify=True, reconnect_deadline_s=20, timeout=10,
+                                         secret=SECRET, encrypt=True),
+                         rate_bps=SLOW_LINK, progress=_cut_in_postcopy,
+                         dest=DestinationConfig(timeout=10, resume_deadline_s=10, secret=SECRET, encrypt=True)),
 }
 
 
@@ -84,8 +89,8 @@ def run_scenario(name: str) -> Run:
     sc = SCENARIOS[name]
     events: list[MigrationEvent] = []
     t0 = time.perf_counter()
-    out = run_through_relay(sc.guest, sc.config, size=SIZE, rate_bps=sc.rate_bps, progress=sc.progress,
-                            events=events.append)
+    out = run_through_relay(sc.guest, sc.config, size=SIZE, dest=sc.dest, rate_bps=sc.rate_bps,
+                            progress=sc.progress, events=events.append)
     run = Run(name, sc, out, events, (time.perf_counter() - t0) * 1e3)
     assert_completed(out)
     return run
@@ -250,7 +255,29 @@ def check_fields(run: Run) -> set[str]:
     ok("requeued_pages", (j["requeued_pages"] > 0) == (out.cuts > 0) and j["requeued_pages"] <= pages)
     ok("workload.kind", j["workload"]["kind"] == d["workload_kind"] == "model-guest")
     ok("workload.stats", ws["pages_written"] > 0)
+    _check_tls(ok, j["tls"], d["tls"], cfg.encrypt is True)
     return seen
+
+
+def _check_tls(ok: Callable[..., None], t: dict[str, Any], dt: dict[str, Any], encrypted: bool) -> None:
+    """The report's ``tls`` against the destination's: the same session seen from both ends."""
+    for key in ("enabled", "keying", "cipher", "channels"):
+        ok(f"tls.{key}", t[key] == dt[key], (t, dt))
+    ok("tls.enabled", t["enabled"] is encrypted)
+    ok("tls.keying", t["keying"] == ("psk" if encrypted else ""))
+    ok("tls.cipher", t["cipher"].startswith("TLS_") if encrypted else t["cipher"] == "")
+    ok("tls.channels", t["channels"] >= 2 if encrypted else t["channels"] == 0)  # main + return path at least
+    ok("tls.peer", t["peer"] == ("psk:livemig-v1" if encrypted else "") == dt["peer"])
+    ok("tls.handshake_ms", (t["handshake_ms"] > 0) == encrypted and (dt["handshake_ms"] > 0) == encrypted)
+    paths = set(t["record_path"].replace("+", ",").split(",")) if encrypted else {""}
+    ok("tls.record_path", paths <= ({"userspace", "openssl", "ktls"} if encrypted else {""}), t["record_path"])
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_ulp") as f:
+            kernel_tls = "tls" in f.read().split()
+    except OSError:
+        kernel_tls = False
+    ok("tls.ktls", t["ktls"] is (encrypted and "ktls" in paths) and (not t["ktls"] or kernel_tls))
+    ok("tls.ktls_unavailable", bool(t["ktls_unavailable"]) == (encrypted and not t["ktls"]), t["ktls_unavailable"])
 
 
 ROUND_FIELDS = {"index", "dirty_pages", "pages_sent", "zero_pages", "bytes_sent", "seconds", "bandwidth_bps",
