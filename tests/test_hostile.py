@@ -95,7 +95,11 @@ class Listen:
     def good_migration(self, postcopy: bool = False) -> None:
         """A real migration (with the secret) still works, verified on the destination."""
         cfg = migration.MigrationConfig(postcopy=postcopy, secret=SECRET, verify=True, timeout=5.0)
-        r = migration.migrate(self.address, ModelGuest(4 << 20, GuestConfig(workload="increment")), cfg)
+        try:
+            r = migration.migrate(self.address, ModelGuest(4 << 20, GuestConfig(workload="increment")), cfg)
+        except migration.MigrationFailed as e:  # the listener's side of it says why
+            err = self.dest.stderr_text()[-2000:]
+            raise AssertionError(f"{e}; the listener: {self.summary().get('error')}; its stderr: {err}") from e
         assert r.ok and r.verify is not None and r.verify.mismatches == 0, r
         s = self.summary()
         assert s["ok"] is True and s["verify"]["mismatches"] == 0, s

@@ -78,10 +78,10 @@ class DestinationRun:
 
     def next_event(self) -> _core.SessionEvent:
         while True:
-            seen = self.session.pages_received
+            seen = self.session.pages_received, self.link.conn.unread_bytes()
             ev = self.session.wait_event(self.config.timeout)
-            if ev is None and self.session.pages_received != seen:
-                continue  # a slow source still moving pages is not a silent one
+            if ev is None and (self.session.pages_received, self.link.conn.unread_bytes()) != seen:
+                continue  # a source still moving pages, or bytes, is not a silent one (this side may be slow)
             cause = f"the source was silent for {self.config.timeout} s" if ev is None else event_summary(ev)
             if ev is None or ev.kind == EventKind.FAILED:
                 if self.recovery.pausable(self.postcopy):  # the workload runs on, faulting threads wait

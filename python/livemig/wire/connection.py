@@ -6,8 +6,11 @@ when the connection is encrypted. Nothing here runs per page."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -137,6 +140,16 @@ class Connection:
     def channels(self) -> list[Channel]:
         """Every channel: main, urgent (if any), then the extra page channels."""
         return [self.main, *([self.urgent] if self.urgent else []), *self.pages]
+
+    def unread_bytes(self) -> int:
+        """Bytes the peer sent that this side has not read yet, over every channel (FIONREAD)."""
+        total = 0
+        for ch in self.channels():
+            try:
+                total += struct.unpack("i", fcntl.ioctl(ch.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+            except OSError:  # closed meanwhile
+                pass
+        return total
 
     def writer(self, channel: Channel | None = None) -> _core.FrameWriter:
         """The FrameWriter of `channel` (default main; on the destination that is the return path),
