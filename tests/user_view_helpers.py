@@ -152,7 +152,9 @@ def check_fields(run: Run) -> set[str]:
            (j["bytes_sent"], out.to_destination))
     else:  # bytes sent into a connection that was cut may never have reached the relay
         ok("bytes_sent", out.to_destination <= j["bytes_sent"] + (1 + out.cuts) * CONTROL_BYTES
-           and j["bytes_sent"] >= pages * r.page_size, (j["bytes_sent"], out.to_destination))
+           and j["bytes_sent"] >= j["pages_sent"] * r.page_size, (j["bytes_sent"], out.to_destination))
+        # every page went (once or more) or was hinted free and resolved without being sent
+        ok("pages_sent", j["pages_sent"] + j["zero_pages"] + j["hints"]["pages_hinted"] >= pages)
     sent = j["pages_sent"] + j["zero_pages"]
     if not out.cuts:  # exactly what the destination read
         ok("pages_sent", sent == d["pages_received"], (sent, d["pages_received"]))
