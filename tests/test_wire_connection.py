@@ -199,7 +199,9 @@ def test_bound_queue_sets_the_options_each_side_owns() -> None:
         s.main.bound_queue("source", 256 << 10)
         d.main.bound_queue("destination", 256 << 10)
         assert s.main.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 64 << 10
-        assert d.main.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 256 << 10  # asked half, doubled
+        assert d.main.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP) == 256 << 10
+        # The receive buffer stays: shrinking it under a window already advertised drops segments.
+        assert d.main.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == rcvbuf
     server.close()
 
 

@@ -73,14 +73,18 @@ class Channel:
 
     def bound_queue(self, role: Role, nbytes: int) -> None:
         """Keeps this channel's stream queued in the kernel, on this side, to about ``nbytes``:
-        a TCP receiver shrinks its receive buffer (which also caps the window: a link whose
+        a TCP receiver clamps the window it advertises (TCP_WINDOW_CLAMP: a link whose
         bandwidth-delay product is larger wants more) and a TCP sender holds back what it has
         not sent beyond a quarter of it (TCP_NOTSENT_LOWAT); a Unix-socket sender caps its send
         buffer, which holds what the peer has not read (never raising it). 0 leaves the kernel's
         own buffers. On an encrypted channel the TLS record layer's batches (what it seals before a
-        send, what it reads ahead) shrink to a quarter of it too. Call while the stream is quiet:
-        the bound applies to what is queued after.
-        Best effort: on a socket that already broke it does nothing (its next read or write says so)."""
+        send, what it reads ahead) shrink to a quarter of it too. The receiver never shrinks its
+        receive buffer: the peer may already send into the window it was told about, and a buffer
+        made smaller than that window drops what arrives (TcpExtRcvPruned, TCPRcvQDrop), which the
+        peer retransmits only after its 200 ms minimum timeout. The clamp never takes back a window
+        already advertised; it applies as the queue drains. Call while the stream is quiet: the
+        bound applies to what is queued after. Best effort: on a socket that already broke it does
+        nothing (its next read or write says so)."""
         if nbytes <= 0:
             return
         if self.tls is not None:  # its record layer's batches queue too: a quarter each way
@@ -94,7 +98,7 @@ class Channel:
             elif role == "source":
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, max(nbytes // 4, 1))
             else:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, nbytes // 2)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, nbytes)
         except OSError:
             pass
 
