@@ -12,6 +12,7 @@ import socket
 import struct
 import termios
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from livemig import _core
@@ -56,6 +57,26 @@ def check_queue_bytes(nbytes: int) -> int:
     return nbytes
 
 
+_SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not in Python's socket module
+
+
+def _lock_receive_buffer(sock: socket.socket) -> None:
+    """Keeps a TCP socket's receive buffer at its present size from now on: receive autotuning
+    would otherwise grow it further and raise the window clamp along with it. Only ever at the
+    same size (never smaller: see Channel.bound_queue); left autotuned when this process may not
+    set that size (net.core.rmem_max below it, and no CAP_NET_ADMIN for SO_RCVBUFFORCE)."""
+    cur = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # what the kernel holds (2x asked)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, cur // 2)
+    except PermissionError:
+        try:
+            rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+        except (OSError, ValueError):
+            return
+        if 2 * rmem_max >= cur:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cur // 2)
+
+
 @dataclass
 class Channel:
     """One stream socket of a connection, after its handshake (blocking; C++ sets its timeouts).
@@ -98,6 +119,7 @@ class Channel:
             elif role == "source":
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, max(nbytes // 4, 1))
             else:
+                _lock_receive_buffer(sock)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, nbytes)
         except OSError:
             pass
