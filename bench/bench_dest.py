@@ -174,7 +174,7 @@ def test_fault_round_trip_vs_raw_handler(benchmark: Any, src: np.ndarray, kind: 
             assert np.array_equal(d.array[:: PAGE * 31], rt_src[:: PAGE * 31])
         else:
             assert c.local_fills == RT_PAGES and c.requests == 0
-        h = d.latency()
+        h = d.latency().fault
         hists.append({"p50_us": h.p50_us, "p99_us": h.p99_us, "max_us": h.max_us})
         d.stop()
         return lat

@@ -30,19 +30,17 @@ const char* state_name(DestRegion::State s) {
   return "?";
 }
 
-// The fault-latency histogram as Python sees it.
-struct LatencySnapshot {
-  py::array_t<std::uint64_t> buckets;
-  py::array_t<double> upper_us;
-  std::uint64_t count;
-  double p50_us, p99_us, max_us, blocked_us;
+// The three postcopy latency histograms, copied at one moment.
+struct FaultLatencies {
+  LatencySnapshot fault, request, blocked;
 };
 
-py::array_t<double> latency_bounds() {
-  py::array_t<double> out(static_cast<py::ssize_t>(LatencyHistogram::kBuckets));
-  auto v = out.mutable_unchecked<1>();
-  for (std::size_t k = 0; k < LatencyHistogram::kBuckets; ++k) v(static_cast<py::ssize_t>(k)) = LatencyHistogram::upper_us(k);
-  return out;
+// The bucket bounds of every LatencyHistogram, in us (constant).
+py::array_t<double> bucket_bounds_us(bool upper) {
+  std::vector<double> v(LatencyHistogram::kBuckets);
+  for (std::size_t i = 0; i < v.size(); ++i)
+    v[i] = static_cast<double>(LatencyHistogram::lower_ns(i) + (upper ? LatencyHistogram::width_ns(i) : 0)) / 1e3;
+  return to_array(v);
 }
 
 void register_counters(py::module_& m) {
@@ -64,17 +62,32 @@ void register_counters(py::module_& m) {
       .def_readonly("errors", &DestCounters::errors, "Errors caught on the fault thread.")
       .def_readonly("placed_twice", &DestCounters::placed_twice,
                     "Postcopy placements of a page already placed in this postcopy (rule 1: never).");
-  py::class_<LatencySnapshot>(m, "LatencySnapshot",
-                              "Fault-to-placement latency: power-of-two microsecond buckets and quantiles.")
-      .def_readonly("buckets", &LatencySnapshot::buckets,
-                    "buckets[0]: [0, 1) us; buckets[k]: [2^(k-1), 2^k) us (the last also holds longer ones).")
-      .def_readonly("upper_us", &LatencySnapshot::upper_us,
-                    "upper_us[k]: bucket k's upper bound in us (draw and label buckets with these).")
-      .def_readonly("count", &LatencySnapshot::count)
-      .def_readonly("p50_us", &LatencySnapshot::p50_us, "Upper bound of the bucket holding the median.")
-      .def_readonly("p99_us", &LatencySnapshot::p99_us)
-      .def_readonly("max_us", &LatencySnapshot::max_us)
-      .def_readonly("blocked_us", &LatencySnapshot::blocked_us, "Waiting threads times latency, summed.");
+  py::class_<LatencySnapshot>(
+      m, "LatencySnapshot",
+      "One postcopy latency measure: a log-linear histogram (buckets at most 1/64 of their value wide) and its quantiles.")
+      .def_property_readonly(
+          "buckets", [](const LatencySnapshot& s) { return to_array(s.buckets); },
+          "Samples per bucket; bucket i holds [lower_us[i], upper_us[i]) (the last also holds longer ones).")
+      .def_property_readonly_static("lower_us", [](py::object) { return bucket_bounds_us(false); },
+                                    "Each bucket's lower bound in us (the same for every snapshot).")
+      .def_property_readonly_static("upper_us", [](py::object) { return bucket_bounds_us(true); },
+                                    "Each bucket's upper bound (exclusive) in us.")
+      .def_readonly("count", &LatencySnapshot::count, "Samples.")
+      .def_property_readonly("sum_us", &LatencySnapshot::sum_us, "The samples summed (for blocked: total time blocked).")
+      .def_property_readonly("max_us", &LatencySnapshot::max_us, "The longest sample (exact).")
+      .def_readonly("over_1ms", &LatencySnapshot::over_1ms, "Samples longer than 1 ms (exact).")
+      .def_readonly("over_10ms", &LatencySnapshot::over_10ms, "Samples longer than 10 ms (exact).")
+      .def("quantile_us", &LatencySnapshot::quantile_us, py::arg("q"),
+           "The value at quantile q (0 < q <= 1): its bucket's middle, at most max_us; 0 when empty.")
+      .def_property_readonly("p50_us", [](const LatencySnapshot& s) { return s.quantile_us(0.5); })
+      .def_property_readonly("p90_us", [](const LatencySnapshot& s) { return s.quantile_us(0.9); })
+      .def_property_readonly("p99_us", [](const LatencySnapshot& s) { return s.quantile_us(0.99); })
+      .def_property_readonly("p999_us", [](const LatencySnapshot& s) { return s.quantile_us(0.999); });
+  py::class_<FaultLatencies>(m, "FaultLatencies", "The destination's three postcopy latency measures, copied at once.")
+      .def_readonly("fault", &FaultLatencies::fault, "Fault event read to its page placed (one sample per page).")
+      .def_readonly("request", &FaultLatencies::request, "Request sent to the page placed (one sample per requested page).")
+      .def_readonly("blocked", &FaultLatencies::blocked,
+                    "Faulting thread blocked: fault event read to its wake (one sample per fault event).");
 }
 
 }  // namespace
@@ -172,15 +185,11 @@ void register_dest(py::module_& m) {
           "Per-page digests of what placement put there (0: nothing), a read-only view; None when off.")
       .def("latency",
            [](const DestRegion& r) {
-             const auto& h = r.latency();
-             const auto b = h.buckets();
-             return LatencySnapshot{to_array(std::vector<std::uint64_t>(b.begin(), b.end())), latency_bounds(),
-                                    h.count(),
-                                    h.quantile_us(0.5), h.quantile_us(0.99), h.max_us(), h.blocked_us()};
+             return FaultLatencies{r.latency(LatencyMeasure::fault).snapshot(),
+                                   r.latency(LatencyMeasure::request).snapshot(),
+                                   r.latency(LatencyMeasure::blocked).snapshot()};
            })
-      .def("reset_latency", [](DestRegion& r) { r.latency().reset(); })
-      .def_static("latency_bucket_upper_us", &latency_bounds,
-                  "The fault-latency buckets' upper bounds in us, bucket by bucket.");
+      .def("reset_latency", &DestRegion::reset_latency);
 }
 
 }  // namespace livemig::py_bindings

@@ -154,8 +154,13 @@ def _result(**kw: object) -> MigrationResult:
     base: dict[str, object] = {
         "ok": True, "mode": "postcopy", "region_bytes": 16 << 20, "page_size": 4096, "total_ms": 812.5, "downtime_ms": 3.25,
         "precopy_rounds": 2, "bytes_sent": 15 << 20, "pages_sent": 3840, "zero_pages": 256,
-        "postcopy": PostcopyStats(requests=17, local_fills=900, fault_latency_us=LatencySummary(64, 512, 900),
-                               histogram=(0, 0, 3, 9, 5)),
+        "postcopy": PostcopyStats(requests=17, local_fills=900,
+                                  fault_latency_us=LatencySummary(64, 512, 900, p90=120, p99_9=800, count=17,
+                                                                  over_1ms=0),
+                                  request_latency_us=LatencySummary(40, 300, 700, p90=90, p99_9=650, count=17),
+                                  blocked_us=LatencySummary(60, 510, 2500, p90=118, p99_9=2400, count=917,
+                                                            over_1ms=2, over_10ms=0),
+                                  histogram=(0, 0, 3, 9, 5)),
         "hints": HintStats(rounds=2, pages_hinted=2048, stale_dropped=4),
         "balloon": BalloonReport(last_cmd_id=1, done_delivered=True, held_pages_after=0),
         "verify": VerifyReport(pages_checked=4096, mismatches=0, placed_twice=0),
@@ -176,7 +181,12 @@ def test_summary_table_shows_what_happened() -> None:
     text = _render(display.summary_table(_result()))
     for want in ["livemig migrate: ok", "postcopy", "16.0 MiB (4,096 pages of 4096 B)", "812.5 ms", "3.2 ms",
                  "15.0 MiB (3,840 pages, 256 zero)", "17 requests, 900 local fills",
-                 "p50 64 us, p99 512 us, max 900 us", "2 rounds, 2,048 pages hinted, 4 stale dropped",
+                 ("fault to placed: p50 64.0 / p90 120.0 / p99 512.0 / p99.9 800.0 / max 900.0 us;"
+                  " 0 over 1 ms, 0 over 10 ms"),
+                 "request to placed: p50 40.0 / p90 90.0 / p99 300.0 / p99.9 650.0 / max 700.0 us",
+                 ("thread blocked: p50 60.0 / p90 118.0 / p99 510.0 / p99.9 2,400.0 / max 2,500.0 us;"
+                  " 2 over 1 ms, 0 over 10 ms"),
+                 "2 rounds, 2,048 pages hinted, 4 stale dropped",
                  "DONE delivered, 0 pages held after", "4,096 pages checked, 0 mismatches, 0 placed twice",
                  "hints-postcopy, local-fill"]:
         assert want in text, (want, text)
@@ -208,7 +218,11 @@ def test_destination_table() -> None:
 def test_result_json_has_the_contract_keys_and_is_valid() -> None:
     obj = json.loads(json.dumps(display.json_ready(_result().to_json()), allow_nan=False))
     assert obj["rounds"][0]["bandwidth_bps"] is None  # inf is not JSON
-    assert obj["postcopy"]["fault_latency_us"] == {"p50": 64, "p99": 512, "max": 900}
+    assert obj["postcopy"]["fault_latency_us"] == {"p50": 64, "p99": 512, "max": 900, "p90": 120, "p99_9": 800,
+                                                   "count": 17, "over_1ms": 0, "over_10ms": 0}
+    assert set(obj["postcopy"]) >= {"request_latency_us", "blocked_us", "fault_buckets", "request_buckets",
+                                    "blocked_buckets", "blocked_total_ms", "histogram"}
+    assert obj["postcopy"]["fault_buckets"] == {"lower_us": [], "upper_us": [], "counts": []}
     assert set(obj) >= {"ok", "mode", "region_bytes", "page_size", "total_ms", "downtime_ms", "precopy_rounds",
                         "bytes_sent", "pages_sent", "zero_pages", "postcopy", "hints", "balloon", "verify"}
 
@@ -273,3 +287,22 @@ def test_plot_writes_a_png(tmp_path: object) -> None:
     assert out.stat().st_size > 0
     with pytest.raises(ValueError, match="no suffix"):
         plot.plot_migration(_result(), str(Path(str(tmp_path)) / "m"))
+
+
+def test_the_report_carries_the_three_latency_measures_and_their_buckets() -> None:
+    from livemig.migration.results import (
+        DestinationSummary,
+        LatencyBuckets,
+        decode_report,
+        encode_report,
+    )
+
+    buckets = LatencyBuckets(lower_us=(9.984, 10.112), upper_us=(10.112, 10.240), counts=(3, 1))
+    pc = PostcopyStats(requests=4, fault_latency_us=LatencySummary(10.0, 10.2, 10.2, p90=10.2, p99_9=10.2, count=4),
+                       request_latency_us=LatencySummary(8.0, 9.0, 9.5, count=4),
+                       blocked_us=LatencySummary(10.0, 12.0, 1500.0, count=6, over_1ms=1), fault_buckets=buckets,
+                       blocked_total_ms=1.56, histogram=buckets.power_of_two())
+    summary, digests = decode_report(encode_report(DestinationSummary(ok=True, mode="postcopy", region_bytes=1 << 20,
+                                                                      postcopy=pc), None))
+    assert summary.postcopy == pc and digests is None
+    assert pc.histogram[4] == 4 and sum(pc.histogram) == 4  # both buckets lie in [8, 16) us

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig import LivemigError, UnsupportedError, _core
-from livemig.destination import DestCounters, Destination, LatencyStats, bucket_upper_us
+from livemig.destination import DestCounters, Destination, FaultLatencies, LatencyStats
 from livemig.memory import Region
 
 from dest_helpers import PAGE, needs_uffd, run_in_child
@@ -156,9 +156,13 @@ def _concurrent_faults_and_placer(seed: int, memfd: bool) -> dict[str, Any]:
     assert c.requested_pages <= len({int(p) for p in touch.flat})
     assert d.requested.count() == 0
     lat = d.latency()
-    assert 0 < lat.count <= c.faults
-    assert int(lat.buckets.sum()) == lat.count
-    assert lat.p50_us <= lat.p99_us <= lat.max_us and lat.blocked_us > 0
+    assert 0 < lat.fault.count <= c.faults
+    assert int(lat.fault.buckets.sum()) == lat.fault.count
+    assert lat.fault.p50_us <= lat.fault.p90_us <= lat.fault.p99_us <= lat.fault.p999_us <= lat.fault.max_us
+    # Every fault event's thread was woken and timed once (stale ones too); every timed request
+    # was one sent.
+    assert lat.blocked.count == c.faults and lat.blocked.sum_us > 0
+    assert lat.request.count <= c.requested_pages
     d.stop()
     return {"faults": c.faults, "requests": c.requests}
 
@@ -400,7 +404,9 @@ def _one_request_per_page() -> None:
     c = d.counters()
     assert c.requested_pages == 2 and d.requested.count() == 0 and len(d.drain_requests()) == 0
     lat = d.latency()
-    assert lat.count == 2 and lat.blocked_us >= lat.max_us
+    # Two pages waited on; five threads blocked (three on page 7, two on page 8); two requests.
+    assert lat.fault.count == 2 and lat.blocked.count == 5 and lat.request.count == 2
+    assert lat.blocked.sum_us >= lat.fault.max_us and lat.request.max_us <= lat.fault.max_us
     d.stop()
 
 
@@ -434,8 +440,14 @@ def test_counters_and_latency_types() -> None:
     d = Destination(PAGE)
     assert isinstance(d.counters(), DestCounters) and d.counters().faults == 0
     lat = d.latency()
-    assert isinstance(lat, LatencyStats) and lat.count == 0 and lat.p50_us == 0
-    assert bucket_upper_us(0) == 1 and bucket_upper_us(3) == 8
+    assert isinstance(lat, FaultLatencies)
+    for m in (lat.fault, lat.request, lat.blocked):
+        assert isinstance(m, LatencyStats) and m.count == 0 and m.p50_us == 0 and m.over_1ms == 0
+        assert len(m.buckets) == len(LatencyStats.lower_us) == len(LatencyStats.upper_us)
+    lo, hi = LatencyStats.lower_us, LatencyStats.upper_us
+    assert lo[0] == 0 and np.array_equal(lo[1:], hi[:-1]) and hi[-1] == 2**40 / 1e3
+    lo_ns, width_ns = np.rint(lo * 1e3), np.rint((hi - lo) * 1e3)
+    assert np.all(width_ns[lo_ns >= 128] * 64 <= lo_ns[lo_ns >= 128])  # 1/64 wide at most
 
 
 # ---- property test against a plain model ----

@@ -17,13 +17,13 @@ import threading
 import time
 
 import pytest
+from tcp_counters import DROPS, DUPLICATES, RETRANS, counters_in_private_netns, read_counters
 
 from livemig.guest import GuestConfig
 from livemig.loopback import migrate_locally
 from livemig.migration import DestinationConfig, MigrationConfig
 
 from recovery_helpers import PhaseHook, assert_completed, run_through_relay
-from tcp_counters import DROPS, DUPLICATES, RETRANS, counters_in_private_netns, read_counters
 
 GUEST = GuestConfig(workload="increment", rate=20000.0, seed=3)
 HINTED = GuestConfig(workload="random", rate=20000.0, free_fraction=0.5, churn=2000.0, seed=3)

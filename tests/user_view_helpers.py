@@ -6,7 +6,9 @@ source's timeline)."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livemig import _core
 from livemig.guest import GuestConfig
 from livemig.migration import DestinationConfig, MigrationConfig, MigrationEvent, MigrationResult
+from livemig.migration.results import POWER_OF_TWO_UPPER_US, LatencyBuckets
 
 from fault_relay import FaultRelay
 from recovery_helpers import Outcome, PhaseHook, assert_completed, run_through_relay
@@ -111,17 +113,40 @@ def json_paths(obj: Any, prefix: str = "") -> set[str]:
     return paths
 
 
-def _quantile_bound(hist: list[int], upper: list[float], q: float, mx: float) -> float:
-    """The destination's quantile rule, recomputed here: the upper bound of the bucket holding the
-    q-th sample, capped at the maximum."""
-    n = sum(hist)
-    target = max(1, int(q * n + 0.999999))
+def _quantile_mid(buckets: dict[str, list[float]], q: float, mx: float) -> float:
+    """The destination's quantile rule, recomputed here: the middle of the log-linear bucket holding
+    the q-th sample (its lower bound plus half its width less a nanosecond), capped at the maximum."""
+    counts = buckets["counts"]
+    target = max(1, int(q * sum(counts) + 0.999999))
     cum = 0
-    for k, c in enumerate(hist):
+    for lo, hi, c in zip(buckets["lower_us"], buckets["upper_us"], counts, strict=True):
         cum += c
         if cum >= target:
-            return min(upper[k], mx)
+            return min(lo + (hi - lo - 1e-3) / 2, mx)
     raise AssertionError("unreachable")
+
+
+def _check_latency(ok: Callable[..., None], path: str, lat: dict[str, Any], bpath: str,
+                   fine: dict[str, list[float]]) -> None:
+    """One latency measure against its own buckets: contiguous log-linear buckets (each at most
+    1/64 of its lower bound wide), the quantiles by the destination's rule, max in the top bucket,
+    the counts over 1 ms and 10 ms between what the buckets allow."""
+    lo, hi, counts = fine["lower_us"], fine["upper_us"], fine["counts"]
+    ok(f"{bpath}.counts", len(counts) == len(lo) == len(hi) and all(n > 0 for n in counts) and sum(counts) == lat["count"])
+    ok(f"{bpath}.lower_us", all(a < b for a, b in itertools.pairwise(lo)), lo)
+    ok(f"{bpath}.upper_us", all(0 < h - x <= max(x / 64, 1e-3) + 1e-9 for x, h in zip(lo, hi, strict=True)), (lo, hi))
+    ok(f"{path}.count", lat["count"] >= 0)
+    if not counts:
+        for key in ("p50", "p90", "p99", "p99_9", "max", "over_1ms", "over_10ms"):
+            ok(f"{path}.{key}", lat[key] == 0)
+        return
+    ok(f"{path}.max", lo[-1] <= lat["max"] < hi[-1] + 1e-3, (lat, lo[-1], hi[-1]))
+    for q, key in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99_9")):
+        ok(f"{path}.{key}", math.isclose(lat[key], _quantile_mid(fine, q, lat["max"])), (lat, key))
+    for key, limit in (("over_1ms", 1000.0), ("over_10ms", 10_000.0)):
+        surely = sum(n for n, x in zip(counts, lo, strict=True) if x > limit)
+        maybe = sum(n for n, h in zip(counts, hi, strict=True) if h > limit)
+        ok(f"{path}.{key}", surely <= lat[key] <= maybe, (lat, key))
 
 
 def check_fields(run: Run) -> set[str]:
@@ -187,21 +212,25 @@ def check_fields(run: Run) -> set[str]:
     # Postcopy: the destination's counts, checked against the source's timeline and the core.
     pc = j["postcopy"]
     ok("postcopy.outstanding_requests", pc["outstanding_requests"] == 0)
-    ok("postcopy.histogram_upper_us", not cfg.postcopy
-       or pc["histogram_upper_us"] == [float(x) for x in _core.DestRegion.latency_bucket_upper_us()])
+    ok("postcopy.histogram_upper_us", not cfg.postcopy or tuple(pc["histogram_upper_us"]) == POWER_OF_TWO_UPPER_US)
     hist = pc["histogram"]
     ok("postcopy.histogram", sum(hist) <= max(pc["faults"], 0) and (sum(hist) > 0) == (pc["faults"] > 0))
-    lat = pc["fault_latency_us"]
-    if sum(hist):
-        top = max(k for k, n in enumerate(hist) if n)
-        lo = pc["histogram_upper_us"][top - 1] if top else 0.0
-        ok("postcopy.fault_latency_us.max", lo <= lat["max"] <= pc["histogram_upper_us"][top] or top == len(hist) - 1)
-        for q, key in ((0.5, "p50"), (0.99, "p99")):
-            ok(f"postcopy.fault_latency_us.{key}",
-               lat[key] == _quantile_bound(hist, pc["histogram_upper_us"], q, lat["max"]))
-    else:
-        for key in ("p50", "p99", "max"):
-            ok(f"postcopy.fault_latency_us.{key}", lat[key] == 0)
+    fine = pc["fault_buckets"]
+    ok("postcopy.histogram", not cfg.postcopy or sum(hist) == pc["fault_latency_us"]["count"]
+       and list(LatencyBuckets(**{k: tuple(v) for k, v in fine.items()}).power_of_two()) == hist)
+    for measure, bk in (("fault_latency_us", "fault_buckets"), ("request_latency_us", "request_buckets"),
+                        ("blocked_us", "blocked_buckets")):
+        _check_latency(ok, f"postcopy.{measure}", pc[measure], f"postcopy.{bk}", pc[bk])
+    # Independent counts: a fault event blocks one thread (timed once); a fault waits on one page.
+    ok("postcopy.blocked_us.count", pc["blocked_us"]["count"] == pc["faults"], (pc["blocked_us"], pc["faults"]))
+    ok("postcopy.fault_latency_us.count", pc["fault_latency_us"]["count"] <= pc["faults"])
+    ok("postcopy.request_latency_us.count",
+       (pc["request_latency_us"]["count"] > 0) == (pc["requests"] > 0) and pc["request_latency_us"]["count"] <= pc["faults"])
+    blocked = pc["blocked_buckets"]
+    ok("postcopy.blocked_total_ms",
+       sum(n * lo for n, lo in zip(blocked["counts"], blocked["lower_us"], strict=True)) / 1e3 - 1e-9
+       <= pc["blocked_total_ms"] <= sum(n * hi for n, hi in zip(blocked["counts"], blocked["upper_us"], strict=True)) / 1e3,
+       pc["blocked_total_ms"])
     tl = j.get("timeline")
     if cfg.postcopy:
         assert tl is not None

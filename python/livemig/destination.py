@@ -36,12 +36,10 @@ State = Literal["precopy", "postcopy", "stopped"]
 
 
 DestCounters = _core.DestCounters
+#: One latency measure: log-linear buckets (bounds in ``lower_us`` / ``upper_us``) and quantiles.
 LatencyStats = _core.LatencySnapshot
-
-
-def bucket_upper_us(k: int) -> float:
-    """Upper bound of latency bucket ``k`` in microseconds, as the core lays the buckets out."""
-    return float(_core.DestRegion.latency_bucket_upper_us()[k])
+#: The three postcopy latency measures (fault, request, blocked).
+FaultLatencies = _core.FaultLatencies
 
 
 def _runs_array(runs: Runs) -> npt.NDArray[np.uint64]:
@@ -191,8 +189,9 @@ class Destination:
         """A snapshot of the counters."""
         return self._r.counters()
 
-    def latency(self) -> LatencyStats:
-        """The fault latency histogram with p50, p99, max and total blocked time."""
+    def latency(self) -> FaultLatencies:
+        """The postcopy latency histograms: fault read to placed, request sent to placed, and
+        faulting thread blocked (fault read to wake)."""
         return self._r.latency()
 
     # ---- the generic oracle ----
@@ -206,7 +205,7 @@ class Destination:
         return self._r.digests
 
 
-__all__ = ["DestCounters", "Destination", "LatencyStats", "bucket_upper_us", "postcopy_unsupported_reason"]
+__all__ = ["DestCounters", "Destination", "FaultLatencies", "LatencyStats", "postcopy_unsupported_reason"]
 
 
 def postcopy_unsupported_reason() -> str | None:

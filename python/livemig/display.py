@@ -314,11 +314,16 @@ def _balloon(b: Any) -> str:
 
 
 def _latency(p: Any) -> str:
-    """A PostcopyStats' fault latency; 'none' when no fault was timed (not 'p50 0 us')."""
-    if not any(p.histogram):
+    """A PostcopyStats' three latency measures, a line each; 'none' when no fault was timed."""
+    if not any(p.histogram) and p.blocked_us.count == 0:
         return "none: the guest touched no missing page"
-    lat = p.fault_latency_us
-    return f"p50 {lat.p50:,.0f} us, p99 {lat.p99:,.0f} us, max {lat.max:,.0f} us"
+    lines = []
+    for name, lat in (("fault to placed", p.fault_latency_us), ("request to placed", p.request_latency_us),
+                      ("thread blocked", p.blocked_us)):
+        lines.append(f"{name}: p50 {lat.p50:,.1f} / p90 {lat.p90:,.1f} / p99 {lat.p99:,.1f} /"
+                     f" p99.9 {lat.p99_9:,.1f} / max {lat.max:,.1f} us;"
+                     f" {lat.over_1ms:,} over 1 ms, {lat.over_10ms:,} over 10 ms")
+    return "\n".join(lines)
 
 
 def rounds_table(r: MigrationResult, most: int = 12) -> Table:

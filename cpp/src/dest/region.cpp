@@ -93,59 +93,6 @@ void RequestQueue::close() {
   cv_.notify_all();
 }
 
-// ---- LatencyHistogram ----
-
-void LatencyHistogram::record(std::uint64_t ns, std::uint64_t waiters) noexcept {
-  const std::uint64_t us = ns / 1000;
-  std::size_t k = us == 0 ? 0 : static_cast<std::size_t>(std::bit_width(us));
-  if (k >= kBuckets) k = kBuckets - 1;
-  b_[k].fetch_add(1, kRelaxed);
-  blocked_ns_.fetch_add(ns * waiters, kRelaxed);
-  std::uint64_t m = max_ns_.load(kRelaxed);
-  while (ns > m && !max_ns_.compare_exchange_weak(m, ns, kRelaxed)) {
-  }
-}
-
-std::array<std::uint64_t, LatencyHistogram::kBuckets> LatencyHistogram::buckets() const noexcept {
-  std::array<std::uint64_t, kBuckets> out{};
-  for (std::size_t k = 0; k < kBuckets; ++k) out[k] = b_[k].load(kRelaxed);
-  return out;
-}
-
-double LatencyHistogram::upper_us(std::size_t k) noexcept {
-  return k == 0 ? 1.0 : static_cast<double>(std::uint64_t{1} << std::min<std::size_t>(k, 63));
-}
-
-std::uint64_t LatencyHistogram::count() const noexcept {
-  std::uint64_t n = 0;
-  for (const auto& b : b_) n += b.load(kRelaxed);
-  return n;
-}
-
-double LatencyHistogram::quantile_us(double q) const noexcept {
-  const auto b = buckets();
-  std::uint64_t n = 0;
-  for (auto x : b) n += x;
-  if (n == 0) return 0;
-  auto target = static_cast<std::uint64_t>(q * static_cast<double>(n) + 0.999999);
-  if (target < 1) target = 1;
-  std::uint64_t cum = 0;
-  for (std::size_t k = 0; k < kBuckets; ++k) {
-    cum += b[k];
-    if (cum >= target) {
-      const double upper = upper_us(k);
-      return std::min(upper, max_us());
-    }
-  }
-  return max_us();
-}
-
-void LatencyHistogram::reset() noexcept {
-  for (auto& b : b_) b.store(0, kRelaxed);
-  max_ns_.store(0, kRelaxed);
-  blocked_ns_.store(0, kRelaxed);
-}
-
 // ---- DestRegion: construction ----
 
 DestRegion::DestRegion(std::size_t bytes, bool memfd, std::size_t page_size) : ps_(page_size), placed_pc_(0) {
@@ -172,6 +119,7 @@ DestRegion::DestRegion(std::size_t bytes, bool memfd, std::size_t page_size) : p
   // Reserved now, zero and untouched until a fault stamps it (first touch is slow, start_postcopy is
   // inside the switchover).
   fault_ts_map_ = Mapping::zeroed_words(pages_);
+  request_ts_map_ = Mapping::zeroed_words(pages_);
   queue_ = std::make_shared<RequestQueue>();
   sink_ = queue_;
 }
@@ -193,6 +141,7 @@ DestRegion::DestRegion(void* addr, std::size_t bytes, std::size_t page_size) : p
   // Reserved now, zero and untouched until a fault stamps it (first touch is slow, start_postcopy is
   // inside the switchover).
   fault_ts_map_ = Mapping::zeroed_words(pages_);
+  request_ts_map_ = Mapping::zeroed_words(pages_);
   queue_ = std::make_shared<RequestQueue>();
   sink_ = queue_;
 }
@@ -229,6 +178,7 @@ void DestRegion::start_postcopy() {
     throw_errno("eventfd", "fault thread stop signal");
   }
   fault_ts_ = reinterpret_cast<std::uint64_t*>(fault_ts_map_.data());
+  request_ts_ = reinterpret_cast<std::uint64_t*>(request_ts_map_.data());
   // Every page present now counts as placed: a postcopy placement of one would be its second.
   placed_pc_.reset();
   placed_pc_.or_with(*received_);
@@ -295,12 +245,57 @@ void DestRegion::placed_pages(std::uint64_t first, std::size_t n) noexcept {
       const std::uint64_t v = ts.exchange(0, std::memory_order_acq_rel);
       if (v == 0) continue;
       if (now == 0) now = rel_ns();
-      const std::uint64_t t = v & kTsMask;
-      hist_.record(now > t ? now - t : 0, v >> 56);
+      const std::uint64_t t = v & kTsMask, d = now > t ? now - t : 0;
+      fault_hist_.record(d);
+      blocked_hist_.record(d, v >> 56);  // each waiting thread was blocked that long (the first at least)
     }
   }
   // After R: a fault event read in between sees R set and sends no request.
-  if (requested_->count(first, first + n) != 0) requested_->clear_range(first, first + n);
+  if (requested_->count(first, first + n) != 0) {
+    if (request_ts_ != nullptr) {
+      // Pairs with stamp_request like the fault stamps above (the same order_ RMW fences our R
+      // store from these loads): at most one side takes each stamp.
+      std::uint64_t now = 0;
+      for (std::size_t p = first; p < first + n; ++p) {
+        if (!requested_->test(p)) continue;
+        std::atomic_ref<std::uint64_t> ts(request_ts_[p]);
+        if (ts.load(kRelaxed) == 0) continue;
+        const std::uint64_t t = ts.exchange(0, std::memory_order_acq_rel);
+        if (t == 0) continue;
+        if (now == 0) now = rel_ns();
+        request_hist_.record(now > t ? now - t : 0);
+      }
+    }
+    requested_->clear_range(first, first + n);
+  }
+}
+
+void DestRegion::stamp_request(std::uint64_t first, std::size_t n) noexcept {
+  const std::uint64_t t = rel_ns();
+  for (std::size_t p = first; p < first + n; ++p) std::atomic_ref<std::uint64_t>(request_ts_[p]).store(t, kRelaxed);
+  // Pairs with placed_pages (stamp written, then R read): a page placed before its request went
+  // out takes its stamp back here, so no stamp outlives its page's placement.
+  order_.fetch_add(1, std::memory_order_acq_rel);
+  for (std::size_t p = first; p < first + n; ++p)
+    if (received_->test(p)) std::atomic_ref<std::uint64_t>(request_ts_[p]).exchange(0, std::memory_order_acq_rel);
+}
+
+const LatencyHistogram& DestRegion::latency(LatencyMeasure m) const noexcept {
+  switch (m) {
+    case LatencyMeasure::request:
+      return request_hist_;
+    case LatencyMeasure::blocked:
+      return blocked_hist_;
+    case LatencyMeasure::fault:
+      break;
+  }
+  return fault_hist_;
+}
+
+void DestRegion::reset_latency() noexcept {
+  fault_hist_.reset();
+  request_hist_.reset();
+  blocked_hist_.reset();
 }
 
 void DestRegion::note_placed(std::uint64_t first, std::size_t n, const std::uint64_t* digests) noexcept {
@@ -723,6 +718,8 @@ void DestRegion::handle_fault(std::uint64_t page, std::uint64_t now, std::vector
       // Placed after the fault was queued; the placement woke the thread. Wake again: harmless.
       c_.stale_faults.fetch_add(1, kRelaxed);
       uffd_.wake(base_ + page * ps_, ps_);
+      const std::uint64_t t = rel_ns();
+      blocked_hist_.record(t > now ? t - now : 0);
       return;
     }
     // R set but the page is gone: a placement raced a REMOVE. Repair R and serve the fault.
@@ -739,12 +736,13 @@ void DestRegion::handle_fault(std::uint64_t page, std::uint64_t now, std::vector
   if (received_->test(page)) {
     // A placement won the race; it may or may not have taken the stamp.
     const std::uint64_t old = ts.exchange(0, std::memory_order_acq_rel);
-    if (old != 0) {
-      const std::uint64_t t = rel_ns(), t0 = old & kTsMask;
-      hist_.record(t > t0 ? t - t0 : 0, old >> 56);
-    }
     c_.stale_faults.fetch_add(1, kRelaxed);
     uffd_.wake(base_ + page * ps_, ps_);
+    if (old != 0) {
+      const std::uint64_t t = rel_ns(), t0 = old & kTsMask, d = t > t0 ? t - t0 : 0;
+      fault_hist_.record(d);
+      blocked_hist_.record(d, old >> 56);
+    }
     return;
   }
   if (local_fill_->test(page)) {
@@ -820,6 +818,7 @@ void DestRegion::fault_loop() noexcept {
       while (i < to_request.size()) {
         std::size_t j = i + 1;
         while (j < to_request.size() && to_request[j] == to_request[j - 1] + 1 && j - i < 0xFFFFFFFFu) ++j;
+        stamp_request(to_request[i], j - i);
         sink_->request(to_request[i], static_cast<std::uint32_t>(j - i));
         c_.requests.fetch_add(1, kRelaxed);
         c_.requested_pages.fetch_add(j - i, kRelaxed);

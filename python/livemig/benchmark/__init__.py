@@ -11,9 +11,11 @@ from livemig.benchmark.figures import (
     SKIPPED,
     Figure,
     Stat,
+    buckets_quantile_us,
     engine_figure,
     failed_figure,
     histogram_quantile_us,
+    merged_buckets,
 )
 from livemig.benchmark.plots import plot
 from livemig.benchmark.report import Report, progress, table
@@ -29,9 +31,11 @@ __all__ = [
     "Report",
     "Scenario",
     "Stat",
+    "buckets_quantile_us",
     "engine_figure",
     "failed_figure",
     "histogram_quantile_us",
+    "merged_buckets",
     "needs_postcopy",
     "plot",
     "progress",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from livemig.memory import system_page_size
-from livemig.migration.results import MigrationResult
+from livemig.migration.results import POWER_OF_TWO_UPPER_US, LatencyBuckets, MigrationResult
 
 PAGE = system_page_size()
 MIB = 1 << 20
@@ -130,19 +130,15 @@ def failed_figure(name: str, group: str, error: str) -> Figure:
     return Figure(name, group, "", None, None, 0, "higher", error=error)
 
 
-
-
 def histogram_quantile_us(buckets: Sequence[int], q: float, upper_us: Sequence[float] | None = None) -> float:
     """Quantile q of a fault-latency histogram whose bucket k ends at ``upper_us[k]`` microseconds
-    (and starts where bucket k-1 ends; default: the core's layout), interpolated linearly within
+    (and starts where bucket k-1 ends; default: the report's power-of-two view), interpolated linearly within
     the bucket that holds it; 0 when empty."""
     total = sum(buckets)
     if total == 0:
         return 0.0
     if upper_us is None or len(upper_us) < len(buckets):
-        from livemig import _core
-
-        upper_us = [float(x) for x in _core.DestRegion.latency_bucket_upper_us()]
+        upper_us = POWER_OF_TWO_UPPER_US
     want = q * total
     seen = 0.0
     for k, n in enumerate(buckets):
@@ -153,11 +149,51 @@ def histogram_quantile_us(buckets: Sequence[int], q: float, upper_us: Sequence[f
     return float(upper_us[len(buckets) - 1])
 
 
+def merged_buckets(hists: Iterable[LatencyBuckets]) -> LatencyBuckets:
+    """Several runs' latency buckets added up (the bucket layout is the same in every run)."""
+    acc: dict[tuple[float, float], int] = {}
+    for h in hists:
+        for lo, hi, n in zip(h.lower_us, h.upper_us, h.counts, strict=True):
+            acc[(lo, hi)] = acc.get((lo, hi), 0) + n
+    keys = sorted(acc)
+    return LatencyBuckets(tuple(k[0] for k in keys), tuple(k[1] for k in keys), tuple(acc[k] for k in keys))
+
+
+def buckets_quantile_us(h: LatencyBuckets, q: float, max_us: float = math.inf) -> float:
+    """Quantile q of log-linear latency buckets: the middle of the bucket holding it (within 0.8 %
+    of its samples), at most ``max_us``; 0 when empty."""
+    total = sum(h.counts)
+    if total == 0:
+        return 0.0
+    want = max(1, math.ceil(q * total))
+    seen = 0
+    for lo, hi, n in zip(h.lower_us, h.upper_us, h.counts, strict=True):
+        seen += n
+        if seen >= want:
+            return min(lo + (hi - lo - 1e-3) / 2, max_us)
+    return min(h.upper_us[-1], max_us)
+
+
 def first_round_gbps(r: MigrationResult) -> float:
     """The first precopy round's wire bandwidth (every page of the region goes in it)."""
     first = r.rounds[0]
     return first.bytes_sent / first.seconds / 1e9 if first.seconds > 0 else 0.0
 
 
-__all__ = ["GIB", "GROUPS", "MIB", "PAGE", "SKIPPED", "Better", "Figure", "Stat", "baseline_figure", "engine_figure",
-           "failed_figure", "first_round_gbps", "histogram_quantile_us"]
+__all__ = [
+    "GIB",
+    "GROUPS",
+    "MIB",
+    "PAGE",
+    "SKIPPED",
+    "Better",
+    "Figure",
+    "Stat",
+    "baseline_figure",
+    "buckets_quantile_us",
+    "engine_figure",
+    "failed_figure",
+    "first_round_gbps",
+    "histogram_quantile_us",
+    "merged_buckets",
+]

@@ -69,54 +69,60 @@ def plot(report: Report, directory: str) -> list[str]:
         path = os.path.join(directory, f"{group}.png")
         fig.savefig(path, dpi=100)
         paths.append(path)
-    hists = [
-        f for f in report.figures if f.group == "faults" and any(f.details.get("histogram", ()))
-    ]
+    hists = [f for f in report.figures if f.group == "faults" and any(f.details.get("histogram", ()))]
     if hists:
         paths.append(_fault_latency(hists, directory))
     return paths
 
 
+#: the three postcopy latency measures: details key prefix and panel title
+MEASURES = (("fault", "fault read to page placed"), ("request", "request sent to page placed"),
+            ("blocked", "faulting thread blocked (fault read to wake)"))
+
+
 def _fault_latency(hists: list[Figure], directory: str) -> str:
-    """Each faults scenario's latency distribution as the share of faults at or below each bucket
-    bound (bounds from the core, so a new bucket layout draws right), over log-spaced latency;
-    the scenario's p50 and its raw floor marked."""
+    """One panel per latency measure: each faults scenario's distribution as the share of samples
+    at or below each log-linear bucket's upper bound (the bounds travel with the counts), over
+    log-spaced latency; p50 dashed, the raw floor (ping-pong + UFFDIO_COPY) dotted."""
     from matplotlib.figure import Figure as MplFigure  # optional dependency
 
-    from livemig import _core
     from livemig.plot import us_label
 
-    core_bounds = [float(x) for x in _core.DestRegion.latency_bucket_upper_us()]
-    fig = MplFigure(figsize=(10, 5.5), layout="constrained")
-    ax = fig.subplots()
-    lo, hi = math.inf, 0.0
-    for i, f in enumerate(hists):
-        h = [int(n) for n in f.details["histogram"]]
-        upper = [float(x) for x in f.details.get("histogram_upper_us") or core_bounds][: len(h)]
-        total = sum(h)
-        used = [k for k, n in enumerate(h) if n]
-        first, last = used[0], used[-1]
-        xs = [upper[k - 1] if k else upper[0] / 2 for k in range(first, last + 1)] + [upper[last]]
-        cdf = [0.0] + [100.0 * sum(h[: k + 1]) / total for k in range(first, last + 1)]
-        colour = f"C{i}"
-        ax.step(xs, cdf, where="post", color=colour, linewidth=1.6, label=f"{f.name} ({total:,} faults)")
-        if f.value:
-            ax.axvline(f.value, color=colour, linestyle="--", linewidth=1)
-        if f.baseline:
-            ax.axvline(f.baseline, color=colour, linestyle=":", linewidth=1)
-        lo, hi = min(lo, xs[0]), max(hi, xs[-1])
-    ax.set_xscale("log")
-    ax.set_xlim(lo, hi)
-    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-    ticks = [x for x in (m * 10.0**e for e in decades for m in (1, 2, 5)) if lo <= x <= hi]
-    ax.set_xticks(ticks, [us_label(x) for x in ticks])
-    ax.minorticks_off()
-    ax.set_ylim(0, 101)
-    ax.set_xlabel("fault latency, fault to page placed (dashed: p50; dotted: the raw floor, ping-pong + UFFDIO_COPY)")
-    ax.set_ylabel("% of faults at or below")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle("livemig bench: postcopy fault latency distribution")
+    fig = MplFigure(figsize=(10, 12), layout="constrained")
+    axes = fig.subplots(len(MEASURES), 1)
+    for ax, (key, title) in zip(axes, MEASURES):
+        lo, hi = math.inf, 0.0
+        for i, f in enumerate(hists):
+            fine = f.details.get(f"{key}_buckets") or {}
+            counts = [int(n) for n in fine.get("counts", ())]
+            if not sum(counts):
+                continue
+            upper = [float(x) for x in fine["upper_us"]]
+            total = sum(counts)
+            xs = [float(fine["lower_us"][0])] + upper
+            cdf = [0.0] + list(np.cumsum(counts) * 100.0 / total)
+            colour = f"C{i}"
+            ax.step(xs, cdf, where="post", color=colour, linewidth=1.6, label=f"{f.name} ({total:,} samples)")
+            p50 = f.details.get(f"{key}_p50_us")
+            if isinstance(p50, (int, float)) and p50 > 0:
+                ax.axvline(p50, color=colour, linestyle="--", linewidth=1)
+            if f.baseline:
+                ax.axvline(f.baseline, color=colour, linestyle=":", linewidth=1)
+            lo, hi = min(lo, max(xs[0], 0.1)), max(hi, xs[-1])
+        if hi > 0:
+            ax.set_xscale("log")
+            ax.set_xlim(lo, hi)
+            decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+            ticks = [x for x in (m * 10.0**e for e in decades for m in (1, 2, 5)) if lo <= x <= hi]
+            ax.set_xticks(ticks, [us_label(x) for x in ticks])
+            ax.minorticks_off()
+            ax.legend(fontsize=7, loc="lower right")
+        ax.set_ylim(0, 101)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("% at or below")
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("latency (dashed: p50; dotted: the raw floor, ping-pong + UFFDIO_COPY)")
+    fig.suptitle("livemig bench: postcopy latency distributions")
     path = os.path.join(directory, "fault-latency.png")
     fig.savefig(path, dpi=100)
     return path

@@ -24,8 +24,10 @@ from livemig.migration.monitor import Counts, Monitor
 from livemig.migration.progress import Progress
 from livemig.migration.recovery import DestinationRecovery
 from livemig.migration.results import (
+    POWER_OF_TWO_UPPER_US,
     BalloonReport,
     DestinationSummary,
+    LatencyBuckets,
     LatencySummary,
     Mode,
     PostcopyStats,
@@ -35,6 +37,20 @@ from livemig.migration.results import (
 )
 from livemig.protocol import ACK_NEVER_RAN, BALLOON_CMD_DONE, AckKind, Command, EventKind
 from livemig.workload.base import Workload, WorkloadFactory
+
+
+def latency_summary(s: _core.LatencySnapshot) -> LatencySummary:
+    """The report's figures of one latency histogram."""
+    return LatencySummary(p50=s.p50_us, p99=s.p99_us, max=s.max_us, p90=s.p90_us, p99_9=s.p999_us, count=s.count,
+                          over_1ms=s.over_1ms, over_10ms=s.over_10ms)
+
+
+def latency_buckets(s: _core.LatencySnapshot) -> LatencyBuckets:
+    """The non-empty buckets of one latency histogram, with their bounds."""
+    b = s.buckets
+    nz = b.nonzero()[0]
+    return LatencyBuckets(lower_us=tuple(float(x) for x in s.lower_us[nz]),
+                          upper_us=tuple(float(x) for x in s.upper_us[nz]), counts=tuple(int(x) for x in b[nz]))
 
 
 class DestinationRun:
@@ -196,12 +212,15 @@ class DestinationRun:
 
     def _postcopy_stats(self) -> PostcopyStats:
         c, lat = self.dest.counters(), self.dest.latency()
+        fault = latency_buckets(lat.fault)
         return PostcopyStats(requests=c.requests, local_fills=c.local_fills,
-                             fault_latency_us=LatencySummary(lat.p50_us, lat.p99_us, lat.max_us),
-                             histogram=tuple(int(x) for x in lat.buckets),
+                             fault_latency_us=latency_summary(lat.fault), histogram=fault.power_of_two(),
                              outstanding_requests=self.dest.requested.count(),
                              local_fill_pages=self.dest.local_fill.count(),
-                             histogram_upper_us=tuple(float(x) for x in lat.upper_us), faults=c.faults)
+                             histogram_upper_us=POWER_OF_TWO_UPPER_US, faults=c.faults,
+                             request_latency_us=latency_summary(lat.request), blocked_us=latency_summary(lat.blocked),
+                             fault_buckets=fault, request_buckets=latency_buckets(lat.request),
+                             blocked_buckets=latency_buckets(lat.blocked), blocked_total_ms=lat.blocked.sum_us / 1e3)
 
     def _check_complete(self) -> None:
         """Postcopy, after COMPLETE: every page is here or fills itself here (local fill). A page

@@ -43,25 +43,63 @@ class RoundStats:
 
 @dataclass(frozen=True)
 class LatencySummary:
-    """Fault latency in microseconds (p50/p99: the upper bound of the histogram bucket holding them,
-    capped at max)."""
+    """One postcopy latency measure in microseconds, from a log-linear histogram whose buckets are
+    at most 1/64 of their value wide: a quantile is within 0.8 % of the samples it stands for;
+    ``max`` and the counts over 1 ms and over 10 ms are exact."""
 
     p50: float = 0.0
     p99: float = 0.0
     max: float = 0.0
+    p90: float = 0.0
+    p99_9: float = 0.0
+    count: int = 0  #: samples
+    over_1ms: int = 0  #: samples longer than 1 ms
+    over_10ms: int = 0  #: samples longer than 10 ms
+
+
+#: the upper bounds in microseconds of the power-of-two buckets of ``PostcopyStats.histogram``
+POWER_OF_TWO_UPPER_US: tuple[float, ...] = (1.0, *(float(1 << k) for k in range(1, 32)))
+
+
+@dataclass(frozen=True)
+class LatencyBuckets:
+    """The non-empty buckets of a latency histogram, for plots: ``counts[i]`` samples in
+    [``lower_us[i]``, ``upper_us[i]``) microseconds."""
+
+    lower_us: tuple[float, ...] = ()
+    upper_us: tuple[float, ...] = ()
+    counts: tuple[int, ...] = ()
+
+    def power_of_two(self) -> tuple[int, ...]:
+        """The samples per power-of-two microsecond bucket (0: [0, 1) us; k: [2^(k-1), 2^k) us;
+        32 of them, the last holding longer ones too), each fine bucket counted at its lower bound."""
+        out = [0] * 32
+        for lo, n in zip(self.lower_us, self.counts, strict=True):
+            out[min(int(lo).bit_length(), 31)] += n
+        return tuple(out)
 
 
 @dataclass(frozen=True)
 class PostcopyStats:
     requests: int = 0  #: page requests the destination sent
     local_fills: int = 0  #: faults resolved on the destination without a request
+    #: fault event read to its page placed (one sample per page a fault waited on)
     fault_latency_us: LatencySummary = field(default_factory=LatencySummary)
-    histogram: tuple[int, ...] = ()  #: faults per latency bucket (bucket k: up to histogram_upper_us[k])
+    histogram: tuple[int, ...] = ()  #: fault_latency_us per power-of-two bucket (bucket k: up to histogram_upper_us[k])
     outstanding_requests: int = 0  #: requested pages never placed (must be 0)
     local_fill_pages: int = 0  #: pages the source said the destination may fill itself
-    #: each histogram bucket's upper bound in microseconds, as the destination's core lays them out
+    #: each ``histogram`` bucket's upper bound in microseconds (1, 2, 4, ...: the coarse view)
     histogram_upper_us: tuple[float, ...] = ()
     faults: int = 0  #: fault events the destination read (one per faulting thread and page)
+    #: request sent to the page placed (one sample per requested page; QEMU's trace measure)
+    request_latency_us: LatencySummary = field(default_factory=LatencySummary)
+    #: faulting thread blocked: fault event read to its wake (one sample per fault event, stale ones
+    #: and local fills included; QEMU's blocktime counts the same waits)
+    blocked_us: LatencySummary = field(default_factory=LatencySummary)
+    fault_buckets: LatencyBuckets = field(default_factory=LatencyBuckets)
+    request_buckets: LatencyBuckets = field(default_factory=LatencyBuckets)
+    blocked_buckets: LatencyBuckets = field(default_factory=LatencyBuckets)
+    blocked_total_ms: float = 0.0  #: the blocked samples summed: thread time lost to faults
 
 
 @dataclass(frozen=True)
@@ -245,7 +283,13 @@ def encode_report(summary: DestinationSummary, digests: npt.NDArray[np.uint64] |
 
 
 def _latency(d: dict[str, Any]) -> LatencySummary:
-    return LatencySummary(p50=d.get("p50", 0.0), p99=d.get("p99", 0.0), max=d.get("max", 0.0))
+    names = {f.name for f in fields(LatencySummary)}
+    return LatencySummary(**{k: v for k, v in d.items() if k in names})
+
+
+def _buckets(d: dict[str, Any]) -> LatencyBuckets:
+    return LatencyBuckets(lower_us=tuple(d.get("lower_us", ())), upper_us=tuple(d.get("upper_us", ())),
+                          counts=tuple(d.get("counts", ())))
 
 
 _TLS_FIELDS = frozenset(f.name for f in fields(TlsReport))
@@ -283,7 +327,11 @@ def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint6
                 histogram=tuple(pc.get("histogram", ())), outstanding_requests=pc.get("outstanding_requests", 0),
                 local_fill_pages=pc.get("local_fill_pages", 0),
                 histogram_upper_us=tuple(float(x) for x in pc.get("histogram_upper_us", ())),
-                faults=pc.get("faults", 0)),
+                faults=pc.get("faults", 0), request_latency_us=_latency(pc.get("request_latency_us", {})),
+                blocked_us=_latency(pc.get("blocked_us", {})), fault_buckets=_buckets(pc.get("fault_buckets", {})),
+                request_buckets=_buckets(pc.get("request_buckets", {})),
+                blocked_buckets=_buckets(pc.get("blocked_buckets", {})),
+                blocked_total_ms=pc.get("blocked_total_ms", 0.0)),
             balloon=BalloonReport(**d.get("balloon", {})), verify=verify, error=d.get("error"),
             recoveries=d.get("recoveries", 0), placed_twice=d.get("placed_twice", 0),
             workload_kind=d.get("workload_kind", ""), pages_received=d.get("pages_received", 0),
@@ -298,6 +346,7 @@ __all__ = [
     "BalloonReport",
     "DestinationSummary",
     "HintStats",
+    "LatencyBuckets",
     "LatencySummary",
     "MigrationFailed",
     "MigrationResult",

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "livemig/base/fd.hpp"
+#include "livemig/base/latency_histogram.hpp"
 #include "livemig/bitmap/page_bitmap.hpp"
 #include "livemig/base/page_range.hpp"
 #include "livemig/base/userfaultfd.hpp"
@@ -66,35 +67,12 @@ class RequestQueue final : public RequestSink {
   bool closed_ = false;
 };
 
-/// Fault latencies in power-of-two microsecond buckets: bucket 0 holds [0, 1) us, bucket k >= 1
-/// holds [2^(k-1), 2^k) us; the last bucket also holds everything longer. Lock-free.
-class LatencyHistogram {
- public:
-  static constexpr std::size_t kBuckets = 32;
-  /// Records one sample of `ns` nanoseconds; `waiters` threads were blocked that long.
-  void record(std::uint64_t ns, std::uint64_t waiters = 1) noexcept;
-  /// Bucket counts.
-  std::array<std::uint64_t, kBuckets> buckets() const noexcept;
-  /// The upper bound of bucket `k` in us (exclusive; the last bucket's is where it starts to also
-  /// hold everything longer). Readers draw and label buckets with it, never with the layout.
-  static double upper_us(std::size_t k) noexcept;
-  /// Number of samples.
-  std::uint64_t count() const noexcept;
-  /// Upper bound in us of the bucket holding quantile q (0 < q <= 1), capped at max; 0 when empty.
-  double quantile_us(double q) const noexcept;
-  /// The longest sample, in us.
-  double max_us() const noexcept { return static_cast<double>(max_ns_.load(std::memory_order_relaxed)) / 1e3; }
-  /// Sum over samples of latency times waiters, in us.
-  double blocked_us() const noexcept {
-    return static_cast<double>(blocked_ns_.load(std::memory_order_relaxed)) / 1e3;
-  }
-  /// Clears every bucket (not atomic against concurrent record()).
-  void reset() noexcept;
-
- private:
-  std::array<std::atomic<std::uint64_t>, kBuckets> b_{};
-  std::atomic<std::uint64_t> max_ns_{0};
-  std::atomic<std::uint64_t> blocked_ns_{0};
+/// The postcopy latencies a DestRegion keeps (one histogram each).
+enum class LatencyMeasure {
+  fault,    ///< fault event read to its page placed: one sample per page a fault waited on
+  request,  ///< request handed to the sink (sent) to the page placed: one sample per requested page
+  blocked,  ///< faulting thread blocked, fault event read to its wake (placement or UFFDIO_WAKE):
+            ///< one sample per fault event, stale and locally filled ones included
 };
 
 /// A snapshot of the destination's counters (pages unless named otherwise).
@@ -213,9 +191,10 @@ class DestRegion {
 
   /// A snapshot of the counters.
   DestCounters counters() const noexcept;
-  /// Fault-to-placement latencies.
-  const LatencyHistogram& latency() const noexcept { return hist_; }
-  LatencyHistogram& latency() noexcept { return hist_; }
+  /// One of the postcopy latency histograms (see LatencyMeasure).
+  const LatencyHistogram& latency(LatencyMeasure m) const noexcept;
+  /// Clears the three latency histograms (not atomic against faults being timed meanwhile).
+  void reset_latency() noexcept;
   /// The last error the fault thread caught ("" when none).
   std::string last_error() const;
   /// The features negotiated on the userfaultfd (0 before start_postcopy).
@@ -244,6 +223,8 @@ class DestRegion {
   void read_events();
   void handle_fault(std::uint64_t page, std::uint64_t now, std::vector<std::uint64_t>& to_request);
   void handle_remove(std::uint64_t start, std::uint64_t end) noexcept;
+  // Stamps pages [first, first + n) as requested now, just before the request goes out.
+  void stamp_request(std::uint64_t first, std::size_t n) noexcept;
   bool page_present(std::uint64_t page) const noexcept;
   void note_error(const std::exception& e) noexcept;
 
@@ -272,6 +253,10 @@ class DestRegion {
   // not zeroed inside the switchover), accessed through std::atomic_ref; null until postcopy.
   Mapping fault_ts_map_;
   std::uint64_t* fault_ts_ = nullptr;
+  // Per page: when its request was handed to the sink (ns, as fault_ts_), 0 when none is pending;
+  // same kind of mapping, touched only for requested pages.
+  Mapping request_ts_map_;
+  std::uint64_t* request_ts_ = nullptr;
   std::atomic<std::uint64_t> order_{0};  // RMW'd by placers and the fault thread as a store-load fence
 
   std::atomic<State> state_{State::precopy};
@@ -298,7 +283,7 @@ class DestRegion {
   void wait_events_handled();
 
   Counters c_;
-  LatencyHistogram hist_;
+  LatencyHistogram fault_hist_, request_hist_, blocked_hist_;
   mutable std::mutex err_mu_;
   std::string last_error_;
 };
