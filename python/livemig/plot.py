@@ -21,6 +21,7 @@ import numpy as np
 
 from livemig.display import _ms, check_plot_path, format_bytes, format_rate, require_matplotlib
 from livemig.migration import MigrationResult
+from livemig.migration.results import LatencyBuckets, LatencySummary, PostcopyStats
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -186,27 +187,38 @@ def _latency(ax: Axes, r: MigrationResult) -> None:
     lowers = [uppers[k - 1] if k > 0 else uppers[0] / 2 for k in range(len(hist))]
     ks = range(lo_k, hi_k + 1)
     ax.bar([lowers[k] for k in ks], [hist[k] for k in ks], width=[uppers[k] - lowers[k] for k in ks],
-           align="edge", color="tab:green", edgecolor="white", label="faults per latency bucket")
+           align="edge", color="tab:green", edgecolor="white", label="faults per power-of-two bucket (fault to placed)")
     ax.set_xscale("log")
     total = sum(hist)
-    cdf = np.cumsum(hist) / total * 100.0
     right = ax.twinx()
-    right.step([uppers[k] for k in ks], [cdf[k] for k in ks], where="post", color="0.3", linewidth=1.2,
-               label="faults at or below (%)")
+    rows = []
+    for (name, lat, fine), colour in zip(_measures(p), ("0.2", "tab:blue", "tab:purple"), strict=True):
+        if sum(fine.counts):
+            xs = [fine.lower_us[0], *fine.upper_us]
+            cdf = [0.0, *(np.cumsum(fine.counts) * 100.0 / sum(fine.counts))]
+            right.step(xs, cdf, where="post", color=colour, linewidth=1.2, label=f"{name} (% at or below)")
+        rows.append(f"{name:<17} p50 {us_label(lat.p50):>7}  p90 {us_label(lat.p90):>7}  p99 {us_label(lat.p99):>7}"
+                    f"  p99.9 {us_label(lat.p99_9):>7}  max {us_label(lat.max):>7}  >1ms {lat.over_1ms:,}"
+                    f"  >10ms {lat.over_10ms:,}")
     right.set_ylim(0, 105)
-    right.set_ylabel("% of faults at or below")
+    right.set_ylabel("% at or below")
+    ax.text(0.5, -0.2, "\n".join(rows), transform=ax.transAxes, ha="center", va="top", fontsize=7.5,
+            family="monospace")  # below the axes and their label: the lines cross the whole panel
     lat = p.fault_latency_us
     for value, name, style in ((lat.p50, "p50", "--"), (lat.p99, "p99", "-."), (lat.max, "max", ":")):
         if value > 0:
-            ax.axvline(value, color="tab:red", linestyle=style, linewidth=1.3, label=f"{name} {us_label(value)}")
+            ax.axvline(value, color="tab:red", linestyle=style, linewidth=1.3, label=f"fault {name} {us_label(value)}")
     lo, hi = lowers[lo_k], uppers[hi_k]
+    for _, _, fine in _measures(p):
+        if sum(fine.counts):
+            lo, hi = min(lo, max(fine.lower_us[0], 0.1)), max(hi, fine.upper_us[-1])
     ax.set_xlim(lo, hi)
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
     ticks = [m * 10.0 ** e for e in decades for m in (1, 2, 5)]
     ticks = [x for x in ticks if lo <= x <= hi] or [lo, hi]
     ax.set_xticks(ticks, [us_label(x) for x in ticks])
     ax.minorticks_off()
-    ax.set_xlabel(f"fault latency (fault to page placed; {total:,} faults, p50/p99: the bucket bound holding them)")
+    ax.set_xlabel(f"latency ({total:,} faults timed; lines from buckets 1/64 wide)")
     ax.set_ylabel("faults")
     lines = ax.get_legend_handles_labels()
     more = right.get_legend_handles_labels()
@@ -214,5 +226,13 @@ def _latency(ax: Axes, r: MigrationResult) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
+def _measures(p: PostcopyStats) -> list[tuple[str, LatencySummary, LatencyBuckets]]:
+    """The three postcopy latency measures: name, figures, fine buckets."""
+    return [("fault to placed", p.fault_latency_us, p.fault_buckets),
+            ("request to placed", p.request_latency_us, p.request_buckets),
+            ("thread blocked", p.blocked_us, p.blocked_buckets)]
+
+
 __all__ = ["PANEL_CONVERGENCE", "PANEL_LATENCY", "PANEL_RATES", "PANEL_TIMELINE", "panels", "plot_migration",
            "title", "us_label"]
+
