@@ -18,7 +18,7 @@ from livemig.benchmark.figures import (
     merged_buckets,
 )
 from livemig.benchmark.plots import plot
-from livemig.benchmark.report import Report, progress, table
+from livemig.benchmark.report import Report, latency_table, progress, table
 from livemig.benchmark.runner import Bench
 from livemig.benchmark.scenarios import Scenario, needs_postcopy, scenarios, select
 
@@ -35,6 +35,7 @@ __all__ = [
     "engine_figure",
     "failed_figure",
     "histogram_quantile_us",
+    "latency_table",
     "merged_buckets",
     "needs_postcopy",
     "plot",

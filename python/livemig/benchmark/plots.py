@@ -102,7 +102,7 @@ def _fault_latency(hists: list[Figure], directory: str) -> str:
             xs = [float(fine["lower_us"][0])] + upper
             cdf = [0.0] + list(np.cumsum(counts) * 100.0 / total)
             colour = f"C{i}"
-            ax.step(xs, cdf, where="post", color=colour, linewidth=1.6, label=f"{f.name} ({total:,} samples)")
+            ax.step(xs, cdf, where="post", color=colour, linewidth=1.6, label=f"{f.name.removesuffix(' fault p50')} ({total:,} samples)")
             p50 = f.details.get(f"{key}_p50_us")
             if isinstance(p50, (int, float)) and p50 > 0:
                 ax.axvline(p50, color=colour, linestyle="--", linewidth=1)

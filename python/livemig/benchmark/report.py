@@ -101,6 +101,33 @@ def table(report: Report) -> Any:
     return t
 
 
+#: the postcopy latency measures a faults scenario reports: details key prefix, name
+LATENCY_MEASURES = (("fault", "fault read to placed"), ("request", "request sent to placed"),
+                    ("blocked", "thread blocked"))
+
+
+def latency_table(report: Report) -> Any | None:
+    """The faults scenarios' three postcopy latency measures (every run's histogram merged, buckets
+    1/64 wide): p50 / p90 / p99 / p99.9 / max in us and the samples over 1 ms and 10 ms; None
+    when no faults scenario ran."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    figs = [f for f in report.figures if f.group == "faults" and f.error is None and "fault_max_us" in f.details]
+    if not figs:
+        return None
+    t = Table(title=escape("postcopy latency, all runs of a scenario merged (us)"), title_justify="left")
+    for col in ("scenario", "measure", "samples", "p50", "p90", "p99", "p99.9", "max", "> 1 ms", "> 10 ms"):
+        t.add_column(col, justify="left" if col in ("scenario", "measure") else "right")
+    for f in figs:
+        t.add_section()
+        for key, name in LATENCY_MEASURES:
+            d = f.details
+            counts = (d.get(f"{key}_buckets") or {}).get("counts", ())
+            t.add_row(escape(f.name.removesuffix(" fault p50")), name, f"{sum(counts):,}",
+                      *(_fmt(d.get(f"{key}_{q}_us")) for q in ("p50", "p90", "p99", "p99_9", "max")),
+                      f"{d.get(f'{key}_over_1ms', 0):,}", f"{d.get(f'{key}_over_10ms', 0):,}")
+    return t
 
 
 @contextmanager

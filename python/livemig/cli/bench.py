@@ -80,6 +80,9 @@ def bench(quick: bool, sizes: str | None, repeat: int | None, patterns: Sequence
         report = runner.run(chosen, settings)
     if not quiet:
         console.print(benchmark.table(report))
+        latencies = benchmark.latency_table(report)
+        if latencies is not None:
+            console.print(latencies)
     if json_file == "-":
         print_json(report.to_json())
     elif json_file is not None:
