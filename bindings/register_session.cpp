@@ -101,6 +101,8 @@ void register_session(py::module_& m) {
            py::arg("config"), py::keep_alive<1, 3>(), py::keep_alive<1, 4>(), py::keep_alive<1, 5>())
       .def("resync_on_received_bitmap", &SourceSession::resync_on_received_bitmap, py::arg("local_fill"),
            "Recovery: resync the source on the destination's received bitmap as soon as it arrives.")
+      .def("read_requests_on", &SourceSession::read_requests_on, py::arg("fd"),
+           "Also read requests from fd (the urgent channel: capability urgent-requests) on a thread of its own.")
       .def("start_return_path", &SourceSession::start_return_path)
       .def("precopy_pass", &SourceSession::precopy_pass, py::arg("max_seconds"),
            py::arg("max_pages") = ~std::uint64_t{0}, py::call_guard<py::gil_scoped_release>(),
@@ -124,6 +126,8 @@ void register_session(py::module_& m) {
            }),
            py::arg("region"), py::arg("main_fd"), py::arg("extra_fds"), py::arg("urgent_fd"), py::arg("return_path"),
            py::arg("config"), py::keep_alive<1, 2>(), py::keep_alive<1, 6>())
+      .def("send_requests_on", &DestSession::send_requests_on, py::arg("writer"), py::keep_alive<1, 2>(),
+           "Send the fault thread's requests with writer (the urgent channel's: capability urgent-requests).")
       .def("start", &DestSession::start)
       .def("detach", &DestSession::detach, py::call_guard<py::gil_scoped_release>(),
            "Recovery: stop sending the fault thread's requests (the connection broke in postcopy).")

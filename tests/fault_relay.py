@@ -43,6 +43,8 @@ class FaultRelay:
         self._closed = False
         self.cuts_done = 0
         self.connections = 0
+        #: bytes forwarded each way on each connection, in the order they were accepted
+        self.per_connection: list[dict[Direction, int]] = []
         self.cut_event = threading.Event()
         self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._lsock.bind(("127.0.0.1", 0))
@@ -146,8 +148,10 @@ class FaultRelay:
                     return
                 self._pairs.append((client, upstream))
                 self.connections += 1
+                counts: dict[Direction, int] = {"to_destination": 0, "to_source": 0}
+                self.per_connection.append(counts)
             for src, dst, d in ((client, upstream, "to_destination"), (upstream, client, "to_source")):
-                t = threading.Thread(target=self._pump, args=(src, dst, d), daemon=True)
+                t = threading.Thread(target=self._pump, args=(src, dst, d, counts), daemon=True)
                 t.start()
                 self._threads.append(t)
 
@@ -170,7 +174,8 @@ class FaultRelay:
                 self._armed = None
             return limit, cut
 
-    def _pump(self, src: socket.socket, dst: socket.socket, direction: Direction) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: Direction,
+              counts: dict[Direction, int]) -> None:
         t0, sent = time.monotonic(), 0
         try:
             while True:
@@ -191,6 +196,8 @@ class FaultRelay:
                 if n:
                     dst.sendall(data[:n])
                     sent += n
+                    with self._lock:
+                        counts[direction] += n
                 if cut:
                     with self._lock:
                         pairs = self._take_cut_locked()

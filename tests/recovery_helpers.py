@@ -39,6 +39,8 @@ class Outcome:
     connections: int = 0  #: connections it relayed
     to_destination: int = 0  #: bytes the relay forwarded to the destination (every connection)
     to_source: int = 0  #: bytes it forwarded back
+    #: bytes forwarded each way per connection, in the order they were made
+    per_connection: list[dict[str, int]] = field(default_factory=list)
 
 
 class PhaseHook(NoProgress):
@@ -84,6 +86,7 @@ def run_through_relay(
                 out.error = e
             out.cuts, out.connections = relay.cuts_done, relay.connections
             out.to_destination, out.to_source = relay.forwarded("to_destination"), relay.forwarded("to_source")
+            out.per_connection = [dict(c) for c in relay.per_connection]
             kind, payload = _dest_answer(q, proc, deadline_s)
             out.dest_ok, out.dest_kind, out.dest = kind == "summary", kind, payload
         proc.join(deadline_s)

@@ -1,7 +1,8 @@
 // The source and destination sessions in one process over socketpairs: precopy on three channels
 // with pages dirtied between rounds, then postcopy with a discard set, a guest thread faulting on
-// the discarded pages, requests on the return path and the urgent channel. Every page must end up
-// holding the source's bytes. Run under ThreadSanitizer by CI.
+// the discarded pages, requests on the return path (or, with urgent requests, on the urgent
+// socket's other direction, read by a source thread of their own) and pages on the urgent channel.
+// Every page must end up holding the source's bytes. Run under ThreadSanitizer by CI.
 #include <sys/socket.h>
 
 #include <atomic>
@@ -48,7 +49,7 @@ void fill(std::uint8_t* p, std::size_t page, std::uint64_t gen, std::size_t ps) 
 
 }  // namespace
 
-void precopy_then_postcopy() {
+void migrate(bool urgent_requests) {
   constexpr std::size_t kPages = 4096;
   const std::size_t ps = system_page_size();
   auto source = std::make_shared<Source>(kPages, TrackMode::Explicit, Backing::Anonymous, ps);
@@ -65,10 +66,14 @@ void precopy_then_postcopy() {
   auto region = std::make_shared<DestRegion>(kPages * ps, false, ps);
   wire::FrameWriter src_main(main_ch.a.get(), cfg), src_urgent(urgent_ch.a.get(), cfg);
   wire::FrameWriter src_x1(extra1.a.get(), cfg), src_x2(extra2.a.get(), cfg);
-  wire::FrameWriter dst_return(main_ch.b.get(), cfg);
+  wire::FrameWriter dst_return(main_ch.b.get(), cfg), dst_requests(urgent_ch.b.get(), cfg);
 
   SourceSession ss(source, src_main, {&src_x1, &src_x2}, &src_urgent, main_ch.a.get(), cfg);
   DestSession ds(region, main_ch.b.get(), {extra1.b.get(), extra2.b.get()}, urgent_ch.b.get(), dst_return, cfg);
+  if (urgent_requests) {
+    ds.send_requests_on(&dst_requests);
+    ss.read_requests_on(urgent_ch.a.get());
+  }
   ds.start();
   ss.start_return_path();
 
@@ -114,8 +119,11 @@ void precopy_then_postcopy() {
   }
   guest.join();
   ss.end_urgent();
-  // Requests were served on the return-path thread or queued for the push, each page once.
+  // Requests were served on the thread that read them or queued for the push, each page once.
   CHECK(urgent_pages == source->scanner().counters().request_pages_served);
+  // With urgent requests every request went on the urgent socket; without, none did.
+  const std::uint64_t requests = region->counters().requests, on_urgent = dst_requests.sent().bytes;
+  CHECK(urgent_requests ? (requests == 0 || on_urgent > 0) : on_urgent == 0);
   src_main.send_command(wire::Command::kComplete);
   expect_event(ds, SessionEvent::Kind::Command);
 
@@ -127,14 +135,20 @@ void precopy_then_postcopy() {
   region->stop();
   ::shutdown(main_ch.a.get(), SHUT_RDWR);
   ::shutdown(main_ch.b.get(), SHUT_RDWR);
+  ::shutdown(urgent_ch.a.get(), SHUT_RDWR);
   ::shutdown(urgent_ch.b.get(), SHUT_RDWR);
   ds.join();
   ss.join_return_path();
-  std::printf("test_session_stress: ok (%llu discarded ranges, checksum %llu)\n",
+  std::printf("test_session_stress: ok (%llu requests %s, %llu discarded ranges, checksum %llu)\n",
+              static_cast<unsigned long long>(requests), urgent_requests ? "on the urgent socket" : "on the return path",
               static_cast<unsigned long long>(sets.discard.size()),
               static_cast<unsigned long long>(checksum.load()));
 }
 
+void precopy_then_postcopy() { migrate(false); }
+void precopy_then_postcopy_urgent_requests() { migrate(true); }
+
 int main(int argc, char** argv) {
-  return livemig::test::run(argc, argv, {{"precopy_then_postcopy", precopy_then_postcopy}});
+  return livemig::test::run(argc, argv, {{"precopy_then_postcopy", precopy_then_postcopy},
+                                         {"precopy_then_postcopy_urgent_requests", precopy_then_postcopy_urgent_requests}});
 }

@@ -135,8 +135,27 @@ void SourceSession::read_through(wire::InputOpener open) {
   open_ = std::move(open);
 }
 
+void SourceSession::read_requests_on(int fd) {
+  if (return_thread_.joinable()) throw std::logic_error("read_requests_on: the return path already started");
+  request_fd_ = fd;
+}
+
 void SourceSession::start_return_path() {
   if (return_thread_.joinable()) throw std::logic_error("the return path is already being read");
+  if (request_fd_ >= 0)
+    request_thread_ = std::thread([this] {
+      try {
+        // Requests only, for the whole postcopy; it ends when the socket is shut down. Its end and
+        // its errors after the urgent channel ended are no news (the main return path reports a
+        // broken connection).
+        const auto in = wire::open_input(open_, request_fd_, 0);
+        wire::FrameReader reader(*in, cfg_, wire::Direction::kToSource);
+        ReturnHandler handler(*source_, events_, *this, false, false);
+        reader.run(handler);
+      } catch (const std::exception& e) {
+        if (serving_.load(std::memory_order_acquire)) events_.push(failed_event(e));
+      }
+    });
   return_thread_ = std::thread([this] {
     try {
       // The return path may stay silent for a long time (no faults): no read timeout here; the
@@ -159,6 +178,7 @@ void SourceSession::start_return_path() {
 
 void SourceSession::join_return_path() {
   if (return_thread_.joinable()) return_thread_.join();
+  if (request_thread_.joinable()) request_thread_.join();
 }
 
 void SourceSession::interrupt() noexcept {
@@ -506,9 +526,14 @@ void DestSession::read_through(wire::InputOpener open) {
   open_ = std::move(open);
 }
 
+void DestSession::send_requests_on(wire::FrameWriter* w) {
+  if (!threads_.empty()) throw std::logic_error("send_requests_on: the session already started");
+  request_path_ = w;
+}
+
 void DestSession::start() {
   if (!threads_.empty()) throw std::logic_error("the session already started");
-  sink_->bind(return_path_);
+  sink_->bind(request_path_ != nullptr ? request_path_ : return_path_);
   region_->set_request_sink(sink_);
   start_readers();
 }
@@ -526,6 +551,7 @@ void DestSession::reattach(int main_fd, std::vector<int> extra_fds, int urgent_f
   extra_fds_ = std::move(extra_fds);
   urgent_fd_ = urgent_fd;
   return_path_ = &return_path;
+  request_path_ = nullptr;
   if (!resync) {
     start_readers();
     return;

@@ -77,6 +77,7 @@ class DestinationRun:
         self.session = _core.DestSession(self.dest.region, conn.main.fileno(), extra_fds, urgent_fd,
                                          self.link.return_path, conn.config())
         conn.read_through(self.session)  # through the channels' TLS sessions when encrypted
+        self.link.route_requests(self.session)
         self.recovery = DestinationRecovery(config, listener, wire_options, self.session, progress)
         factory.prepare(self.region)
         self.workload: Workload | None = None

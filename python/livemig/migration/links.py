@@ -42,13 +42,18 @@ class SourceLink:
     urgent: _core.FrameWriter | None
 
     @classmethod
-    def open(cls, conn: wire.Connection, source: _core.Source, *, extras: bool = True) -> SourceLink:
-        """Writers for every channel of ``conn`` and a session over ``source`` (not started)."""
+    def open(cls, conn: wire.Connection, source: _core.Source, *, extras: bool = True,
+             resumed: bool = False) -> SourceLink:
+        """Writers for every channel of ``conn`` and a session over ``source`` (not started);
+        requests are read from the urgent channel when negotiated (never on a ``resumed``
+        connection: there they follow the received bitmap on main)."""
         main = conn.writer()
         extra = [conn.writer(ch) for ch in conn.pages] if extras else []
         urgent = conn.writer(conn.urgent) if conn.urgent is not None else None
         session = _core.SourceSession(source, main, extra, urgent, conn.main.fileno(), conn.config())
         conn.read_through(session)  # the return path, through main's TLS session when encrypted
+        if conn.urgent is not None and conn.negotiated.urgent_requests and not resumed:
+            session.read_requests_on(conn.urgent.fileno())
         return cls(conn, session, main, extra, urgent)
 
     def end_extras(self) -> None:
@@ -74,9 +79,19 @@ class DestLink:
     return_path: _core.FrameWriter
     ended: set[int] = field(default_factory=set)  #: channels that sent END
 
+    #: the urgent channel's writer when requests travel there (urgent-requests), else None
+    request_path: _core.FrameWriter | None = None
+
     @classmethod
     def of(cls, conn: wire.Connection) -> DestLink:
         return cls(conn, conn.writer())
+
+    def route_requests(self, session: _core.DestSession) -> None:
+        """Requests on the urgent channel when negotiated (a first connection's session, before
+        it starts)."""
+        if self.conn.urgent is not None and self.conn.negotiated.urgent_requests:
+            self.request_path = self.conn.writer(self.conn.urgent)
+            session.send_requests_on(self.request_path)
 
 
 __all__ = ["DestLink", "SourceLink", "event_summary", "shutdown_channels"]

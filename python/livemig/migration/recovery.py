@@ -145,7 +145,7 @@ class SourceRecovery:
                                 " session")
         conn.timeout = self.config.timeout
         conn.main.bound_queue("source", self.config.postcopy_queue_bytes)  # a resume is postcopy
-        link = SourceLink.open(conn, self.source, extras=False)
+        link = SourceLink.open(conn, self.source, extras=False, resumed=True)
         if self.on_link is not None:
             link = self.on_link(link)
         try:

@@ -18,12 +18,16 @@ CAPABILITY_BITS: dict[str, int] = {
     "checksums": 1 << 4,
     "digests": 1 << 5,
     "tls": 1 << 6,
+    "urgent-requests": 1 << 7,
 }
 """Capability names (docs/design.md) and their bits. Bits a peer sets that we do not know are
 ignored. ``digests``: the destination keeps a digest of every page it places and sends the table
 with its report (the generic oracle); a source offers it only when it verifies. ``tls``: this side
 speaks TLS 1.3 on its channels (its HELLO then says whether it requires or declines encryption and
-which keys it holds: wire/tls.py)."""
+which keys it holds: wire/tls.py). ``urgent-requests``: with an urgent channel, the destination
+sends its page requests on the urgent socket's other direction instead of main's, where the
+background push keeps the socket busy (a resumed connection sends them on main, after its
+received bitmap)."""
 ALL_CAPABILITIES: frozenset[str] = frozenset(CAPABILITY_BITS)
 #: Capabilities a side offers unless told otherwise (``digests`` is offered per migration).
 DEFAULT_CAPABILITIES: frozenset[str] = ALL_CAPABILITIES - {"digests"}
@@ -117,6 +121,11 @@ class Negotiated:
     def urgent_channel(self) -> bool:
         """Requested pages travel on their own channel; without it they go first on main."""
         return "urgent-channel" in self.capabilities
+
+    @property
+    def urgent_requests(self) -> bool:
+        """Requests travel on the urgent channel (the destination to the source) instead of main."""
+        return self.urgent_channel and "urgent-requests" in self.capabilities
 
     @property
     def local_fill(self) -> bool:

@@ -92,6 +92,11 @@ class SourceSession {
   /// Reads the return path through `open` (e.g. wire::tls_input_opener) instead of the bare
   /// socket. Call before start_return_path.
   void read_through(wire::InputOpener open);
+  /// Also reads requests from `fd` (the urgent channel's socket, whose other direction the
+  /// destination sends them on: capability urgent-requests), on a thread of its own that serves
+  /// them as it reads them, away from the main socket the background push keeps busy. Call before
+  /// start_return_path; it starts with it.
+  void read_requests_on(int fd);
   /// Starts the thread that reads the return path: requests go to the scanner, the rest to events.
   void start_return_path();
   /// Sends dirty pages on the main and extra channels (one thread each) until none is left, or
@@ -109,7 +114,7 @@ class SourceSession {
   void interrupt() noexcept;
   /// The next event from the return path, waiting up to `timeout_s`.
   std::optional<SessionEvent> wait_event(double timeout_s) { return events_.wait(to_ns(timeout_s)); }
-  /// Joins the return-path thread (after the socket was shut down or the peer ended it).
+  /// Joins the return-path threads (after the sockets were shut down or the peer ended them).
   void join_return_path();
 
  private:
@@ -132,6 +137,8 @@ class SourceSession {
   wire::WireConfig cfg_;
   EventQueue events_;
   std::thread return_thread_;
+  int request_fd_ = -1;         // read_requests_on (set before the threads start)
+  std::thread request_thread_;  // reads request_fd_
   std::atomic<bool> interrupted_{false};
   // Requests served on the return-path thread (see serve_request). urgent_mu_ orders every send on
   // the urgent channel and its END; serving_ is also read without it as a fast "no".
@@ -161,6 +168,11 @@ class DestSession {
   /// connection's TLS channels) instead of the bare sockets. Call before start(), and again with
   /// the new connection's channels before reattach(), never while readers run.
   void read_through(wire::InputOpener open);
+  /// Sends the fault thread's requests on `w` (the urgent channel's writer: capability
+  /// urgent-requests) instead of the return path, so they never wait for the main socket, which
+  /// the main channel's reader keeps busy. Call before start(); reattach() goes back to the
+  /// return path (a resumed connection's requests must follow its received bitmap on main).
+  void send_requests_on(wire::FrameWriter* w);
   /// Installs the request sink and starts the reader threads.
   void start();
   /// Recovery, when the connection broke in postcopy: from now on the fault thread's requests are
@@ -197,6 +209,7 @@ class DestSession {
   int urgent_fd_;
   wire::InputOpener open_;  // set while no reader runs (thread creation orders it)
   wire::FrameWriter* return_path_;
+  wire::FrameWriter* request_path_ = nullptr;  // send_requests_on; null: the return path
   wire::WireConfig cfg_;
   EventQueue events_;
   std::shared_ptr<WireRequestSink> sink_;
