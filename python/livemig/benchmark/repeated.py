@@ -34,7 +34,8 @@ DEFAULT_ARGS = ("--size", "256M", "--workload", "random", "--dirty-rate", "50000
 #: and the receiver's reports of segments it got twice (DSACK: the retransmission was spurious).
 COUNTERS = ("Tcp.RetransSegs", "TcpExt.TCPTimeouts", "TcpExt.RcvPruned", "TcpExt.OfoPruned", "TcpExt.TCPRcvQDrop",
             "TcpExt.TCPZeroWindowDrop", "TcpExt.TCPBacklogDrop", "TcpExt.TCPLossProbes", "TcpExt.TCPFastRetrans",
-            "TcpExt.TCPDSACKRecv", "TcpExt.TCPDSACKOfoRecv", "TcpExt.TCPSpuriousRTOs", "TcpExt.TCPLostRetransmit")
+            "TcpExt.TCPDSACKRecv", "TcpExt.TCPDSACKOfoRecv", "TcpExt.TCPSpuriousRTOs", "TcpExt.TCPLostRetransmit",
+            "TcpExt.TCPToZeroWindowAdv", "TcpExt.TCPWinProbe")
 MEASURES = (("fault", "fault_latency_us"), ("request", "request_latency_us"), ("blocked", "blocked_us"))
 QUIET_P50_US, QUIET_P99_US, BUSY_RATIO, MAX_US = 30.0, 100.0, 1.3, 1000.0
 CLONE_NEWNET = 0x40000000
@@ -78,13 +79,16 @@ def private_netns() -> str | None:
     return None
 
 
-def one_run(args: Sequence[str], floor: Callable[[], tuple[float, float]], timeout: float) -> RunFigures:
-    """The floor, then one ``livemig migrate ARGS --json`` with the counters read around it."""
+def one_run(args: Sequence[str], floor: Callable[[], tuple[float, float]], timeout: float,
+            pythonpath: str | None = None) -> RunFigures:
+    """The floor, then one ``livemig migrate ARGS --json`` (the livemig of ``pythonpath`` when
+    given) with the counters read around it."""
     p50, p99 = floor()
     run = RunFigures(p50, p99, load=os.getloadavg()[0])
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
     before = read_counters()
     proc = subprocess.run([sys.executable, "-m", "livemig", "migrate", *args, "--json"], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+                          text=True, timeout=timeout, check=False, env=env)
     time.sleep(0.3)  # let the closed connections' last segments (FIN, acks) be counted with this run
     after = read_counters()
     run.counters = {k: after.get(k, 0) - before.get(k, 0) for k in COUNTERS if after.get(k, 0) != before.get(k, 0)}
@@ -153,22 +157,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", dest="json_file", help="write every run's figures to this file")
     p.add_argument("--ab", metavar="ARGS", default=None,
                    help="A/B: every other run (B) adds these migrate arguments, e.g. '--disable-capability X'")
+    p.add_argument("--b-pythonpath", metavar="DIR", default=None,
+                   help="A/B: B runs the livemig found there (e.g. another checkout's python/ directory)")
     p.add_argument("migrate_args", nargs="*", help=f"livemig migrate's arguments (default: {' '.join(DEFAULT_ARGS)})")
     a = p.parse_args(argv)
     if a.runs < 1:
         p.error("--runs takes at least 1")
     args = a.migrate_args or list(DEFAULT_ARGS)
-    variants = [("A ", args), ("B ", [*args, *shlex.split(a.ab)])] if a.ab else [("", args)]
+    ab = a.ab is not None or a.b_pythonpath is not None
+    variants = [("A ", args), ("B ", [*args, *shlex.split(a.ab or "")])] if ab else [("", args)]
     why = private_netns()
     print(f"livemig migrate {' '.join(args)} --json, {a.runs} times"
           + (f"; host network namespace ({why}): other traffic moves the counters too" if why else
              "; in a network namespace of its own"), flush=True)
-    if a.ab:
-        print(f"A/B, alternated: B adds {a.ab}", flush=True)
+    if ab:
+        print(f"A/B, alternated: B adds {a.ab or 'nothing'}, runs livemig from {a.b_pythonpath or 'here'}", flush=True)
     groups: list[list[RunFigures]] = [[] for _ in variants]
     for i in range(a.runs * len(variants)):
         name, run_args = variants[i % len(variants)]
-        r = one_run(run_args, raw_floor, a.timeout)
+        r = one_run(run_args, raw_floor, a.timeout, a.b_pythonpath if name == "B " else None)
         groups[i % len(variants)].append(r)
         lat = r.latency
         print(f"{name}run {i // len(variants) + 1:>2}: {'ok' if r.ok else 'FAILED'}; floor {r.floor_p50_us:.1f}/{r.floor_p99_us:.1f} us;"
