@@ -6,10 +6,11 @@ bytes both ways."""
 from __future__ import annotations
 
 import pytest
+from tls_helpers import SECRET
 
 from livemig.destination import postcopy_unsupported_reason
 from livemig.guest import GuestConfig
-from livemig.migration import MigrationConfig
+from livemig.migration import DestinationConfig, MigrationConfig
 
 from recovery_helpers import assert_completed, run_through_relay
 
@@ -20,16 +21,20 @@ HANDSHAKE_MAX = 1024  # what a channel's destination sends back before any frame
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("urgent_requests", [True, False])
-def test_requests_travel_on_the_urgent_socket_exactly_when_negotiated(urgent_requests: bool) -> None:
+@pytest.mark.parametrize(("urgent_requests", "encrypt"), [(True, False), (False, False), (True, True)])
+def test_requests_travel_on_the_urgent_socket_exactly_when_negotiated(urgent_requests: bool, encrypt: bool) -> None:
     if (why := postcopy_unsupported_reason()) is not None:
         pytest.skip(why)
     off = frozenset() if urgent_requests else frozenset({"urgent-requests"})
-    config = MigrationConfig(postcopy=True, hints=False, verify=True, disable_capabilities=off)
-    out = run_through_relay(GUEST, config, rate_bps=SLOW_LINK)
+    secret = SECRET if encrypt else None  # encrypted: the urgent channel's TLS session carries them
+    config = MigrationConfig(postcopy=True, hints=False, verify=True, disable_capabilities=off, secret=secret,
+                             encrypt=encrypt)
+    dest = DestinationConfig(timeout=10, resume_deadline_s=10, secret=secret, encrypt=encrypt)
+    out = run_through_relay(GUEST, config, rate_bps=SLOW_LINK, dest=dest)
     assert_completed(out)
     r = out.result
     assert r is not None and ("urgent-requests" in r.capabilities) == urgent_requests
+    assert r.tls.enabled == encrypt
     assert "urgent-channel" in r.capabilities
     requests = r.postcopy.requests
     assert requests >= 10, r.postcopy  # the guest faulted on pages still on the source
