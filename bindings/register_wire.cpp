@@ -65,6 +65,7 @@ void register_enums(py::module_& m) {
       .value("POSTCOPY_START", wire::Command::kPostcopyStart)
       .value("COMPLETE", wire::Command::kComplete)
       .value("COMMITTED", wire::Command::kCommitted)
+      .value("POSTCOPY_NEXT", wire::Command::kPostcopyNext)
       .finalize();
   py::native_enum<wire::AckKind>(m, "AckKind", "enum.IntEnum", "Acknowledgement kinds on the return path.")
       .value("GUEST_RUNS", wire::AckKind::kGuestRuns)

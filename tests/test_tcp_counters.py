@@ -52,6 +52,15 @@ def run_channels() -> None:
     _check(*migrate_locally(GUEST, MigrationConfig(channels=3, verify=True), size=SIZE))
 
 
+def run_postcopy_channels() -> None:
+    """Postcopy after two rounds on three channels: COMMAND 5 (postcopy-next) bounds the queue
+    at the second round's start, while the extra channels still carry pages."""
+    cfg = MigrationConfig(postcopy=True, postcopy_after=2, channels=3, verify=True)
+    result, summary = migrate_locally(GUEST, cfg, size=SIZE)
+    _check(result, summary)
+    assert "postcopy-next" in getattr(result, "capabilities", ()), result
+
+
 def run_recovery_resume() -> None:
     def cut_in_postcopy(relay, proc):  # type: ignore[no-untyped-def]
         def on_phase(name: str) -> None:
@@ -69,7 +78,8 @@ def run_recovery_resume() -> None:
 
 
 MODES = [("precopy", run_precopy), ("postcopy", run_postcopy), ("hints", run_hints),
-         ("channels", run_channels), ("recovery-resume", run_recovery_resume)]
+         ("channels", run_channels), ("postcopy-channels", run_postcopy_channels),
+         ("recovery-resume", run_recovery_resume)]
 
 
 @pytest.mark.timeout(240)

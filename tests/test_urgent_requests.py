@@ -1,7 +1,7 @@
-"""Capability urgent-requests: in postcopy the destination's page requests travel on the urgent
-socket's other direction (never behind the bulk stream on main), and on the return path without
-it; a resumed connection sends them on main. Seen by the relay, which counts each connection's
-bytes both ways."""
+"""The fault path's capabilities. urgent-requests: in postcopy the destination's page requests
+travel on the urgent socket's other direction (never behind the bulk stream on main), and on the
+return path without it; a resumed connection sends them on main. Seen by the relay, which counts
+each connection's bytes both ways. postcopy-next: the source announces the last precopy round."""
 
 from __future__ import annotations
 
@@ -45,3 +45,21 @@ def test_requests_travel_on_the_urgent_socket_exactly_when_negotiated(urgent_req
     else:  # requests went back on main; the others only answered their handshakes
         assert busiest <= HANDSHAKE_MAX, out.per_connection
         assert main["to_source"] >= REQUEST_BYTES * requests, (out.per_connection, requests)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("postcopy_next", [True, False])
+def test_postcopy_next_on_three_channels_is_negotiated_and_the_migration_completes(postcopy_next: bool) -> None:
+    """COMMAND 5 (capability postcopy-next) starts the last precopy round on main while the extra
+    page channels still carry that round's pages; the migration completes and verifies with and
+    without it (the TCP counter test checks it drops nothing)."""
+    if (why := postcopy_unsupported_reason()) is not None:
+        pytest.skip(why)
+    off = frozenset() if postcopy_next else frozenset({"postcopy-next"})
+    config = MigrationConfig(postcopy=True, postcopy_after=2, channels=3, hints=False, verify=True,
+                             disable_capabilities=off)
+    out = run_through_relay(GUEST, config, rate_bps=SLOW_LINK)
+    assert_completed(out)
+    r = out.result
+    assert r is not None and ("postcopy-next" in r.capabilities) == postcopy_next
+    assert r.precopy_rounds == 2 and r.mode == "postcopy" and "multichannel" in r.capabilities

@@ -402,6 +402,7 @@ class Command(enum.IntEnum):
     POSTCOPY_START = 2
     COMPLETE = 3
     COMMITTED = 4
+    POSTCOPY_NEXT = 5
 
 class AckKind(enum.IntEnum):
     GUEST_RUNS = 0

@@ -467,7 +467,11 @@ class DestSession::ChannelHandler final : public wire::FrameHandler {
     s_.events_.push(std::move(e));
   }
   void command(wire::Command cmd, std::span<const std::uint8_t> args) override {
-    control_frame();
+    // POSTCOPY_NEXT comes at the start of a precopy round, while the extra channels still carry
+    // pages: it waits for nothing (it bounds main's queue, which must happen before that round's
+    // pages fill the window, not after the extras END). Every other command orders after them.
+    if (cmd == wire::Command::kPostcopyNext && is_extra_) throw ProtocolError("control frame on an extra page channel");
+    if (cmd != wire::Command::kPostcopyNext) control_frame();
     // Postcopy starts here, in stream order: every page before this frame was written in place,
     // every page after it is placed through userfaultfd.
     if (cmd == wire::Command::kPostcopyStart) s_.region_->start_postcopy();

@@ -52,6 +52,7 @@ class RunFigures:
     counters: dict[str, int] = field(default_factory=dict)
     ok: bool = True
     load: float = 0.0
+    total_ms: float = 0.0  #: the migration's total time
 
 
 def read_counters() -> dict[str, int]:
@@ -97,6 +98,7 @@ def one_run(args: Sequence[str], floor: Callable[[], tuple[float, float]], timeo
     except ValueError:
         r = {"ok": False, "postcopy": {}}
     run.ok = bool(r.get("ok")) and proc.returncode == 0
+    run.total_ms = float(r.get("total_ms") or 0.0)
     for name, key in MEASURES:
         lat = r.get("postcopy", {}).get(key, {})
         run.latency[name] = {k: float(lat.get(k, 0.0)) for k in ("p50", "p99", "max", "over_1ms", "count")}
@@ -118,7 +120,8 @@ def summary(runs: list[RunFigures], say: Callable[[str], None] = print, label: s
     f50 = statistics.median(r.floor_p50_us for r in runs)
     f99 = statistics.median(r.floor_p99_us for r in runs)
     say(f"\n{label}{len(runs)} runs; raw floor (ping-pong + UFFDIO_COPY, median of the runs): p50 {f50:.1f} us,"
-        f" p99 {f99:.1f} us; load average {min(r.load for r in runs):.1f}-{max(r.load for r in runs):.1f}")
+        f" p99 {f99:.1f} us; load average {min(r.load for r in runs):.1f}-{max(r.load for r in runs):.1f};"
+        f" total time median {statistics.median(r.total_ms for r in runs):,.0f} ms")
     say(f"{'measure':<10}{'p50 med':>10}{'p50 range':>18}{'p99 med':>10}{'p99 range':>18}{'max':>11}"
         f"{'>1 ms':>7}{'p50/floor':>11}{'p99/floor':>11}")
     for name, _ in MEASURES:

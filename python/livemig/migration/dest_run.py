@@ -127,6 +127,8 @@ class DestinationRun:
             # Postcopy follows, and everything sent so far is applied (the queue is empty).
             self.link.conn.main.bound_queue("destination", self.config.postcopy_queue_bytes)
             self.link.return_path.send_ack(AckKind.SWITCHOVER, 0)
+        elif ev.command == Command.POSTCOPY_NEXT:  # postcopy follows this round: spend the precopy window
+            self.link.conn.main.bound_queue("destination", self.config.postcopy_queue_bytes)
         elif ev.command == Command.COMMITTED:
             self.recovery.source_committed = True
 

@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass, field
 
 from livemig import _core, wire
-from livemig.protocol import EventKind
+from livemig.protocol import Command, EventKind
 
 
 def shutdown_channels(conn: wire.Connection) -> None:
@@ -55,6 +55,13 @@ class SourceLink:
         if conn.urgent is not None and conn.negotiated.urgent_requests and not resumed:
             session.read_requests_on(conn.urgent.fileno())
         return cls(conn, session, main, extra, urgent)
+
+    def round_starts(self, index: int, postcopy_after: int | None) -> None:
+        """Precopy round ``index`` starts: when postcopy follows it (``postcopy_after`` rounds;
+        None: no postcopy), COMMAND 5 has the destination bound its main channel's queue now, so
+        the window it advertised for precopy is spent by the time postcopy starts (postcopy-next)."""
+        if postcopy_after is not None and index == postcopy_after - 1 and self.conn.negotiated.postcopy_next:
+            self.main.send_command(Command.POSTCOPY_NEXT)
 
     def end_extras(self) -> None:
         """END on every extra page channel (they carry nothing after this)."""

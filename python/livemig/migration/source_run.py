@@ -129,6 +129,7 @@ class SourceRun:
                     break
             self._check_peer()
             self.monitor.round_begin(index, dirty, dirty, self.figures.counts().pages_sent)
+            self.link.round_starts(index, cfg.postcopy_after if cfg.postcopy else None)
             st = self.link.session.precopy_pass(max_seconds=3600.0, max_pages=dirty)
             bandwidth = st.bytes / st.seconds if st.seconds > 0 else bandwidth
             sent = (index, dirty, st, t_sync)

@@ -19,6 +19,7 @@ CAPABILITY_BITS: dict[str, int] = {
     "digests": 1 << 5,
     "tls": 1 << 6,
     "urgent-requests": 1 << 7,
+    "postcopy-next": 1 << 8,
 }
 """Capability names (docs/design.md) and their bits. Bits a peer sets that we do not know are
 ignored. ``digests``: the destination keeps a digest of every page it places and sends the table
@@ -27,7 +28,9 @@ speaks TLS 1.3 on its channels (its HELLO then says whether it requires or decli
 which keys it holds: wire/tls.py). ``urgent-requests``: with an urgent channel, the destination
 sends its page requests on the urgent socket's other direction instead of main's, where the
 background push keeps the socket busy (a resumed connection sends them on main, after its
-received bitmap)."""
+received bitmap). ``postcopy-next``: the source announces the last precopy round before a
+postcopy (COMMAND 5) and the destination bounds its main channel's queue then, so the window it
+advertised in precopy is spent before postcopy starts."""
 ALL_CAPABILITIES: frozenset[str] = frozenset(CAPABILITY_BITS)
 #: Capabilities a side offers unless told otherwise (``digests`` is offered per migration).
 DEFAULT_CAPABILITIES: frozenset[str] = ALL_CAPABILITIES - {"digests"}
@@ -126,6 +129,11 @@ class Negotiated:
     def urgent_requests(self) -> bool:
         """Requests travel on the urgent channel (the destination to the source) instead of main."""
         return self.urgent_channel and "urgent-requests" in self.capabilities
+
+    @property
+    def postcopy_next(self) -> bool:
+        """The source sends COMMAND 5 as its last precopy round before a postcopy starts."""
+        return "postcopy-next" in self.capabilities
 
     @property
     def local_fill(self) -> bool:

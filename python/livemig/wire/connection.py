@@ -60,12 +60,14 @@ def check_queue_bytes(nbytes: int) -> int:
 _SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not in Python's socket module
 
 
-def _lock_receive_buffer(sock: socket.socket) -> None:
-    """Keeps a TCP socket's receive buffer at its present size from now on: receive autotuning
-    would otherwise grow it further and raise the window clamp along with it. Only ever at the
-    same size (never smaller: see Channel.bound_queue); left autotuned when this process may not
-    set that size (net.core.rmem_max below it, and no CAP_NET_ADMIN for SO_RCVBUFFORCE)."""
-    cur = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # what the kernel holds (2x asked)
+def _lock_receive_buffer(sock: socket.socket, at_least: int) -> None:
+    """Keeps a TCP socket's receive buffer from now on at its present size, or at ``at_least``
+    bytes of the kernel's accounting when that is more: receive autotuning would otherwise grow it
+    and raise the window clamp along with it, and a buffer barely the window's size overflows when
+    segments take more memory than the kernel guessed (RcvPruned). Never smaller (see
+    Channel.bound_queue); left autotuned when this process may not set the size (net.core.rmem_max
+    below it, and no CAP_NET_ADMIN for SO_RCVBUFFORCE)."""
+    cur = max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), at_least)  # the kernel holds 2x asked
     try:
         sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, cur // 2)
     except PermissionError:
@@ -119,7 +121,7 @@ class Channel:
             elif role == "source":
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, max(nbytes // 4, 1))
             else:
-                _lock_receive_buffer(sock)
+                _lock_receive_buffer(sock, 4 * nbytes)  # room for the window and the kernel's overhead
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_WINDOW_CLAMP, nbytes)
         except OSError:
             pass

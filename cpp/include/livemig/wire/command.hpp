@@ -11,8 +11,10 @@ enum class Command : std::uint64_t {
   kPostcopyStart = 2,  ///< the destination guest may run; missing pages are requested.
   kComplete = 3,       ///< every page was sent; the migration is done.
   kCommitted = 4,      ///< precopy: the source saw the destination guest run and will not resume its own.
+  kPostcopyNext = 5,   ///< postcopy follows the precopy round starting now: bound the main channel's queue
+                       ///< (capability postcopy-next).
 };
 /// The largest command number of this protocol version.
-inline constexpr std::uint64_t kMaxCommand = 4;
+inline constexpr std::uint64_t kMaxCommand = 5;
 
 }  // namespace livemig::wire
