@@ -35,8 +35,8 @@ def test_one_run_reads_a_migrations_latencies_and_the_counters_around_it() -> No
     assert read_counters()["Tcp.RetransSegs"] >= 0
     r = one_run(["--size", "16M", "--workload", "increment", "--postcopy", "--postcopy-after", "1"],
                 lambda: (12.0, 15.0), timeout=50)
-    assert r.ok and (r.floor_p50_us, r.floor_p99_us) == (12.0, 15.0)
+    assert r.ok and (r.floor_p50_us, r.floor_p99_us) == (12.0, 15.0) and r.total_ms > 0
     assert set(r.latency) == {"fault", "request", "blocked"}
-    fault = r.latency["fault"]
-    assert fault["count"] > 0 and 0 < fault["p50"] <= fault["p99"] <= fault["max"]
+    fault = r.latency["fault"]  # the push may win every race: then no fault at all, and zeros
+    assert 0 <= fault["p50"] <= fault["p99"] <= fault["max"] and (fault["max"] > 0) == (fault["count"] > 0)
     assert r.latency["blocked"]["count"] >= fault["count"]
