@@ -282,7 +282,7 @@ def check_fields(run: Run) -> set[str]:
     ok("verify.workload.detail", isinstance(wl["detail"], str))
     ok("capabilities", set(j["capabilities"]) >= {"digests", "hints-postcopy"})
     ok("error", j["error"] is None)
-    ok("recoveries", j["recoveries"] == out.cuts == d["recoveries"])
+    ok("recoveries", j["recoveries"] == out.cuts == d["recoveries"], (j["recoveries"], out.cuts, d["recoveries"]))
     ok("requeued_pages", (j["requeued_pages"] > 0) == (out.cuts > 0) and j["requeued_pages"] <= pages)
     ok("workload.kind", j["workload"]["kind"] == d["workload_kind"] == "model-guest")
     ok("workload.stats", ws["pages_written"] > 0)
