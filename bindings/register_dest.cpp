@@ -88,6 +88,23 @@ void register_counters(py::module_& m) {
       .def_readonly("request", &FaultLatencies::request, "Request sent to the page placed (one sample per requested page).")
       .def_readonly("blocked", &FaultLatencies::blocked,
                     "Faulting thread blocked: fault event read to its wake (one sample per fault event).");
+  py::class_<PrefaultStats>(m, "PrefaultStats", "What the destination's prefault did (dest/prefault.hpp).")
+      .def_readonly("threads", &PrefaultStats::threads, "Threads the calibration chose (0 before it ended).")
+      .def_readonly("added_threads", &PrefaultStats::added_threads,
+                    "Threads added later because the receivers caught up with the prefault.")
+      .def_readonly("tried", &PrefaultStats::tried, "Thread counts the calibration tried, in order.")
+      .def_readonly("tried_gbps", &PrefaultStats::tried_gbps, "The populate rate each reached, GB/s.")
+      .def_readonly("lead_pages", &PrefaultStats::lead_pages, "Distance ahead of the receivers a jump lands, pages.")
+      .def_readonly("populated_pages", &PrefaultStats::populated_pages, "Pages the prefault populated.")
+      .def_readonly("skipped_pages", &PrefaultStats::skipped_pages,
+                    "Pages the receivers reached first (once finished; 0 before).")
+      .def_readonly("jumps", &PrefaultStats::jumps, "Times a thread jumped ahead of the receivers.")
+      .def_readonly("dropped_pages", &PrefaultStats::dropped_pages,
+                    "Populated pages made missing again before postcopy (not received).")
+      .def_readonly("seconds", &PrefaultStats::seconds, "From the start until the last chunk (or the stop).")
+      .def_readonly("finished", &PrefaultStats::finished, "Every chunk was populated or skipped.")
+      .def_readonly("stopped", &PrefaultStats::stopped, "Stopped before or after finishing.")
+      .def_readonly("failed", &PrefaultStats::failed, "The kernel refused MADV_POPULATE_WRITE.");
 }
 
 }  // namespace
@@ -132,6 +149,18 @@ void register_dest(py::module_& m) {
             return py::array_t<std::uint8_t>({static_cast<py::ssize_t>(r.bytes())}, {py::ssize_t{1}}, r.data(), self);
           },
           "A zero-copy, writable uint8 view of the region (reading a missing page in postcopy blocks).")
+      .def(
+          "start_prefault",
+          [](DestRegion& r, unsigned max_threads, std::size_t chunk_bytes) {
+            py::gil_scoped_release rel;
+            r.start_prefault(PrefaultOptions{max_threads, chunk_bytes});
+          },
+          py::arg("max_threads") = 0, py::arg("chunk_bytes") = 0,
+          "Populates the region ahead of the precopy receivers from C++ threads (0: choose by measuring).")
+      .def("stop_prefault", &DestRegion::stop_prefault, py::call_guard<py::gil_scoped_release>())
+      .def("settle_prefault", &DestRegion::settle_prefault, py::call_guard<py::gil_scoped_release>(),
+           "Stops the prefault and makes every populated page not received missing again; returns them.")
+      .def("prefault_stats", &DestRegion::prefault_stats, py::call_guard<py::gil_scoped_release>())
       .def("start_postcopy", &DestRegion::start_postcopy, py::call_guard<py::gil_scoped_release>())
       .def("stop", &DestRegion::stop, py::call_guard<py::gil_scoped_release>())
       .def(

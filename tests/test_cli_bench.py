@@ -129,6 +129,28 @@ def test_tiny_bench_writes_every_figure_with_its_baseline_and_the_charts(tmp_pat
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.timeout(120)
+def test_prefault_scenario_alternates_on_and_off_and_splits_the_downtime() -> None:
+    make_source(16)
+    r = run("bench", "--sizes", "16M", "--repeat", "2", "--scenario", "prefault-idle-16M", "--json", "-",
+            "--no-progress", "-q", timeout=110)
+    assert r.returncode == 0, r.stderr
+    figures = {f["name"]: f for f in json.loads(r.stdout)["figures"] if f["group"] == "prefault"}
+    assert set(figures) == {f"prefault-idle-16M {what}" for what in (
+        "first round, prefault on", "first round, prefault off", "total, prefault on",
+        "downtime, prefault on", "downtime, prefault off")}
+    on, off = figures["prefault-idle-16M first round, prefault on"], figures["prefault-idle-16M first round, prefault off"]
+    assert on["runs"] == off["runs"] == 2
+    assert on["baseline_name"] == "raw socket copy into warm memory 16M" and on["goal_ratio"] == 0.75
+    assert min(on["details"]["prefault_threads"]) >= 1 and on["details"]["prefault_tried"][0] == 1
+    assert off["details"]["prefault_threads"] == [0, 0]
+    for tag in ("on", "off"):
+        down = figures[f"prefault-idle-16M downtime, prefault {tag}"]
+        steps = [down["details"][k] for k in ("final_sync_ms", "last_pages_ms", "device_state_ms", "resume_ms")]
+        assert all(x > 0 for x in steps), down
+        assert sum(steps) <= max(down["samples"]) * 1.01  # the steps are parts of the downtime
+
+
 @pytest.mark.timeout(60)
 def test_list_names_the_scenarios_without_running_them() -> None:
     r = run("bench", "--list", "--sizes", "64M,16M", "--scenario", "faults", "--scenario", "sync-*")

@@ -37,6 +37,9 @@ def _check_contract(obj: dict[str, Any]) -> None:
     assert set(obj["postcopy"]["fault_latency_us"]) >= {"p50", "p99", "max"}
     assert set(obj["hints"]) >= {"rounds", "pages_hinted", "stale_dropped"}
     assert set(obj["balloon"]) >= {"last_cmd_id", "done_delivered", "held_pages_after"}
+    assert set(obj["downtime_split"]) == {"final_sync_ms", "last_pages_ms", "device_state_ms", "resume_ms"}
+    if obj["ok"] and obj["downtime_ms"] is not None:
+        assert sum(obj["downtime_split"].values()) == pytest.approx(obj["downtime_ms"], rel=1e-6, abs=1e-6)
 
 
 def _migrate(*args: str, timeout: float = 90) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:

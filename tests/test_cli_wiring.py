@@ -150,11 +150,12 @@ def test_listen_options_reach_the_destination_config(monkeypatch: pytest.MonkeyP
     secret.write_text("k")
     r = invoke("listen", f"unix:{tmp_path / 'sock'}", "--once", "--announce", "--json", "--quiet",
                "--disable-capability", "local-fill", "--disable-capability", "dst:checksums",
-               "--secret-file", str(secret), "--max-size", "1G", "--timeout", "5", "--postcopy-queue", "0")
+               "--secret-file", str(secret), "--max-size", "1G", "--timeout", "5", "--postcopy-queue", "0",
+               "--no-prefault")
     assert r.exit_code == 0, r.output
     assert rec.calls == [migration.DestinationConfig(
         disable_capabilities=frozenset({"local-fill", "checksums"}), secret=b"k", max_region_bytes=1 << 30,
-        timeout=5.0, postcopy_queue_bytes=0)]
+        timeout=5.0, postcopy_queue_bytes=0, prefault=False)]
     announce, summary = r.stdout.splitlines()
     assert announce == f"listening on unix:{tmp_path / 'sock'}"
     assert json.loads(summary)["ok"] is True

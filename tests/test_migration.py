@@ -87,6 +87,32 @@ def test_hinted_pages_reused_in_postcopy_resolve_locally() -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("prefault", [True, False], ids=["prefault", "no-prefault"])
+def test_prefaulted_pages_not_received_fault_in_postcopy(prefault: bool) -> None:
+    """The destination's prefault made pages present that precopy never sent (hinted free pages):
+    at the switchover they are missing again, so when the guest reuses each one it faults and is
+    filled here once (never read as the prefault's zero page without a fault, never placed twice),
+    and every page sent reads as the source's."""
+    guest = GuestConfig(workload="idle", free_fraction=0.5, churn=50000.0, seed=5)
+    result, summary = run_migration(guest, MigrationConfig(postcopy=True, verify=True),
+                                    dest=DestinationConfig(timeout=20, prefault=prefault),
+                                    settle_s=10.0, await_reuse=True)
+    pf = result.prefault
+    if prefault:
+        assert pf.threads >= 1 and pf.tried and not pf.failed
+        assert pf.populated_pages > 0
+        assert pf.dropped_pages > 0  # populated, never received: dropped before postcopy
+    else:
+        assert pf.threads == 0 and pf.populated_pages == 0 and pf.dropped_pages == 0
+    assert summary["prefault"]["dropped_pages"] == pf.dropped_pages
+    pc = result.postcopy
+    assert pc.local_fill_pages > 0
+    assert pc.local_fills == pc.local_fill_pages  # each hinted page faulted, and resolved here
+    assert pc.outstanding_requests == 0
+    assert_intact(result, summary)
+
+
+@pytest.mark.timeout(120)
 def test_destination_without_hints_postcopy_disables_hinting_under_postcopy() -> None:
     dest = DestinationConfig(timeout=20, disable_capabilities=frozenset({"hints-postcopy"}))
     result, _ = run_migration(guest_for("random"), MigrationConfig(postcopy=True, verify=True), dest=dest)

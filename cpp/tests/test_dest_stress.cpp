@@ -1,7 +1,11 @@
 // Stress test of DestRegion under concurrency (run under ThreadSanitizer by CI): racing placers of
 // the same pages, faulting threads served through the request queue while a background pusher
-// and local fills run, and discards racing placement. Faults are real userfaultfd faults; TSan
+// and local fills run, discards racing placement, and the prefault racing precopy receivers
+// before postcopy. Faults are real userfaultfd faults; TSan
 // does not see the kernel's writes, so the checks read only what the kernel placed.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -149,6 +153,84 @@ void discards_race_placement() {
   d.stop();
 }
 
+// Whether page `p` of `d` is present (pagemap bit 63) or swapped (bit 62).
+bool present(const DestRegion& d, std::size_t p) {
+  static const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+  CHECK(fd >= 0);
+  std::uint64_t entry = 0;
+  const auto vpn = reinterpret_cast<std::uintptr_t>(d.data() + p * d.page_bytes()) / d.page_bytes();
+  CHECK(::pread(fd, &entry, sizeof entry, static_cast<off_t>(vpn * sizeof entry)) == static_cast<ssize_t>(sizeof entry));
+  return (entry >> 62) != 0;
+}
+
+// The prefault populates the region while a receiver writes pages in place (precopy); then the
+// switchover: every page not received is missing again, so in postcopy each one faults, is
+// requested and placed exactly once with the source's data, and a hinted page never sent reads as
+// its fill value. Without the settle the prefault's zero pages would be read instead (the tail is
+// checked present before it: the failure this catches was really set up).
+void prefault_then_postcopy() {
+  const std::size_t ps = livemig::system_page_size();
+  constexpr std::size_t kN = 4096, kHole = 1000, kHoleEnd = 1100, kSent = 3000;
+  const PageRange fill{3900, 100};
+  DestRegion d(kN * ps, false, ps);
+  const auto ref = make_ref(kN, ps, 4);
+  d.start_prefault({4, 16 * ps});
+  // The receiver: pages [0, kSent) but the hole, in 50-page frames, written in place.
+  std::thread receiver([&] {
+    for (std::size_t p = 0; p < kSent; p += 50) {
+      if (p >= kHole && p < kHoleEnd) continue;
+      std::memcpy(d.data() + p * ps, ref.data() + p * ps, 50 * ps);
+      d.mark_received(p, 50);
+      d.wrote_in_place(p, 50);
+    }
+  });
+  receiver.join();
+  livemig::test::wait_for([&] { return d.prefault_stats().finished; }, 20, "the prefault to finish");
+  const auto before = d.prefault_stats();
+  CHECK(!before.failed);
+  CHECK(before.threads >= 1 && !before.tried.empty());
+  CHECK(before.populated_pages > 0);
+  // The calibration populated the last pages, which nothing sent: present, reading zero.
+  for (std::size_t p = kN - 16; p < kN; ++p) CHECK(present(d, p));
+  CHECK(read_byte(d.data() + (kN - 1) * ps) == 0);
+  d.set_local_fill({&fill, 1}, 0xA5A5A5A5u);
+  d.start_postcopy();  // settles the prefault first
+  const auto after = d.prefault_stats();
+  CHECK(after.dropped_pages > 0);
+  CHECK(after.dropped_pages <= kN - d.received()->count());
+  for (std::size_t p = 0; p < kN; ++p)
+    if (!d.received()->test(p)) CHECK(!present(d, p));
+  std::atomic<bool> stop{false};
+  std::thread server([&] { serve(d, ref, stop); });
+  std::vector<std::thread> touchers;
+  for (int t = 0; t < 2; ++t) {
+    touchers.emplace_back([&, t] {
+      for (std::size_t p = static_cast<std::size_t>(t); p < kN; p += 2) {
+        const std::uint8_t b = read_byte(d.data() + p * ps + 100);
+        if (p >= fill.first && p < fill.first + fill.npages)
+          CHECK(b == 0xA5);
+        else
+          CHECK(b == ref[p * ps + 100]);
+      }
+    });
+  }
+  for (auto& th : touchers) th.join();
+  stop = true;
+  server.join();
+  const std::size_t unsent = (kHoleEnd - kHole) + (kN - kSent) - fill.npages;
+  const auto c = d.counters();
+  CHECK(c.errors == 0);
+  CHECK(c.placed_twice == 0);
+  CHECK(c.eexist == 0);
+  CHECK(c.duplicates == 0);
+  CHECK(c.placed == unsent);  // every page not received: placed once, after its fault
+  CHECK(c.requested_pages == unsent);
+  CHECK(c.local_fills == fill.npages);
+  CHECK(c.filled == fill.npages);
+  CHECK(d.received()->count() == kN);
+  d.stop();
+}
+
 }  // namespace
 
 // A case that needs userfaultfd: skipped, saying why, where the kernel or this process lacks it.
@@ -165,5 +247,6 @@ int main(int argc, char** argv) {
   return livemig::test::run(argc, argv,
                             {{"racing_placers", needs_uffd<racing_placers>},
                              {"faults_requests_and_fills", needs_uffd<faults_requests_and_fills>},
-                             {"discards_race_placement", needs_uffd<discards_race_placement>}});
+                             {"discards_race_placement", needs_uffd<discards_race_placement>},
+                             {"prefault_then_postcopy", needs_uffd<prefault_then_postcopy>}});
 }

@@ -132,6 +132,21 @@ class Destination:
         return self._r.last_error
 
     # ---- life cycle ----
+    def start_prefault(self, max_threads: int = 0, chunk_bytes: int = 0) -> None:
+        """Populate the region ahead of the precopy receivers from C++ threads (precopy, before any
+        page arrived, once). 0: the thread count is chosen by a short measurement (up to twice the
+        CPUs, at most 8), chunks are 2 MiB. Pages not received by postcopy are made missing again."""
+        self._r.start_prefault(max_threads, chunk_bytes)
+
+    def settle_prefault(self) -> int:
+        """Stop the prefault and make the pages it populated that were not received missing again
+        (``start_postcopy`` does it too); returns how many were dropped (0 after the first call)."""
+        return int(self._r.settle_prefault())
+
+    def prefault_stats(self) -> _core.PrefaultStats:
+        """What the prefault did (all zero when it never ran)."""
+        return self._r.prefault_stats()
+
     def start_postcopy(self) -> None:
         """Register the region (MISSING mode) and start the fault thread.
 

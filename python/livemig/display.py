@@ -355,6 +355,14 @@ def summary_table(r: MigrationResult) -> Table:
     t.add_row("region", f"{format_bytes(r.region_bytes)} ({pages:,} pages of {r.page_size} B)")
     t.add_row("total time", _ms(r.total_ms))
     t.add_row("downtime", f"{_ms(r.downtime_ms)} ({r.switchover_pages:,} pages dirty at the final sync)")
+    ds = r.downtime_split
+    if ds.final_sync_ms or ds.resume_ms:
+        t.add_row("downtime steps", f"final sync {ds.final_sync_ms:.2f} ms, last pages {ds.last_pages_ms:.2f} ms,"
+                                    f" device state {ds.device_state_ms:.2f} ms, destination resume {ds.resume_ms:.2f} ms")
+    pf = r.prefault
+    if pf.threads:
+        t.add_row("prefault", f"{pf.threads} threads ({', '.join(f'{n}: {g:.2f} GB/s' for n, g in zip(pf.tried, pf.tried_gbps, strict=True))}),"
+                              f" {pf.populated_pages:,} pages in {pf.seconds:.2f} s, {pf.dropped_pages:,} dropped at switchover")
     t.add_row("precopy rounds", str(r.precopy_rounds))
     t.add_row("sent",
               f"{format_bytes(r.bytes_sent)} ({r.pages_sent:,} pages, {r.zero_pages:,} zero)")

@@ -157,6 +157,7 @@ void DestRegion::set_request_sink(std::shared_ptr<RequestSink> sink) {
 // ---- start / stop ----
 
 void DestRegion::start_postcopy() {
+  settle_prefault();  // prefault hook: pages not received must be missing before registration
   std::lock_guard lk(stop_mu_);
   if (state() != State::precopy) throw std::logic_error("start_postcopy: the region is not in precopy");
   // REMOVE and UNMAP events keep `received` true when pages are dropped under us; shmem needs
@@ -191,6 +192,7 @@ void DestRegion::start_postcopy() {
 }
 
 void DestRegion::stop() noexcept {
+  if (prefault_) prefault_->stop();  // prefault hook: its threads touch the region; joined first
   std::lock_guard lk(stop_mu_);
   const State prev = state_.exchange(State::stopped, std::memory_order_acq_rel);
   if (prev == State::postcopy) {
@@ -331,6 +333,7 @@ std::span<const std::uint64_t> DestRegion::digests() const noexcept {
 }
 
 void DestRegion::wrote_in_place(std::uint64_t first, std::size_t n) noexcept {
+  if (prefault_) prefault_->arrived(first, n);  // prefault hook: where the receivers are
   if (digests_ == nullptr || first > pages_ || n > pages_ - first) return;
   store_digests(first, n, base_ + first * ps_);
 }

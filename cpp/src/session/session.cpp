@@ -475,6 +475,12 @@ class DestSession::ChannelHandler final : public wire::FrameHandler {
     // Postcopy starts here, in stream order: every page before this frame was written in place,
     // every page after it is placed through userfaultfd.
     if (cmd == wire::Command::kPostcopyStart) s_.region_->start_postcopy();
+    // The prefault ends where precopy does: at COMMAND 1 the pages it populated and that were not
+    // received are made missing again (before the ack, so outside the downtime); at COMMAND 3
+    // every page arrived and its threads only compete with the guest: they are told to end, not
+    // waited for (this is inside the downtime; the region's stop() joins them).
+    if (cmd == wire::Command::kSwitchover) s_.region_->settle_prefault();
+    if (cmd == wire::Command::kComplete) s_.region_->stop_prefault();
     SessionEvent e;
     e.kind = SessionEvent::Kind::Command;
     e.a = static_cast<std::uint64_t>(cmd);

@@ -52,6 +52,11 @@ def scenarios(sizes: Sequence[int], quick: bool = False) -> list[Scenario]:
                         (("size", size), ("mode", mode), ("workload", w)),
                     )
                 )
+    # The destination's prefault on and off (issue 21), idle and with a light writer.
+    for size in sizes:
+        for writer in (False, True):
+            name = f"prefault-{'writer' if writer else 'idle'}-{size_label(size)}"
+            out.append(Scenario(name, "prefault", "prefault", (("size", size), ("writer", writer))))
     small = min(sizes)
     s = size_label(small)
     out.append(Scenario(f"zero-pages-{s}", "zero", "zero", (("size", small),)))

@@ -60,6 +60,8 @@ from livemig.errors import LivemigError, MigrationError
               help="Postcopy recovery: seconds a broken connection waits for the source to resume (0: fail).")
 @click.option("--timeout", type=NumberType(0.0, positive=True), default=30.0, show_default=True,
               metavar="S", help="Seconds a silent peer is waited for.")
+@click.option("--prefault/--no-prefault", default=True, show_default=True,
+              help="Populate the region ahead of the precopy receivers from several threads.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print each migration's summary as JSON on stdout.")
 @click.option("--events", "events_file", type=click.Path(dir_okay=False, allow_dash=True), default=None,
@@ -84,6 +86,7 @@ def listen(
     postcopy_queue: int,
     resume_deadline: float,
     timeout: float,
+    prefault: bool,
     as_json: bool,
     events_file: str | None,
     progress: bool | None,
@@ -122,6 +125,7 @@ def listen(
         timeout=timeout,
         resume_deadline_s=resume_deadline,
         postcopy_queue_bytes=postcopy_queue,
+        prefault=prefault,
     )
     if events_file == "-" and as_json:
         raise usage("--events - and --json both write to stdout: write the events to a file")

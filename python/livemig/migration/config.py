@@ -131,6 +131,9 @@ class DestinationConfig:
     #: postcopy: the most bytes of the main channel's stream this side lets its kernel queue
     #: (wire.Channel.bound_queue; 0: the kernel's autotuned buffers; at least 256 KiB)
     postcopy_queue_bytes: int = wire.POSTCOPY_QUEUE_BYTES
+    #: populate the region ahead of the precopy receivers from several threads (thread count
+    #: measured at run time); pages not received by a postcopy switchover are made missing again
+    prefault: bool = True
 
     def __post_init__(self) -> None:
         _capabilities(frozenset(self.disable_capabilities))

@@ -31,6 +31,7 @@ from livemig.migration.results import (
     LatencySummary,
     Mode,
     PostcopyStats,
+    PrefaultReport,
     VerifyReport,
     WorkloadCheck,
     encode_report,
@@ -71,6 +72,8 @@ class DestinationRun:
             self.region = self.dest.as_region()
         if conn.negotiated.digests:
             self.dest.enable_digests()  # before the first page lands
+        if config.prefault:
+            self.dest.start_prefault()  # before the receivers start: warm memory ahead of them
         self.link = DestLink.of(conn)
         extra_fds = [ch.fileno() for ch in conn.pages]
         urgent_fd = conn.urgent.fileno() if conn.urgent is not None else -1
@@ -277,6 +280,7 @@ class DestinationRun:
             summary.postcopy = self._postcopy_stats()
         summary.placed_twice = int(self.dest.counters().placed_twice)
         summary.pages_received = int(self.session.pages_received)
+        summary.prefault = self._prefault_report()
         if verify:
             self.progress.phase("verify")
             c = w.check()
@@ -286,6 +290,12 @@ class DestinationRun:
                 placed_twice=summary.placed_twice, workload=check)
             summary.ok = summary.ok and summary.verify.ok
         return summary
+
+    def _prefault_report(self) -> PrefaultReport:
+        p = self.dest.prefault_stats()
+        return PrefaultReport(threads=p.threads, added_threads=p.added_threads, tried=tuple(p.tried), tried_gbps=tuple(round(g, 3) for g in p.tried_gbps),
+                              populated_pages=p.populated_pages, dropped_pages=p.dropped_pages, jumps=p.jumps,
+                              seconds=p.seconds, finished=p.finished, failed=p.failed)
 
     def report_blob(self, summary: DestinationSummary) -> bytes:
         return encode_report(summary, self.dest.digests)

@@ -4,6 +4,7 @@ exception a failed migration raises."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -102,6 +103,40 @@ class PostcopyStats:
     blocked_total_ms: float = 0.0  #: the blocked samples summed: thread time lost to faults
 
 
+@dataclass
+class PrefaultReport:
+    """What the destination's prefault did (``DestinationConfig.prefault``; all zero when off)."""
+
+    threads: int = 0  #: threads its calibration chose
+    added_threads: int = 0  #: threads it added as the receivers caught up with it
+    tried: tuple[int, ...] = ()  #: thread counts the calibration tried, in order
+    tried_gbps: tuple[float, ...] = ()  #: the populate rate each reached, GB/s
+    populated_pages: int = 0  #: pages it made present ahead of the receivers
+    dropped_pages: int = 0  #: populated but not received by the postcopy switchover: made missing again
+    jumps: int = 0  #: times a thread found the receivers ahead and jumped past them
+    seconds: float = 0.0  #: from its start until it finished (or was stopped)
+    finished: bool = False  #: every page was populated or reached by the receivers first
+    failed: bool = False  #: the kernel refused MADV_POPULATE_WRITE (the receivers fault pages in)
+
+
+@dataclass
+class DowntimeSplit:
+    """The downtime's steps on the source's clock, in ms (they add up to the downtime)."""
+
+    final_sync_ms: float = 0.0  #: pause to the dirty set harvested (balloon DONE included)
+    last_pages_ms: float = 0.0  #: sending the final dirty set (precopy; postcopy: DISCARD, LOCAL_FILL)
+    device_state_ms: float = 0.0  #: packing and sending the device state
+    resume_ms: float = 0.0  #: the start command to the destination's word that its workload runs
+
+    @classmethod
+    def of(cls, t: list[float]) -> DowntimeSplit:
+        """From the steps' ends (seconds): pause, sync, last pages, device state, the word (else zeros)."""
+        if len(t) != 5:
+            return cls()
+        ms = [max(0.0, (b - a) * 1e3) for a, b in itertools.pairwise(t)]
+        return cls(final_sync_ms=ms[0], last_pages_ms=ms[1], device_state_ms=ms[2], resume_ms=ms[3])
+
+
 @dataclass(frozen=True)
 class PostcopyTimeline:
     """The source's view of postcopy in bins of ``bin_seconds`` from the start command (C++
@@ -181,6 +216,7 @@ class MigrationResult:
     #: from the workload's pause to the destination's word that its own runs (NaN, null in the
     #: JSON, when that word was lost with a broken connection)
     downtime_ms: float = 0.0
+    downtime_split: DowntimeSplit = field(default_factory=DowntimeSplit)  #: the downtime's steps
     precopy_rounds: int = 0
     bytes_sent: int = 0  #: bytes every channel carried to the destination, frame headers included
     pages_sent: int = 0  #: pages sent with data (precopy rounds, switchover, push and requests)
@@ -206,6 +242,7 @@ class MigrationResult:
     downtime_limit_ms: float = 0.0  #: the limit precopy aimed at (MigrationConfig.downtime_limit_ms)
     timeline: PostcopyTimeline | None = None  #: postcopy: the source's timeline
     tls: TlsReport = field(default_factory=TlsReport)  #: encryption on the (last) connection
+    prefault: PrefaultReport = field(default_factory=PrefaultReport)  #: the destination's, from its report
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``--json`` output)."""
@@ -234,6 +271,7 @@ class DestinationSummary:
     workload_kind: str = ""
     pages_received: int = 0  #: pages read from the source (zero pages included), every connection
     tls: TlsReport = field(default_factory=TlsReport)  #: encryption on the (last) connection
+    prefault: PrefaultReport = field(default_factory=PrefaultReport)
     workload: Workload | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -293,6 +331,12 @@ def _buckets(d: dict[str, Any]) -> LatencyBuckets:
 
 
 _TLS_FIELDS = frozenset(f.name for f in fields(TlsReport))
+_PREFAULT_FIELDS = frozenset(f.name for f in fields(PrefaultReport))
+
+
+def _prefault(d: dict[str, Any]) -> PrefaultReport:
+    known = {k: v for k, v in d.items() if k in _PREFAULT_FIELDS}
+    return PrefaultReport(**{**known, "tried": tuple(d.get("tried", ())), "tried_gbps": tuple(d.get("tried_gbps", ()))})
 
 
 def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint64] | None]:
@@ -335,7 +379,8 @@ def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint6
             balloon=BalloonReport(**d.get("balloon", {})), verify=verify, error=d.get("error"),
             recoveries=d.get("recoveries", 0), placed_twice=d.get("placed_twice", 0),
             workload_kind=d.get("workload_kind", ""), pages_received=d.get("pages_received", 0),
-            tls=TlsReport(**{k: v for k, v in d.get("tls", {}).items() if k in _TLS_FIELDS}))
+            tls=TlsReport(**{k: v for k, v in d.get("tls", {}).items() if k in _TLS_FIELDS}),
+            prefault=_prefault(d.get("prefault", {})))
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"report: bad summary: {e}") from None
     digests = np.frombuffer(blob, dtype="<u8", count=ndig, offset=end).astype(np.uint64) if ndig else None
@@ -345,6 +390,7 @@ def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint6
 __all__ = [
     "BalloonReport",
     "DestinationSummary",
+    "DowntimeSplit",
     "HintStats",
     "LatencyBuckets",
     "LatencySummary",
@@ -353,6 +399,7 @@ __all__ = [
     "Mode",
     "PostcopyStats",
     "PostcopyTimeline",
+    "PrefaultReport",
     "RoundStats",
     "SourceWorkloadReport",
     "VerifyReport",

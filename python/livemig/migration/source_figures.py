@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from livemig import _core
 from livemig.migration.monitor import Counts, Monitor
-from livemig.migration.results import MigrationResult, PostcopyTimeline, RoundStats
+from livemig.migration.results import HintStats, MigrationResult, PostcopyTimeline, RoundStats
 
 if TYPE_CHECKING:
     from livemig.migration.config import MigrationConfig
     from livemig.migration.links import SourceLink
     from livemig.source import Source
+    from livemig.workload.base import BalloonPort
 
 #: The postcopy timeline's bins: 10 ms each, ten minutes' worth (later events land in the last bin).
 TIMELINE_BIN_S = 0.01
@@ -104,3 +105,12 @@ class SourceFigures:
 
 
 __all__ = ["TIMELINE_BINS", "TIMELINE_BIN_S", "SourceFigures"]
+
+
+def hint_stats(port: BalloonPort | None, before: _core.BalloonCounters | None, rounds: int) -> HintStats:
+    """What the workload's balloon device took during this migration (``before``: its counters then)."""
+    if port is None or before is None:
+        return HintStats(rounds=rounds)
+    now = port.device.counters()
+    return HintStats(rounds=rounds, pages_hinted=int(now.pages_hinted - before.pages_hinted),
+                     stale_dropped=int(now.hints_dropped_stale - before.hints_dropped_stale))

@@ -26,7 +26,7 @@ from livemig.migration.monitor import Monitor
 from livemig.migration.recovery import ChannelBroken, NeverRan, SourceRecovery
 from livemig.migration.results import (
     DestinationSummary,
-    HintStats,
+    DowntimeSplit,
     MigrationFailed,
     MigrationResult,
     SourceWorkloadReport,
@@ -34,7 +34,7 @@ from livemig.migration.results import (
     WorkloadInfo,
     decode_report,
 )
-from livemig.migration.source_figures import SourceFigures
+from livemig.migration.source_figures import SourceFigures, hint_stats
 from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
 from livemig.source import Source
 from livemig.workload.base import Workload
@@ -65,6 +65,7 @@ class SourceRun:
         self.excepted: _core.PageBitmap | None = None  #: free pages at the final sync (the oracle skips them)
         self._acked = False
         self._t_pause = 0.0
+        self._steps: list[float] = []  #: the downtime's step ends (perf_counter): sync, last pages, device state
         self._hints_before: _core.BalloonCounters | None = None
         self.figures = SourceFigures(self.engine, monitor)  #: what it sent and has left (the core's counters)
 
@@ -168,6 +169,7 @@ class SourceRun:
         self.balloon.before_sync()
         self.engine.sync()
         self.balloon.final_sync()  # DONE before the device state is sent, precopy and postcopy alike
+        self._steps = [time.perf_counter()]
         self.result.switchover_pages = self.engine.dirty.count()
         if self.config.verify:
             self.excepted = oracle.free_pages(self.engine.hinted, self.engine.dirty)
@@ -177,6 +179,8 @@ class SourceRun:
                 if st.drained:
                     break
         self.link.end_extras()  # (postcopy ended them ahead of the pause: announce_postcopy)
+        if not self.config.postcopy:
+            self._steps.append(time.perf_counter())
         return t_pause
 
     def device_state(self) -> bytes:
@@ -204,10 +208,12 @@ class SourceRun:
     def finish_precopy(self, t_pause: float) -> None:
         assert self.link is not None
         self.link.main.send_device_state(self.device_state())
+        self._steps.append(time.perf_counter())
         self.link.main.send_command(Command.COMPLETE)
         resumed_at = self.wait_ack(Command.COMPLETE)
         self.dest_running = True
         self.result.downtime_ms = (resumed_at - t_pause) * 1e3
+        self.result.downtime_split = DowntimeSplit.of([t_pause, *self._steps, resumed_at])
         self.monitor.switchover("precopy", self.result.downtime_ms, self.result.switchover_pages)
 
     def postcopy(self, t_pause: float) -> None:
@@ -220,7 +226,9 @@ class SourceRun:
         else:
             self.engine.dirty_hinted_unsent()  # served on request and pushed like any other page
             main.send_discard(sets.discard)
+        self._steps.append(time.perf_counter())
         main.send_device_state(self.device_state())
+        self._steps.append(time.perf_counter())
         self.result.postcopy_pages_left = self.figures.start_timeline()
         main.send_command(Command.POSTCOPY_START)
         self.dest_running = True  # from here on the source workload must never resume
@@ -255,6 +263,7 @@ class SourceRun:
         """The destination said its workload runs (its ACK, read at ``at``): the downtime ends."""
         self._acked = True
         self.result.downtime_ms = (at - self._t_pause) * 1e3
+        self.result.downtime_split = DowntimeSplit.of([self._t_pause, *self._steps, at])
         self.monitor.switchover("postcopy", self.result.downtime_ms, self.result.switchover_pages)
 
     def _resume(self, cause: str) -> None:
@@ -414,15 +423,6 @@ class SourceRun:
         return SourceWorkloadReport(running=running, done_delivered=s.done_seen if s else True,
                                     held_pages=s.pages_held if s else 0, check=check)
 
-    def hint_stats(self) -> HintStats:
-        """What the workload's balloon device took during this migration."""
-        port, before = self.workload.balloon, self._hints_before
-        if port is None or before is None:
-            return HintStats(rounds=self.balloon.stats.rounds)
-        now = port.device.counters()
-        return HintStats(rounds=self.balloon.stats.rounds, pages_hinted=int(now.pages_hinted - before.pages_hinted),
-                         stale_dropped=int(now.hints_dropped_stale - before.hints_dropped_stale))
-
     def close(self) -> None:
         """Connection down, tracking ended (the workload's memory is ordinary again, rule 9), hints
         routed back to the workload's device."""
@@ -499,9 +499,10 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
     run.close()
     r.total_ms = (time.perf_counter() - monitor.t0) * 1e3
     r.throughput_bps = r.bytes_sent / (r.total_ms / 1e3) if r.total_ms > 0 else 0.0
-    r.hints = run.hint_stats()
+    r.hints = hint_stats(workload.balloon, run._hints_before, run.balloon.stats.rounds)
     r.postcopy, r.balloon, r.verify, r.error, r.ok = (summary.postcopy, summary.balloon, summary.verify,
                                                       summary.error, summary.ok)
+    r.prefault = summary.prefault
     r.workload.stats = workload.stats()
     monitor.end(r.ok, r.to_json(), r.error)
     return r

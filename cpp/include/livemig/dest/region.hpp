@@ -37,6 +37,7 @@
 #include "livemig/bitmap/page_bitmap.hpp"
 #include "livemig/base/page_range.hpp"
 #include "livemig/base/userfaultfd.hpp"
+#include "livemig/dest/prefault.hpp"
 
 namespace livemig {
 
@@ -185,9 +186,25 @@ class DestRegion {
   /// when digests are off. Read it once placement is over.
   std::span<const std::uint64_t> digests() const noexcept;
   /// Precopy: the caller wrote pages [first, first + n) into data() itself (a receiver reading a
-  /// frame straight into place): records their digests when enabled. Any thread; pages written by
-  /// one thread at a time.
+  /// frame straight into place): records their digests when enabled and tells the prefault where
+  /// the receivers are. Any thread; pages written by one thread at a time.
   void wrote_in_place(std::uint64_t first, std::size_t n) noexcept;
+
+  // ---- the prefault (dest/prefault.hpp; these four are defined in prefault.cpp) ----
+  /// Starts populating the region ahead of the precopy receivers (threads and distance chosen by
+  /// measuring). Precopy, before any page arrived, once. For memory this object owns, or whose
+  /// pages not received may read as zero (settle_prefault drops them).
+  void start_prefault(PrefaultOptions opts = {});
+  /// Asks the prefault threads to end without waiting for them (precopy is complete: every page
+  /// that matters arrived, and the caller is inside the downtime); stop() joins them. Any thread.
+  void stop_prefault() noexcept;
+  /// Before postcopy (COMMAND 1, and start_postcopy in case it did not come): stops the prefault
+  /// and makes every page it may have populated that was not received missing again, so a fault
+  /// asks for it or fills it locally. Returns the pages dropped; later calls return 0. Same
+  /// contract as discard() (no placement of those pages meanwhile).
+  std::size_t settle_prefault();
+  /// What the prefault did (all zero when it never ran).
+  PrefaultStats prefault_stats() const;
 
   /// A snapshot of the counters.
   DestCounters counters() const noexcept;
@@ -281,6 +298,11 @@ class DestRegion {
   std::mutex read_mu_;
   std::condition_variable read_cv_;
   void wait_events_handled();
+
+  // The prefault (start_prefault): set once in precopy before the receivers start (their creation
+  // orders it), then only stopped; destroyed with the region (stop() joins its threads first).
+  std::unique_ptr<Prefault> prefault_;
+  std::atomic<bool> prefault_settled_{false};
 
   Counters c_;
   LatencyHistogram fault_hist_, request_hist_, blocked_hist_;
