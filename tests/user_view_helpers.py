@@ -149,6 +149,22 @@ def _check_latency(ok: Callable[..., None], path: str, lat: dict[str, Any], bpat
         ok(f"{path}.{key}", surely <= lat[key] <= maybe, (lat, key))
 
 
+def _check_prefault(ok: Callable[..., None], p: dict[str, Any], dest: dict[str, Any], pages: int,
+                    postcopy: bool) -> None:
+    """The destination's prefault (on by default): its own summary's, and consistent in itself."""
+    ok("prefault.threads", p == json.loads(json.dumps(dest)) and 1 <= p["threads"] <= 8, (p, dest))
+    ok("prefault.added_threads", 0 <= p["threads"] + p["added_threads"] <= 8)
+    ok("prefault.tried", not p["tried"] or (p["tried"][0] == 1 and p["threads"] in p["tried"]))
+    ok("prefault.tried_gbps", len(p["tried_gbps"]) == len(p["tried"]) and all(g > 0 for g in p["tried_gbps"]))
+    ok("prefault.populated_pages", 0 <= p["populated_pages"] <= pages)
+    # Dropped only at a postcopy switchover (pages of the chunks it touched, not received).
+    ok("prefault.dropped_pages", p["dropped_pages"] <= pages and (postcopy or p["dropped_pages"] == 0))
+    ok("prefault.jumps", p["jumps"] >= 0)
+    ok("prefault.seconds", p["seconds"] > 0)
+    ok("prefault.finished", isinstance(p["finished"], bool))
+    ok("prefault.failed", p["failed"] is False)
+
+
 def check_fields(run: Run) -> set[str]:
     """Asserts every field of the run's JSON report against an independent figure; returns the
     paths it checked (the caller compares them with the report's)."""
@@ -169,6 +185,10 @@ def check_fields(run: Run) -> set[str]:
     ok("total_ms", 0 < j["total_ms"] <= run.wall_ms, (j["total_ms"], run.wall_ms))
     ok("downtime_ms", 0 < j["downtime_ms"] < j["total_ms"])
     ok("downtime_limit_ms", j["downtime_limit_ms"] == cfg.downtime_limit_ms)
+    for step, ms in j["downtime_split"].items():  # the steps add up to the downtime
+        ok(f"downtime_split.{step}", 0 <= ms <= j["downtime_ms"]
+           and sum(j["downtime_split"].values()) == pytest.approx(j["downtime_ms"]), j["downtime_split"])
+    _check_prefault(ok, j["prefault"], d["prefault"], pages, cfg.postcopy)
     want_rounds = cfg.postcopy_after if cfg.postcopy else cfg.max_rounds
     ok("precopy_rounds", j["precopy_rounds"] == len(j["rounds"]) == want_rounds, j["precopy_rounds"])
     # The relay saw every byte: the page passes plus a little control traffic (no cut lost any here).
