@@ -500,9 +500,8 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
     r.total_ms = (time.perf_counter() - monitor.t0) * 1e3
     r.throughput_bps = r.bytes_sent / (r.total_ms / 1e3) if r.total_ms > 0 else 0.0
     r.hints = hint_stats(workload.balloon, run._hints_before, run.balloon.stats.rounds)
-    r.postcopy, r.balloon, r.verify, r.error, r.ok = (summary.postcopy, summary.balloon, summary.verify,
-                                                      summary.error, summary.ok)
-    r.prefault = summary.prefault
+    r.postcopy, r.balloon, r.verify, r.error, r.ok, r.prefault = (
+        summary.postcopy, summary.balloon, summary.verify, summary.error, summary.ok, summary.prefault)
     r.workload.stats = workload.stats()
     monitor.end(r.ok, r.to_json(), r.error)
     return r
