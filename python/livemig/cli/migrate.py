@@ -161,8 +161,16 @@ def migrate(
         raise usage("the increment workload runs one writer thread"
                      " (its oracle needs address order)",
                      "--threads")
-    if size > wire.physical_memory_bytes():
+    memory = wire.physical_memory_bytes()
+    if size > memory:
         raise usage(f"{size} bytes is more than this machine's memory", "--size")
+    if to is None and 2 * size > memory:
+        raise usage(f"{size} bytes twice (the guest and its copy in the embedded destination) is more than"
+                    f" this machine's memory ({memory} bytes); use a smaller size, or --to a destination"
+                    " on another host", "--size")
+    if control_path is not None and os.path.lexists(control_path):
+        raise usage(f"{control_path} exists already (another migration's control socket, or a stale file):"
+                    " remove it or choose another path", "--control")
     src_off, dst_off = split_capabilities(disabled)
     if to is not None and any(side == "dst" for side, _ in disabled):
         raise usage("dst:NAME applies only to the embedded destination; with --to, pass"
