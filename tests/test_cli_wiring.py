@@ -197,7 +197,8 @@ def test_embedded_destination_args_and_its_errors_are_relayed(recorder: Recorder
     r = invoke("migrate", "--size", "8M", "--quiet", "--timeout", "7", "--disable-capability", "dst:local-fill",
                "--disable-capability", "checksums")
     assert seen == [["--no-progress", "--quiet", "--max-size", str(8 << 20), "--timeout", "7",
-                     "--postcopy-queue", str(wire.POSTCOPY_QUEUE_BYTES),
+                     "--postcopy-queue", str(wire.POSTCOPY_QUEUE_BYTES), "--keepalive-idle", "3",
+                     "--keepalive-interval", "1", "--keepalive-count", "3",
                      "--disable-capability", "checksums", "--disable-capability", "local-fill"]]
     [(address, _, _, config)] = recorder.calls
     assert address == "127.0.0.1:5"

@@ -206,6 +206,9 @@ class RichProgress:
         if line is not None:
             self._live.console.print(line, highlight=False, markup=False)
 
+    def notice(self, text: str) -> None:
+        self._live.console.print(f"livemig: {text}", highlight=False, markup=False)
+
     def __enter__(self) -> Self:
         self._live.start()
         return self
@@ -250,6 +253,9 @@ class LineProgress:
         if line is not None:
             self._print(line)
 
+    def notice(self, text: str) -> None:
+        self._print(text)
+
     def __enter__(self) -> Self:
         return self
 
@@ -258,6 +264,11 @@ class LineProgress:
 
 
 class _Quiet:
+    """No progress; notices still reach the console (they say what an interrupt does)."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+
     def phase(self, name: str) -> None:
         pass
 
@@ -266,6 +277,9 @@ class _Quiet:
 
     def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
         pass
+
+    def notice(self, text: str) -> None:
+        self._console.print(f"livemig: {text}", markup=False, highlight=False, soft_wrap=True)
 
     def event(self, ev: MigrationEvent) -> None:
         pass
@@ -282,7 +296,7 @@ def progress_display(console: Console, enabled: bool | None) -> Iterator[Progres
     if enabled is None:
         enabled = console.is_terminal
     if not enabled:
-        yield _Quiet()
+        yield _Quiet(console)
     elif console.is_terminal:
         with RichProgress(console) as p:
             yield p

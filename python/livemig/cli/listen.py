@@ -33,6 +33,8 @@ from livemig.cli.params import (
     SIZE,
     NumberType,
     Side,
+    keepalive_options,
+    make_keepalive,
     tls_options,
     tls_settings,
 )
@@ -68,6 +70,7 @@ from livemig.errors import LivemigError, MigrationError
               metavar="FILE|-", help="Write each migration's events as JSON lines to FILE ('-': stdout).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
+@keepalive_options
 @click.option("-q", "--quiet", is_flag=True, help="No summary table.")
 def listen(
     address: wire.Address,
@@ -90,12 +93,16 @@ def listen(
     as_json: bool,
     events_file: str | None,
     progress: bool | None,
+    keepalive_idle: int,
+    keepalive_interval: int,
+    keepalive_count: int,
     quiet: bool,
 ) -> int:
     """Accept migrations on ADDRESS (host:port, [v6]:port or unix:/path; port 0: any free one)."""
     if any(side == "src" for side, _ in disabled):
         raise usage("src:NAME makes no sense on the destination; use NAME or dst:NAME",
                      "--disable-capability")
+    keepalive = make_keepalive(keepalive_idle, keepalive_interval, keepalive_count)
     secret = load_secret(secret_file)
     if address.family == "tcp":
         try:
@@ -126,6 +133,7 @@ def listen(
         resume_deadline_s=resume_deadline,
         postcopy_queue_bytes=postcopy_queue,
         prefault=prefault,
+        keepalive=keepalive,
     )
     if events_file == "-" and as_json:
         raise usage("--events - and --json both write to stdout: write the events to a file")

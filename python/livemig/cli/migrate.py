@@ -34,6 +34,8 @@ from livemig.cli.params import (
     SIZE,
     NumberType,
     Side,
+    keepalive_options,
+    make_keepalive,
     split_capabilities,
     tls_options,
     tls_settings,
@@ -111,6 +113,7 @@ def _config(cls: Any, **kwargs: Any) -> Any:
               help="When paused, wait for `livemig resume` instead of reconnecting by itself.")
 @click.option("--control", "control_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Unix socket where `livemig resume PATH` reaches this migration.")
+@keepalive_options
 @click.option("-q", "--quiet", is_flag=True, help="No summary table.")
 def migrate(
     to: wire.Address | None,
@@ -146,6 +149,9 @@ def migrate(
     reconnect_deadline: float,
     manual_resume: bool,
     control_path: str | None,
+    keepalive_idle: int,
+    keepalive_interval: int,
+    keepalive_count: int,
     quiet: bool,
 ) -> int:
     """Migrate a guest of --size bytes running --workload, precopy unless --postcopy."""
@@ -188,6 +194,7 @@ def migrate(
     if events_file == "-" and as_json:
         raise usage("--events - and --json both write to stdout: write the events to a file, or take the"
                     " report from the last event (\"end\")")
+    keepalive = make_keepalive(keepalive_idle, keepalive_interval, keepalive_count)
     secret = load_secret(secret_file)
     tls = tls_settings(tls_cert, tls_key, tls_ca, tls_dir, tls_peer_name)
     _check_encryption(to, encrypt, secret, tls)
@@ -209,6 +216,7 @@ def migrate(
         reconnect_deadline_s=reconnect_deadline,
         auto_reconnect=not manual_resume,
         postcopy_queue_bytes=postcopy_queue,
+        keepalive=keepalive,
     )
     control = migration.MigrationControl()
     guest = _config(GuestConfig,
@@ -235,7 +243,9 @@ def migrate(
             if to is None:
                 reporter.note("starting the local destination")
                 args = ["--no-progress", "--quiet", "--max-size", str(size),
-                        "--timeout", f"{timeout:g}", "--postcopy-queue", str(postcopy_queue)]
+                        "--timeout", f"{timeout:g}", "--postcopy-queue", str(postcopy_queue),
+                        "--keepalive-idle", str(keepalive.idle_s), "--keepalive-interval", str(keepalive.interval_s),
+                        "--keepalive-count", str(keepalive.count)]
                 args += [a for name in sorted(dst_off) for a in ("--disable-capability", name)]
                 if secret_file is not None:
                     args += ["--secret-file", secret_file]

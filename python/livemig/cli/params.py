@@ -187,6 +187,27 @@ def tls_settings(cert: str | None, key: str | None, ca: str | None, directory: s
         raise click.UsageError(str(e)) from None
 
 
+def keepalive_options(f: Any) -> Any:
+    """``--keepalive-idle/-interval/-count``: TCP keepalive on every channel (wire.Keepalive)."""
+    d = wire.DEFAULT_KEEPALIVE
+    for name, default, what in reversed((
+        ("--keepalive-idle", d.idle_s, "Seconds a channel is idle before TCP keepalive probes it (0: off)."),
+        ("--keepalive-interval", d.interval_s, "Seconds between keepalive probes."),
+        ("--keepalive-count", d.count, "Unanswered probes that end the connection (so recovery starts)."),
+    )):
+        f = click.option(name, type=int, default=default, show_default=True, metavar="N", help=what)(f)
+    return f
+
+
+def make_keepalive(idle: int, interval: int, count: int) -> wire.Keepalive:
+    """The options above as a wire.Keepalive; click.BadParameter naming the option when out of range."""
+    try:
+        return wire.Keepalive(idle_s=idle, interval_s=interval, count=count)
+    except (TypeError, ValueError) as e:
+        opt = str(e).split(" must ")[0].replace("keepalive ", "--keepalive-")
+        raise click.BadParameter(str(e), param_hint=f"'{opt}'") from None
+
+
 SIZE = SizeType()
 QUEUE_SIZE = QueueSizeType()
 QUEUE_DEFAULT = f"{wire.POSTCOPY_QUEUE_BYTES >> 10}K"
@@ -207,6 +228,8 @@ __all__ = [
     "SIZE",
     "NumberType",
     "Side",
+    "keepalive_options",
+    "make_keepalive",
     "parse_capability_spec",
     "parse_size",
     "split_capabilities",

@@ -64,6 +64,11 @@ def _encryption(encrypt: object, secret: bytes | None, tls: object, role: Litera
     wire.check_encryption(encrypt, secret, tls, role, disabled)
 
 
+def _keepalive(k: object) -> None:
+    if not isinstance(k, wire.Keepalive):
+        raise TypeError(f"keepalive must be a livemig.wire.Keepalive, got {k!r}")
+
+
 @dataclass(frozen=True)
 class MigrationConfig:
     """How a migration runs (the source's choices; the destination follows)."""
@@ -95,6 +100,9 @@ class MigrationConfig:
     #: main channel (wire.Channel.bound_queue; 0: the kernel's autotuned buffers; at least 256 KiB)
     postcopy_queue_bytes: int = wire.POSTCOPY_QUEUE_BYTES
     pause_timeout_s: float = PAUSE_TIMEOUT_S  #: how long the workload's pause may take
+    #: TCP keepalive on every channel: a silent partition ends the connection within
+    #: ``keepalive.bound_s`` (and postcopy recovery starts), not after ``timeout``
+    keepalive: wire.Keepalive = wire.DEFAULT_KEEPALIVE
 
     def __post_init__(self) -> None:
         _int("postcopy_after", self.postcopy_after, 0)
@@ -110,6 +118,7 @@ class MigrationConfig:
         _int("postcopy_queue_bytes", self.postcopy_queue_bytes, 0)
         check_queue_bytes(self.postcopy_queue_bytes)
         _finite("pause_timeout_s", self.pause_timeout_s, positive=True)
+        _keepalive(self.keepalive)
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,8 @@ class DestinationConfig:
     #: populate the region ahead of the precopy receivers from several threads (thread count
     #: measured at run time); pages not received by a postcopy switchover are made missing again
     prefault: bool = True
+    #: TCP keepalive on every channel (see MigrationConfig.keepalive)
+    keepalive: wire.Keepalive = wire.DEFAULT_KEEPALIVE
 
     def __post_init__(self) -> None:
         _capabilities(frozenset(self.disable_capabilities))
@@ -145,6 +156,7 @@ class DestinationConfig:
         _finite("resume_deadline_s", self.resume_deadline_s)
         _int("postcopy_queue_bytes", self.postcopy_queue_bytes, 0)
         check_queue_bytes(self.postcopy_queue_bytes)
+        _keepalive(self.keepalive)
 
 
 __all__ = ["PAUSE_TIMEOUT_S", "DestinationConfig", "MigrationConfig", "check_secret"]

@@ -81,7 +81,8 @@ class DestinationRun:
                                          self.link.return_path, conn.config())
         conn.read_through(self.session)  # through the channels' TLS sessions when encrypted
         self.link.route_requests(self.session)
-        self.recovery = DestinationRecovery(config, listener, wire_options, self.session, progress)
+        self.recovery = DestinationRecovery(config, listener, wire_options, self.session, progress,
+                                            self.missing_pages)
         factory.prepare(self.region)
         self.workload: Workload | None = None
         self.mode: Mode = "precopy"
@@ -228,17 +229,24 @@ class DestinationRun:
                              fault_buckets=fault, request_buckets=latency_buckets(lat.request),
                              blocked_buckets=latency_buckets(lat.blocked), blocked_total_ms=lat.blocked.sum_us / 1e3)
 
-    def _check_complete(self) -> None:
-        """Postcopy, after COMPLETE: every page is here or fills itself here (local fill). A page
-        neither would block whoever touches it for ever, the workload's own check included: say
-        which instead (MigrationError)."""
+    def missing_pages(self) -> tuple[int, int]:
+        """Pages neither received nor filled here (local fill), and the first of them (0 when none):
+        in postcopy, what exists only on the source."""
         have = _core.PageBitmap(self.dest.pages)
         have.or_(self.dest.received)
         have.or_(self.dest.local_fill)
         missing = self.dest.pages - have.count()
+        first = have.find_next_clear(0) if missing else None
+        return missing, 0 if first is None else int(first)
+
+    def _check_complete(self) -> None:
+        """Postcopy, after COMPLETE: every page is here or fills itself here (local fill). A page
+        neither would block whoever touches it for ever, the workload's own check included: say
+        which instead (MigrationError)."""
+        missing, first = self.missing_pages()
         if missing:
             raise MigrationError(f"the source completed but {missing} pages never arrived here (the first:"
-                                 f" page {have.find_next_clear(0)})")
+                                 f" page {first})")
 
     def finish(self) -> DestinationSummary:
         assert self.workload is not None
@@ -342,7 +350,7 @@ def serve(
     caps = wire.Capabilities.all(extra_channels=wire.MAX_EXTRA_CHANNELS).without(*config.disable_capabilities)
     opts = wire.WireOptions(page_size=system_page_size(), region_bytes=config.max_region_bytes,
                             capabilities=caps, secret=config.secret, timeout=config.timeout,
-                            encrypt=config.encrypt, tls=config.tls)
+                            encrypt=config.encrypt, tls=config.tls, keepalive=config.keepalive)
     conn = listener.accept(opts, wait=wait)
     monitor = Monitor("destination", progress, events, page_size=conn.page_size)
     try:

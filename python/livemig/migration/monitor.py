@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from livemig.migration.events import EventCallback, MigrationEvent
-from livemig.migration.progress import LiveProgress, NoProgress, Progress, Snapshot
+from livemig.migration.progress import LiveProgress, NoProgress, Progress, Snapshot, notice
 from livemig.migration.results import RoundStats
 
 #: Seconds between samples of the live figures (the live view is redrawn this often: 5 Hz).
@@ -130,6 +130,12 @@ class Monitor:
         """The workload runs on the destination: the downtime is known."""
         self.downtime_ms = downtime_ms
         self.emit("switchover", mode=mode, downtime_ms=downtime_ms, switchover_pages=switchover_pages)
+
+    def notice(self, text: str) -> None:
+        """Something the user must read now, whatever the display (why a pause, what an interrupt
+        does): to the Progress's ``notice`` when it has one. From any thread."""
+        with self._lock:
+            notice(self.progress, text)
 
     def paused(self, cause: str) -> None:
         """Postcopy recovery: a connection broke, the migration pauses."""

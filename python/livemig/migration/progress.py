@@ -69,5 +69,18 @@ class NoProgress:
     def update(self, *, round: int, remaining_pages: int, total_pages: int, bandwidth_bps: float) -> None:
         pass
 
+    def notice(self, text: str) -> None:
+        pass
 
-__all__ = ["PHASES", "LiveProgress", "NoProgress", "Progress", "Snapshot"]
+
+
+def notice(progress: object, text: str) -> None:
+    """``progress.notice(text)`` when ``progress`` has one (a Progress may: the CLI's displays do),
+    for what the user must read now whatever the display: why a migration paused, what an
+    interrupt does and what it would lose. May be called from any thread."""
+    say = getattr(progress, "notice", None)
+    if callable(say):
+        say(text)
+
+
+__all__ = ["PHASES", "LiveProgress", "NoProgress", "Progress", "Snapshot", "notice"]

@@ -24,11 +24,13 @@ what they need when made, and hand back a new link; they never reach into their 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from livemig import _core, wire
 from livemig.errors import ConnectionLost, LivemigError, MigrationError, ProtocolError
 from livemig.migration.links import DestLink, SourceLink, shutdown_channels
+from livemig.migration.progress import notice
 from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
 
 if TYPE_CHECKING:
@@ -80,6 +82,9 @@ class SourceRecovery:
         cannot (deadline, a destination without this session, wrong secret), NeverRan when the
         destination says its workload never ran (the caller cancels)."""
         link.teardown()
+        how = "reconnecting by itself" if self.config.auto_reconnect else "waiting for a resume command"
+        notice(self.progress, f"paused: the connection broke ({cause}); {how} for up to"
+                              f" {self.config.reconnect_deadline_s:g} s")
         self.progress.phase("paused")
         self.progress.paused(cause)
         ctl = self.control
@@ -136,7 +141,7 @@ class SourceRecovery:
         opts = wire.WireOptions(page_size=self.page_size, region_bytes=self.region_bytes, capabilities=caps,
                                 secret=self.config.secret,
                                 timeout=min(self.config.timeout, _HANDSHAKE_TIMEOUT_S),
-                                encrypt=encrypt, tls=self.config.tls)
+                                encrypt=encrypt, tls=self.config.tls, keepalive=self.config.keepalive)
         conn = wire.connect(address, opts, resume=self.session_id)
         if (conn.negotiated.capabilities, conn.negotiated.encryption) != (self.negotiated.capabilities,
                                                                           self.negotiated.encryption):
@@ -185,12 +190,18 @@ class DestinationRecovery:
     """The destination's side: waits, its workload running, for the source to resume."""
 
     def __init__(self, config: DestinationConfig, listener: wire.Listener | None,
-                 wire_options: wire.WireOptions | None, session: _core.DestSession, progress: Monitor) -> None:
+                 wire_options: wire.WireOptions | None, session: _core.DestSession, progress: Monitor,
+                 missing: Callable[[], tuple[int, int]] | None = None) -> None:
         self.config, self.listener, self.wire_options = config, listener, wire_options
         self.session, self.progress = session, progress
+        #: (pages neither received nor filled here, the first of them): what only the source holds
+        self._missing_of = missing or (lambda: (0, 0))
         self.recoveries = 0
         self.switchover_announced = False  #: COMMAND 1 arrived: a postcopy switchover follows
         self.source_committed = False  #: the source saw this workload run and will never resume its own
+
+    def _missing(self) -> int:
+        return self._missing_of()[0]
 
     def _can_wait(self) -> bool:
         return self.listener is not None and self.wire_options is not None and self.config.resume_deadline_s > 0
@@ -226,7 +237,7 @@ class DestinationRecovery:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MigrationError(f"paused since the connection broke ({cause}); the source did not resume"
-                                     f" in time (last: {last}); the workload here runs on but is incomplete")
+                                     f" within {self.config.resume_deadline_s:g} s (last: {last})")
             try:
                 return self.listener.accept(self.wire_options, wait=left,
                                             resume=(link.conn.session, link.conn.negotiated))
@@ -237,11 +248,25 @@ class DestinationRecovery:
         """The connection broke in postcopy: the workload keeps running, faulting threads wait;
         returns the resumed link (or raises MigrationError at the deadline)."""
         self.drop(link)
+        missing = self._missing()
+        notice(self.progress, f"paused: the connection broke ({cause}); the workload runs here"
+                              + (f" but {missing:,} pages are still only on the source (its threads that touch"
+                                 " one wait)" if missing else "")
+                              + f"; waiting up to {self.config.resume_deadline_s:g} s for the source to resume")
         self.progress.phase("paused")
         self.progress.paused(cause)
         deadline = time.monotonic() + self.config.resume_deadline_s
         while True:
-            conn = self._accept_resume(cause, deadline, link)
+            try:
+                conn = self._accept_resume(cause, deadline, link)
+            except MigrationError as e:
+                missing, first = self._missing_of()
+                if not missing:
+                    raise
+                raise MigrationError(
+                    f"{e}. The workload here is INCOMPLETE: {missing:,} pages never arrived (the first: page"
+                    f" {first}) and exist only on the source, which is gone; a thread that touches one would"
+                    " wait for ever, so the workload is stopped") from None
             conn.main.bound_queue("destination", self.config.postcopy_queue_bytes)
             new = DestLink.of(conn)
             urgent_fd = conn.urgent.fileno() if conn.urgent is not None else -1

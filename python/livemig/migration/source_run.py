@@ -80,7 +80,8 @@ class SourceRun:
             caps = caps.without("checksums")
         opts = wire.WireOptions(page_size=self.result.page_size, region_bytes=self.result.region_bytes,
                                 capabilities=caps, secret=self.config.secret, timeout=self.config.timeout,
-                                encrypt=self.config.encrypt, tls=self.config.tls)
+                                encrypt=self.config.encrypt, tls=self.config.tls,
+                                keepalive=self.config.keepalive)
         conn = wire.connect(address, opts)
         self.link = self.figures.watch(SourceLink.open(conn, self.engine.core))
         self.result.capabilities, self.result.tls = sorted(conn.negotiated.capabilities), conn.tls_report()

@@ -40,6 +40,7 @@ from livemig.wire.handshake import (
     handshake_source,
     physical_memory_bytes,
 )
+from livemig.wire.keepalive import DEFAULT_KEEPALIVE, Keepalive
 from livemig.wire.secret import SECRET_ENV, load_secret
 from livemig.wire.tls import (
     MIN_PSK_SECRET_BYTES,
@@ -53,6 +54,7 @@ __all__ = [
     "ALL_CAPABILITIES",
     "CAPABILITY_BITS",
     "DEFAULT_CAPABILITIES",
+    "DEFAULT_KEEPALIVE",
     "MAGIC",
     "MAX_EXTRA_CHANNELS",
     "MAX_POSTCOPY_QUEUE_BYTES",
@@ -68,6 +70,7 @@ __all__ = [
     "Connection",
     "Frame",
     "HandshakeResult",
+    "Keepalive",
     "Keying",
     "Listener",
     "Negotiated",

@@ -255,7 +255,7 @@ class Listener:
             host, port = self._sock.getsockname()[:2]
             self.address = Address("tcp", host=host, port=port)
 
-    def _accept_one(self, timeout: float | None) -> socket.socket:
+    def _accept_one(self, timeout: float | None, opts: WireOptions) -> socket.socket:
         self._sock.settimeout(timeout)
         try:
             conn, _ = self._sock.accept()
@@ -263,6 +263,11 @@ class Listener:
             raise ConnectionLost(
                 f"no source connected to {self.address} within {timeout} s"
             ) from None
+        try:
+            opts.keepalive.apply(conn)
+        except OSError:
+            conn.close()
+            raise
         return conn
 
     def accept(
@@ -286,7 +291,7 @@ class Listener:
             )
         keys = TlsKeys(opts.secret, opts.tls, "server", opts.tls.peer_name or "")
         keys.preload()  # while no source is here yet
-        sock = self._accept_one(opts.timeout if wait == "timeout" else wait)
+        sock = self._accept_one(opts.timeout if wait == "timeout" else wait, opts)
         try:
             res = handshake_destination(sock, opts, paused=dict([resume]) if resume else None, keys=keys,
                                         insecure=self.insecure)
@@ -303,7 +308,7 @@ class Listener:
             channel_keys = _channel_keys(conn, opts, "server")
             pages: dict[int, Channel] = {}
             while (want_urgent and conn.urgent is None) or len(pages) < want_pages:
-                s = self._accept_one(opts.timeout)
+                s = self._accept_one(opts.timeout, opts)
                 try:
                     r = handshake_destination(s, opts, {res.session: res.negotiated}, keys=keys,
                                               channel_keys=channel_keys, insecure=self.insecure)
@@ -339,10 +344,12 @@ class Listener:
         self.close()
 
 
-def _dial(addr: Address, timeout: float) -> socket.socket:
+def _dial(addr: Address, opts: WireOptions) -> socket.socket:
+    timeout = opts.timeout
     sock, sockaddr = socket_for(addr)
     sock.settimeout(timeout)
     try:
+        opts.keepalive.apply(sock)
         sock.connect(sockaddr)  # type: ignore[arg-type]
     except TimeoutError:
         sock.close()
@@ -383,7 +390,7 @@ def connect(address: str | Address, opts: WireOptions, *, resume: bytes | None =
     peer_name = opts.tls.peer_name or (addr.host if addr.family == "tcp" else "localhost")
     keys = TlsKeys(opts.secret, opts.tls, "client", peer_name)
     keys.preload()
-    sock = _dial(addr, opts.timeout)
+    sock = _dial(addr, opts)
     try:
         res = handshake_source(sock, opts, "resume" if resume else "main", 0, resume, keys=keys)
     except BaseException:
@@ -398,7 +405,7 @@ def connect(address: str | Address, opts: WireOptions, *, resume: bytes | None =
         extra = [*urgent, *[("pages", i) for i in range(res.negotiated.extra_channels)]]
         channel_keys = _channel_keys(conn, opts, "client")
         for kind, index in extra:
-            s = _dial(addr, opts.timeout)
+            s = _dial(addr, opts)
             try:
                 r = handshake_source(s, opts, kind, index, res.session, keys=keys, channel_keys=channel_keys)
             except BaseException:

@@ -25,6 +25,7 @@ from livemig.protocol import PROTOCOL_VERSION
 from livemig.protocol import ChannelKind as _ChannelKindCode
 from livemig.wire.address import peer_is_loopback
 from livemig.wire.capabilities import Capabilities, Negotiated
+from livemig.wire.keepalive import DEFAULT_KEEPALIVE, Keepalive
 from livemig.wire.secret import SECRET_ENV, load_secret
 from livemig.wire.tls import (
     Keying,
@@ -90,6 +91,7 @@ class WireOptions:
     timeout: float = 10.0
     encrypt: bool | None = None
     tls: TlsSettings = field(default_factory=TlsSettings)
+    keepalive: Keepalive = DEFAULT_KEEPALIVE  #: TCP keepalive on every channel (wire.keepalive)
 
 
 # ---- handshake messages ----
