@@ -294,5 +294,7 @@ def test_interrupt_ends_the_migration_and_the_embedded_destination() -> None:
             proc.wait()
     assert proc.returncode == 130
     assert "Traceback" not in err
-    assert [ln for ln in err.splitlines() if ln.startswith("livemig: error:")] == ["livemig: error: interrupted"]
+    assert [ln for ln in err.splitlines() if ln.startswith("livemig: error:")] == [
+        "livemig: error: interrupted: precopy: cancelled: the destination's workload never ran; the source's runs on"]
+    assert "livemig: SIGINT received: cancelling" in err
     assert not Path(f"/proc/{children[0]}").exists()

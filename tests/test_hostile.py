@@ -25,7 +25,7 @@ from livemig import local, migration, wire
 from livemig.errors import AuthenticationError, ConnectionLost, MigrationError, ProtocolError
 from livemig.guest import Guest, GuestConfig
 from livemig.migration import device_state
-from livemig.protocol import Command, FrameType
+from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, FrameType
 from livemig.workload import ModelGuest
 
 PAGE = 4096
@@ -294,8 +294,11 @@ def test_oversized_frames_on_every_channel_are_refused_and_the_listener_serves_o
             ch.sock.sendall(data)
             err = listener.failure()
             assert message in err, (channel, err)
-            # The destination told us why on the return path, then closed.
+            # The destination told us why on the return path (after "never ran": its workload had
+            # not started), then closed.
             with pytest.raises((ProtocolError, ConnectionLost)) as told:
+                first = wire.expect(c.reader(), FrameType.END, FrameType.ACK)
+                assert (first.count, first.value) == (AckKind.GUEST_RUNS, ACK_NEVER_RAN)
                 wire.expect(c.reader(), FrameType.END)
             assert isinstance(told.value, ConnectionLost) or message in str(told.value)
     listener.good_migration(postcopy=True)
@@ -379,6 +382,9 @@ def test_a_source_silent_after_the_handshake_times_out_and_the_listener_serves_o
         c.main.sock.sendall(whole + whole[:cut])  # one whole frame, then part of the next
         err = listener.failure()
         assert "the source was silent for 1.0 s" in err, err
+        # Its workload never ran: it says so first (a source that sent its start command resumes its own)
+        ack = wire.expect(c.reader(), FrameType.ACK)
+        assert (ack.count, ack.value) == (AckKind.GUEST_RUNS, ACK_NEVER_RAN)
         with pytest.raises(ProtocolError, match="the source was silent"):
             wire.expect(c.reader(), FrameType.END)
     listener.good_migration()

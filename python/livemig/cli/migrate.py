@@ -40,6 +40,7 @@ from livemig.cli.params import (
     tls_options,
     tls_settings,
 )
+from livemig.cli.signals import SignalsToControl
 from livemig.errors import LivemigError
 from livemig.guest import WORKLOADS, GuestConfig
 from livemig.workload.model import ModelGuest
@@ -229,8 +230,8 @@ def migrate(
         fill=fill,
         threads=threads,
     )
-    mode: migration.Mode = "postcopy" if postcopy else "precopy"
     console = stderr_console()
+    signals = SignalsToControl(control)
 
     dest_stderr = ""
     returned = False  # migrate() returned a result (else it raised before or while running)
@@ -261,13 +262,16 @@ def migrate(
             reporter.note(f"making the guest's {display.format_bytes(size)}")
             model = ModelGuest(size, guest)
             stack.callback(model.stop)
-            result = migration.migrate(address, model, config, reporter, control,
-                                       events=display.fan_out(reporter.event, writer))
+            with signals:
+                result = migration.migrate(address, model, config, reporter, control,
+                                           events=display.fan_out(reporter.event, writer))
             returned = True
         except (LivemigError, OSError) as e:
             result = migration.MigrationResult(
-                ok=False, mode=mode, region_bytes=size, page_size=PAGE_SIZE, error=describe(e)
+                ok=False, mode="precopy", region_bytes=size, page_size=PAGE_SIZE, error=describe(e)
             )
+            if isinstance(e, migration.MigrationFailed):
+                result.mode, result.outcome, result.interrupt = e.mode, e.outcome, e.interrupt
         if dest is not None:
             code = dest.wait(timeout if result.ok else 2.0)
             if code != 0 and result.ok:
@@ -284,7 +288,8 @@ def migrate(
     if as_json:
         print_json(result.to_json())
     if not result.ok:
-        error(f"migration failed: {result.error or 'see the summary'}")
+        interrupted = result.interrupt is not None and result.interrupt.outcome != "finished" and signals.received
+        error(f"{'interrupted' if interrupted else 'migration failed'}: {result.error or 'see the summary'}")
         _relay_destination(dest_stderr)
     if plot_file is not None and returned:  # a run that raised has nothing to draw
         try:
@@ -292,7 +297,18 @@ def migrate(
         except (OSError, ValueError) as e:
             error(f"cannot write the plot {plot_file}: {e}")
             return 1
-    return 0 if result.ok else 1
+    return _exit_status(result, signals)
+
+
+def _exit_status(result: migration.MigrationResult, signals: SignalsToControl) -> int:
+    """0 completed (also when a signal asked a postcopy to finish and it did); 128 + the signal
+    when one cancelled or aborted it; 3 when the outcome is uncertain (the destination may or may
+    not run the workload: docs/protocol.md, "The commit point"); 1 for any other failure."""
+    if result.ok:
+        return 0
+    if result.interrupt is not None and result.interrupt.outcome in ("cancelled", "aborted") and signals.received:
+        return signals.exit_status
+    return 3 if result.outcome == "uncertain" else 1
 
 
 def _check_encryption(to: wire.Address | None, encrypt: bool | None, secret: bytes | None,

@@ -2,7 +2,8 @@
 
 - ``config``: :class:`MigrationConfig`, :class:`DestinationConfig` (validated on construction);
 - ``results``: what a migration reports (:class:`MigrationResult`, :class:`DestinationSummary`);
-- ``source_run`` / ``dest_run``: the two sides' steps; ``recovery``: postcopy's pause and resume;
+- ``outgoing``: :func:`migrate`; ``source_run`` / ``dest_run``: the two sides' steps;
+  ``recovery``: postcopy's pause and resume;
 - ``device_state``: what travels with a workload; ``oracle``: the generic verification;
 - ``control``: steering a running migration (:class:`MigrationControl`, the control socket);
 - ``progress`` / ``events`` / ``monitor``: what a running migration shows (:class:`Progress`,
@@ -13,19 +14,30 @@
 from __future__ import annotations
 
 from livemig.migration.config import DestinationConfig, MigrationConfig
-from livemig.migration.control import ControlServer, MigrationControl, request_resume
+from livemig.migration.control import (
+    ABORT_WINDOW_S,
+    Aborted,
+    Cancelled,
+    ControlServer,
+    Interrupted,
+    MigrationControl,
+    request_resume,
+)
 from livemig.migration.dest_run import serve
 from livemig.migration.events import SCHEMA as EVENTS_SCHEMA
 from livemig.migration.events import EventCallback, EventStream, EventWriter, MigrationEvent
+from livemig.migration.outgoing import migrate
 from livemig.migration.progress import LiveProgress, NoProgress, Progress, Snapshot
 from livemig.migration.results import (
     BalloonReport,
     DestinationSummary,
     HintStats,
+    InterruptReport,
     LatencySummary,
     MigrationFailed,
     MigrationResult,
     Mode,
+    Outcome,
     PostcopyStats,
     PostcopyTimeline,
     RoundStats,
@@ -34,11 +46,13 @@ from livemig.migration.results import (
     WorkloadCheck,
     WorkloadInfo,
 )
-from livemig.migration.source_run import migrate
 
 __all__ = [
+    "ABORT_WINDOW_S",
     "EVENTS_SCHEMA",
+    "Aborted",
     "BalloonReport",
+    "Cancelled",
     "ControlServer",
     "DestinationConfig",
     "DestinationSummary",
@@ -46,6 +60,8 @@ __all__ = [
     "EventStream",
     "EventWriter",
     "HintStats",
+    "InterruptReport",
+    "Interrupted",
     "LatencySummary",
     "LiveProgress",
     "MigrationConfig",
@@ -55,6 +71,7 @@ __all__ = [
     "MigrationResult",
     "Mode",
     "NoProgress",
+    "Outcome",
     "PostcopyStats",
     "PostcopyTimeline",
     "Progress",

@@ -108,11 +108,11 @@ class DestinationRun:
                 if self.recovery.pausable(self.postcopy):  # the workload runs on, faulting threads wait
                     self.link = self.recovery.pause_and_resume(cause, self.link)
                     continue
-                if self.recovery.in_switchover(self.postcopy):
+                if self.recovery.before_start(self.postcopy):
                     self.recovery.refuse_resume(cause, self.link)
                 raise MigrationError(cause)
             if ev.kind == EventKind.PEER_ERROR:
-                raise MigrationError(f"source: {ev.text}")
+                raise MigrationError(f"source: {ev.text}{self._incomplete()}")
             if ev.kind == EventKind.END:
                 self.link.ended.add(ev.channel)
             self._note(ev)
@@ -135,6 +135,24 @@ class DestinationRun:
             self.link.conn.main.bound_queue("destination", self.config.postcopy_queue_bytes)
         elif ev.command == Command.COMMITTED:
             self.recovery.source_committed = True
+
+    def _incomplete(self) -> str:
+        """Postcopy, the source gone: what this leaves here, in words ('' before postcopy). Waits
+        (a second at most) for the urgent channel's END first, so its last pages count."""
+        if not self.postcopy:
+            return ""
+        deadline = time.monotonic() + 1.0
+        while self.link.conn.urgent is not None and 1 not in self.link.ended and time.monotonic() < deadline:
+            ev = self.session.wait_event(max(0.0, deadline - time.monotonic()))
+            if ev is None or ev.kind == EventKind.FAILED:
+                break
+            if ev.kind == EventKind.END:
+                self.link.ended.add(ev.channel)
+        missing, first = self.missing_pages()
+        if not missing:
+            return ""
+        return (f"; the workload here is INCOMPLETE: {missing:,} pages never arrived (the first: page {first}),"
+                " so it is stopped")
 
     def start_workload(self, blob: bytes) -> None:
         """Rebuilds the workload from its device state and starts it. WorkloadError when the
@@ -199,13 +217,14 @@ class DestinationRun:
             pass
 
     def _send_resumed_ack(self, command: Command) -> None:
-        """ACK that the workload runs; in postcopy a broken connection is not fatal here (the reader
-        reports it, and the ack is sent again after resuming)."""
+        """ACK that the workload runs. A broken connection is not fatal here: the workload runs and
+        keeps running (the source never resumes its own once it sent the start command); in
+        postcopy the reader reports the break and recovery acks again, in precopy the report's
+        delivery waits for the source to resume and acks again (docs/protocol.md, the commit point)."""
         try:
             self.link.return_path.send_ack(AckKind.GUEST_RUNS, int(command))
         except LivemigError:
-            if not self.recovery.pausable(self.postcopy):
-                raise
+            pass
 
     def _postcopy_until_complete(self) -> None:
         while True:

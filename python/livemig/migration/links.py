@@ -5,6 +5,7 @@ session event for a person."""
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass, field
 
 from livemig import _core, wire
@@ -68,6 +69,21 @@ class SourceLink:
         for w in self.extras:
             w.send_end()
         self.extras = []
+
+    def close_gracefully(self, timeout: float) -> None:
+        """After a last word (ERROR) to the destination: ends every channel's sending side (a FIN
+        after what is queued, where a close could reset the connection and drop it) and waits, up
+        to ``timeout``, for the destination to close the return path: it read everything."""
+        for ch in self.conn.channels():
+            try:
+                ch.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ev = self.session.wait_event(left)
+            if ev is None or ev.kind in (EventKind.END, EventKind.FAILED):
+                return
 
     def teardown(self) -> None:
         """Pumps stopped, sockets shut down, return path joined, sockets closed (in that order, so

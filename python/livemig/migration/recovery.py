@@ -58,6 +58,14 @@ def stale_message(cause: str) -> str:
             " paused and is not resumed here")
 
 
+def uncertain_message(cause: str) -> str:
+    return (f"{cause}; the destination never answered the start command, so whether its workload runs is"
+            " UNKNOWN: the source workload stays paused, never resumed here, so the two never both run."
+            " Decide which one runs: if the destination said its workload never ran (or never got that far),"
+            " resume the source's; otherwise it runs there and this copy is stale (docs/protocol.md,"
+            " \"The commit point\")")
+
+
 class SourceRecovery:
     """The source's side: reconnects and resumes a paused postcopy migration."""
 
@@ -72,15 +80,20 @@ class SourceRecovery:
         self.recoveries = 0
         self.requeued_pages = 0
         self.dest_completed = False  #: the last resume found the destination complete (only its report is left)
+        self.resumed_at = 0.0  #: when the last resume's answer (its workload runs) arrived (perf_counter)
 
     def enabled(self) -> bool:
         """Breaks may be recovered from at all."""
         return self.config.reconnect_deadline_s > 0
 
-    def pause_and_resume(self, cause: str, link: SourceLink) -> SourceLink:
+    def pause_and_resume(self, cause: str, link: SourceLink, uncertain: bool = False,
+                         phase: str = "postcopy") -> SourceLink:
         """Pauses after a break and returns the link of a new connection; MigrationError when it
         cannot (deadline, a destination without this session, wrong secret), NeverRan when the
-        destination says its workload never ran (the caller cancels)."""
+        destination says its workload never ran (the caller cancels). ``uncertain``: the start
+        command went out but the destination never said its workload runs (the errors say so).
+        ``phase``: the progress phase once resumed."""
+        final = uncertain_message if uncertain else stale_message
         link.teardown()
         how = "reconnecting by itself" if self.config.auto_reconnect else "waiting for a resume command"
         notice(self.progress, f"paused: the connection broke ({cause}); {how} for up to"
@@ -96,8 +109,9 @@ class SourceRecovery:
         try:
             while True:
                 left = deadline - time.monotonic()
+                ctl._check()  # a cancel here can only abort: the destination's workload may run
                 if left <= 0:
-                    raise MigrationError(stale_message(
+                    raise MigrationError(final(
                         f"paused since the connection broke ({cause}); not resumed within"
                         f" {self.config.reconnect_deadline_s} s (last attempt: {last})"))
                 if self.config.auto_reconnect:
@@ -122,11 +136,11 @@ class SourceRecovery:
                         f"the connection broke during switchover ({cause}) and the destination says its"
                         " workload never ran: cancelled, the source workload keeps running") from None
                 except ProtocolError as e:  # refused (no such session, secret) or nonsense: final
-                    raise MigrationError(stale_message(f"resume refused by {address}: {e}")) from None
+                    raise MigrationError(final(f"resume refused by {address}: {e}")) from None
                 self.address = address
                 self.recoveries += 1
                 self.progress.resumed(self.recoveries, self.requeued_pages)
-                self.progress.phase("postcopy")
+                self.progress.phase(phase)
                 return new
         finally:
             ctl._set_paused(None)
@@ -179,6 +193,7 @@ class SourceRecovery:
                 self.dest_completed = ev.ack_value == Command.COMPLETE
                 if not self.dest_completed and not resynced:
                     raise ProtocolError("the destination resumed without sending its received bitmap")
+                self.resumed_at = ev.at
                 return
             elif ev.kind in (EventKind.FAILED, EventKind.END):
                 raise ConnectionLost(ev.text or "the destination closed the resumed connection")
@@ -198,7 +213,7 @@ class DestinationRecovery:
         self._missing_of = missing or (lambda: (0, 0))
         self.recoveries = 0
         self.switchover_announced = False  #: COMMAND 1 arrived: a postcopy switchover follows
-        self.source_committed = False  #: the source saw this workload run and will never resume its own
+        self.source_committed = False  #: COMMAND 4 arrived (informational: the source saw this workload run)
 
     def _missing(self) -> int:
         return self._missing_of()[0]
@@ -210,10 +225,12 @@ class DestinationRecovery:
         """A break now pauses: the workload runs here (postcopy) and a listener can take a resume."""
         return postcopy and self._can_wait()
 
-    def in_switchover(self, postcopy: bool) -> bool:
-        """A postcopy switchover was announced but the workload has not run: the source cannot know
-        whether its start command arrived, so it may try to resume; it must learn 'never ran'."""
-        return not postcopy and self.switchover_announced and self._can_wait()
+    def before_start(self, postcopy: bool) -> bool:
+        """The connection broke before the workload ran here: the source may have sent its start
+        command (COMMAND 2 or 3) and cannot know whether it arrived, so it may try to resume; it
+        must learn 'never ran' (a source that knows it never sent it says so with an ERROR, and
+        is not waited for)."""
+        return not postcopy and self._can_wait()
 
     def drop(self, link: DestLink) -> None:
         """Shuts the sockets down (waking a reader or a request send blocked on them), stops sending
@@ -288,14 +305,20 @@ class DestinationRecovery:
         return new
 
     def refuse_resume(self, cause: str, link: DestLink) -> None:
-        """The connection broke during switchover, before the workload ran here: waits (until the
-        deadline) for a source that may try to resume, tells it the workload never ran, and raises."""
+        """The connection broke (or the source fell silent) before the workload ran here: says it
+        never ran (a source still reading learns it at once), then waits (until the deadline) for a
+        source that may try to resume, tells it the workload never ran, and raises."""
+        try:  # a source still listening on this connection learns it at once
+            link.return_path.send_ack(AckKind.GUEST_RUNS, ACK_NEVER_RAN)
+            link.return_path.send_error(f"the destination workload never ran: {cause}"[:4000])
+        except LivemigError:
+            pass
         self.drop(link)
         try:
             conn = self._accept_resume(cause, time.monotonic() + min(self.config.resume_deadline_s, _SWITCHOVER_WAIT_S),
                                        link)
         except MigrationError:
-            raise MigrationError(f"the connection broke during switchover, before the workload ran here: {cause}")
+            raise MigrationError(f"the connection broke before the workload ran here: {cause}") from None
         try:
             w = conn.writer()
             w.send_ack(AckKind.GUEST_RUNS, ACK_NEVER_RAN)
@@ -304,7 +327,7 @@ class DestinationRecovery:
             pass
         finally:
             conn.close()
-        raise MigrationError(f"the connection broke during switchover, before the workload ran here ({cause});"
+        raise MigrationError(f"the connection broke before the workload ran here ({cause});"
                              " the source was told to keep its workload")
 
     def _report_confirmed(self) -> bool:
@@ -323,10 +346,9 @@ class DestinationRecovery:
 
     def deliver_report(self, blob: bytes, link: DestLink, postcopy: bool) -> DestLink:
         """Sends the report and waits until the source confirms it (END on main). If it gets lost,
-        waits for the source to resume and sends it again. Past the deadline: in postcopy, or once
-        the source said it committed (COMMAND 4: it saw this workload run), the workload here is the
-        only one and runs on; otherwise (precopy) the source may have cancelled and resumed its own
-        workload, so this one must not run (MigrationError). Returns the link in use at the end."""
+        waits for the source to resume and sends it again. Past the deadline the workload here runs
+        on: it is the only one (a source never resumes its own once it sent the start command,
+        unless told it never ran). Returns the link in use at the end."""
         deadline: float | None = None
         while True:
             try:
@@ -348,10 +370,9 @@ class DestinationRecovery:
                 except MigrationError:
                     conn = None
             if conn is None:
-                if postcopy or self.source_committed:
-                    return link  # the workload here holds every page and is the only one
-                raise MigrationError(f"the source never confirmed the end of the migration ({cause}); it may"
-                                     " have cancelled and resumed its own workload, so this one is stopped")
+                notice(self.progress, f"the source never confirmed the report ({cause}); the workload here"
+                                      " runs on: it is the only one")
+                return link
             link = DestLink.of(conn)
             self.source_committed = True  # a source resumes only once it saw this workload run
             try:
@@ -365,4 +386,5 @@ class DestinationRecovery:
             self.progress.phase("complete")
 
 
-__all__ = ["ChannelBroken", "DestinationRecovery", "NeverRan", "SourceRecovery", "stale_message"]
+__all__ = ["ChannelBroken", "DestinationRecovery", "NeverRan", "SourceRecovery", "stale_message",
+           "uncertain_message"]

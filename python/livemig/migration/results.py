@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from livemig.workload.base import Workload
 
 Mode = Literal["precopy", "postcopy"]
+#: How a migration ended, for the source: "completed"; or, failed, what became of its workload:
+#: "cancelled" (the destination's never ran: the source's runs on), "stale" (the destination's
+#: ran: the source's stays paused for good), "uncertain" (the start command may or may not have
+#: reached the destination, which could not be asked: the source's stays paused until someone
+#: decides, see docs/protocol.md "The commit point"), "aborted" (the user insisted: what only the
+#: source held is lost).
+Outcome = Literal["completed", "cancelled", "stale", "uncertain", "aborted"]
 
 
 @dataclass(frozen=True)
@@ -196,6 +203,20 @@ class VerifyReport:
         return self.mismatches == 0 and self.placed_twice == 0 and (self.workload is None or self.workload.ok)
 
 
+@dataclass(frozen=True)
+class InterruptReport:
+    """What the user's interrupts (signals, MigrationControl.cancel) did to a migration."""
+
+    requests: int  #: interrupts received
+    #: what they did: "cancelled" (before the destination's workload could run), "finished" (it
+    #: could: the migration went on to its end, whether that end was success or not: see ``ok``),
+    #: "aborted" (a second interrupt soon after: the pages only the source held are lost)
+    outcome: Literal["cancelled", "finished", "aborted"]
+    lost_pages: int = 0  #: aborted: pages that existed only on the source
+    lost_runs: tuple[tuple[int, int], ...] = ()  #: the first of those, as (first page, pages)
+    exact: bool = True  #: False when aborted while paused: the destination may lack a few more
+
+
 @dataclass
 class WorkloadInfo:
     """What was migrated."""
@@ -243,14 +264,15 @@ class MigrationResult:
     timeline: PostcopyTimeline | None = None  #: postcopy: the source's timeline
     tls: TlsReport = field(default_factory=TlsReport)  #: encryption on the (last) connection
     prefault: PrefaultReport = field(default_factory=PrefaultReport)  #: the destination's, from its report
+    outcome: Outcome = "completed"  #: how it ended (failed runs: what became of the source workload)
+    interrupt: InterruptReport | None = None  #: what interrupts did, when there were any
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``--json`` output)."""
         d = asdict(self)
-        if d["verify"] is None:
-            del d["verify"]
-        if d["timeline"] is None:
-            del d["timeline"]
+        for key in ("verify", "timeline", "interrupt"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -298,11 +320,18 @@ class SourceWorkloadReport:
 
 
 class MigrationFailed(MigrationError):
-    """A migration failed; ``source_workload`` says what became of the source workload."""
+    """A migration failed; ``source_workload`` says what became of the source workload,
+    ``outcome`` which case that is, ``mode`` how far it got (postcopy once the start command was
+    sent), ``interrupt`` what the user's interrupts did."""
 
-    def __init__(self, message: str, source_workload: SourceWorkloadReport | None = None) -> None:
+    def __init__(self, message: str, source_workload: SourceWorkloadReport | None = None, *,
+                 outcome: Outcome = "cancelled", mode: Mode = "precopy",
+                 interrupt: InterruptReport | None = None) -> None:
         super().__init__(message)
         self.source_workload = source_workload
+        self.outcome: Outcome = outcome
+        self.mode: Mode = mode
+        self.interrupt = interrupt
 
 
 # ---- the report: the destination's summary, and its page digests, back to the source ----
@@ -392,11 +421,13 @@ __all__ = [
     "DestinationSummary",
     "DowntimeSplit",
     "HintStats",
+    "InterruptReport",
     "LatencyBuckets",
     "LatencySummary",
     "MigrationFailed",
     "MigrationResult",
     "Mode",
+    "Outcome",
     "PostcopyStats",
     "PostcopyTimeline",
     "PrefaultReport",

@@ -14,6 +14,7 @@ from livemig.migration.results import HintStats, MigrationResult, PostcopyTimeli
 if TYPE_CHECKING:
     from livemig.migration.config import MigrationConfig
     from livemig.migration.links import SourceLink
+    from livemig.migration.source_run import PassStats
     from livemig.source import Source
     from livemig.workload.base import BalloonPort
 
@@ -63,7 +64,8 @@ class SourceFigures:
                      workload_kind: str) -> dict[str, Any]:
         """The ``start`` event's fields."""
         keys = ("postcopy", "postcopy_after", "max_rounds", "downtime_limit_ms", "hints", "channels", "verify")
-        return {"address": address, "mode": result.mode, "region_bytes": result.region_bytes,
+        mode = "postcopy" if config.postcopy else "precopy"  # asked for (result.mode: what happens)
+        return {"address": address, "mode": mode, "region_bytes": result.region_bytes,
                 "page_size": result.page_size, "pages": self.engine.pages, "workload": workload_kind,
                 "config": {k: getattr(config, k) for k in keys}}
 
@@ -90,8 +92,8 @@ class SourceFigures:
                                 push_pages=series(S.PUSH_PAGES), left_pages=series(S.LEFT_PAGES),
                                 left_at_start=self.left_at_start)
 
-    def round(self, index: int, dirty: int, st: _core.SendStats, t_sync: float, *, written: int, remaining: int,
-              t_next: float) -> RoundStats:
+    def round(self, index: int, dirty: int, st: _core.SendStats | PassStats, t_sync: float, *, written: int,
+              remaining: int, t_next: float) -> RoundStats:
         """Round ``index`` (``dirty`` pages at its sync at ``t_sync``, sent as ``st``) is complete: the
         sync after it (at ``t_next``) found ``written`` pages written and left ``remaining`` dirty.
         Its figures go to the monitor (progress, events) and are returned (the report)."""

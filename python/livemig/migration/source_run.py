@@ -1,4 +1,4 @@
-"""The source of a migration: :func:`migrate` and the run behind it.
+"""The source of a migration: the run behind :func:`~livemig.migration.outgoing.migrate`.
 
 Python decides, C++ moves pages. The source runs precopy rounds (sync, send, measure) until what is
 left fits the downtime limit at the measured bandwidth, or a round limit, or the postcopy point;
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any
 
 from livemig import _core, wire
 from livemig.balloon import BalloonDriver
@@ -20,29 +21,34 @@ from livemig.errors import LivemigError, MigrationError, ProtocolError
 from livemig.migration import device_state, oracle
 from livemig.migration.config import MigrationConfig
 from livemig.migration.control import MigrationControl
-from livemig.migration.legacy import legacy_call
 from livemig.migration.links import SourceLink, event_summary
 from livemig.migration.monitor import Monitor
 from livemig.migration.recovery import ChannelBroken, NeverRan, SourceRecovery
 from livemig.migration.results import (
     DestinationSummary,
     DowntimeSplit,
-    MigrationFailed,
     MigrationResult,
-    SourceWorkloadReport,
-    WorkloadCheck,
     WorkloadInfo,
     decode_report,
 )
-from livemig.migration.source_figures import SourceFigures, hint_stats
+from livemig.migration.source_figures import SourceFigures
 from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
 from livemig.source import Source
 from livemig.workload.base import Workload
 
+_SLICE_S = 0.25  # a precopy pass runs in slices this long, so a cancel is seen within one
+_POLL_S = 0.1  # waits for the destination check for a cancel this often
 
-def _check(w: Workload) -> WorkloadCheck | None:
-    c = w.check()
-    return None if c is None else WorkloadCheck(c.ok, c.pages_checked, c.mismatches, c.detail)
+
+@dataclass(frozen=True)
+class PassStats:
+    """One precopy pass, summed over its slices (the SendStats fields SourceFigures.round reads)."""
+
+    pages: int
+    zero_pages: int
+    bytes: int
+    seconds: float
+    drained: bool
 
 
 class SourceRun:
@@ -54,20 +60,71 @@ class SourceRun:
         self.control = control or MigrationControl()
         region = workload.region
         self.engine = Source(region)
-        self.result = MigrationResult(ok=False, mode="postcopy" if config.postcopy else "precopy",
-                                      region_bytes=region.nbytes, page_size=region.page_size,
+        # The mode is what happened: postcopy once the start command went out (not the config's wish).
+        self.result = MigrationResult(ok=False, mode="precopy", region_bytes=region.nbytes, page_size=region.page_size,
                                       workload=WorkloadInfo(kind=workload.kind),
                                       downtime_limit_ms=config.downtime_limit_ms)
         self.link: SourceLink | None = None
         self.balloon = BalloonDriver(None, enabled=False)
         self.recovery: SourceRecovery | None = None
-        self.dest_running = False  #: the destination workload may run: the source's must never resume
+        #: the start command (COMMAND 2 or 3) may have reached the destination: its workload may
+        #: run, so the source's must never resume unless the destination says it never ran
+        self.dest_may_run = False
+        self.dest_ran = False  #: the destination said its workload runs (ACK 0/2 or 0/3)
+        self.paused = False  #: recovering: the connection is down
         self.excepted: _core.PageBitmap | None = None  #: free pages at the final sync (the oracle skips them)
-        self._acked = False
         self._t_pause = 0.0
         self._steps: list[float] = []  #: the downtime's step ends (perf_counter): sync, last pages, device state
         self._hints_before: _core.BalloonCounters | None = None
         self.figures = SourceFigures(self.engine, monitor)  #: what it sent and has left (the core's counters)
+        self.control._bind(monitor, self._wake, self._only_here)
+
+    # ---- interrupts (MigrationControl.cancel, signals through it) ----
+    def _wake(self) -> None:
+        """From any thread: a running pass or push returns soon, so the orchestrator sees a cancel."""
+        link = self.link
+        if link is not None:
+            link.session.interrupt()
+
+    def _only_here(self) -> int:
+        """Pages the destination lacks and only the source holds (never sent, or sent and stale)."""
+        return self.engine.dirty.count() if self.dest_may_run else 0
+
+    def _start_command(self) -> None:
+        """Just before COMMAND 2 or 3: from here on the destination's workload may run. A return
+        path that already failed fails the migration now, while the source's can still resume."""
+        self._check_peer()
+        self.control._protect()  # Cancelled instead when a cancel came first
+        self.dest_may_run = True
+
+    def _event(self, timeout: float) -> _core.SessionEvent | None:
+        """The next return-path event within ``timeout`` s, looking for a cancel every _POLL_S."""
+        assert self.link is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            self.control._check()
+            left = deadline - time.monotonic()
+            ev = self.link.session.wait_event(min(max(left, 0.0), _POLL_S))
+            if ev is not None or left <= _POLL_S:
+                return ev
+
+    def _pass(self, max_pages: int | None = None) -> PassStats:
+        """One precopy pass over the dirty pages (at most ``max_pages``; None: until none is left),
+        in slices so a cancel is seen within one."""
+        assert self.link is not None
+        pages = zero = nbytes = 0
+        seconds = 0.0
+        while True:
+            self.control._check()
+            left = None if max_pages is None else max_pages - pages - zero
+            if left is not None and left <= 0:
+                return PassStats(pages, zero, nbytes, seconds, False)
+            st = (self.link.session.precopy_pass(max_seconds=_SLICE_S) if left is None else
+                  self.link.session.precopy_pass(max_seconds=_SLICE_S, max_pages=left))
+            pages, zero, nbytes, seconds = pages + st.pages, zero + st.zero_pages, nbytes + st.bytes, seconds + st.seconds
+            if st.drained or st.seconds < _SLICE_S:  # none left, the budget taken, or a cancel
+                self.control._check()
+                return PassStats(pages, zero, nbytes, seconds, bool(st.drained))
 
     # ---- steps ----
     def connect(self, address: str) -> None:
@@ -95,7 +152,6 @@ class SourceRun:
             hinting = self.config.hints and conn.negotiated.hinting_allowed(postcopy_possible=self.config.postcopy)
             self.balloon = BalloonDriver(port.device, enabled=hinting, notify=port.notify)
 
-
     def _check_peer(self) -> None:
         """Fails fast when the return path reported an error or broke."""
         assert self.link is not None
@@ -103,7 +159,7 @@ class SourceRun:
         if ev is not None:
             if ev.kind in (EventKind.PEER_ERROR, EventKind.FAILED, EventKind.END):
                 raise MigrationError(f"destination: {event_summary(ev)}")
-            raise MigrationError(f"unexpected {ev.kind.name} from the destination during precopy")
+            raise MigrationError(f"unexpected {ev.kind.name} from the destination before the switchover")
 
     def precopy(self) -> None:
         """Rounds until the rest fits the downtime limit, or the round limit, or postcopy time.
@@ -112,7 +168,7 @@ class SourceRun:
         self.monitor.phase("precopy")
         cfg, page = self.config, self.result.page_size
         bandwidth = 0.0
-        sent: tuple[int, int, _core.SendStats, float] | None = None  # the round just sent, and its sync time
+        sent: tuple[int, int, PassStats, float] | None = None  # the round just sent, and its sync time
         for index in range(cfg.max_rounds + 1):
             self.balloon.before_sync()
             t_sync = time.perf_counter()
@@ -132,7 +188,7 @@ class SourceRun:
             self._check_peer()
             self.monitor.round_begin(index, dirty, dirty, self.figures.counts().pages_sent)
             self.link.round_starts(index, cfg.postcopy_after if cfg.postcopy else None)
-            st = self.link.session.precopy_pass(max_seconds=3600.0, max_pages=dirty)
+            st = self._pass(dirty)
             bandwidth = st.bytes / st.seconds if st.seconds > 0 else bandwidth
             sent = (index, dirty, st, t_sync)
         self.result.precopy_rounds = len(self.result.rounds)
@@ -175,10 +231,8 @@ class SourceRun:
         if self.config.verify:
             self.excepted = oracle.free_pages(self.engine.hinted, self.engine.dirty)
         if not self.config.postcopy:
-            while True:
-                st = self.link.session.precopy_pass(max_seconds=3600.0)
-                if st.drained:
-                    break
+            while not self._pass().drained:
+                pass
         self.link.end_extras()  # (postcopy ended them ahead of the pause: announce_postcopy)
         if not self.config.postcopy:
             self._steps.append(time.perf_counter())
@@ -191,28 +245,46 @@ class SourceRun:
     def wait_ack(self, command: Command) -> float:
         """Waits until the destination acknowledges ``command``: COMMAND 1 with AckKind.SWITCHOVER
         (everything before it applied); COMMAND 2/3 with AckKind.GUEST_RUNS (its workload runs).
-        Returns when that word arrived (time.perf_counter() clock)."""
+        Returns when that word arrived (time.perf_counter() clock). After the start command (the
+        destination's workload may run) a silence or a break is ChannelBroken (recover, to learn
+        whether it runs), an answer that it never ran is NeverRan."""
         assert self.link is not None
         switchover = command == Command.SWITCHOVER
         want = (AckKind.SWITCHOVER, 0) if switchover else (AckKind.GUEST_RUNS, int(command))
+        broken = ChannelBroken if self.dest_may_run else MigrationError
         deadline = time.monotonic() + self.config.timeout
         while True:
-            ev = self.link.session.wait_event(max(0.0, deadline - time.monotonic()))
+            ev = self._event(max(0.0, deadline - time.monotonic()))
             if ev is None:
                 what = "acknowledge the switchover" if switchover else "resume the workload"
-                raise MigrationError(f"the destination did not {what} within {self.config.timeout} s")
+                raise broken(f"the destination did not {what} within {self.config.timeout} s")
             if ev.kind == EventKind.ACK and (ev.ack_kind, ev.ack_value) == want:
                 return ev.at
-            if ev.kind in (EventKind.PEER_ERROR, EventKind.FAILED, EventKind.END):
+            if ev.kind == EventKind.ACK and (ev.ack_kind, ev.ack_value) == (AckKind.GUEST_RUNS, ACK_NEVER_RAN):
+                self._last_words(never_ran=True)
+            if ev.kind == EventKind.PEER_ERROR:
                 raise MigrationError(f"destination: {event_summary(ev)}")
+            if ev.kind in (EventKind.FAILED, EventKind.END):
+                raise broken(f"destination: {event_summary(ev)}")
 
     def finish_precopy(self, t_pause: float) -> None:
+        """DEVICE_STATE and COMMAND 3; the destination's workload then runs. Once the command may
+        have left, a break never resumes the source's workload: it recovers to learn the answer."""
         assert self.link is not None
         self.link.main.send_device_state(self.device_state())
         self._steps.append(time.perf_counter())
-        self.link.main.send_command(Command.COMPLETE)
-        resumed_at = self.wait_ack(Command.COMPLETE)
-        self.dest_running = True
+        self._start_command()
+        try:
+            try:
+                self.link.main.send_command(Command.COMPLETE)
+            except (LivemigError, OSError) as e:
+                raise ChannelBroken(str(e)) from None
+            resumed_at = self.wait_ack(Command.COMPLETE)
+        except ChannelBroken as e:
+            self._resume(str(e))
+            assert self.recovery is not None
+            resumed_at = self.recovery.resumed_at
+        self.dest_ran = True
         self.result.downtime_ms = (resumed_at - t_pause) * 1e3
         self.result.downtime_split = DowntimeSplit.of([t_pause, *self._steps, resumed_at])
         self.monitor.switchover("precopy", self.result.downtime_ms, self.result.switchover_pages)
@@ -230,28 +302,32 @@ class SourceRun:
         self._steps.append(time.perf_counter())
         main.send_device_state(self.device_state())
         self._steps.append(time.perf_counter())
+        self._start_command()  # from here on the source workload must never resume on its own
+        self.result.mode = "postcopy"
         self.result.postcopy_pages_left = self.figures.start_timeline()
-        main.send_command(Command.POSTCOPY_START)
-        self.dest_running = True  # from here on the source workload must never resume
+        try:
+            main.send_command(Command.POSTCOPY_START)
+        except (LivemigError, OSError):
+            pass  # the push sees the break too, and recovery learns whether the workload runs there
         self.monitor.phase("postcopy")
-        self._acked = False
         self._t_pause = t_pause
         self._serve_postcopy()
 
-    def _last_words(self) -> None:
-        """A channel broke: reads what the return path still delivers (up to its own end, or a
-        second), in case the destination said why: its workload never ran (NeverRan: the caller
-        cancels and the source workload runs on), or an error of its own (MigrationError)."""
+    def _last_words(self, never_ran: bool = False) -> None:
+        """A channel broke (or the destination said its workload never ran): reads what the return
+        path still delivers (up to its own end, or a second), in case the destination said why: its
+        workload never ran (NeverRan: the caller cancels and the source workload runs on), or an
+        error of its own (MigrationError)."""
         assert self.link is not None
         deadline = time.monotonic() + 1.0
-        never_ran, why = False, ""
+        why = ""
         while (left := deadline - time.monotonic()) > 0:
             ev = self.link.session.wait_event(left)
             if ev is None or ev.kind in (EventKind.END, EventKind.FAILED):
                 break
             if ev.kind == EventKind.ACK and ev.ack_kind == AckKind.GUEST_RUNS and ev.ack_value == ACK_NEVER_RAN:
                 never_ran = True
-            elif ev.kind == EventKind.ACK and ev.ack_kind == AckKind.GUEST_RUNS and not self._acked:
+            elif ev.kind == EventKind.ACK and ev.ack_kind == AckKind.GUEST_RUNS and not self.dest_ran:
                 self._note_running(ev.at)  # it ran before the break: the downtime is known
             elif ev.kind == EventKind.PEER_ERROR:
                 why = ev.text
@@ -262,20 +338,24 @@ class SourceRun:
 
     def _note_running(self, at: float) -> None:
         """The destination said its workload runs (its ACK, read at ``at``): the downtime ends."""
-        self._acked = True
+        self.dest_ran = True
         self.result.downtime_ms = (at - self._t_pause) * 1e3
         self.result.downtime_split = DowntimeSplit.of([self._t_pause, *self._steps, at])
         self.monitor.switchover("postcopy", self.result.downtime_ms, self.result.switchover_pages)
 
     def _resume(self, cause: str) -> None:
-        """A break in postcopy: pause, then resume over a new connection."""
+        """A break once the destination's workload may run: pause, then resume over a new
+        connection; the destination then says whether its workload runs (and resumes it)."""
         assert self.link is not None and self.recovery is not None
-        if not self._acked:
+        if not self.dest_ran:
             self._last_words()
-        if not (self.dest_running and self.recovery.enabled()):
+        if not (self.dest_may_run and self.recovery.enabled()):
             self.link.teardown()
             raise MigrationError(cause)
-        self.link = self.recovery.pause_and_resume(cause, self.link)
+        self.paused = True
+        self.link = self.recovery.pause_and_resume(cause, self.link, uncertain=not self.dest_ran,
+                                                   phase="postcopy" if self.result.mode == "postcopy" else "complete")
+        self.paused = False
         self.result.tls = self.link.conn.tls_report()  # a fresh TLS handshake, new keys
 
     def _serve_postcopy(self) -> None:
@@ -292,9 +372,10 @@ class SourceRun:
                     raise ChannelBroken(str(e)) from None
                 return
             except ChannelBroken as e:
+                acked = self.dest_ran
                 self._resume(str(e))
-                if not self._acked:  # its word that the workload ran was lost with the connection
-                    self._acked = True  # (it resumed: its workload runs)
+                if not acked:  # its word that the workload ran was lost with the connection
+                    self.dest_ran = True  # (it resumed: its workload runs)
                     self.result.downtime_ms = math.nan  # unknown: null in the JSON, "-" in the summary
                 assert self.recovery is not None
                 if self.recovery.dest_completed:
@@ -315,28 +396,30 @@ class SourceRun:
                 if st.drained:
                     self.result.push_seconds += time.perf_counter() - t_push
                     pushing = False
+            self.control._check()
             wait = 0.05 if st.drained else 0.0  # nothing to push: block for the ack instead
             while (ev := session.wait_event(wait)) is not None:
                 wait = 0.0
-                if ev.kind == EventKind.ACK and ev.ack_kind == AckKind.GUEST_RUNS and not self._acked:
+                if ev.kind == EventKind.ACK and ev.ack_kind == AckKind.GUEST_RUNS and not self.dest_ran:
                     if ev.ack_value == ACK_NEVER_RAN:
-                        raise NeverRan("the destination could not start the workload")
+                        self._last_words(never_ran=True)
                     if ev.ack_value == int(Command.POSTCOPY_START):
                         self._note_running(ev.at)
                 elif ev.kind in (EventKind.FAILED, EventKind.END):
                     raise ChannelBroken(event_summary(ev))
                 elif ev.kind == EventKind.PEER_ERROR:
                     raise MigrationError(f"destination: {event_summary(ev)}")
-            if st.drained and self._acked:
+            if st.drained and self.dest_ran:
                 break
-            if not self._acked and time.perf_counter() - self._t_pause > self.config.timeout:
-                raise MigrationError(f"the destination did not resume the workload within {self.config.timeout} s")
+            if not self.dest_ran and time.perf_counter() - self._t_pause > self.config.timeout:
+                # It may run or not: recovery asks it (a new connection it must answer).
+                raise ChannelBroken(f"the destination did not resume the workload within {self.config.timeout} s")
 
     def say_committed(self) -> None:
-        """Precopy, once the destination said its workload runs: COMMAND 4 tells it this source will
-        never resume its own, so the destination keeps its workload even if the rest of the
-        conversation (the report, its confirmation) is lost (docs/protocol.md, Recovery)."""
-        if self.config.postcopy or not self.dest_running or self.link is None:
+        """Precopy, once the destination said its workload runs: COMMAND 4 (this source will never
+        resume its own). Informational since a source never resumes its workload once COMMAND 3
+        may have arrived; sent for destinations that still wait for it (docs/protocol.md)."""
+        if self.config.postcopy or not self.dest_ran or self.link is None:
             return
         try:
             self.link.main.send_command(Command.COMMITTED)
@@ -354,7 +437,7 @@ class SourceRun:
             expected = oracle.region_digests(self.workload.region)
         deadline = time.monotonic() + self.config.timeout + 60.0
         while True:
-            ev = self.link.session.wait_event(max(0.0, deadline - time.monotonic()))
+            ev = self._event(max(0.0, deadline - time.monotonic()))
             if ev is None:
                 raise MigrationError("the destination sent no report")
             if ev.kind == EventKind.REPORT:
@@ -367,7 +450,7 @@ class SourceRun:
                 if expected is not None:
                     self._judge(summary, expected, got)
                 return summary
-            if ev.kind in (EventKind.FAILED, EventKind.END) and self.dest_running and self.recovery.enabled():
+            if ev.kind in (EventKind.FAILED, EventKind.END) and self.dest_ran and self.recovery.enabled():
                 # The report did not come: the destination may still miss pages (postcopy) or only
                 # its report was lost. Resume; push what it lacks and complete again if need be.
                 self._resume(ev.text or ev.kind.name.lower())
@@ -399,30 +482,16 @@ class SourceRun:
         """After a failure: the source workload gets DONE and keeps running, unless the destination
         workload may already run (then the source's must not resume: it would be stale)."""
         self.balloon.cleanup()
-        if not self.dest_running:
+        if not self.dest_may_run:
             self.workload.resume()
-
-    def source_report(self, settle_s: float = 10.0) -> SourceWorkloadReport:
-        """After cancel(): lets a resumed workload see DONE (up to ``settle_s``), then reports (and,
-        with ``config.verify``, has it check itself)."""
-        running = not self.dest_running
-        port = self.workload.balloon
-        deadline = time.monotonic() + (settle_s if self.balloon.device is not None else 0.0)  # no device: no DONE sent
-        while running and port is not None and time.monotonic() < deadline:  # DONE was sent
-            now = port.status()
-            if now.done_seen and now.pages_held == 0:
-                break
-            time.sleep(0.005)  # the workload's driver runs at its own pace
-        s = port.status() if port is not None else None
-        check = None
-        if self.config.verify:
-            if running:
-                self.workload.pause(self.config.pause_timeout_s)
-            check = _check(self.workload)
-            if running:
-                self.workload.resume()
-        return SourceWorkloadReport(running=running, done_delivered=s.done_seen if s else True,
-                                    held_pages=s.pages_held if s else 0, check=check)
+            if self.link is not None and not self.paused:
+                try:  # so the destination does not wait for a resume that will not come
+                    self.link.end_extras()  # (the other channels end cleanly: their close is no break)
+                    self.link.session.end_urgent()
+                    self.link.main.send_error("the source cancelled the migration; its workload runs on")
+                    self.link.close_gracefully(min(self.config.timeout, 2.0))
+                except (LivemigError, OSError):
+                    pass
 
     def close(self) -> None:
         """Connection down, tracking ended (the workload's memory is ordinary again, rule 9), hints
@@ -437,85 +506,4 @@ class SourceRun:
             self.result.recoveries, self.result.requeued_pages = self.recovery.recoveries, self.recovery.requeued_pages
 
 
-def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -> MigrationResult:
-    """Migrates ``workload`` to the destination listening at ``address``:
-    ``migrate(address, workload, config=MigrationConfig(), progress=None, control=None, events=None)``.
-
-    The workload is started if it does not run. Raises :class:`MigrationFailed` (naming the step
-    and cause) when the migration fails; the source workload then keeps running and has been sent
-    DONE, unless the destination's had already started (postcopy), in which case the source's
-    stays paused. After success the source workload stays paused: its memory is stale.
-
-    ``progress``: a :class:`Progress` (phases, rounds), or a :class:`LiveProgress` that also gets
-    the live figures several times a second. ``events``: a callable taking each
-    :class:`MigrationEvent` (e.g. an :class:`EventStream` to iterate over, or an
-    :class:`EventWriter` for NDJSON); the last is ``end``, with the report or the error.
-
-    Postcopy recovery: a connection that breaks after the destination workload started pauses the
-    migration; it resumes over a new connection (by itself, or through ``control``: see
-    :class:`livemig.migration.MigrationControl`) within ``config.reconnect_deadline_s``.
-    """
-    if isinstance(workload, int):
-        workload, args = legacy_call((workload, *args), kwargs)
-    names = ("config", "progress", "control", "events")
-    params: dict[str, Any] = dict(zip(names, args))
-    for k, v in kwargs.items():
-        if k not in names or k in params:
-            raise TypeError(f"migrate() got an unexpected or repeated argument {k!r}")
-        params[k] = v
-    config: MigrationConfig = params.get("config") or MigrationConfig()
-    monitor = Monitor("source", params.get("progress"), params.get("events"), page_size=workload.region.page_size)
-    run = SourceRun(workload, config, monitor, params.get("control"))
-    step = "connect"
-    monitor.start(run.figures.counts, **run.figures.start_fields(address, config, run.result, workload.kind))
-    try:
-        workload.start()
-        run.connect(address)
-        step = "precopy"
-        run.precopy()
-        if config.postcopy:
-            run.announce_postcopy()
-        step = "switchover"
-        t_pause = run.switchover()
-        if config.postcopy:
-            step = "postcopy"
-            run.postcopy(t_pause)
-        else:
-            run.finish_precopy(t_pause)
-        step = "complete"
-        monitor.phase("complete")
-        summary = run.report()
-    except NeverRan as e:
-        run.dest_running = False
-        _fail(run, monitor, f"{step}: {e}", e)
-    except (LivemigError, OSError) as e:
-        _fail(run, monitor, f"{step}: {e}", e)
-    except BaseException as e:
-        monitor.end(False, None, f"{step}: {type(e).__name__}: {e}")
-        run.cancel()
-        run.close()
-        raise
-    monitor.close()
-    r = run.figures.finish(run.result)
-    run.close()
-    r.total_ms = (time.perf_counter() - monitor.t0) * 1e3
-    r.throughput_bps = r.bytes_sent / (r.total_ms / 1e3) if r.total_ms > 0 else 0.0
-    r.hints = hint_stats(workload.balloon, run._hints_before, run.balloon.stats.rounds)
-    r.postcopy, r.balloon, r.verify, r.error, r.ok, r.prefault = (
-        summary.postcopy, summary.balloon, summary.verify, summary.error, summary.ok, summary.prefault)
-    r.workload.stats = workload.stats()
-    monitor.end(r.ok, r.to_json(), r.error)
-    return r
-
-
-def _fail(run: SourceRun, monitor: Monitor, message: str, cause: BaseException) -> NoReturn:
-    """Cancels ``run`` after a failure, sends the end event, raises MigrationFailed."""
-    monitor.close()
-    run.cancel()
-    report = run.source_report()
-    run.close()
-    monitor.end(False, None, message)
-    raise MigrationFailed(message, report) from cause
-
-
-__all__ = ["SourceRun", "migrate"]
+__all__ = ["SourceRun"]
