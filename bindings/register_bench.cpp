@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
@@ -45,6 +46,24 @@ void bitmap(py::module_& b) {
       },
       py::arg("bitmap"), py::arg("threads"), py::arg("ops"), py::arg("plain") = false,
       "Seconds for `threads` threads doing `ops` test_and_set calls each (plain: a non-atomic RMW).");
+  b.def(
+      "bitmap_race_claims",
+      [](PageBitmap& bm, int threads, int rounds, bool split_rmw) {
+        if (bm.size() == 0 || threads < 2 || rounds < 1)
+          throw py::value_error("need a non-empty bitmap, threads >= 2 and rounds >= 1");
+        std::vector<std::uint32_t> won;
+        {
+          py::gil_scoped_release rel;
+          won = bench::bitmap::race_claims(bm, threads, rounds, split_rmw);
+        }
+        py::array_t<std::uint32_t> out(static_cast<py::ssize_t>(won.size()));
+        std::copy(won.begin(), won.end(), out.mutable_data());
+        return out;
+      },
+      py::arg("bitmap"), py::arg("threads"), py::arg("rounds"), py::arg("split_rmw") = false,
+      "Per page, how many claims won it over `rounds` rounds of `threads` C++ threads racing "
+      "test_and_set (split_rmw: a load and a store instead, the broken implementation the race "
+      "test must catch).");
   b.def("bitmap_find_walk", &bench::bitmap::find_walk, py::arg("bitmap"), py::arg("set") = true,
         py::call_guard<py::gil_scoped_release>(), "Pages counted by walking find_next.");
   b.def("bitmap_exchange_loop", &bench::bitmap::exchange_loop, py::arg("words"),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import hypothesis.strategies as st
 import numpy as np
 import pytest
@@ -230,25 +228,27 @@ def test_find_returns_none_when_nothing_matches() -> None:
     assert PageBitmap(0).count() == 0
 
 
+RACE_PAGES, RACE_THREADS, RACE_ROUNDS = 1024, 4, 200
+
+
 @pytest.mark.timeout(60)
-def test_python_threads_race_test_and_set_exactly_once() -> None:
-    """Many Python threads (the GIL released around range work) each claim pages; every page is
-    claimed by exactly one thread."""
-    n = 20_000
-    bm = PageBitmap(n)
-    wins: list[list[int]] = [[] for _ in range(4)]
+def test_threads_race_test_and_set_exactly_once() -> None:
+    """C++ threads (no interpreter lock between their calls: Python threads would take turns)
+    released together by a barrier race test_and_set over every page, in orders that collide,
+    round after round: each page is won by exactly one claim per round."""
+    bm = PageBitmap(RACE_PAGES)
+    wins = _core._bench.bitmap_race_claims(bm, RACE_THREADS, RACE_ROUNDS)
+    assert wins.shape == (RACE_PAGES,)
+    assert (wins == RACE_ROUNDS).all(), np.flatnonzero(wins != RACE_ROUNDS)[:10]
+    assert bm.count() == RACE_PAGES
 
-    def claim(k: int) -> None:
-        order = range(n) if k % 2 == 0 else range(n - 1, -1, -1)
-        wins[k] = [i for i in order if not bm.test_and_set(i)]
 
-    threads = [threading.Thread(target=claim, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    claimed = sorted(i for w in wins for i in w)
-    assert claimed == list(range(n))
+@pytest.mark.timeout(60)
+def test_the_race_test_catches_an_update_that_is_not_atomic() -> None:
+    """The same race with each claim split into a load and a store (the bug the test is named for):
+    pages are won twice in a round, so the check above would fail. Proof that it can."""
+    wins = _core._bench.bitmap_race_claims(PageBitmap(RACE_PAGES), RACE_THREADS, RACE_ROUNDS, split_rmw=True)
+    assert (wins != RACE_ROUNDS).any() and wins.sum() > RACE_PAGES * RACE_ROUNDS
 
 
 KERNELS = ["scalar", "avx2", "avx512"]
