@@ -42,6 +42,7 @@ class FaultRelay:
         self._held: set[Direction] = set()
         self._closed = False
         self.cuts_done = 0
+        self.cut_times: list[float] = []  #: time.monotonic() of each cut
         self.connections = 0
         #: bytes forwarded each way on each connection, in the order they were accepted
         self.per_connection: list[dict[Direction, int]] = []
@@ -113,6 +114,7 @@ class FaultRelay:
         self._armed = None
         self._held.clear()
         self.cuts_done += 1
+        self.cut_times.append(time.monotonic())
         self.cut_event.set()
         return pairs
 

@@ -36,11 +36,17 @@ class Outcome:
     dest_kind: str = ""  #: "summary", "error" or "killed" (it died without a word; dest: exit code)
     dest: dict[str, Any] | str = field(default_factory=dict)  #: its summary, or its error text
     cuts: int = 0  #: cuts the relay made
+    cut_times: list[float] = field(default_factory=list)  #: when (time.monotonic())
+    source_ended_at: float = 0.0  #: when migrate() returned or raised (time.monotonic())
     connections: int = 0  #: connections it relayed
     to_destination: int = 0  #: bytes the relay forwarded to the destination (every connection)
     to_source: int = 0  #: bytes it forwarded back
     #: bytes forwarded each way per connection, in the order they were made
     per_connection: list[dict[str, int]] = field(default_factory=list)
+
+    def cuts_during_migration(self) -> int:
+        """Cuts made before the source was done (a cut after it cannot test anything)."""
+        return sum(1 for t in self.cut_times if t < self.source_ended_at)
 
 
 class PhaseHook(NoProgress):
@@ -68,12 +74,14 @@ def run_through_relay(
     settle_s: float = 5.0,
     deadline_s: float = 60.0,
     events: migration.EventCallback | None = None,
+    await_reuse: bool = False,
 ) -> Outcome:
-    """Migrates a fresh guest through a FaultRelay to a destination in a child process."""
+    """Migrates a fresh guest through a FaultRelay to a destination in a child process
+    (``settle_s``/``await_reuse``: :func:`livemig.serve`'s)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     dest = dest or DestinationConfig(timeout=10, resume_deadline_s=10)
-    proc = start_destination(ctx, q, dest, settle_s)
+    proc = start_destination(ctx, q, dest, settle_s, await_reuse)
     out = Outcome()
     try:
         _, address = q.get(timeout=deadline_s)
@@ -84,11 +92,13 @@ def run_through_relay(
                     out.result = migration.migrate(relay.address, w, config, prog, control, events=events)
             except MigrationFailed as e:
                 out.error = e
+            out.source_ended_at = time.monotonic()
             out.cuts, out.connections = relay.cuts_done, relay.connections
             out.to_destination, out.to_source = relay.forwarded("to_destination"), relay.forwarded("to_source")
             out.per_connection = [dict(c) for c in relay.per_connection]
             kind, payload = _dest_answer(q, proc, deadline_s)
             out.dest_ok, out.dest_kind, out.dest = kind == "summary", kind, payload
+            out.cut_times = list(relay.cut_times)
         proc.join(deadline_s)
         return out
     finally:
@@ -99,10 +109,11 @@ def run_through_relay(
         q.join_thread()
 
 
-def start_destination(ctx: Any, q: Any, dest: DestinationConfig, settle_s: float = 5.0) -> mp.process.BaseProcess:
+def start_destination(ctx: Any, q: Any, dest: DestinationConfig, settle_s: float = 5.0,
+                      await_reuse: bool = False) -> mp.process.BaseProcess:
     """A destination serving one migration in a spawned process; it puts ("address", a) on ``q``,
     then ("summary", dict) or ("error", text)."""
-    proc = ctx.Process(target=_destination, args=(q, dest, settle_s, False))
+    proc = ctx.Process(target=_destination, args=(q, dest, settle_s, await_reuse))
     proc.start()
     return proc  # type: ignore[no-any-return]
 

@@ -276,6 +276,7 @@ def test_api_cancel_before_the_destination_runs_cancels_cleanly() -> None:
     config = MigrationConfig(postcopy=True, postcopy_after=3, verify=True, timeout=10)
     out = run_through_relay(INCREMENT, config, rate_bps=SLOW_LINK, progress=make, control=control)
     assert out.error is not None and out.error.outcome == "cancelled"
+    assert out.error.mode == "precopy"  # the config asked for postcopy; it never got there
     assert_cancelled_intact(out)
     assert out.error.interrupt is not None and out.error.interrupt.outcome == "cancelled"
 

@@ -9,6 +9,8 @@ from livemig.guest import GuestConfig
 from livemig.loopback import migrate_locally as run_migration
 from livemig.migration import DestinationConfig, MigrationConfig
 
+from recovery_helpers import assert_completed, run_through_relay
+
 WORKLOADS = ["increment", "random", "hotset", "idle"]
 
 
@@ -35,7 +37,7 @@ def assert_intact(result, summary) -> None:  # type: ignore[no-untyped-def]
 def test_precopy(workload: str, hints: bool) -> None:
     result, summary = run_migration(guest_for(workload), MigrationConfig(hints=hints, verify=True))
     assert_intact(result, summary)
-    assert result.mode == "precopy"
+    assert result.mode == summary["mode"] == "precopy"  # (the result's mode is the destination's report)
     assert result.precopy_rounds >= 1
     if hints:
         assert result.hints.pages_hinted > 0
@@ -51,7 +53,7 @@ def test_precopy(workload: str, hints: bool) -> None:
 def test_postcopy(workload: str, hints: bool) -> None:
     result, summary = run_migration(guest_for(workload), MigrationConfig(postcopy=True, hints=hints, verify=True))
     assert_intact(result, summary)
-    assert result.mode == "postcopy"
+    assert result.mode == summary["mode"] == "postcopy"  # what happened, not what the config asked
     assert result.postcopy.outstanding_requests == 0
 
 
@@ -69,21 +71,28 @@ def test_postcopy_with_hints_delivers_done_and_frees_held_pages() -> None:
 @pytest.mark.timeout(120)
 def test_hinted_pages_reused_in_postcopy_resolve_locally() -> None:
     """Background failure (2): once postcopy starts the guest reuses and writes every page it had
-    hinted; each resolves locally (never requested from the source) and none stalls."""
+    hinted; each resolves locally (never requested from the source) and none stalls.
+
+    A stall (QEMU's bug) is a fault on a hinted page that nobody serves until the background push
+    reaches it. To tell one from success the push must last: no precopy round (every page comes
+    in postcopy) over a link paced to 8 MB/s, so the push takes about a second, and a stalled
+    fault would wait a good part of it, while a local fill takes microseconds and a page asked
+    from the source a few milliseconds."""
     guest = GuestConfig(workload="idle", free_fraction=0.5, churn=50000.0, seed=3)
-    result, _ = run_migration(guest, MigrationConfig(postcopy=True, verify=True), settle_s=10.0, await_reuse=True)
+    out = run_through_relay(guest, MigrationConfig(postcopy=True, postcopy_after=0, verify=True), size=16 << 20,
+                            rate_bps=8e6, settle_s=10.0, await_reuse=True)
+    assert_completed(out)
+    result = out.result
+    assert result is not None and result.mode == "postcopy" and out.dest["mode"] == "postcopy"
     pc = result.postcopy
     assert pc.local_fill_pages > 0
     # Every hinted page was written, and each fault on one was resolved here: a hinted page that
-    # had been requested instead would be missing from local_fills. (Requests themselves may
-    # happen: a page the churn frees after the last hint round is an ordinary page, which the
-    # churn may take again before the push brought it. Under load that race was seen once.)
+    # had been requested instead would be missing from local_fills. (Requests themselves happen:
+    # the churn also touches pages that are not free, which the push had not brought yet.)
     assert pc.local_fills == pc.local_fill_pages
-    # A stall (QEMU's bug) lasts until postcopy ends, seconds; a local fill takes microseconds
-    # (p50 about 2 us here). The bound only tells the two apart, so a loaded CI machine cannot
-    # make it flaky; the latency itself is measured by bench/bench_migration.py.
-    assert pc.fault_latency_us.max < 100_000.0
-    assert result.verify is not None and result.verify.mismatches == 0
+    # The push lasted long enough for a stall to show, and no fault waited half as long.
+    assert result.push_seconds > 0.5, result.push_seconds
+    assert pc.fault_latency_us.max < result.push_seconds * 1e6 / 2, (pc.fault_latency_us, result.push_seconds)
 
 
 @pytest.mark.timeout(120)
