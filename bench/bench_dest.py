@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from bench_support import record_goal
 
 from livemig import _core
 from livemig.destination import Destination, postcopy_unsupported_reason
@@ -91,6 +92,8 @@ def test_place_throughput_vs_raw_copy(benchmark: Any, src: np.ndarray, run_pages
         "rounds": len(eng_s),
     }
     benchmark.extra_info.update(info)
+    record_goal(benchmark, "placement >= 0.9 of raw UFFDIO_COPY (throughput ratio)", raw_med / eng_med, 0.9,
+                at_most=False)
     _report(benchmark.group, info)
 
 
@@ -202,4 +205,6 @@ def test_fault_round_trip_vs_raw_handler(benchmark: Any, src: np.ndarray, kind: 
         "engine_hist_p99_us_bucket": statistics.median(h["p99_us"] for h in hists),
     }
     benchmark.extra_info.update(info)
+    record_goal(benchmark, "fault round trip p50 within 1.5x of raw (ratio)", _pct(e, 50) / _pct(r, 50), 1.5,
+                at_most=True)
     _report(benchmark.group, info)

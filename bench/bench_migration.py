@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import pytest
+from bench_support import record_goal
 
 from livemig import _core
 from livemig.guest import GuestConfig
@@ -92,6 +93,13 @@ def test_idle_guest_throughput(benchmark: Any, postcopy: bool) -> None:
         downtime_ms_each=[round(r.downtime_ms, 2) for r in results],
         total_ms_median=statistics.median(r.total_ms for r in results),
     )
+    record_goal(benchmark, "first round >= 75% of a raw socket copy (throughput ratio)", raw / first_round, 0.75,
+                at_most=False)
+    downtime = statistics.median(r.downtime_ms for r in results)
+    if postcopy:
+        record_goal(benchmark, "postcopy switchover downtime <= 10 ms (ms)", downtime, 10.0, at_most=True)
+    else:
+        record_goal(benchmark, "precopy downtime within its 300 ms limit (ms)", downtime, 300.0, at_most=True)
 
 
 def test_hints_save_bytes(benchmark: Any) -> None:

@@ -13,7 +13,16 @@ sys.path.insert(0, str(Path(__file__).parent))  # bench_support, importable from
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     session = getattr(config, "_benchmarksession", None)
-    rows = [b for b in getattr(session, "benchmarks", []) if "time_ratio_vs_baseline" in b.extra_info]
+    benchmarks = list(getattr(session, "benchmarks", []))
+    with_goals = [b for b in benchmarks if b.extra_info.get("goals")]
+    if with_goals:
+        terminalreporter.section("goals (from the docstrings; measured in this run)")
+        for b in with_goals:
+            for g in b.extra_info["goals"]:
+                terminalreporter.write_line(
+                    f"{b.name:<55} {g['goal']:<48} measured {g['goal_measured']:.4g} vs {g['goal_target']:.4g}"
+                    f"  ratio {g['goal_ratio']}  {'met' if g['goal_met'] else 'NOT MET'}")
+    rows = [b for b in benchmarks if "time_ratio_vs_baseline" in b.extra_info]
     if not rows:
         return
     terminalreporter.section("engine vs baseline (same run; time ratio, < 1 is faster)")
