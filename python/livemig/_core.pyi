@@ -901,6 +901,7 @@ class _Bench:
 
     DestRawCopy: type[_DestRawCopy]
     DestRawHandler: type[_DestRawHandler]
+    DestStagedTimes: type[_DestStagedTimes]
     @staticmethod
     def bitmap_test_and_set(bitmap: PageBitmap, threads: int, ops: int, plain: bool = False) -> float: ...
     @staticmethod
