@@ -66,6 +66,7 @@ class Listen:
         self.host, port = dest.address.rsplit(":", 1)
         self.port = int(port)
         self._buf = bytearray()
+        self._refusals_seen = 0
 
     def summary(self, deadline: float = 20.0) -> dict[str, Any]:
         """The listener's next JSON summary line."""
@@ -89,6 +90,19 @@ class Listen:
         assert s["ok"] is False, s
         return str(s["error"])
 
+    def refusal(self, deadline: float = 20.0) -> str:
+        """The listener's next refused connection, from its log (one line each: interval 0). A
+        refused handshake is no migration: no summary line comes for it."""
+        end = time.monotonic() + deadline
+        while True:
+            lines = self.dest.stderr_text().splitlines()
+            new = [ln for ln in lines if ln.startswith("livemig: refused ")][self._refusals_seen:]
+            if new:
+                self._refusals_seen += 1
+                return new[0]
+            assert time.monotonic() < end, f"the listener logged no refusal in time: {lines[-5:]}"
+            time.sleep(0.02)  # polling the log file the listener writes
+
     def raw(self) -> socket.socket:
         return socket.create_connection((self.host, self.port), timeout=10)
 
@@ -111,7 +125,8 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listen]:
     secret_file = tmp_path_factory.mktemp("hostile") / "secret"
     secret_file.write_bytes(SECRET)
     argv = [sys.executable, "-m", "livemig", "listen", "127.0.0.1:0", "--announce", "--json", "--quiet",
-            "--no-progress", "--timeout", "1", "--resume-deadline", "1", "--secret-file", str(secret_file)]
+            "--no-progress", "--timeout", "1", "--resume-deadline", "1", "--secret-file", str(secret_file),
+            "--refusal-log-interval", "0"]
     with local.local_destination(command=argv) as dest:
         yield Listen(dest)
         assert dest.process.poll() is None, "the listener died"
@@ -151,7 +166,7 @@ def test_a_source_without_the_secret_is_refused_and_the_listener_serves_on(liste
     cfg = migration.MigrationConfig(secret=secret, timeout=5.0)
     with pytest.raises(MigrationError, match="connect: .*(secret|authentication)"):
         migration.migrate(listener.address, ModelGuest(4 << 20, GuestConfig()), cfg)
-    err = listener.failure()
+    err = listener.refusal()
     assert ("wrong shared secret" in err or "does not know the shared secret" in err
             or "peer offered no authentication" in err), err
     listener.good_migration()
@@ -199,7 +214,7 @@ def test_malformed_handshakes_are_refused_and_the_listener_serves_on(listener: L
                     answer += chunk
             except ConnectionResetError:  # it closed with our extra bytes unread
                 pass
-        err = listener.failure()
+        err = listener.refusal()
         assert message in err, (data[:20], err)
         types = []  # what the peer heard: at most our HELLO, then a REJECT; never an ACCEPT
         while len(answer) >= _PREFIX.size:
@@ -364,7 +379,7 @@ def test_a_trickling_handshake_is_cut_off_at_the_timeout(listener: Listen) -> No
     with listener.raw() as s:
         t = threading.Thread(target=trickle, args=(s,))
         t.start()
-        err = listener.failure()
+        err = listener.refusal()
         with contextlib.suppress(OSError):  # the listener may have reset it already
             s.shutdown(socket.SHUT_RDWR)
         t.join(10)

@@ -325,7 +325,7 @@ def test_resume_handshake_accepts_the_paused_session(secret: bytes | None) -> No
 
 
 def test_a_new_migration_is_refused_while_paused() -> None:
-    with wire.Listener("127.0.0.1:0") as lst:
+    with wire.Listener("127.0.0.1:0", strict=True) as lst:
         t, got = _accept_in_thread(lst, _opts(), resume=(SESSION, wire.Negotiated(wire.ALL_CAPABILITIES)))
         with pytest.raises(ProtocolError, match="this destination is paused, waiting to resume session"):
             wire.connect(str(lst.address), _opts())
@@ -335,7 +335,7 @@ def test_a_new_migration_is_refused_while_paused() -> None:
 
 @pytest.mark.parametrize("case", ["other-session", "not-paused", "other-capabilities"])
 def test_a_resume_that_does_not_match_is_refused(case: str) -> None:
-    with wire.Listener("127.0.0.1:0") as lst:
+    with wire.Listener("127.0.0.1:0", strict=True) as lst:
         paused = wire.Negotiated(wire.ALL_CAPABILITIES)
         kw = {} if case == "not-paused" else {"resume": (SESSION, paused)}
         t, got = _accept_in_thread(lst, _opts(), **kw)

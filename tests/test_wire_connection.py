@@ -35,7 +35,7 @@ class Server:
     """Runs Listener.accept in a thread; result() gives the Connection or raises its error."""
 
     def __init__(self, address: str, options: wire.WireOptions) -> None:
-        self.listener = wire.Listener(address)
+        self.listener = wire.Listener(address, strict=True)  # its first refusal is the result
         self.options = options
         self.outcome: list[Any] = []
         self.thread = threading.Thread(target=self._run)
@@ -453,7 +453,7 @@ def _migrate_destination(listener: wire.Listener, secret: bytes | None) -> np.nd
 
 def full_stream_length(secret: bytes | None) -> int:
     """Bytes the source sends in a whole _migrate_source run (counted through a proxy)."""
-    with wire.Listener("127.0.0.1:0") as L:
+    with wire.Listener("127.0.0.1:0", strict=True) as L:
         proxy = CuttingProxy((L.address.host, L.address.port), limit=1 << 40)
         region = pattern(NPAGES, seed=3, zero_every=5)
         t = threading.Thread(target=_migrate_source, args=(proxy.address, secret, region))
@@ -477,7 +477,7 @@ def test_peer_vanishing_at_every_stage_gives_clean_errors(secret: bytes | None) 
                    hello + auth + 24 + 1000, hello + auth + 24 + 4096 + 4, total // 2, total - 200,
                    total - 40, total - 1})
     for cut in cuts:
-        with wire.Listener("127.0.0.1:0") as L:
+        with wire.Listener("127.0.0.1:0", strict=True) as L:
             proxy = CuttingProxy((L.address.host, L.address.port), limit=cut)
             region = pattern(NPAGES, seed=3, zero_every=5)
             src_err: list[BaseException] = []
@@ -502,7 +502,7 @@ def test_peer_vanishing_at_every_stage_gives_clean_errors(secret: bytes | None) 
 
 @pytest.mark.timeout(30)
 def test_silent_peer_during_handshake_times_out() -> None:
-    with wire.Listener("127.0.0.1:0") as L:
+    with wire.Listener("127.0.0.1:0", strict=True) as L:
         s = socket.create_connection((L.address.host, L.address.port))
         with s, pytest.raises(ConnectionLost, match="silent"):
             L.accept(opts(timeout=0.3))
@@ -510,7 +510,7 @@ def test_silent_peer_during_handshake_times_out() -> None:
 
 @pytest.mark.timeout(30)
 def test_nobody_connecting_times_out() -> None:
-    with wire.Listener("127.0.0.1:0") as L, pytest.raises(ConnectionLost, match="no source connected"):
+    with wire.Listener("127.0.0.1:0", strict=True) as L, pytest.raises(ConnectionLost, match="no source connected"):
         L.accept(opts(timeout=0.2))
 
 
@@ -551,7 +551,7 @@ def _child_source(address: str, q: Any) -> None:
 def test_migration_between_processes_over_all_channels() -> None:
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    with wire.Listener("127.0.0.1:0") as L:
+    with wire.Listener("127.0.0.1:0", strict=True) as L:
         p = ctx.Process(target=_child_source, args=(str(L.address), q))
         p.start()
         try:

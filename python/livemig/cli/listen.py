@@ -8,6 +8,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 
 import click
 
@@ -71,6 +72,12 @@ from livemig.errors import LivemigError, MigrationError
 @click.option("--progress/--no-progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
 @keepalive_options
+@click.option("--handshake-deadline", type=NumberType(0.0, positive=True), default=wire.DEFAULT_GATE.handshake_s,
+              show_default=True, metavar="S",
+              help="Seconds a connection has to authenticate (the --timeout if shorter).")
+@click.option("--refusal-log-interval", type=NumberType(0.0), default=wire.DEFAULT_GATE.log_interval_s,
+              show_default=True, metavar="S",
+              help="Refused connections after the first are summed up in one line per interval (0: one line each).")
 @click.option("-q", "--quiet", is_flag=True, help="No summary table.")
 def listen(
     address: wire.Address,
@@ -96,6 +103,8 @@ def listen(
     keepalive_idle: int,
     keepalive_interval: int,
     keepalive_count: int,
+    handshake_deadline: float,
+    refusal_log_interval: float,
     quiet: bool,
 ) -> int:
     """Accept migrations on ADDRESS (host:port, [v6]:port or unix:/path; port 0: any free one)."""
@@ -138,7 +147,8 @@ def listen(
     if events_file == "-" and as_json:
         raise usage("--events - and --json both write to stdout: write the events to a file")
     try:
-        listener = wire.Listener(address, insecure=insecure)
+        limits = replace(wire.DEFAULT_GATE, handshake_s=handshake_deadline, log_interval_s=refusal_log_interval)
+        listener = wire.Listener(address, insecure=insecure, limits=limits, log=_log_refusal)
     except OSError as e:
         why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         raise MigrationError(f"cannot listen on {address}: {why}") from None
@@ -175,6 +185,12 @@ def listen(
     return 1 if failed else 0
 
 
+
+
+def _log_refusal(text: str) -> None:
+    """A refused connection (or a summary of many), on stderr."""
+    sys.stderr.write(f"livemig: {text}\n")
+    sys.stderr.flush()
 
 
 def _dest_config(**kwargs: object) -> migration.DestinationConfig:

@@ -30,6 +30,7 @@ from livemig.wire.connection import (
     connect,
 )
 from livemig.wire.frames import Frame, decode, expect, read_frame
+from livemig.wire.gate import DEFAULT_GATE, GateLimits, Refusals
 from livemig.wire.handshake import (
     MAGIC,
     ChannelKind,
@@ -54,6 +55,7 @@ __all__ = [
     "ALL_CAPABILITIES",
     "CAPABILITY_BITS",
     "DEFAULT_CAPABILITIES",
+    "DEFAULT_GATE",
     "DEFAULT_KEEPALIVE",
     "MAGIC",
     "MAX_EXTRA_CHANNELS",
@@ -69,11 +71,13 @@ __all__ = [
     "ChannelKind",
     "Connection",
     "Frame",
+    "GateLimits",
     "HandshakeResult",
     "Keepalive",
     "Keying",
     "Listener",
     "Negotiated",
+    "Refusals",
     "Role",
     "TlsReport",
     "TlsSettings",

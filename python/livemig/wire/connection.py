@@ -11,7 +11,9 @@ import os
 import socket
 import struct
 import termios
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -19,9 +21,11 @@ from livemig import _core
 from livemig.errors import AuthenticationError, ConnectionLost, ProtocolError
 from livemig.wire.address import Address, is_loopback, parse_address, socket_for
 from livemig.wire.capabilities import Negotiated
+from livemig.wire.gate import DEFAULT_GATE, Gate, GateLimits, Session
 from livemig.wire.handshake import (
     SECRET_ENV,
     ChannelKind,
+    HandshakeResult,
     Role,
     WireOptions,
     handshake_destination,
@@ -238,10 +242,17 @@ class Listener:
     ``WireOptions.tls``), and then requires TLS 1.3 from every source beyond loopback:
     :meth:`accept` without keys raises AuthenticationError before it takes a connection, unless
     the listener was made ``insecure=True`` (anyone who can reach the port may then migrate in,
-    unencrypted unless the source asks for encryption)."""
+    unencrypted unless the source asks for encryption).
 
-    def __init__(self, address: str | Address, backlog: int = 16, *, insecure: bool = False) -> None:
-        self.insecure = insecure
+    Connections are taken by its gate (wire/gate.py): many at once, unauthenticated peers bounded
+    by ``limits`` and refused alone (counted in :attr:`refusals`, told to ``log`` rate-limited),
+    so a stranger never delays or fails a real source. ``strict``: :meth:`accept` raises the first
+    refused connection's error instead (tools and tests that talk to one known peer)."""
+
+    def __init__(self, address: str | Address, backlog: int = socket.SOMAXCONN, *, insecure: bool = False,
+                 limits: GateLimits = DEFAULT_GATE, log: Callable[[str], None] | None = None,
+                 strict: bool = False) -> None:
+        self.insecure, self.strict = insecure, strict
         addr = parse_address(address) if isinstance(address, str) else address
         self._sock, sockaddr = socket_for(addr)
         if addr.family == "tcp":
@@ -254,21 +265,8 @@ class Listener:
         else:
             host, port = self._sock.getsockname()[:2]
             self.address = Address("tcp", host=host, port=port)
-
-    def _accept_one(self, timeout: float | None, opts: WireOptions) -> socket.socket:
-        self._sock.settimeout(timeout)
-        try:
-            conn, _ = self._sock.accept()
-        except TimeoutError:
-            raise ConnectionLost(
-                f"no source connected to {self.address} within {timeout} s"
-            ) from None
-        try:
-            opts.keepalive.apply(conn)
-        except OSError:
-            conn.close()
-            raise
-        return conn
+        self._gate = Gate(self._sock, limits, log, str(self.address))
+        self.refusals = self._gate.refusals  #: the connections refused so far
 
     def accept(
         self,
@@ -278,9 +276,9 @@ class Listener:
         resume: tuple[bytes, Negotiated] | None = None,
     ) -> Connection:
         """Accepts a source's main channel and then its urgent and extra page channels, each
-        with its handshake; a connection that fails its handshake is refused and dropped, and the
-        error raised (a wrong secret never gets past this). ``wait``: how long to wait for the
-        source to connect (None: forever; default: ``opts.timeout``). ``resume``: (session id,
+        with its handshake; a connection that fails its handshake is refused and dropped alone
+        (a wrong secret never gets past this). ``wait``: how long to wait for a source (None:
+        forever; default: ``opts.timeout``); ConnectionLost then. ``resume``: (session id,
         negotiated) of a paused session: only its resume connection is accepted. Beyond loopback
         without keys (and not ``insecure``): AuthenticationError, before any connection is taken."""
         if opts.secret is None and not opts.tls.x509 and not self.insecure and not is_loopback(self.address):
@@ -291,45 +289,42 @@ class Listener:
             )
         keys = TlsKeys(opts.secret, opts.tls, "server", opts.tls.peer_name or "")
         keys.preload()  # while no source is here yet
-        sock = self._accept_one(opts.timeout if wait == "timeout" else wait, opts)
-        try:
-            res = handshake_destination(sock, opts, paused=dict([resume]) if resume else None, keys=keys,
-                                        insecure=self.insecure)
-        except BaseException:
-            sock.close()
-            raise
-        conn = Connection(
-            "destination", res.page_size, res.region_bytes, res.negotiated, res.session,
-            Channel("main", 0, sock, res.tls), timeout=opts.timeout,
-        )
-        try:
-            want_urgent = res.negotiated.urgent_channel
-            want_pages = res.negotiated.extra_channels
-            channel_keys = _channel_keys(conn, opts, "server")
-            pages: dict[int, Channel] = {}
-            while (want_urgent and conn.urgent is None) or len(pages) < want_pages:
-                s = self._accept_one(opts.timeout, opts)
-                try:
-                    r = handshake_destination(s, opts, {res.session: res.negotiated}, keys=keys,
-                                              channel_keys=channel_keys, insecure=self.insecure)
-                except BaseException:
-                    s.close()
-                    raise
-                if r.kind == "urgent" and conn.urgent is None:
-                    conn.urgent = Channel("urgent", 0, s, r.tls)
-                elif r.kind == "pages" and r.index not in pages:
-                    pages[r.index] = Channel("pages", r.index, s, r.tls)
-                else:
-                    s.close()
-                    raise ProtocolError(f"handshake: duplicate {r.kind} channel {r.index}")
-            conn.pages = [pages[i] for i in sorted(pages)]
-        except BaseException:
-            conn.close()
-            raise
+        paused = dict([resume]) if resume else None
+        channel_keys: dict[bytes, TlsKeys | None] = {}
+        lock = threading.Lock()
+
+        def keys_of(owner: Session) -> TlsKeys | None:
+            """An x509 session's urgent and page channels are keyed from its main channel's TLS session."""
+            r = owner.main
+            if r.negotiated.encryption != "x509" or r.tls is None:
+                return None
+            with lock:  # (handshakes run in parallel; the keys are exported once per session)
+                if r.session not in channel_keys:
+                    channel_keys[r.session] = TlsKeys.for_channels(r.tls, r.session, opts.tls, "server")
+                return channel_keys[r.session]
+
+        def handshake(sock: socket.socket, owner: Session | None, left: float) -> HandshakeResult:
+            opts.keepalive.apply(sock)
+            brief = replace(opts, timeout=round(min(left, opts.timeout), 3))  # the pre-authentication deadline
+            if owner is None:
+                return handshake_destination(sock, brief, paused=paused, keys=keys, insecure=self.insecure)
+            return handshake_destination(sock, brief, {owner.main.session: owner.main.negotiated}, keys=keys,
+                                         channel_keys=keys_of(owner), insecure=self.insecure)
+
+        s = self._gate.accept(handshake, opts.timeout if wait == "timeout" else wait, opts.timeout,
+                              resume=resume[0] if resume else None, strict=self.strict, preauth_s=opts.timeout)
+        conn = Connection("destination", s.main.page_size, s.main.region_bytes, s.main.negotiated, s.main.session,
+                          Channel("main", 0, s.sock, s.main.tls), timeout=opts.timeout)
+        if s.urgent is not None:
+            conn.urgent = Channel("urgent", 0, s.urgent[1], s.urgent[0].tls)
+        conn.pages = [Channel("pages", i, s.pages[i][1], s.pages[i][0].tls) for i in sorted(s.pages)]
+        for ch in conn.channels():
+            ch.sock.setblocking(True)
         return conn
 
     def close(self) -> None:
-        """Stops listening (and removes a Unix socket's file)."""
+        """Stops listening (and removes a Unix socket's file); connections not handed out are closed."""
+        self._gate.close()
         self._sock.close()
         if self._unix_path:
             try:
