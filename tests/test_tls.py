@@ -349,7 +349,7 @@ def test_a_replayed_capture_of_a_whole_session_is_refused(keying: str, pki: Pki,
             rl.close()
     capture = bytes(relays[0].captured[0])
     assert len(capture) > NPAGES * PAGE  # the pages went by
-    with wire.Listener("127.0.0.1:0") as lst:
+    with wire.Listener("127.0.0.1:0", strict=True) as lst:
         acc = Accepting(lst, dst)
         replay(str(lst.address), capture)
         out = acc.result()

@@ -84,7 +84,7 @@ def connect_both(src: wire.WireOptions, dst: wire.WireOptions, *, insecure: bool
     """Connects a source with ``src`` to a listener with ``dst`` on 127.0.0.1 (through the
     address ``via`` gives for the listener's, e.g. a relay's). Returns the source's connection or
     error, the destination's, and the source's wall time."""
-    with wire.Listener("127.0.0.1:0", insecure=insecure) as lst:
+    with wire.Listener("127.0.0.1:0", insecure=insecure, strict=True) as lst:  # its first refusal is the result
         acc = Accepting(lst, dst)
         t0 = time.monotonic()
         try:

@@ -44,7 +44,8 @@ from livemig.errors import LivemigError, MigrationError
 
 @main.command()
 @click.argument("address", type=ADDRESS)
-@click.option("--once", is_flag=True, help="Serve one migration, then exit.")
+@click.option("--once", is_flag=True,
+              help="Serve one migration (or fail on the first refused connection), then exit.")
 @click.option("--announce", is_flag=True, help="Print 'listening on ADDRESS' first on stdout.")
 @click.option("--disable-capability", "disabled", type=CAPABILITY, multiple=True, metavar="NAME",
               help=f"Withhold a capability. Repeatable. NAME: {_KNOWN_CAPABILITIES}.")
@@ -148,7 +149,9 @@ def listen(
         raise usage("--events - and --json both write to stdout: write the events to a file")
     try:
         limits = replace(wire.DEFAULT_GATE, handshake_s=handshake_deadline, log_interval_s=refusal_log_interval)
-        listener = wire.Listener(address, insecure=insecure, limits=limits, log=_log_refusal)
+        # --once serves one known source: its refusal ends the listener too, as its one error line
+        listener = wire.Listener(address, insecure=insecure, limits=limits, log=None if once else _log_refusal,
+                                 strict=once)
     except OSError as e:
         why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         raise MigrationError(f"cannot listen on {address}: {why}") from None
