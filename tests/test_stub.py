@@ -21,13 +21,7 @@ from livemig import _core
 STUB = Path(livemig.__file__).with_name("_core.pyi")
 #: Bindings known to lack their stub, each with who adds it. An entry that is no longer missing
 #: fails the test too: remove it then.
-PENDING = {
-    # The TLS layer's bindings (issue 18): their stubs come with its Python half.
-    *(f"_core.{n}" for n in ("TLS_DEFAULT_CIPHERSUITES", "TlsChannel", "TlsConfig", "TlsFrame", "TlsFrameReader",
-                             "read_through_tls", "tls_derive_psk")),
-    *(f"_core._bench.tls_{n}" for n in ("evp_cipher_of_suite", "evp_seal_loop", "handshake_times",
-                                        "request_round_trips", "socketpair_throughput", "write_test_pki")),
-}
+PENDING: set[str] = set()
 # What pybind11 puts on every class or enum, and what Python does: not the binding's API.
 _ARTEFACTS = re.compile(r"^(__\w+__|_pybind11_\w+)$")
 

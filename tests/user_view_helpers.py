@@ -180,6 +180,7 @@ def check_fields(run: Run) -> set[str]:
     pages = SIZE // r.page_size
     ok("ok", j["ok"] is True and d["ok"] is True)
     ok("mode", j["mode"] == ("postcopy" if cfg.postcopy else "precopy") == d["mode"])
+    ok("outcome", j["outcome"] == "completed" and "interrupt" not in j)  # no interrupt, nothing failed
     ok("region_bytes", j["region_bytes"] == SIZE == d["region_bytes"])
     ok("page_size", j["page_size"] == 4096)
     ok("total_ms", 0 < j["total_ms"] <= run.wall_ms, (j["total_ms"], run.wall_ms))

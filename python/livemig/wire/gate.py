@@ -249,7 +249,8 @@ class Gate:
             if deadline is not None and now >= deadline:
                 raise ConnectionLost(self._nobody(wait))
             self._dispatch()
-            due = [p.deadline for p in self._waiting.values()] + [s.deadline for s in self._sessions.values()]
+            due = [p.deadline for p in (*self._waiting.values(), *self._ready)]
+            due += [s.deadline for s in self._sessions.values()]
             if (flush := self.refusals.flush()) is not None:
                 due.append(flush)
             if deadline is not None:
@@ -263,6 +264,7 @@ class Gate:
                 elif (p := self._by_fd.get(fd)) is not None:
                     self._peek(p, bool(ev & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR)))
             self._collect()
+            self._dispatch()  # (a HELLO that just came must not wait for the next event)
 
     def _nobody(self, wait: float | None) -> str:
         text = f"no source connected to {self.name} within {wait} s"
