@@ -372,9 +372,8 @@ class SourceRun:
                     raise ChannelBroken(str(e)) from None
                 return
             except ChannelBroken as e:
-                acked = self.dest_ran
-                self._resume(str(e))
-                if not acked:  # its word that the workload ran was lost with the connection
+                self._resume(str(e))  # (its last words first: the ack, when it came before the break)
+                if not self.dest_ran:  # its word that the workload ran was lost with the connection
                     self.dest_ran = True  # (it resumed: its workload runs)
                     self.result.downtime_ms = math.nan  # unknown: null in the JSON, "-" in the summary
                 assert self.recovery is not None
