@@ -73,7 +73,7 @@ class SourceLink:
     def close_gracefully(self, timeout: float) -> None:
         """After a last word (ERROR) to the destination: ends every channel's sending side (a FIN
         after what is queued, where a close could reset the connection and drop it) and waits, up
-        to ``timeout``, for the destination to close the return path: it read everything."""
+        to ``timeout``, for the destination to close the return path (main's): it read everything."""
         for ch in self.conn.channels():
             try:
                 ch.sock.shutdown(socket.SHUT_WR)
@@ -82,8 +82,8 @@ class SourceLink:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             ev = self.session.wait_event(left)
-            if ev is None or ev.kind in (EventKind.END, EventKind.FAILED):
-                return
+            if ev is None or (ev.kind in (EventKind.END, EventKind.FAILED) and ev.channel == 0):
+                return  # (the urgent channel's end, where requests come back, says nothing of main)
 
     def teardown(self) -> None:
         """Pumps stopped, sockets shut down, return path joined, sockets closed (in that order, so
