@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         secret_file = Path(tmp) / "secret"
         secret_file.write_bytes(SECRET)
-        cmd = [sys.executable, "-m", "livemig", "listen", "127.0.0.1:0", "--announce", "--json", "--quiet",
+        cmd = [sys.executable, "-m", "livemig", "listen", "127.0.0.1:0", "--announce", "--quiet",
                "--no-progress", "--secret-file", str(secret_file), "--timeout", "10"]
         if not a.no_gate_flags:
             cmd += ["--handshake-deadline", str(a.handshake_deadline), "--refusal-log-interval", "10"]
