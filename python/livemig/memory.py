@@ -149,6 +149,25 @@ class Region:
         elif len(arr) and int((arr[:, 0] + arr[:, 1]).max()) > self.pages:
             raise IndexError(f"runs reach past the region of {self.pages} pages")
 
+    # ---- where the engines come from (an attached process's region makes its own) ----
+    @property
+    def pagemap_path(self) -> str:
+        """The pagemap that shows this memory's page table entries (the kernel's view of writes)."""
+        return "/proc/self/pagemap"
+
+    @property
+    def kernel_address(self) -> int:
+        """The region's address in the address space whose pagemap is :attr:`pagemap_path`."""
+        return self.address
+
+    def _source_engine(self) -> _core.Source:
+        """The C++ source engine over this memory, tracking as :attr:`tracking` says."""
+        return _core.Source.adopt(self.buffer, self.tracking, self.page_size)
+
+    def _dest_engine(self) -> _core.DestRegion:
+        """The C++ destination engine placing into this memory."""
+        return _core.DestRegion.adopt(self.buffer, self.page_size)
+
     def _bind_tracker(self, source: _core.Source | None) -> None:
         """The migration's engine takes explicit marks from now on (None: nobody)."""
         self._tracker = source

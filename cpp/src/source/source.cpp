@@ -55,6 +55,25 @@ Source::Source(Region region, std::size_t npages, TrackMode mode, std::size_t pa
       hints_(*dirty_, *hinted_, &tracker_),
       scanner_(*dirty_, *sent_) {}
 
+Source::Source(const std::uint8_t* local, std::size_t npages, const RemoteMemory& remote, std::size_t page_size)
+    // The engine never writes through data() (a source's pages are only read and sent), so the
+    // read-only mapping of another process's memory is held as the plain pointer every path uses.
+    : Source(Region{Mapping(), UniqueFd(), page_aligned(const_cast<std::uint8_t*>(local), page_size)}, npages, remote,
+             page_size) {}
+
+Source::Source(Region region, std::size_t npages, const RemoteMemory& remote, std::size_t page_size)
+    : mapping_((check_pages(npages), check_page_size(page_size), std::move(region.mapping))),
+      memfd_(std::move(region.memfd)),
+      base_(region.base),
+      npages_(npages),
+      ps_(page_size),
+      dirty_(std::make_shared<PageBitmap>(npages, true)),
+      sent_(std::make_shared<PageBitmap>(npages)),
+      hinted_(std::make_shared<PageBitmap>(npages)),
+      tracker_(remote, npages, page_size),
+      hints_(*dirty_, *hinted_, &tracker_),
+      scanner_(*dirty_, *sent_) {}
+
 std::size_t Source::sync() {
   std::lock_guard lock(sync_mu_);
   PageBitmap& d = *dirty_;

@@ -37,7 +37,7 @@ from livemig.migration.results import (
     encode_report,
 )
 from livemig.protocol import ACK_NEVER_RAN, BALLOON_CMD_DONE, AckKind, Command, EventKind
-from livemig.workload.base import Workload, WorkloadFactory
+from livemig.workload.base import Workload, WorkloadFactory, memory_complete, process_info
 
 
 def latency_summary(s: _core.LatencySnapshot) -> LatencySummary:
@@ -245,9 +245,11 @@ class DestinationRun:
         self.progress.phase("complete")
         if self.postcopy:
             self._check_complete()
+            memory_complete(self.workload)  # (precopy: every page was in before it started)
         pc = self._postcopy_stats() if self.postcopy else PostcopyStats()
         return DestinationSummary(ok=True, mode=self.mode, region_bytes=self.dest.nbytes, postcopy=pc,
-                                  workload_kind=self.workload.kind, workload=self.workload)
+                                  workload_kind=self.workload.kind, workload_process=process_info(self.workload),
+                                  workload=self.workload)
 
     def _settled(self, summary: DestinationSummary, await_reuse: bool) -> bool:
         assert self.workload is not None

@@ -202,6 +202,7 @@ class WorkloadInfo:
 
     kind: str = ""
     stats: dict[str, int | float] = field(default_factory=dict)
+    process: dict[str, Any] = field(default_factory=dict)  #: an attached process: pid, name, role, memfd
 
 
 @dataclass
@@ -272,6 +273,7 @@ class DestinationSummary:
     pages_received: int = 0  #: pages read from the source (zero pages included), every connection
     tls: TlsReport = field(default_factory=TlsReport)  #: encryption on the (last) connection
     prefault: PrefaultReport = field(default_factory=PrefaultReport)
+    workload_process: dict[str, Any] = field(default_factory=dict)  #: an attached process: pid, name, ...
     workload: Workload | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -380,7 +382,8 @@ def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint6
             recoveries=d.get("recoveries", 0), placed_twice=d.get("placed_twice", 0),
             workload_kind=d.get("workload_kind", ""), pages_received=d.get("pages_received", 0),
             tls=TlsReport(**{k: v for k, v in d.get("tls", {}).items() if k in _TLS_FIELDS}),
-            prefault=_prefault(d.get("prefault", {})))
+            prefault=_prefault(d.get("prefault", {})),
+            workload_process=dict(d.get("workload_process", {})))
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"report: bad summary: {e}") from None
     digests = np.frombuffer(blob, dtype="<u8", count=ndig, offset=end).astype(np.uint64) if ndig else None

@@ -37,7 +37,7 @@ from livemig.migration.results import (
 from livemig.migration.source_figures import SourceFigures, hint_stats
 from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
 from livemig.source import Source
-from livemig.workload.base import Workload
+from livemig.workload.base import Workload, process_info
 
 
 def _check(w: Workload) -> WorkloadCheck | None:
@@ -56,7 +56,7 @@ class SourceRun:
         self.engine = Source(region)
         self.result = MigrationResult(ok=False, mode="postcopy" if config.postcopy else "precopy",
                                       region_bytes=region.nbytes, page_size=region.page_size,
-                                      workload=WorkloadInfo(kind=workload.kind),
+                                      workload=WorkloadInfo(kind=workload.kind, process=process_info(workload)),
                                       downtime_limit_ms=config.downtime_limit_ms)
         self.link: SourceLink | None = None
         self.balloon = BalloonDriver(None, enabled=False)
@@ -415,11 +415,14 @@ class SourceRun:
         s = port.status() if port is not None else None
         check = None
         if self.config.verify:
-            if running:
-                self.workload.pause(self.config.pause_timeout_s)
-            check = _check(self.workload)
-            if running:
-                self.workload.resume()
+            try:
+                if running:
+                    self.workload.pause(self.config.pause_timeout_s)
+                check = _check(self.workload)
+                if running:
+                    self.workload.resume()
+            except LivemigError as e:  # a workload that is gone (an attached process died) checks nothing
+                check = WorkloadCheck(False, 0, 0, f"no check: {e}")
         return SourceWorkloadReport(running=running, done_delivered=s.done_seen if s else True,
                                     held_pages=s.pages_held if s else 0, check=check)
 

@@ -53,6 +53,10 @@ class Source {
   Source(std::size_t npages, TrackMode mode, Backing backing, std::size_t page_size);
   /// Adopts `npages` pages at `base` (page aligned, mapped, outliving this object), tracked in `mode`.
   Source(std::uint8_t* base, std::size_t npages, TrackMode mode, std::size_t page_size);
+  /// Another process's memory (docs/attach.md): pages are read at `local` (livemig's mapping of the
+  /// process's memfd, page aligned, outliving this object); writes are tracked in the process at
+  /// `remote.addr` through its userfaultfd and pagemap (DirtyTracker's remote mode).
+  Source(const std::uint8_t* local, std::size_t npages, const RemoteMemory& remote, std::size_t page_size);
   Source(const Source&) = delete;
   Source& operator=(const Source&) = delete;
 
@@ -113,6 +117,7 @@ class Source {
   };
   static Region make_region(std::size_t npages, Backing backing, std::size_t page_size);
   Source(Region region, std::size_t npages, TrackMode mode, std::size_t page_size);
+  Source(Region region, std::size_t npages, const RemoteMemory& remote, std::size_t page_size);
 
   Mapping mapping_;  // empty when adopted
   UniqueFd memfd_;
