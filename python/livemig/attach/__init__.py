@@ -63,6 +63,14 @@ class AttachListener:
             self._sock.close()
             raise WorkloadError(f"cannot listen for workload processes at {self.path}: {e.strerror}") from e
 
+    def ready(self, wait: float) -> bool:
+        """True when a process is waiting to be accepted (waits up to ``wait`` s)."""
+        try:
+            r, _, _ = select.select([self._sock], [], [], wait)
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+        return bool(r)
+
     def accept(self, *, role: str | None = None, expect_len: int = 0, wait: float | None = 30.0,
                timeout: float = 5.0) -> _core.AttachConnection:
         """Waits up to ``wait`` seconds (None: for ever) for a process to connect, then validates its

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import select
 import subprocess
 import threading
@@ -85,7 +86,8 @@ class _Balloon:
         self._w = w
         self._device = _core.LocalBalloonDevice(w.region.pages)
         self.sent_id = 0
-        self.done_sent = False
+        # No round ever sent: the process holds nothing back, as after DONE.
+        self.done_sent = True
 
     @property
     def device(self) -> _core.BalloonDevice:
@@ -98,26 +100,31 @@ class _Balloon:
         with contextlib.suppress(LivemigError):  # a process gone: the migration sees it elsewhere
             self._w._call(lambda c: c.balloon(cmd))
             self.sent_id = cmd
-            self.done_sent = self.done_sent or cmd == BALLOON_CMD_DONE
+            if cmd == BALLOON_CMD_DONE:
+                self.done_sent = True
+            elif cmd >= 0x80000000:  # a round: DONE is due again
+                self.done_sent = False
 
     def status(self) -> BalloonGuestStatus:
-        # What livemig knows from the messages: the id delivered last, DONE delivered (a stream
-        # socket delivers in order), and pages hinted since the last DONE.
+        # What livemig knows from the messages: the id delivered last, DONE delivered since the last
+        # round (a stream socket delivers in order), and pages hinted since the last DONE.
         held = 0 if self.sent_id == BALLOON_CMD_DONE else int(self._device.hinted_since_done().count())
         return BalloonGuestStatus(last_cmd_id=self.sent_id, done_seen=self.done_sent, pages_held=held)
 
 
 class AttachedWorkload:
-    """An attached process's memory. ``process``: the process when livemig launched it (ended by
-    :meth:`stop`); otherwise the process stays alive and attached-no-more after :meth:`stop`."""
+    """An attached process's memory. ``process``: the process when livemig launched it; ``end``:
+    :meth:`stop` ends it too (else, like a process that attached by itself, it is detached and runs
+    on: a migrated destination resumed, a source as the attach protocol leaves it)."""
 
     kind = KIND
     version = VERSION
 
     def __init__(self, conn: _core.AttachConnection, *, process: subprocess.Popen[bytes] | None = None,
-                 request_timeout: float = 10.0) -> None:
+                 end: bool = True, request_timeout: float = 10.0) -> None:
         self.connection = conn
         self.process = process
+        self.end = end and process is not None
         self.request_timeout = request_timeout
         self._region = AttachedRegion(conn)
         self.role: str = conn.role
@@ -225,16 +232,16 @@ class AttachedWorkload:
     def stop(self) -> None:
         if self._stop.is_set():
             return
-        self._stop.set()
-        if self.process is not None:
-            end_process(self.process)  # it detaches, checks itself and exits
-        elif self.lost is None:
+        if self.lost is None:
             with contextlib.suppress(LivemigError):
-                if self.role == "destination" and self.started:
+                if self.role == "destination" and self.started and not self.end:
                     self.resume()  # a migrated destination runs on, its own now
-                self._call(lambda c: c.detach(self.request_timeout))
+                self._call(lambda c: c.detach(self.request_timeout))  # it restores its memory (docs/attach.md)
+        self._stop.set()
         self.connection.close()
         self._pump.join(5.0)
+        if self.end:
+            end_process(self.process)  # it checks itself and exits
 
     def export_state(self) -> bytes:
         state = bytes(self._call(lambda c: c.save_state(self.request_timeout)))
@@ -275,18 +282,48 @@ class AttachFactory:
     """Hosts ``attach`` workloads on a destination: the incoming memory goes straight into a
     destination process's memfd. The process attaches at ``socket`` by itself, or is launched from
     ``launch_command`` (default: the environment's :data:`LAUNCH_ENV`) for each migration.
-    ``wait``: how long to wait for it."""
+    ``wait``: how long to wait for it; ``end_launched``: a launched process ends with the workload's
+    stop() (else it runs on, detached, like one that attached by itself)."""
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *, launch_command: str | None = None,
-                 wait: float = 30.0, timeout: float = 5.0) -> None:
+                 wait: float = 30.0, timeout: float = 5.0, end_launched: bool = True) -> None:
         self.socket = None if socket is None else os.fspath(socket)
         self.launch_command = launch_command if launch_command is not None else os.environ.get(LAUNCH_ENV)
-        self.wait, self.timeout = wait, timeout
+        self.wait, self.timeout, self.end_launched = wait, timeout, end_launched
         self._listener: AttachListener | None = AttachListener(self.socket) if self.socket is not None else None
         self._pending: tuple[AttachedRegion, subprocess.Popen[bytes] | None, _core.AttachConnection] | None = None
+        # A process that attaches by itself is accepted as soon as it connects (its own handshake
+        # has a deadline), and kept until a migration comes.
+        self._early: queue.Queue[_core.AttachConnection | LivemigError] = queue.Queue()
+        self._closed = threading.Event()
+        self._acceptor: threading.Thread | None = None
+        if self._listener is not None and self.launch_command is None:
+            self._start_acceptor()
+
+    def _start_acceptor(self) -> None:
+        self._acceptor = threading.Thread(target=self._accept_early, name="livemig-attach-accept", daemon=True)
+        self._acceptor.start()
+
+    def _accept_early(self) -> None:
+        assert self._listener is not None
+        while not self._closed.is_set():
+            if not self._listener.ready(0.1):
+                continue
+            try:
+                self._early.put(self._listener.accept(role="destination", wait=0.0, timeout=self.timeout))
+            except LivemigError as e:  # refused: the process was told why; the migration is too
+                self._early.put(e)
+            return
 
     def close(self) -> None:
         """Stops listening (a process that attached and was never used is let go)."""
+        self._closed.set()
+        if self._acceptor is not None:
+            self._acceptor.join(5.0)
+        while not self._early.empty():
+            got = self._early.get_nowait()
+            if not isinstance(got, LivemigError):
+                got.close()
         if self._pending is not None:
             _, proc, conn = self._pending
             conn.close()
@@ -297,8 +334,19 @@ class AttachFactory:
 
     def _attach(self, nbytes: int) -> tuple[_core.AttachConnection, subprocess.Popen[bytes] | None]:
         if self._listener is not None and self.launch_command is None:
-            return self._listener.accept(role="destination", expect_len=nbytes, wait=self.wait,
-                                         timeout=self.timeout), None
+            try:
+                got = self._early.get(timeout=self.wait)
+            except queue.Empty:
+                raise ConnectionLost(f"no destination process attached at {self.socket} within"
+                                     f" {self.wait:g} s") from None
+            self._start_acceptor()  # the next migration's process
+            if isinstance(got, LivemigError):
+                raise got
+            if got.nbytes != nbytes:
+                got.close()
+                raise WorkloadError(f"the destination process at {self.socket} has {got.nbytes} bytes;"
+                                    f" the source sends {nbytes}")
+            return got, None
         if self.launch_command is None:
             raise WorkloadError(f"no destination process for an {KIND!r} workload: give this destination an attach"
                                 f" socket (livemig listen --attach) or a command to launch (--attach-exec,"
@@ -346,7 +394,7 @@ class AttachFactory:
                 pending[2].close()
                 end_process(pending[1])
             conn, proc = self._attach(region.nbytes)
-        w = AttachedWorkload(conn, process=proc)
+        w = AttachedWorkload(conn, process=proc, end=self.end_launched)
         try:
             if w.region is not region:
                 w.region.array[:] = region.array  # before it runs: straight into its memfd
