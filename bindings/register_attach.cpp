@@ -189,7 +189,9 @@ void register_connection(py::module_& m) {
             c.send_raw({reinterpret_cast<const std::uint8_t*>(s.data()), s.size()});
           },
           "Sends bytes as they are (tests of malformed input).")
-      .def("close", &Connection::close, "Closes the socket: the process sees livemig gone.");
+      .def("close", &Connection::close, "Closes the socket: the process sees livemig gone.")
+      .def("release", &Connection::release,
+           "close(), and the process's descriptors too; mappings already made stay valid.");
 }
 
 // An engine that uses `map` for its whole life: the engine goes first (its threads joined), then

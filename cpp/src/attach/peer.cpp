@@ -587,6 +587,13 @@ void Connection::close() noexcept {
   sock_.reset();
 }
 
+void Connection::release() noexcept {
+  close();
+  memfd_.reset();
+  uffd_.reset();
+  pagemap_.reset();
+}
+
 void Connection::fail_protocol(const std::string& what) {
   send_error_best_effort(sock_.get(), version_, LIVEMIG_ATTACH_ERR_PROTOCOL, what);
   close();

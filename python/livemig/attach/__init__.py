@@ -18,9 +18,13 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from livemig import _core
 from livemig.errors import ConnectionLost, WorkloadError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 #: Where the package installs the attach library, headers and programs (a wheel's layout).
 PACKAGE_PREFIX = Path(__file__).parent
@@ -95,7 +99,7 @@ class AttachListener:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
 
-    def __enter__(self) -> AttachListener:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -35,7 +35,7 @@ __all__ = [
     "ModelGuestFactory",
     "PauseGate",
     "StandardFactory",
-    "attach_source",
     "Workload",
     "WorkloadFactory",
+    "attach_source",
 ]

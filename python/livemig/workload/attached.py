@@ -42,7 +42,7 @@ class AttachedRegion(Region):
     """The process's region as livemig maps it: read-only on a source, read-write on a destination
     (before it runs). :attr:`kernel_address` and :attr:`pagemap_path` are the process's."""
 
-    def __init__(self, conn: _core.AttachConnection) -> None:  # noqa: D107 (the class says it)
+    def __init__(self, conn: _core.AttachConnection) -> None:
         self.connection = conn
         self.mapping = conn.map_region()
         view = memoryview(self.mapping)
@@ -240,6 +240,7 @@ class AttachedWorkload:
         self._stop.set()
         self.connection.close()
         self._pump.join(5.0)
+        self.connection.release()  # its descriptors (the engines keep duplicates while they live)
         if self.end:
             end_process(self.process)  # it checks itself and exits
 
