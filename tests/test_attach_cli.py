@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 from attach_helpers import Proc, hashtable, livemig, wait_for_socket
-from test_two_hosts import Link
-from test_two_hosts import link as link  # the two-host fixture, used by name
+from test_two_hosts import Link, link  # noqa: F401 (the two-host fixture, used by name)
 
 from cli_helpers import one_error_line, run
 
@@ -113,7 +112,7 @@ def test_migrate_attach_between_two_processes(tmp_path: Path, mode: str, request
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_migrate_attach_between_two_hosts(link: Link,  # noqa: F811 (the fixture) tmp_path: Path, mode: str,
+def test_migrate_attach_between_two_hosts(link: Link, tmp_path: Path, mode: str,  # noqa: F811 (fixture)
                                           request: pytest.FixtureRequest) -> None:
     if mode == "postcopy":
         request.getfixturevalue("postcopy")
