@@ -3,14 +3,16 @@ as real processes, each with a deadline, status lines read from a pipe."""
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from livemig.attach import program
 
@@ -134,3 +136,56 @@ def open_fds(pid: int) -> list[str]:
         except FileNotFoundError:
             pass
     return out
+
+
+#: Starts a workload process attaching at a socket: (socket, role, netns) -> the process.
+Starter = Callable[[Path, str, "str | None"], Proc]
+
+
+def hashtable_starter(sock: Path, role: str, netns: str | None) -> Proc:
+    return hashtable(sock, role=role, netns=netns)
+
+
+def migrate_pair(tmp: Path, *extra: str, netns: tuple[str, str] | None = None, dest_ip: str = "127.0.0.1",
+                 secret: Path | None = None, start: Starter = hashtable_starter,
+                 to: Callable[[str], str] | None = None) -> tuple[dict[str, Any], dict[str, Any], Proc, Proc]:
+    """``livemig listen --attach`` with a destination process, ``livemig migrate --attach`` with a
+    source process (``start`` makes them; ``to`` may reroute the destination's address, e.g. through
+    a relay); returns (source JSON, destination JSON, source process, destination process), the
+    destination process still running."""
+    ssock, dsock = tmp / "src.sock", tmp / "dst.sock"
+    sec = ["--secret-file", str(secret)] if secret else []
+    src_ns, dst_ns = netns if netns else (None, None)
+    listen = livemig("listen", f"{dest_ip}:0", "--once", "--announce", "--json", "--quiet", "--no-progress",
+                     "--timeout", "20", "--attach", str(dsock), *sec, netns=dst_ns)
+    with reaped_on_error([listen]) as procs:
+        address = listen.line("listening on ").removeprefix("listening on ")
+        wait_for_socket(dsock, listen)
+        dst = start(dsock, "destination", dst_ns)
+        procs.append(dst)
+        assert "role=destination" in dst.line("ready ")
+        mig = livemig("migrate", "--attach", str(ssock), "--to", to(address) if to else address, "--verify", "--json",
+                      "--quiet", "--no-progress", "--timeout", "20", *sec, *extra, netns=src_ns)
+        procs.append(mig)
+        wait_for_socket(ssock, mig)
+        src = start(ssock, "source", src_ns)
+        procs.append(src)
+        assert "role=source" in src.line("ready ")
+        code, out, err = mig.rest(60)
+        assert code == 0 and "Traceback" not in err, (out[-3000:], err, listen.stderr_now())
+        source = json.loads(out.strip().splitlines()[-1])
+        lcode, lout, lerr = listen.rest(30)
+        assert lcode == 0, lerr
+        dest = json.loads(lout.strip().splitlines()[-1])
+    return source, dest, src, dst
+
+
+@contextmanager
+def reaped_on_error(procs: list[Proc]) -> Iterator[list[Proc]]:
+    """Kills the processes in ``procs`` if the block fails; on success they are the caller's."""
+    try:
+        yield procs
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise

@@ -6,64 +6,18 @@ and the generic oracle (page digests) passes. Every child has a deadline."""
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from attach_helpers import Proc, hashtable, livemig, wait_for_socket
+from attach_helpers import Proc, hashtable, livemig, migrate_pair, wait_for_socket
 from test_two_hosts import Link, link  # noqa: F401 (the two-host fixture, used by name)
 
 from cli_helpers import one_error_line, run
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("kernel_tracking")]
 PAGES_16M = (16 << 20) // 4096
-
-
-def migrate_pair(tmp: Path, *extra: str, netns: tuple[str, str] | None = None, dest_ip: str = "127.0.0.1",
-                 secret: Path | None = None) -> tuple[dict[str, Any], dict[str, Any], Proc, Proc]:
-    """Both processes and both livemigs; returns (source JSON, destination JSON, source process,
-    destination process), the destination process still running."""
-    ssock, dsock = tmp / "src.sock", tmp / "dst.sock"
-    sec = ["--secret-file", str(secret)] if secret else []
-    src_ns, dst_ns = netns if netns else (None, None)
-    listen = livemig("listen", f"{dest_ip}:0", "--once", "--announce", "--json", "--quiet", "--no-progress",
-                     "--timeout", "20", "--attach", str(dsock), *sec, netns=dst_ns)
-    procs: list[Proc] = [listen]
-    with _reap(procs):
-        address = listen.line("listening on ").removeprefix("listening on ")
-        wait_for_socket(dsock, listen)
-        dst = hashtable(dsock, role="destination", netns=dst_ns)
-        procs.append(dst)
-        assert "role=destination" in dst.line("ready ")
-        mig = livemig("migrate", "--attach", str(ssock), "--to", address, "--verify", "--json", "--quiet",
-                      "--no-progress", "--timeout", "20", *sec, *extra, netns=src_ns)
-        procs.append(mig)
-        wait_for_socket(ssock, mig)
-        src = hashtable(ssock, netns=src_ns)
-        procs.append(src)
-        assert "role=source" in src.line("ready ")
-        code, out, err = mig.rest(60)
-        assert code == 0 and "Traceback" not in err, (out[-3000:], err, listen.stderr_now())
-        source = json.loads(out.strip().splitlines()[-1])
-        lcode, lout, lerr = listen.rest(30)
-        assert lcode == 0, lerr
-        dest = json.loads(lout.strip().splitlines()[-1])
-        procs.clear()  # the processes are the caller's now
-    return source, dest, src, dst
-
-
-class _reap:
-    def __init__(self, procs: list[Proc]) -> None:
-        self.procs = procs
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        for p in self.procs:
-            p.kill()
 
 
 def check_result(source: dict[str, Any], dest: dict[str, Any], mode: str, src: Proc, dst: Proc) -> None:
@@ -89,11 +43,7 @@ def check_result(source: dict[str, Any], dest: dict[str, Any], mode: str, src: P
     assert code == 0 and "exit " in out and " failures=0" in out.splitlines()[-1], out
 
 
-# Postcopy into an attached destination fails now and then (the destination process's check finds
-# live records reading as zero, the oracle pages without a digest) when the process faults; seen in
-# about a third of runs with requests > 0, never with none. Open: see the report of this branch.
-POSTCOPY_FLAKY = pytest.mark.xfail(reason="intermittent: attached postcopy destination with faults", strict=False)
-MODES = ["precopy", pytest.param("postcopy", marks=POSTCOPY_FLAKY)]
+MODES = ["precopy", "postcopy"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -92,6 +92,7 @@ class AttachKit:
     ARGS = "--threads 2 --rate 20000 --free 0.3"
 
     def __init__(self) -> None:
+        self._env = os.environ.get(LAUNCH_ENV)  # restored by close(): later tests start their own processes
         os.environ[LAUNCH_ENV] = f"{{hashtable}} --connect {{socket}} --role {{role}} --size {{size}} {self.ARGS}"
         self._dir = tempfile.TemporaryDirectory(prefix="livemig-kit-")
         path = os.path.join(self._dir.name, "attach.sock")
@@ -117,6 +118,10 @@ class AttachKit:
     def close(self) -> None:
         self.workload.stop()
         self._dir.cleanup()
+        if self._env is None:
+            os.environ.pop(LAUNCH_ENV, None)
+        else:
+            os.environ[LAUNCH_ENV] = self._env
 
 
 KITS: dict[str, Callable[[], Kit]] = {

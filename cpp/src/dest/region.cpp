@@ -155,7 +155,6 @@ DestRegion::DestRegion(void* local, std::size_t bytes, std::size_t page_size, co
   remote_ = true;
   remote_uffd_ = dup_fd(remote.uffd, "the process's userfaultfd");
   remote_uffd_features_ = remote.uffd_features;
-  remote_pagemap_ = dup_fd(remote.pagemap, "the process's pagemap");
   remote_memfd_ = dup_fd(remote.memfd, "the process's memfd");
   remote_memfd_offset_ = remote.memfd_offset;
 }
@@ -184,7 +183,6 @@ void DestRegion::start_postcopy() {
     fault_ts_ = reinterpret_cast<std::uint64_t*>(fault_ts_map_.data());
     placed_pc_.reset();
     placed_pc_.or_with(*received_);
-    pagemap_ = std::move(remote_pagemap_);
     uffd_ = Userfaultfd::adopt(std::move(remote_uffd_), remote_uffd_features_);
     // A shmem range registered MISSING allows these (UFFDIO_MOVE is refused into shmem).
     ioctls_ = (std::uint64_t{1} << _UFFDIO_COPY) | (std::uint64_t{1} << _UFFDIO_ZEROPAGE) |
@@ -693,6 +691,15 @@ void DestRegion::punch_holes(std::span<const PageRange> runs) {
 // ---- the fault thread ----
 
 bool DestRegion::page_present(std::uint64_t page) const noexcept {
+  if (remote_) {
+    // Shared memory is present when the memfd holds the page, whatever the process's page table
+    // says: a page livemig wrote through its own mapping (precopy), or one whose PTE the process
+    // dropped, has no PTE there yet never faults again (and UFFDIO_COPY answers EEXIST). mincore()
+    // on our mapping of the memfd reports the page cache without allocating anything.
+    unsigned char in_core = 0;
+    if (::mincore(base_ + page * ps_, ps_, &in_core) != 0) return true;  // cannot tell: stale
+    return (in_core & 1) != 0;
+  }
   if (!pagemap_) return true;  // cannot tell: assume the event is stale
   std::uint64_t entry = 0;
   const auto vpn = (kaddr_ + page * ps_) / ps_;

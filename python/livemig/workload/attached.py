@@ -56,6 +56,7 @@ class AttachedRegion(Region):
         self.tracking = "kernel"
         self.address = int(self.mapping.address)
         self._tracker = None
+        self.dest_engine: _core.DestRegion | None = None  #: the engine placing into it (a destination)
         self.pid = int(conn.pid)
 
     @property
@@ -120,13 +121,18 @@ class AttachedWorkload:
     kind = KIND
     version = VERSION
 
-    def __init__(self, conn: _core.AttachConnection, *, process: subprocess.Popen[bytes] | None = None,
-                 end: bool = True, request_timeout: float = 10.0) -> None:
+    def __init__(self, conn: _core.AttachConnection, *, region: AttachedRegion | None = None,
+                 process: subprocess.Popen[bytes] | None = None, end: bool = True,
+                 request_timeout: float = 10.0) -> None:
+        if region is not None and region.connection is not conn:
+            raise ValueError("the region is another attachment's")
         self.connection = conn
         self.process = process
         self.end = end and process is not None
         self.request_timeout = request_timeout
-        self._region = AttachedRegion(conn)
+        # A destination's region is the one its engine places into (the factory's): a second mapping
+        # would be a second view of the same memfd, and only the first knows the engine's state.
+        self._region = region if region is not None else AttachedRegion(conn)
         self.role: str = conn.role
         self.name: str = conn.name
         self.pid: int = int(conn.pid)
@@ -200,9 +206,11 @@ class AttachedWorkload:
     def start(self) -> None:
         if self.role == "source" or self.started:
             return
-        engine = getattr(self._region, "dest_engine", None)
+        engine = self._region.dest_engine
         if engine is None or engine.state == "precopy":
-            self.memory_complete()  # every page is in the memfd: the process's memory is ordinary now
+            # Every page is in the memfd: the process's memory is ordinary now. (Postcopy: COMPLETE
+            # once the last page is placed, memory_complete(); until then its faults come to livemig.)
+            self.memory_complete()
         self._check_reply("RESUME", self._call(lambda c: c.resume(self.request_timeout)))
         self.started = True
 
@@ -282,14 +290,18 @@ def attach_source(path: str | os.PathLike[str], *, wait: float | None = 30.0, ti
 class AttachFactory:
     """Hosts ``attach`` workloads on a destination: the incoming memory goes straight into a
     destination process's memfd. The process attaches at ``socket`` by itself, or is launched from
-    ``launch_command`` (default: the environment's :data:`LAUNCH_ENV`) for each migration.
+    ``launch_command`` (default, without a socket: the environment's :data:`LAUNCH_ENV`) for each
+    migration.
     ``wait``: how long to wait for it; ``end_launched``: a launched process ends with the workload's
     stop() (else it runs on, detached, like one that attached by itself)."""
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, *, launch_command: str | None = None,
                  wait: float = 30.0, timeout: float = 5.0, end_launched: bool = True) -> None:
         self.socket = None if socket is None else os.fspath(socket)
-        self.launch_command = launch_command if launch_command is not None else os.environ.get(LAUNCH_ENV)
+        # The environment names a command only for a factory without a socket (the standard one):
+        # a process expected at a socket is not replaced by one the environment starts.
+        self.launch_command = (launch_command if launch_command is not None or socket is not None
+                               else os.environ.get(LAUNCH_ENV))
         self.wait, self.timeout, self.end_launched = wait, timeout, end_launched
         self._listener: AttachListener | None = AttachListener(self.socket) if self.socket is not None else None
         self._pending: tuple[AttachedRegion, subprocess.Popen[bytes] | None, _core.AttachConnection] | None = None
@@ -388,14 +400,18 @@ class AttachFactory:
             raise WorkloadError(why)
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is region:
-            _, proc, conn = pending
+            mine, proc, conn = pending
         else:
-            # Memory that is not a process's (a copy, a test): a process of its own, filled from it.
+            # Memory that is not a process's (livemig's own region, a test): a process of its own,
+            # filled from it before it runs. In postcopy, reading livemig's region faults every page
+            # still on its way in through livemig's own fault path first (the process then starts
+            # with all of them: correct, without postcopy's early start).
             if pending is not None:
                 pending[2].close()
                 end_process(pending[1])
             conn, proc = self._attach(region.nbytes)
-        w = AttachedWorkload(conn, process=proc, end=self.end_launched)
+            mine = None
+        w = AttachedWorkload(conn, region=mine, process=proc, end=self.end_launched)
         try:
             if w.region is not region:
                 w.region.array[:] = region.array  # before it runs: straight into its memfd

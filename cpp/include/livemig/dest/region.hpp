@@ -119,8 +119,9 @@ class DestRegion {
   DestRegion(void* addr, std::size_t bytes, std::size_t page_size);
   /// Another process's memory: `local` is livemig's read-write mapping of the process's memfd
   /// (kept mapped by the caller for this object's lifetime); `remote` says where the process has
-  /// it and gives its userfaultfd (registered MISSING, MISSING_SHMEM), pagemap and memfd (all
-  /// duplicated here). Throws like the adopting constructor, KernelError("dup").
+  /// it and gives its userfaultfd (registered MISSING, MISSING_SHMEM) and memfd (duplicated here;
+  /// its pagemap is not used: a page is present when the memfd holds it). Throws like the adopting
+  /// constructor, KernelError("dup").
   DestRegion(void* local, std::size_t bytes, std::size_t page_size, const RemoteMemory& remote);
   DestRegion(const DestRegion&) = delete;
   DestRegion& operator=(const DestRegion&) = delete;
@@ -271,7 +272,7 @@ class DestRegion {
   bool memfd_ = false;
   // Remote regions: the process's descriptors (duplicates), taken over by start_postcopy.
   bool remote_ = false;
-  UniqueFd remote_uffd_, remote_pagemap_, remote_memfd_;
+  UniqueFd remote_uffd_, remote_memfd_;
   std::uint64_t remote_uffd_features_ = 0, remote_memfd_offset_ = 0;
   // Remote discards: punches the runs out of the process's memfd.
   void punch_holes(std::span<const PageRange> runs);
