@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
 #include <optional>
 #include <string>
@@ -14,6 +15,8 @@
 #include "convert.hpp"
 #include "livemig/attach/peer.hpp"
 #include "livemig/balloon/device.hpp"
+#include "livemig/base/digest.hpp"
+#include "livemig/base/holes.hpp"
 #include "livemig/dest/region.hpp"
 #include "livemig/source/source.hpp"
 #include "register.hpp"
@@ -239,6 +242,38 @@ void register_engines(py::module_& m) {
       "postcopy places through the process's userfaultfd, discards punch holes in its memfd.");
 }
 
+void register_digests(py::module_& m) {
+  m.def(
+      "attached_page_digests",
+      [](const std::shared_ptr<Connection>& c, const std::shared_ptr<AttachMapping>& map) {
+        require_mapping_of(*c, *map);
+        const std::size_t ps = c->layout().page_size;
+        const std::uint64_t n = c->layout().pages();
+        py::array_t<std::uint64_t> out(static_cast<py::ssize_t>(n));
+        std::uint64_t* o = out.mutable_data();
+        {
+          py::gil_scoped_release rel;
+          std::vector<std::uint8_t> zero(ps, 0);
+          const std::uint64_t zero_digest = page_digest(zero.data(), ps);
+          const UniqueFd file = private_file(c->memfd());  // empty: every page reads as data
+          // Holes of the memfd read as zero: their digest is the zero page's, and they stay holes.
+          for (std::uint64_t p = 0; p < n;) {
+            bool hole = false;
+            const std::uint64_t k =
+                file ? file_extent(file.get(), c->layout().memfd_offset + p * ps, n - p, ps, hole) : n - p;
+            if (hole)
+              std::fill(o + p, o + p + k, zero_digest);
+            else
+              page_digests(map->map.data(), ps, p, k, o + p);
+            p += k;
+          }
+        }
+        return out;
+      },
+      py::arg("connection"), py::arg("mapping"),
+      "page_digests() of an attached process's region without reading (so allocating) its memfd's holes.");
+}
+
 void register_hints(py::module_& m) {
   m.def(
       "apply_attach_hints",
@@ -269,6 +304,7 @@ void register_attach(py::module_& m) {
   register_types(m);
   register_connection(m);
   register_engines(m);
+  register_digests(m);
   register_hints(m);
 }
 

@@ -15,6 +15,7 @@ away n=N`` (a source whose memory went to the destination), ``lost ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -57,7 +58,7 @@ def main() -> int:
         signal.signal(sig, lambda *_: stop.set())
     signal.signal(signal.SIGUSR1, lambda *_: print(f"check n={int(counts[0])} failures={check()[1]}", flush=True))
     client.connect(args.socket)
-    print(f"ready pid={__import__('os').getpid()} memfd={client._memfd} role={args.role}", flush=True)
+    print(f"ready pid={os.getpid()} memfd={client.memfd} role={args.role}", flush=True)
     batch = max(1, int(args.rate / 100))
     with client.writer():
         if args.role == "destination":
@@ -78,7 +79,8 @@ def main() -> int:
                 continue
             break
     if client.migrated_away:
-        print(f"migrated away n={int(counts[0])}", flush=True)
+        pages = os.fstat(client.memfd).st_blocks * 512 // 4096  # what its memfd holds (read untouched)
+        print(f"migrated away n={int(counts[0])} memfd_pages={pages}", flush=True)
         client.close()
         return 0
     client.close()  # detach: the memory is ordinary again, the program's own

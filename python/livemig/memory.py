@@ -164,6 +164,10 @@ class Region:
         """The C++ source engine over this memory, tracking as :attr:`tracking` says."""
         return _core.Source.adopt(self.buffer, self.tracking, self.page_size)
 
+    def page_digests(self) -> npt.NDArray[np.uint64]:
+        """A digest of every page (C++, GIL released): the generic oracle's view of this memory."""
+        return _core.page_digests(self.buffer, self.page_size)
+
     def _dest_engine(self) -> _core.DestRegion:
         """The C++ destination engine placing into this memory."""
         return _core.DestRegion.adopt(self.buffer, self.page_size)

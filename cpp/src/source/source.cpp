@@ -6,6 +6,7 @@
 #include <string>
 
 #include "livemig/base/errors.hpp"
+#include "livemig/base/holes.hpp"
 #include "livemig/base/page_size.hpp"
 
 namespace livemig {
@@ -72,7 +73,17 @@ Source::Source(Region region, std::size_t npages, const RemoteMemory& remote, st
       hinted_(std::make_shared<PageBitmap>(npages)),
       tracker_(remote, npages, page_size),
       hints_(*dirty_, *hinted_, &tracker_),
-      scanner_(*dirty_, *sent_) {}
+      scanner_(*dirty_, *sent_),
+      holes_fd_(private_file(remote.memfd)),
+      holes_offset_(remote.memfd_offset) {}
+
+std::uint64_t Source::extent(std::uint64_t first, std::uint64_t n, bool& hole) const noexcept {
+  hole = false;
+  if (!holes_fd_) return n;
+  const std::uint64_t k = file_extent(holes_fd_.get(), holes_offset_ + first * ps_, n, ps_, hole);
+  if (hole) hole_pages_.fetch_add(k, std::memory_order_relaxed);
+  return k;
+}
 
 std::size_t Source::sync() {
   std::lock_guard lock(sync_mu_);

@@ -132,6 +132,11 @@ class AttachClient:
     def nbytes(self) -> int:
         return len(self.memory)
 
+    @property
+    def memfd(self) -> int:
+        """The memfd behind the memory (owned by the client: closed by :meth:`close`)."""
+        return self._memfd
+
     def ndarray(self, dtype: npt.DTypeLike = np.uint8, shape: int | tuple[int, ...] | None = None,
                 offset: int = 0) -> npt.NDArray[Any]:
         """A numpy view of the memory (no copy): ``shape`` items of ``dtype`` from byte ``offset``

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from livemig import _core
 from livemig.attach import AttachListener, end_process, launch
@@ -66,6 +67,10 @@ class AttachedRegion(Region):
     @property
     def kernel_address(self) -> int:
         return int(self.connection.address)
+
+    def page_digests(self) -> npt.NDArray[np.uint64]:
+        # Without reading the memfd's holes: a read through the mapping would allocate them.
+        return _core.attached_page_digests(self.connection, self.mapping)
 
     def _source_engine(self) -> _core.Source:
         return _core.attached_source(self.connection, self.mapping)
