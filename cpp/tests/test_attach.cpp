@@ -707,6 +707,16 @@ void shmem_placement() {
   CHECK(livemig::file_extent(c.memfd(), 4 * kPage, n - 4, kPage, hole) == n - 4 && hole);   // 4 to the end
   CHECK(livemig::file_extent(c.memfd(), 4 * kPage, 2, kPage, hole) == 2 && hole);           // bounded by npages
   CHECK(livemig::file_extent(c.memfd(), 0, 1, kPage, hole) == 1 && !hole);
+  // mapped_file_extent (the source's, cost bounded by the pages asked): the same runs where they
+  // fit (mincore, like SEEK_DATA, counts only up-to-date pages: page 5 is a hole to both).
+  const std::uint8_t* mp = m.data();
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp, 0, n, kPage, hole) == 2 && !hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 2 * kPage, 2 * kPage, n - 2, kPage, hole) == 1 && hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 3 * kPage, 3 * kPage, n - 3, kPage, hole) == 1 && !hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 4 * kPage, 4 * kPage, n - 4, kPage, hole) == n - 4 && hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 5 * kPage, 5 * kPage, n - 5, kPage, hole) == n - 5 && hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 6 * kPage, 6 * kPage, 3, kPage, hole) == 3 && hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp, 0, 1, kPage, hole) == 1 && !hole);
   // Through a private file description: the same extents, and the received descriptor's offset
   // (the process's own, shared with it) does not move.
   CHECK(::lseek(c.memfd(), 0, SEEK_SET) == 0);

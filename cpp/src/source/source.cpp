@@ -80,7 +80,7 @@ Source::Source(Region region, std::size_t npages, const RemoteMemory& remote, st
 std::uint64_t Source::extent(std::uint64_t first, std::uint64_t n, bool& hole) const noexcept {
   hole = false;
   if (!holes_fd_) return n;
-  const std::uint64_t k = file_extent(holes_fd_.get(), holes_offset_ + first * ps_, n, ps_, hole);
+  const std::uint64_t k = mapped_file_extent(holes_fd_.get(), base_ + first * ps_, holes_offset_ + first * ps_, n, ps_, hole);
   if (hole) hole_pages_.fetch_add(k, std::memory_order_relaxed);
   return k;
 }

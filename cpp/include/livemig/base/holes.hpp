@@ -22,4 +22,12 @@ UniqueFd private_file(int fd) noexcept;
 std::uint64_t file_extent(int fd, std::uint64_t offset, std::uint64_t npages, std::size_t page_size,
                           bool& hole) noexcept;
 
+/// The same, for a caller that maps the file: `map` is where byte `offset` is mapped (shared).
+/// Cost bounded by `npages`, not by the file: a run of pages in the page cache is measured with
+/// mincore() (SEEK_HOLE walks every page up to the next hole, to the end of a full file), a page
+/// that is not is asked with SEEK_DATA (a swapped-out page is data, a hole is not). Runs may be
+/// shorter than file_extent's; a hole is only ever reported where the file holds nothing.
+std::uint64_t mapped_file_extent(int fd, const void* map, std::uint64_t offset, std::uint64_t npages,
+                                 std::size_t page_size, bool& hole) noexcept;
+
 }  // namespace livemig
