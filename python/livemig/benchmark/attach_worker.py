@@ -8,7 +8,7 @@ A source writes every page first (one word each, like the bench's in-process buf
 is a hole or a zero page. ``--rate``: a writer thread then writes that many random pages per second
 (on a destination, once livemig resumed it: the postcopy faults). ``write STRIDE OFFSET`` lines on
 stdin write pages OFFSET, OFFSET + STRIDE, ... at once (no migration running: the sync figure) and
-are answered ``wrote N`` on stdout (after ``ready``, once attached). It ends on SIGTERM, or when its attachment ends (a source that
+are answered ``wrote N`` on stdout (after ``ready role=ROLE``, once attached). It ends on SIGTERM, or when its attachment ends (a source that
 migrated away, a destination livemig detached).
 """
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > give_up:
                 raise
             time.sleep(0.05)
-    print("ready", flush=True)
+    print(f"ready role={args.role}", flush=True)
     threads = [threading.Thread(target=_serve_commands, args=(words,), daemon=True)]
     if args.rate > 0:
         threads.append(threading.Thread(target=_write_randomly, args=(client, words, args.rate, args.seed, stop)))

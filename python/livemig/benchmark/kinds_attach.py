@@ -6,6 +6,7 @@ alternating."""
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import statistics
 import subprocess
@@ -80,17 +81,26 @@ def _attach_migration(b: Bench, size: int, config: MigrationConfig, rate: float)
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
         procs.append(p)
         assert p.stdout is not None
-        if p.stdout.readline() != b"ready\n":
+        if not p.stdout.readline().startswith(b"ready "):
             raise RuntimeError("the destination worker did not attach")
 
-    with tempfile.TemporaryDirectory(prefix="livemig-bench-") as d, _attached_source(size, rate) as w:
-        path = os.path.join(d, "dest.sock")
-        factory = functools.partial(AttachFactory, path, wait=ATTACH_WAIT_S, timeout=30.0)
-        try:
-            return b.migrate(size, w, config, factory=factory, before=lambda _addr: start_destination(path))
-        finally:
-            for p in procs:
-                end_process(p)
+    try:
+        with tempfile.TemporaryDirectory(prefix="livemig-bench-") as d, _attached_source(size, rate) as w:
+            path = os.path.join(d, "dest.sock")
+            factory = functools.partial(AttachFactory, path, wait=ATTACH_WAIT_S, timeout=30.0)
+            try:
+                return b.migrate(size, w, config, factory=factory, before=lambda _addr: start_destination(path))
+            finally:
+                for p in procs:
+                    end_process(p)
+    finally:
+        _release()
+
+
+def _release() -> None:
+    """Frees what the last migration held now: its engines and mappings (of the process's memfd too,
+    which keeps its pages alive) sit in reference cycles the collector may not visit for a while."""
+    gc.collect()
 
 
 def run_attach_precopy(b: Bench, sc: Scenario) -> list[Figure]:
@@ -100,9 +110,13 @@ def run_attach_precopy(b: Bench, sc: Scenario) -> list[Figure]:
     config = MigrationConfig(hints=False, verify=True)
     att: list[MigrationResult] = []
     own: list[MigrationResult] = []
+    buffer = buffer_region(size)  # one for every run, as the migration scenarios do
     for _ in range(b.repeat):
         att.append(_attach_migration(b, size, config, 0.0))
-        own.append(b.migrate(size, BufferWorkload(buffer_region(size)), config))
+        own.append(b.migrate(size, BufferWorkload(buffer), config))
+        _release()
+    del buffer
+    _release()
     details = {"region_bytes": size, "total_ms_attach": Stat.of(r.total_ms for r in att).median,
                "total_ms_buffer": Stat.of(r.total_ms for r in own).median,
                "zero_pages_attach": att[0].zero_pages, "zero_pages_buffer": own[0].zero_pages}
@@ -150,6 +164,9 @@ def run_attach_sync(b: Bench, sc: Scenario) -> list[Figure]:
             local.sync()
             own.append((time.perf_counter() - t0) * 1e3)
         src.stop_tracking()
+        del src, region
+    del local
+    _release()
     return [
         engine_figure(f"{sc.name} sync, 1% written", "attach", "ms", "lower", Stat.of(att), Stat.of(raw),
                       "bare PAGEMAP_SCAN loop over the same writes", "within 1.2x of the bare loop", 1.2,
@@ -169,6 +186,7 @@ def run_attach_postcopy(b: Bench, sc: Scenario) -> list[Figure]:
     for _ in range(b.repeat):
         att.append(_attach_migration(b, size, config, rate))
         own.append(b.migrate(size, guest, config))
+        _release()
 
     def p50(r: MigrationResult) -> float:
         return histogram_quantile_us(r.postcopy.histogram, 0.5, r.postcopy.histogram_upper_us or None)
