@@ -37,7 +37,13 @@ from livemig.migration.results import (
     encode_report,
 )
 from livemig.protocol import ACK_NEVER_RAN, BALLOON_CMD_DONE, AckKind, Command, EventKind
-from livemig.workload.base import Workload, WorkloadFactory, memory_complete, process_info
+from livemig.workload.base import (
+    Workload,
+    WorkloadFactory,
+    memory_complete,
+    process_info,
+    workload_gone,
+)
 
 
 def latency_summary(s: _core.LatencySnapshot) -> LatencySummary:
@@ -104,6 +110,9 @@ class DestinationRun:
                 continue  # a source still moving pages, or bytes, is not a silent one (this side may be slow)
             cause = f"the source was silent for {self.config.timeout} s" if ev is None else event_summary(ev)
             if ev is None or ev.kind == EventKind.FAILED:
+                gone = workload_gone(self.workload, 0.5) if self.postcopy else None
+                if gone is not None:  # a local failure (e.g. placing into a dead process): no resume helps
+                    raise MigrationError(f"{cause}: {gone}; its memory can no longer be completed")
                 if self.recovery.pausable(self.postcopy):  # the workload runs on, faulting threads wait
                     self.link = self.recovery.pause_and_resume(cause, self.link)
                     continue

@@ -269,8 +269,9 @@ class SourceRun:
     def _resume(self, cause: str) -> None:
         """A break in postcopy: pause, then resume over a new connection."""
         assert self.link is not None and self.recovery is not None
-        if not self._acked:
-            self._last_words()
+        # Its last words even after it ran: a destination that failed on its own (its workload's
+        # process died, say) says so, and no resume can help then.
+        self._last_words()
         if not (self.dest_running and self.recovery.enabled()):
             self.link.teardown()
             raise MigrationError(cause)

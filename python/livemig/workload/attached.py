@@ -148,6 +148,7 @@ class AttachedWorkload:
         self.started = False  # a destination: its first RESUME was sent
         self.completed = False  # a destination: COMPLETE answered
         self._stop = threading.Event()
+        self._ended = threading.Event()  # set with lost
         self._pump = threading.Thread(target=self._pump_events, name=f"livemig-attach-{self.pid}", daemon=True)
         self._pump.start()
 
@@ -160,7 +161,8 @@ class AttachedWorkload:
                 out = fn(self.connection)
             except (ConnectionLost, ProtocolError) as e:
                 self.lost = str(e)
-                raise
+                self._ended.set()
+                raise type(e)(f"the attached process {self.describe()}: {e}") from e
             self._drain_events()
         return out
 
@@ -189,6 +191,13 @@ class AttachedWorkload:
                     self._drain_events()
                 except (ConnectionLost, ProtocolError) as e:
                     self.lost = str(e)
+                    self._ended.set()
+
+    def gone(self, wait: float) -> str | None:
+        """Why the process is gone (it died, detached or broke the protocol), waiting up to ``wait``
+        seconds for its connection to tell; None while it is there."""
+        self._ended.wait(wait)
+        return None if self.lost is None else f"the attached process {self.describe()} is gone: {self.lost}"
 
     def _check_reply(self, what: str, r: _core.AttachReply) -> None:
         if not r.ok:

@@ -109,6 +109,14 @@ def process_info(w: object) -> dict[str, object]:
     return dict(info()) if callable(info) else {}
 
 
+def workload_gone(w: object, wait: float) -> str | None:
+    """Why a workload that lives in another process is gone (the process died or let go), waiting
+    up to ``wait`` seconds for it to say so (its ``gone()``); None for workloads in this process
+    and for a process still there."""
+    gone = getattr(w, "gone", None)
+    return gone(wait) if callable(gone) else None
+
+
 def memory_complete(w: object) -> None:
     """Tells a destination workload that every page it may read is in (postcopy's last page placed):
     an attached process then gives up its userfaultfd. Optional (``memory_complete()``); most
