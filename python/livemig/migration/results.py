@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from livemig.errors import MigrationError, ProtocolError
+from livemig.errors import LivemigError, MigrationError, ProtocolError
 from livemig.wire.tls import TlsReport
 
 if TYPE_CHECKING:
@@ -174,6 +174,20 @@ class WorkloadCheck:
     pages_checked: int = 0
     mismatches: int = 0
     detail: str = ""
+
+
+def workload_check(w: Workload, pause_s: float | None = None) -> WorkloadCheck | None:
+    """``w``'s own check (paused for it first and resumed after, given ``pause_s``), or None when it
+    has none; one that is gone (an attached process died) checks nothing."""
+    try:
+        if pause_s is not None:
+            w.pause(pause_s)
+        c = w.check()
+        if pause_s is not None:
+            w.resume()
+    except LivemigError as e:
+        return WorkloadCheck(False, 0, 0, f"no check: {e}")
+    return None if c is None else WorkloadCheck(c.ok, c.pages_checked, c.mismatches, c.detail)
 
 
 @dataclass(frozen=True)
@@ -410,4 +424,5 @@ __all__ = [
     "WorkloadInfo",
     "decode_report",
     "encode_report",
+    "workload_check",
 ]

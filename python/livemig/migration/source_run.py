@@ -30,19 +30,14 @@ from livemig.migration.results import (
     MigrationFailed,
     MigrationResult,
     SourceWorkloadReport,
-    WorkloadCheck,
     WorkloadInfo,
     decode_report,
+    workload_check,
 )
 from livemig.migration.source_figures import SourceFigures, hint_stats
 from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
 from livemig.source import Source
 from livemig.workload.base import Workload, process_info
-
-
-def _check(w: Workload) -> WorkloadCheck | None:
-    c = w.check()
-    return None if c is None else WorkloadCheck(c.ok, c.pages_checked, c.mismatches, c.detail)
 
 
 class SourceRun:
@@ -267,10 +262,9 @@ class SourceRun:
         self.monitor.switchover("postcopy", self.result.downtime_ms, self.result.switchover_pages)
 
     def _resume(self, cause: str) -> None:
-        """A break in postcopy: pause, then resume over a new connection."""
+        """A break in postcopy: the destination's last words (even after it ran: it may have failed
+        on its own, past resuming: its workload's process died, say), then pause and resume."""
         assert self.link is not None and self.recovery is not None
-        # Its last words even after it ran: a destination that failed on its own (its workload's
-        # process died, say) says so, and no resume can help then.
         self._last_words()
         if not (self.dest_running and self.recovery.enabled()):
             self.link.teardown()
@@ -414,16 +408,8 @@ class SourceRun:
                 break
             time.sleep(0.005)  # the workload's driver runs at its own pace
         s = port.status() if port is not None else None
-        check = None
-        if self.config.verify:
-            try:
-                if running:
-                    self.workload.pause(self.config.pause_timeout_s)
-                check = _check(self.workload)
-                if running:
-                    self.workload.resume()
-            except LivemigError as e:  # a workload that is gone (an attached process died) checks nothing
-                check = WorkloadCheck(False, 0, 0, f"no check: {e}")
+        pause_s = self.config.pause_timeout_s if running else None
+        check = workload_check(self.workload, pause_s) if self.config.verify else None
         return SourceWorkloadReport(running=running, done_delivered=s.done_seen if s else True,
                                     held_pages=s.pages_held if s else 0, check=check)
 
