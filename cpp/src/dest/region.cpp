@@ -181,6 +181,7 @@ void DestRegion::start_postcopy() {
     UniqueFd efd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     if (!efd) throw_errno("eventfd", "fault thread stop signal");
     fault_ts_ = reinterpret_cast<std::uint64_t*>(fault_ts_map_.data());
+    request_ts_ = reinterpret_cast<std::uint64_t*>(request_ts_map_.data());
     placed_pc_.reset();
     placed_pc_.or_with(*received_);
     uffd_ = Userfaultfd::adopt(std::move(remote_uffd_), remote_uffd_features_);
