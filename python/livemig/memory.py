@@ -63,6 +63,10 @@ class Region:
     """A workload's memory. ``buffer``: writable, C-contiguous, page-aligned, a positive whole
     number of ``page_size`` pages (default: the system's). ``tracking``: "kernel" or "explicit"."""
 
+    #: False for memory another process owns (an attached process's memfd): a destination does not
+    #: prefault it (its pages are the process's to allocate as they arrive).
+    prefaultable = True
+
     def __init__(self, buffer: Buffer | npt.NDArray[Any], *, page_size: int | None = None,
                  tracking: Tracking = "kernel") -> None:
         if tracking not in TRACKING:

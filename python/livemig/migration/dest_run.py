@@ -78,7 +78,7 @@ class DestinationRun:
             self.region = self.dest.as_region()
         if conn.negotiated.digests:
             self.dest.enable_digests()  # before the first page lands
-        if config.prefault:
+        if config.prefault and self.region.prefaultable:
             self.dest.start_prefault()  # before the receivers start: warm memory ahead of them
         self.link = DestLink.of(conn)
         extra_fds = [ch.fileno() for ch in conn.pages]

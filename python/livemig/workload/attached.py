@@ -43,6 +43,8 @@ class AttachedRegion(Region):
     """The process's region as livemig maps it: read-only on a source, read-write on a destination
     (before it runs). :attr:`kernel_address` and :attr:`pagemap_path` are the process's."""
 
+    prefaultable = False
+
     def __init__(self, conn: _core.AttachConnection) -> None:
         self.connection = conn
         self.mapping = conn.map_region()
