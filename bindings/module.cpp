@@ -18,4 +18,6 @@ PYBIND11_MODULE(_core, m) {
   livemig::py_bindings::register_session(m);
   livemig::py_bindings::register_bench(m);
   livemig::py_bindings::register_tls(m);
+  livemig::py_bindings::register_attach(m);
+  livemig::py_bindings::register_attach_client(m);
 }

@@ -160,6 +160,8 @@ void register_source_class(py::module_& m) {
       .def_property_readonly("nbytes", &Source::bytes)
       .def_property_readonly("address", [](const Source& s) { return reinterpret_cast<std::uintptr_t>(s.data()); })
       .def_property_readonly("memfd", &Source::memfd)
+      .def_property_readonly("hole_pages", &Source::hole_pages,
+                             "Pages of another process's memfd found to be holes and sent as ZERO runs unread.")
       .def_property_readonly("mode", [](const Source& s) { return s.mode() == TrackMode::Kernel ? "kernel" : "explicit"; })
       .def_property_readonly(
           "memory",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 
 from livemig.memory import Region
 from livemig.workload import StandardFactory, Workload
@@ -35,6 +36,14 @@ class _Zapping:
             rc = _libc.madvise(ctypes.c_void_p(r.address + first * mmap.PAGESIZE), length, _MADV_DONTNEED)
             if rc != 0:
                 raise OSError(ctypes.get_errno(), "madvise")
+        # The second drop's own event may still be unhandled: were it handled after the replay placed
+        # the first page, R would be dropped for a page that is there. A read of another zapped page
+        # faults; its event comes after the second drop's, so its REQUEST (what the relay waits for
+        # before it replays) goes out only once both drops are handled. The reader blocks until the
+        # replay places its page (this runs in the destination's child process, under a deadline).
+        # (memmove releases the GIL while it waits; ctypes.string_at would hold it and stop the start.)
+        page, into = r.address + (first + 1) * mmap.PAGESIZE, ctypes.create_string_buffer(1)
+        threading.Thread(target=ctypes.memmove, args=(into, page, 1), daemon=True).start()
         self._inner.start()
 
 

@@ -44,7 +44,8 @@ class Tampering:
     #: the first later one long enough for ``flip_offset``
     flip_offset: int = 100  #: ... at this byte of its payload
     replay_frame: int | None = None  #: capture this PAGES frame and send it again after the destination's
-    #: ACK that its workload runs (postcopy start)
+    #: ACK that its workload runs (postcopy start), or after its first REQUEST (``replay_on``)
+    replay_on: str = "ack"  #: "ack" or "request" (the first page request on the return path after the ACK)
     flipped_page: int | None = field(default=None, init=False)  #: the page whose byte was flipped
     replayed: tuple[int, int] | None = field(default=None, init=False)  #: (first page, count) sent again
     acked: threading.Event = field(default_factory=threading.Event, init=False)
@@ -122,6 +123,8 @@ class TamperRelay:
 
     def _frames(self, src: socket.socket, dst: socket.socket, tamper: bool) -> None:
         pages_seen = 0
+        requested = False  # a REQUEST came back (the return path only)
+        held: list[bytes] | None = None  # return-path frames held back until the replay
         try:
             while (head := _recv_exact(src, _HEADER.size)) is not None:
                 ftype, _flags, _res, count, arg, length = _HEADER.unpack(head)
@@ -136,11 +139,23 @@ class TamperRelay:
                     with self._send_lock:
                         dst.sendall(frame)
                     continue
+                if ftype == FrameType.REQUEST:
+                    requested = True
                 if ftype == FrameType.ACK and count == AckKind.GUEST_RUNS and arg == Command.POSTCOPY_START:
-                    # The destination's workload runs: play the captured frame to it now, before the
-                    # source hears of the ack (so before it can send COMPLETE).
-                    self._play_replay()
                     self.plan.acked.set()
+                    held = []
+                # The destination's workload runs (and, with replay_on "request", has asked for a
+                # page): play the captured frame to it now, before the source hears of the ack (so
+                # before it can send COMPLETE). Until then the return path is held back.
+                if held is not None and (self.plan.replay_on == "ack" or requested):
+                    self._play_replay()
+                    for f in (*held, frame):
+                        dst.sendall(f)
+                    held = None
+                    continue
+                if held is not None and self._replay is not None:
+                    held.append(frame)
+                    continue
                 dst.sendall(frame)
         except OSError:
             pass

@@ -262,3 +262,22 @@ def test_a_faults_scenario_reports_the_three_latency_measures_in_json_table_and_
     for name in ("fault read to placed", "request sent to placed", "thread blocked"):
         assert name in r.stderr
     assert (plots / "fault-latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.timeout(120)
+def test_attach_scenarios_measure_another_process_beside_the_in_process_kind(kernel_tracking: None) -> None:
+    """The attach figures (docs/performance.md): a worker process's memory migrated to another, its
+    sync through the received descriptors; each with its same-run baseline and goal."""
+    chosen = {sc.name: sc for sc in benchmark.scenarios([16 << 20])}
+    assert benchmark.needs_postcopy(chosen["attach-postcopy-16M"])
+    assert not benchmark.needs_postcopy(chosen["attach-precopy-16M"])
+    r = run("bench", "--sizes", "16M", "--repeat", "1", "--scenario", "attach-precopy-*", "--scenario",
+            "attach-sync-*", "--json", "-", "--no-progress", "-q", timeout=110)
+    assert r.returncode in (0, 1), r.stderr  # 1: a goal not met on a busy machine (errors: below)
+    figures = {f["name"]: f for f in json.loads(r.stdout)["figures"] if f["group"] == "attach"}
+    assert sorted(figures) == ["attach-precopy-16M downtime", "attach-precopy-16M first round",
+                               "attach-sync-16M sync, 1% written"]
+    for f in figures.values():
+        assert f["error"] is None and f["value"] > 0 and f["baseline"] > 0 and f["goal_ratio"] is not None, f
+    first = figures["attach-precopy-16M first round"]["details"]
+    assert first["zero_pages_attach"] == first["zero_pages_buffer"] == 0  # every page written on both sides

@@ -138,7 +138,8 @@ class ServeRecorder:
     summary: migration.DestinationSummary | None = None
 
     def serve(self, listener: wire.Listener, config: migration.DestinationConfig,
-              progress: migration.Progress | None = None, events: Any = None) -> migration.DestinationSummary:
+              progress: migration.Progress | None = None, factory: object = None,
+              events: Any = None) -> migration.DestinationSummary:
         self.calls.append(config)
         assert self.summary is not None
         return self.summary

@@ -69,15 +69,16 @@ def test_a_page_placed_twice_is_counted_where_placement_happens() -> None:
     plays their old frame again once the workload runs: each page is placed a second time, and the
     destination's own placement count says so in the verdict. The guest writes nothing: a page it
     dirtied during the first round would be discarded at the switchover and come again in postcopy,
-    so whether the drop saw it placed would depend on timing. The drop's REMOVE event is read by the
-    destination's fault thread before madvise returns (the kernel waits for that), so it is handled
-    before the start is acknowledged and the relay replays."""
+    so whether the drop saw it placed would depend on timing. The relay replays once the start is
+    acknowledged and the destination has asked for a zapped page, which it does only after its fault
+    thread handled the drops (tests/oracle_helpers.py)."""
     guest = ModelGuest(SIZE, GuestConfig(workload="idle", rate=0))
-    plan = Tampering(replay_frame=0)
+    plan = Tampering(replay_frame=0, replay_on="request")
     done = threading.Event()
+    # Requests on main's return path, where the relay reads them (not on the urgent socket).
+    config = MigrationConfig(postcopy=True, verify=True, disable_capabilities=frozenset({"urgent-requests"}))
     try:
-        result, (_kind, dest) = _through_relay(guest, MigrationConfig(postcopy=True, verify=True), plan,
-                                              factory=ZappingFactory)
+        result, (_kind, dest) = _through_relay(guest, config, plan, factory=ZappingFactory)
     finally:
         done.set()
         guest.stop()

@@ -27,10 +27,11 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def uffd_wp_pages(region: Region) -> int:
-    """Pages of ``region`` the kernel still has write-protected for userfaultfd (pagemap bit 57)."""
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    """Pages of ``region`` the kernel still has write-protected for userfaultfd (pagemap bit 57), in
+    the page tables of the process whose memory it is."""
+    fd = os.open(region.pagemap_path, os.O_RDONLY)
     try:
-        raw = os.pread(fd, region.pages * 8, region.address // region.page_size * 8)
+        raw = os.pread(fd, region.pages * 8, region.kernel_address // region.page_size * 8)
     finally:
         os.close(fd)
     return int(((np.frombuffer(raw, dtype=np.uint64) >> np.uint64(57)) & np.uint64(1)).sum())

@@ -4,15 +4,21 @@ stop them. A new kind of workload gets a kit here and must pass the suite unchan
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
 import threading
 from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
+from livemig import _core
+from livemig.attach import AttachListener, program
 from livemig.guest import GuestConfig
 from livemig.memory import Region
-from livemig.workload import BufferWorkload, ModelGuest, PauseGate, Workload
+from livemig.workload import AttachedWorkload, BufferWorkload, ModelGuest, PauseGate, Workload
+from livemig.workload.attached import LAUNCH_ENV
 
 SIZE = 16 << 20
 
@@ -78,7 +84,48 @@ class BufferKit:
         self._thread.join(10)
 
 
+class AttachKit:
+    """Another process's memory: the example workload process (livemig-hashtable, two writer threads,
+    hints on) attached as a source. A destination launches its own from LIVEMIG_ATTACH_EXEC. Its
+    writes are counted from the outside: pages whose bytes changed between two looks."""
+
+    ARGS = "--threads 2 --rate 20000 --free 0.3"
+
+    def __init__(self) -> None:
+        self._env = os.environ.get(LAUNCH_ENV)  # restored by close(): later tests start their own processes
+        os.environ[LAUNCH_ENV] = f"{{hashtable}} --connect {{socket}} --role {{role}} --size {{size}} {self.ARGS}"
+        self._dir = tempfile.TemporaryDirectory(prefix="livemig-kit-")
+        path = os.path.join(self._dir.name, "attach.sock")
+        with AttachListener(path) as lst:
+            proc = subprocess.Popen([str(program()), "--connect", path, "--size", str(SIZE), *self.ARGS.split()],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            try:
+                conn = lst.accept(role="source", wait=10.0)
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+        self.workload: AttachedWorkload = AttachedWorkload(conn, process=proc)
+        self._last = _core.page_digests(self.workload.region.buffer, self.workload.region.page_size)
+        self._count = 0
+
+    def writes(self) -> int:
+        now = _core.page_digests(self.workload.region.buffer, self.workload.region.page_size)
+        self._count += int(np.count_nonzero(now != self._last))
+        self._last = now
+        return self._count
+
+    def close(self) -> None:
+        self.workload.stop()
+        self._dir.cleanup()
+        if self._env is None:
+            os.environ.pop(LAUNCH_ENV, None)
+        else:
+            os.environ[LAUNCH_ENV] = self._env
+
+
 KITS: dict[str, Callable[[], Kit]] = {
+    "attach": AttachKit,
     "model-guest": ModelKit,
     "buffer": BufferKit,
     "buffer-explicit": lambda: BufferKit("explicit"),

@@ -36,6 +36,7 @@
 #include "livemig/attach/peer.hpp"
 #include "livemig/base/errors.hpp"
 #include "livemig/base/fd.hpp"
+#include "livemig/base/holes.hpp"
 #include "livemig/base/uapi.hpp"
 #include "livemig/base/userfaultfd.hpp"
 #include "livemig_attach.h"
@@ -697,6 +698,33 @@ void shmem_placement() {
   CHECK(copy(5) == EEXIST && holes() == n - 3);
   struct stat st{};
   CHECK(::fstat(c.memfd(), &st) == 0 && st.st_blocks == 4 * (kPage / 512));  // st_blocks does count it
+  // file_extent, the source's hole skipping: runs of data and holes exactly as SEEK_DATA sees them
+  // (page 5, allocated by fallocate mode 0, reads as zero: a hole is right for it).
+  bool hole = false;
+  CHECK(livemig::file_extent(c.memfd(), 0, n, kPage, hole) == 2 && !hole);                  // pages 0, 1
+  CHECK(livemig::file_extent(c.memfd(), 2 * kPage, n - 2, kPage, hole) == 1 && hole);       // page 2
+  CHECK(livemig::file_extent(c.memfd(), 3 * kPage, n - 3, kPage, hole) == 1 && !hole);      // page 3
+  CHECK(livemig::file_extent(c.memfd(), 4 * kPage, n - 4, kPage, hole) == n - 4 && hole);   // 4 to the end
+  CHECK(livemig::file_extent(c.memfd(), 4 * kPage, 2, kPage, hole) == 2 && hole);           // bounded by npages
+  CHECK(livemig::file_extent(c.memfd(), 0, 1, kPage, hole) == 1 && !hole);
+  // mapped_file_extent (the source's, cost bounded by the pages asked): the same runs where they
+  // fit (mincore, like SEEK_DATA, counts only up-to-date pages: page 5 is a hole to both).
+  const std::uint8_t* mp = m.data();
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp, 0, n, kPage, hole) == 2 && !hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 2 * kPage, 2 * kPage, n - 2, kPage, hole) == 1 && hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 3 * kPage, 3 * kPage, n - 3, kPage, hole) == 1 && !hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 4 * kPage, 4 * kPage, n - 4, kPage, hole) == n - 4 && hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 5 * kPage, 5 * kPage, n - 5, kPage, hole) == n - 5 && hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp + 6 * kPage, 6 * kPage, 3, kPage, hole) == 3 && hole);
+  CHECK(livemig::mapped_file_extent(c.memfd(), mp, 0, 1, kPage, hole) == 1 && !hole);
+  // Through a private file description: the same extents, and the received descriptor's offset
+  // (the process's own, shared with it) does not move.
+  CHECK(::lseek(c.memfd(), 0, SEEK_SET) == 0);
+  const livemig::UniqueFd own = livemig::private_file(c.memfd());
+  CHECK(own && livemig::file_extent(own.get(), 3 * kPage, n - 3, kPage, hole) == 1 && !hole);
+  CHECK(livemig::file_extent(own.get(), 4 * kPage, n - 4, kPage, hole) == n - 4 && hole);
+  CHECK(::lseek(c.memfd(), 0, SEEK_CUR) == 0 && livemig::attach::count_holes(c.memfd(), 0, c.layout().len, kPage) == n - 3);
+  CHECK(::lseek(c.memfd(), 0, SEEK_CUR) == 0);
   c.close();  // livemig gone before the destination ran: it unregisters and exits 3
   const std::string lost = d.line("lost");
   CHECK(lost.find("registered=0") != std::string::npos && lost.find("complete=0") != std::string::npos);

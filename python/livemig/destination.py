@@ -67,7 +67,7 @@ class Destination:
     def adopt(cls, region: Region) -> Destination:
         """A destination over a region's memory (kept exported by the engine while it lives)."""
         self = cls.__new__(cls)
-        self._r = _core.DestRegion.adopt(region.buffer, region.page_size)
+        self._r = region._dest_engine()
         self._array = None
         return self
 

@@ -358,6 +358,13 @@ def rounds_table(r: MigrationResult, most: int = 12) -> Table:
     return t
 
 
+def _workload(kind: str, process: dict[str, Any]) -> str:
+    """``attach: hashtable (pid 123)``, or just the kind for a workload in this process."""
+    if not process:
+        return kind or "?"
+    return f"{kind}: {process.get('name') or '?'} (pid {process.get('pid', '?')})"
+
+
 def summary_table(r: MigrationResult) -> Table:
     """The end-of-migration summary: every figure is a field of ``r`` (the JSON's)."""
     status = "[green]ok[/green]" if r.ok else "[red]FAILED[/red]"
@@ -365,6 +372,7 @@ def summary_table(r: MigrationResult) -> Table:
     t.add_column(style="bold")
     t.add_column()
     t.add_row("mode", r.mode)
+    t.add_row("workload", _workload(r.workload.kind, r.workload.process))
     pages = r.region_bytes // max(r.page_size, 1)
     t.add_row("region", f"{format_bytes(r.region_bytes)} ({pages:,} pages of {r.page_size} B)")
     t.add_row("total time", _ms(r.total_ms))
@@ -417,6 +425,7 @@ def destination_table(s: DestinationSummary) -> Table:
     t.add_column(style="bold")
     t.add_column()
     t.add_row("mode", s.mode)
+    t.add_row("workload", _workload(s.workload_kind, s.workload_process))
     t.add_row("region", format_bytes(s.region_bytes))
     if s.mode == "postcopy":
         t.add_row("postcopy",

@@ -55,12 +55,14 @@ def migrate_locally(
     factory: Callable[[], WorkloadFactory] | None = None,
     events: migration.EventCallback | None = None,
     progress: migration.Progress | None = None,
+    before: Callable[[str], None] | None = None,
 ) -> tuple[migration.MigrationResult, dict[str, Any]]:
     """Migrates ``workload`` (a GuestConfig: a fresh model guest of ``size`` bytes) to a
     destination in a spawned process, killed at the deadline; returns the source's result and the
     destination's own summary (as JSON). ``settle_s``/``await_reuse`` are :func:`livemig.serve`'s;
     ``factory`` (a picklable callable, run in the child) makes its workload factory; ``events`` and
-    ``progress``: :func:`livemig.migrate`'s."""
+    ``progress``: :func:`livemig.migrate`'s; ``before`` is called with the destination's address
+    once it listens, before the migration starts (to start a process that attaches to it, say)."""
     w = ModelGuest(size, workload) if isinstance(workload, GuestConfig) else workload
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -69,6 +71,8 @@ def migrate_locally(
     proc.start()
     try:
         _, address = q.get(timeout=deadline_s)
+        if before is not None:
+            before(address)
         try:
             result = migration.migrate(address, w, config, progress, events=events)
         finally:

@@ -63,6 +63,10 @@ class Region:
     """A workload's memory. ``buffer``: writable, C-contiguous, page-aligned, a positive whole
     number of ``page_size`` pages (default: the system's). ``tracking``: "kernel" or "explicit"."""
 
+    #: False for memory another process owns (an attached process's memfd): a destination does not
+    #: prefault it (its pages are the process's to allocate as they arrive).
+    prefaultable = True
+
     def __init__(self, buffer: Buffer | npt.NDArray[Any], *, page_size: int | None = None,
                  tracking: Tracking = "kernel") -> None:
         if tracking not in TRACKING:
@@ -148,6 +152,29 @@ class Region:
             tracker.mark_written_runs(arr)
         elif len(arr) and int((arr[:, 0] + arr[:, 1]).max()) > self.pages:
             raise IndexError(f"runs reach past the region of {self.pages} pages")
+
+    # ---- where the engines come from (an attached process's region makes its own) ----
+    @property
+    def pagemap_path(self) -> str:
+        """The pagemap that shows this memory's page table entries (the kernel's view of writes)."""
+        return "/proc/self/pagemap"
+
+    @property
+    def kernel_address(self) -> int:
+        """The region's address in the address space whose pagemap is :attr:`pagemap_path`."""
+        return self.address
+
+    def _source_engine(self) -> _core.Source:
+        """The C++ source engine over this memory, tracking as :attr:`tracking` says."""
+        return _core.Source.adopt(self.buffer, self.tracking, self.page_size)
+
+    def page_digests(self) -> npt.NDArray[np.uint64]:
+        """A digest of every page (C++, GIL released): the generic oracle's view of this memory."""
+        return _core.page_digests(self.buffer, self.page_size)
+
+    def _dest_engine(self) -> _core.DestRegion:
+        """The C++ destination engine placing into this memory."""
+        return _core.DestRegion.adopt(self.buffer, self.page_size)
 
     def _bind_tracker(self, source: _core.Source | None) -> None:
         """The migration's engine takes explicit marks from now on (None: nobody)."""

@@ -39,7 +39,7 @@ class Source:
 
     def __init__(self, region: Region) -> None:
         self.region: Region | None = region
-        self._core = _core.Source.adopt(region.buffer, region.tracking, region.page_size)
+        self._core = region._source_engine()
         region._bind_tracker(self._core)
 
     @classmethod

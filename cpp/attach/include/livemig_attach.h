@@ -70,8 +70,10 @@ struct livemig_attach_lost {
 
 /* What livemig asks of the workload. Called from the thread that serves the conversation (the
  * library's thread after livemig_attach_start, or the caller of livemig_attach_dispatch), one call
- * at a time. A null callback: pause/resume/save/load/check answer "not supported" (EOPNOTSUPP);
- * balloon and lost are skipped. Each must return within the pause/I/O bounds the host chose. */
+ * at a time. A null callback: pause/resume/check answer "not supported" (EOPNOTSUPP); a null
+ * save_state saves an empty device state and a null load_state accepts only an empty one (a
+ * workload whose whole state is in its region needs neither); balloon and lost are skipped. Each
+ * must return within the pause/I/O bounds the host chose. */
 struct livemig_attach_ops {
   /* Parks every thread that writes the region; returns once all are parked (0) or gives up within
    * a bounded time (negative errno, the workload left running). Called only when running. */

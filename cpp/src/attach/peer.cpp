@@ -19,6 +19,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "livemig/base/holes.hpp"
 #include "livemig/base/uapi.hpp"
 
 namespace livemig::attach {
@@ -233,16 +234,15 @@ std::uint64_t uffd_fd_features(int uffd) {
 }
 
 std::uint64_t count_holes(int memfd, std::uint64_t offset, std::uint64_t len, std::uint64_t page_size) {
+  const UniqueFd own = private_file(memfd);
+  if (own) memfd = own.get();
   std::uint64_t holes = 0;
-  auto pos = static_cast<off_t>(offset);
-  const auto end = static_cast<off_t>(offset + len);
-  while (pos < end) {
-    const off_t hole = ::lseek(memfd, pos, SEEK_HOLE);
-    if (hole < 0 || hole >= end) break;
-    off_t data = ::lseek(memfd, hole, SEEK_DATA);
-    if (data < 0 || data > end) data = end;
-    holes += static_cast<std::uint64_t>(data - hole) / page_size;
-    pos = data;
+  const std::uint64_t n = len / page_size;
+  for (std::uint64_t p = 0; p < n;) {
+    bool hole = false;
+    const std::uint64_t k = file_extent(memfd, offset + p * page_size, n - p, page_size, hole);
+    if (hole) holes += k;
+    p += k;
   }
   return holes;
 }
@@ -424,7 +424,8 @@ Connection Connection::accept(UniqueFd sock, const AcceptOptions& opts) {
       // Empty: no page at all when the region is the whole file (st_blocks also counts pages
       // allocated by fallocate, which SEEK_DATA calls holes); else no data inside the region.
       const bool whole = L.memfd_offset == 0 && static_cast<std::uint64_t>(st.st_size) <= L.len;
-      const off_t data = whole ? 0 : ::lseek(m, static_cast<off_t>(L.memfd_offset), SEEK_DATA);
+      const UniqueFd own = whole ? UniqueFd() : private_file(m);  // the process's offset stays put
+      const off_t data = whole ? 0 : ::lseek(own ? own.get() : m, static_cast<off_t>(L.memfd_offset), SEEK_DATA);
       if (whole ? st.st_blocks != 0 : (data >= 0 && static_cast<std::uint64_t>(data) < L.memfd_offset + L.len))
         refuse(LIVEMIG_ATTACH_ERR_DESCRIPTOR, "memfd: the destination's memfd already holds " +
                                                   (whole ? std::to_string(st.st_blocks / 2) + " KiB"
@@ -585,6 +586,13 @@ void Connection::send_raw(std::span<const std::uint8_t> bytes) {
 void Connection::close() noexcept {
   if (sock_) ::shutdown(sock_.get(), SHUT_RDWR);
   sock_.reset();
+}
+
+void Connection::release() noexcept {
+  close();
+  memfd_.reset();
+  uffd_.reset();
+  pagemap_.reset();
 }
 
 void Connection::fail_protocol(const std::string& what) {

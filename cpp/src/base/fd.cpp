@@ -1,5 +1,6 @@
 #include "livemig/base/fd.hpp"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -10,6 +11,12 @@
 #include "livemig/base/page_size.hpp"
 
 namespace livemig {
+
+UniqueFd dup_fd(int fd, const char* what) {
+  UniqueFd out(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+  if (!out) throw_errno("dup", what);
+  return out;
+}
 
 Mapping Mapping::anonymous(std::size_t len) {
   void* p = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);

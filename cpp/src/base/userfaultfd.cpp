@@ -143,9 +143,18 @@ void Userfaultfd::unregister_range(void* addr, std::size_t len) {
   if (::ioctl(fd_.get(), UFFDIO_UNREGISTER, &r) != 0) throw_errno("unregister", "UFFDIO_UNREGISTER", r.start);
 }
 
-void Userfaultfd::wake(void* addr, std::size_t len) {
+void Userfaultfd::wake(void* addr, std::size_t len) { wake_at(reinterpret_cast<std::uintptr_t>(addr), len); }
+
+Userfaultfd Userfaultfd::adopt(UniqueFd fd, std::uint64_t features) noexcept {
+  Userfaultfd u;
+  u.fd_ = std::move(fd);
+  u.features_ = features;
+  return u;
+}
+
+void Userfaultfd::wake_at(std::uint64_t addr, std::size_t len) {
   uffdio_range r{};
-  r.start = reinterpret_cast<std::uintptr_t>(addr);
+  r.start = addr;
   r.len = len;
   // UFFDIO_WAKE: retry the faults of threads blocked in the range.
   if (::ioctl(fd_.get(), UFFDIO_WAKE, &r) != 0) throw_errno("wake", "UFFDIO_WAKE", r.start);

@@ -109,6 +109,7 @@ DestRegion::DestRegion(std::size_t bytes, bool memfd, std::size_t page_size) : p
     (void)::madvise(owned_.data(), bytes, MADV_NOHUGEPAGE);
   }
   base_ = owned_.data();
+  kaddr_ = reinterpret_cast<std::uintptr_t>(base_);
   bytes_ = bytes;
   pages_ = bytes / ps_;
   memfd_ = memfd;
@@ -132,6 +133,7 @@ DestRegion::DestRegion(void* addr, std::size_t bytes, std::size_t page_size) : p
   if (reinterpret_cast<std::uintptr_t>(addr) % ps_ != 0)
     throw std::invalid_argument("region address must be page aligned");
   base_ = static_cast<std::uint8_t*>(addr);
+  kaddr_ = reinterpret_cast<std::uintptr_t>(base_);
   bytes_ = bytes;
   pages_ = bytes / ps_;
   received_ = std::make_shared<PageBitmap>(pages_);
@@ -144,6 +146,17 @@ DestRegion::DestRegion(void* addr, std::size_t bytes, std::size_t page_size) : p
   request_ts_map_ = Mapping::zeroed_words(pages_);
   queue_ = std::make_shared<RequestQueue>();
   sink_ = queue_;
+}
+
+DestRegion::DestRegion(void* local, std::size_t bytes, std::size_t page_size, const RemoteMemory& remote)
+    : DestRegion(local, bytes, page_size) {
+  if (remote.addr % ps_ != 0) throw std::invalid_argument("the process's region address must be page aligned");
+  kaddr_ = remote.addr;
+  remote_ = true;
+  remote_uffd_ = dup_fd(remote.uffd, "the process's userfaultfd");
+  remote_uffd_features_ = remote.uffd_features;
+  remote_memfd_ = dup_fd(remote.memfd, "the process's memfd");
+  remote_memfd_offset_ = remote.memfd_offset;
 }
 
 DestRegion::~DestRegion() { stop(); }
@@ -160,6 +173,26 @@ void DestRegion::start_postcopy() {
   settle_prefault();  // prefault hook: pages not received must be missing before registration
   std::lock_guard lk(stop_mu_);
   if (state() != State::precopy) throw std::logic_error("start_postcopy: the region is not in precopy");
+  if (remote_) {
+    // The process registered its mapping in MISSING mode (MISSING_SHMEM) when it attached and
+    // never reads its userfaultfd while attached: the fault thread reads it from here on.
+    if ((remote_uffd_features_ & UFFD_FEATURE_MISSING_SHMEM) == 0)
+      throw UnsupportedError("MISSING_SHMEM", "the process's userfaultfd was not opened with MISSING_SHMEM");
+    UniqueFd efd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+    if (!efd) throw_errno("eventfd", "fault thread stop signal");
+    fault_ts_ = reinterpret_cast<std::uint64_t*>(fault_ts_map_.data());
+    request_ts_ = reinterpret_cast<std::uint64_t*>(request_ts_map_.data());
+    placed_pc_.reset();
+    placed_pc_.or_with(*received_);
+    uffd_ = Userfaultfd::adopt(std::move(remote_uffd_), remote_uffd_features_);
+    // A shmem range registered MISSING allows these (UFFDIO_MOVE is refused into shmem).
+    ioctls_ = (std::uint64_t{1} << _UFFDIO_COPY) | (std::uint64_t{1} << _UFFDIO_ZEROPAGE) |
+              (std::uint64_t{1} << _UFFDIO_WAKE);
+    stop_fd_ = std::move(efd);
+    state_.store(State::postcopy, std::memory_order_release);
+    fault_thread_ = std::thread([this] { fault_loop(); });
+    return;
+  }
   // REMOVE and UNMAP events keep `received` true when pages are dropped under us; shmem needs
   // MISSING_SHMEM (asked for only as optional: registration names the problem if it is missing).
   Userfaultfd u = Userfaultfd::open(UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP,
@@ -197,9 +230,11 @@ void DestRegion::stop() noexcept {
   const State prev = state_.exchange(State::stopped, std::memory_order_acq_rel);
   if (prev == State::postcopy) {
     // Unregister first, while the fault thread still reads events (a madvise waiting for its
-    // REMOVE event to be read must not hang); the kernel wakes every waiter in the range.
+    // REMOVE event to be read must not hang); the kernel wakes every waiter in the range. A remote
+    // region's registration is the process's: it unregisters on COMPLETE, or keeps it when pages
+    // are missing (docs/attach.md), so it is left alone here.
     try {
-      uffd_.unregister_range(base_, bytes_);
+      if (!remote_) uffd_.unregister_range(base_, bytes_);
     } catch (const std::exception& e) {
       note_error(e);
     }
@@ -367,7 +402,7 @@ std::size_t DestRegion::place_run(Op op, std::uint64_t first, std::size_t n, con
   std::uint64_t page = first;
   const std::uint64_t end = first + n;
   while (page < end) {
-    const std::uint64_t dst = reinterpret_cast<std::uintptr_t>(base_) + page * ps_;
+    const std::uint64_t dst = kaddr_ + page * ps_;
     const std::uint64_t len = (end - page) * ps_;
     const std::uint64_t off = (page - first) * ps_;
     int rc = 0;
@@ -429,7 +464,7 @@ std::size_t DestRegion::place_run(Op op, std::uint64_t first, std::size_t n, con
       // the failed ioctl, so wake them.
       placed_pages(page, 1);
       c_.eexist.fetch_add(1, kRelaxed);
-      uffd_.wake(base_ + page * ps_, ps_);
+      uffd_.wake_at(kaddr_ + page * ps_, ps_);
       page += 1;
       continue;
     }
@@ -495,7 +530,7 @@ std::size_t DestRegion::place_move(std::uint64_t first_page, std::size_t npages,
     throw std::invalid_argument("place_move: staging buffer must be page aligned");
   if (state() == State::postcopy && !uffd_.has(UFFD_FEATURE_MOVE))
     throw UnsupportedError("MOVE", "this kernel's userfaultfd lacks UFFDIO_MOVE (Linux 6.8)");
-  if (memfd_) throw UnsupportedError("MOVE", "UFFDIO_MOVE works on anonymous private regions only");
+  if (memfd_ || remote_) throw UnsupportedError("MOVE", "UFFDIO_MOVE works on anonymous private regions only");
   const std::size_t placed =
       place_impl(Op::move, first_page, npages, nullptr, reinterpret_cast<std::uintptr_t>(staging));
   c_.placed.fetch_add(placed, kRelaxed);
@@ -611,7 +646,9 @@ std::size_t DestRegion::discard(std::span<const PageRange> runs) {
     was_received += received_->count(r.first, r.first + r.npages);
     received_->clear_range(r.first, r.first + r.npages);
   }
-  if (memfd_ || !drop_batched(base_, ps_, runs)) {
+  if (remote_) {
+    punch_holes(runs);
+  } else if (memfd_ || !drop_batched(base_, ps_, runs)) {
     for (const auto& r : runs) {
       if (r.npages == 0) continue;
       void* addr = base_ + r.first * ps_;
@@ -632,17 +669,41 @@ std::size_t DestRegion::discard(std::span<const PageRange> runs) {
         std::atomic_ref<std::uint64_t>(digests_[p]).store(kNoDigest, kRelaxed);
   // In postcopy the fault thread also clears R for the REMOVE events; make sure it has, so it
   // cannot clear a page placed after we return.
-  if (state() == State::postcopy && fault_tid_.load(kRelaxed) != std::this_thread::get_id()) wait_events_handled();
+  // (A remote region's punched holes cause no REMOVE events: nothing to wait for.)
+  if (state() == State::postcopy && !remote_ && fault_tid_.load(kRelaxed) != std::this_thread::get_id())
+    wait_events_handled();
   c_.discarded.fetch_add(was_received, kRelaxed);
   return was_received;
+}
+
+void DestRegion::punch_holes(std::span<const PageRange> runs) {
+  for (const auto& r : runs) {
+    if (r.npages == 0) continue;
+    const auto off = static_cast<off_t>(remote_memfd_offset_ + r.first * ps_);
+    const auto len = static_cast<off_t>(r.npages * ps_);
+    // fallocate(PUNCH_HOLE): drops the pages from the memfd and from every mapping of it (the
+    // process's included), so its next touch faults (MISSING) and the page can be placed again.
+    if (::fallocate(remote_memfd_.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) != 0)
+      throw_errno("discard", "fallocate(PUNCH_HOLE) of " + std::to_string(r.npages) + " pages at page " +
+                                 std::to_string(r.first));
+  }
 }
 
 // ---- the fault thread ----
 
 bool DestRegion::page_present(std::uint64_t page) const noexcept {
+  if (remote_) {
+    // Shared memory is present when the memfd holds the page, whatever the process's page table
+    // says: a page livemig wrote through its own mapping (precopy), or one whose PTE the process
+    // dropped, has no PTE there yet never faults again (and UFFDIO_COPY answers EEXIST). mincore()
+    // on our mapping of the memfd reports the page cache without allocating anything.
+    unsigned char in_core = 0;
+    if (::mincore(base_ + page * ps_, ps_, &in_core) != 0) return true;  // cannot tell: stale
+    return (in_core & 1) != 0;
+  }
   if (!pagemap_) return true;  // cannot tell: assume the event is stale
   std::uint64_t entry = 0;
-  const auto vpn = (reinterpret_cast<std::uintptr_t>(base_) + page * ps_) / ps_;
+  const auto vpn = (kaddr_ + page * ps_) / ps_;
   if (::pread(pagemap_.get(), &entry, sizeof entry, static_cast<off_t>(vpn * sizeof entry)) !=
       static_cast<ssize_t>(sizeof entry))
     return true;
@@ -664,7 +725,7 @@ std::string DestRegion::last_error() const {
 }
 
 void DestRegion::handle_remove(std::uint64_t start, std::uint64_t end) noexcept {
-  const auto base = reinterpret_cast<std::uintptr_t>(base_);
+  const std::uint64_t base = kaddr_;
   const std::uint64_t lo = std::max<std::uint64_t>(start, base);
   const std::uint64_t hi = std::min<std::uint64_t>(end, base + bytes_);
   if (lo >= hi) return;
@@ -720,7 +781,7 @@ void DestRegion::handle_fault(std::uint64_t page, std::uint64_t now, std::vector
     if (page_present(page)) {
       // Placed after the fault was queued; the placement woke the thread. Wake again: harmless.
       c_.stale_faults.fetch_add(1, kRelaxed);
-      uffd_.wake(base_ + page * ps_, ps_);
+      uffd_.wake_at(kaddr_ + page * ps_, ps_);
       const std::uint64_t t = rel_ns();
       blocked_hist_.record(t > now ? t - now : 0);
       return;
@@ -740,7 +801,7 @@ void DestRegion::handle_fault(std::uint64_t page, std::uint64_t now, std::vector
     // A placement won the race; it may or may not have taken the stamp.
     const std::uint64_t old = ts.exchange(0, std::memory_order_acq_rel);
     c_.stale_faults.fetch_add(1, kRelaxed);
-    uffd_.wake(base_ + page * ps_, ps_);
+    uffd_.wake_at(kaddr_ + page * ps_, ps_);
     if (old != 0) {
       const std::uint64_t t = rel_ns(), t0 = old & kTsMask, d = t > t0 ? t - t0 : 0;
       fault_hist_.record(d);
@@ -772,7 +833,7 @@ void DestRegion::handle_fault(std::uint64_t page, std::uint64_t now, std::vector
   if (received_->test(page)) {
     requested_->clear(page);
     c_.stale_faults.fetch_add(1, kRelaxed);
-    uffd_.wake(base_ + page * ps_, ps_);
+    uffd_.wake_at(kaddr_ + page * ps_, ps_);
     return;
   }
   to_request.push_back(page);
@@ -784,7 +845,7 @@ void DestRegion::fault_loop() noexcept {
   std::vector<std::pair<std::uint64_t, std::uint64_t>> batch;
   to_request.reserve(kMsgBatch);
   batch.reserve(kMsgBatch);
-  const auto base = reinterpret_cast<std::uintptr_t>(base_);
+  const std::uint64_t base = kaddr_;
   for (;;) {
     pollfd fds[2] = {{uffd_.fd(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
     // Block until a fault or event arrives, or stop() signals.

@@ -195,6 +195,21 @@ namespace {
 constexpr std::uint64_t kRoutePages = 64;
 }  // namespace
 
+void SourceSession::send_source_pages(wire::FrameWriter& w, std::uint64_t first, std::uint64_t n,
+                                      const std::uint8_t* base, std::size_t ps) {
+  // Holes of another process's memfd go as ZERO runs without being read (a read would allocate
+  // them in the process's memory); everything else is read, zero pages found by looking.
+  for (std::uint64_t p = first, end = first + n; p < end;) {
+    bool hole = false;
+    const std::uint64_t k = source_->extent(p, end - p, hole);
+    if (hole)
+      w.send_zero(p, k);
+    else
+      w.send_pages(p, k, base + p * ps, /*detect_zero=*/true);
+    p += k;
+  }
+}
+
 void SourceSession::pump(std::span<wire::FrameWriter* const> writers, Clock::time_point deadline,
                          std::uint64_t max_pages, std::atomic<std::uint64_t>& budget_used) {
   constexpr std::size_t kBatchPages = 256;  // 1 MiB of 4 KiB pages per batch
@@ -215,7 +230,7 @@ void SourceSession::pump(std::span<wire::FrameWriter* const> writers, Clock::tim
         for (std::uint64_t p = r.first, end = r.first + r.npages; p < end;) {
           const std::uint64_t piece_end = std::min(end, (p / kRoutePages + 1) * kRoutePages);
           const std::uint64_t c = n == 1 ? 0 : (p / kRoutePages) % n;
-          writers[c]->send_pages(p, piece_end - p, base + p * ps, /*detect_zero=*/true);
+          send_source_pages(*writers[c], p, piece_end - p, base, ps);
           touched[c] = true;
           p = piece_end;
         }
@@ -288,7 +303,7 @@ void SourceSession::send_taken(wire::FrameWriter& w, std::span<const PageRun> ru
   try {
     for (const PageRun& r : runs)
       for (std::uint64_t p = r.first, end = r.first + r.npages; p < end; p += kFramePages)
-        w.send_pages(p, std::min(kFramePages, end - p), base + p * ps, /*detect_zero=*/true);
+        send_source_pages(w, p, std::min(kFramePages, end - p), base, ps);
     w.flush();  // per batch, so a failure puts back exactly the runs that may not have gone
   } catch (...) {
     source_->scanner().send_failed(runs);  // rule 7

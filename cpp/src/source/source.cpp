@@ -6,6 +6,7 @@
 #include <string>
 
 #include "livemig/base/errors.hpp"
+#include "livemig/base/holes.hpp"
 #include "livemig/base/page_size.hpp"
 
 namespace livemig {
@@ -54,6 +55,35 @@ Source::Source(Region region, std::size_t npages, TrackMode mode, std::size_t pa
       tracker_(base_, npages, mode, page_size),
       hints_(*dirty_, *hinted_, &tracker_),
       scanner_(*dirty_, *sent_) {}
+
+Source::Source(const std::uint8_t* local, std::size_t npages, const RemoteMemory& remote, std::size_t page_size)
+    // The engine never writes through data() (a source's pages are only read and sent), so the
+    // read-only mapping of another process's memory is held as the plain pointer every path uses.
+    : Source(Region{Mapping(), UniqueFd(), page_aligned(const_cast<std::uint8_t*>(local), page_size)}, npages, remote,
+             page_size) {}
+
+Source::Source(Region region, std::size_t npages, const RemoteMemory& remote, std::size_t page_size)
+    : mapping_((check_pages(npages), check_page_size(page_size), std::move(region.mapping))),
+      memfd_(std::move(region.memfd)),
+      base_(region.base),
+      npages_(npages),
+      ps_(page_size),
+      dirty_(std::make_shared<PageBitmap>(npages, true)),
+      sent_(std::make_shared<PageBitmap>(npages)),
+      hinted_(std::make_shared<PageBitmap>(npages)),
+      tracker_(remote, npages, page_size),
+      hints_(*dirty_, *hinted_, &tracker_),
+      scanner_(*dirty_, *sent_),
+      holes_fd_(private_file(remote.memfd)),
+      holes_offset_(remote.memfd_offset) {}
+
+std::uint64_t Source::extent(std::uint64_t first, std::uint64_t n, bool& hole) const noexcept {
+  hole = false;
+  if (!holes_fd_) return n;
+  const std::uint64_t k = mapped_file_extent(holes_fd_.get(), base_ + first * ps_, holes_offset_ + first * ps_, n, ps_, hole);
+  if (hole) hole_pages_.fetch_add(k, std::memory_order_relaxed);
+  return k;
+}
 
 std::size_t Source::sync() {
   std::lock_guard lock(sync_mu_);

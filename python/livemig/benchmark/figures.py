@@ -18,7 +18,8 @@ GIB = 1 << 30
 Better = Literal["higher", "lower"]
 
 #: Groups, in report order.
-GROUPS = ("baselines", "migration", "prefault", "zero", "hints", "faults", "channels", "scaling", "bitmap", "tls")
+GROUPS = ("baselines", "migration", "prefault", "zero", "hints", "faults", "channels", "scaling", "bitmap", "tls",
+          "attach")
 #: How a figure's error starts when the kernel cannot run its scenario (not a failure).
 SKIPPED = "skipped: "
 

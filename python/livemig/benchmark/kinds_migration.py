@@ -45,7 +45,7 @@ def run_baselines(b: Bench, sc: Scenario) -> list[Figure]:
         b.base.first_touch_gbps(n)
     return []
 
-def _buffer(size: int) -> Region:
+def buffer_region(size: int) -> Region:
     """A user's buffer of ``size`` bytes, warm and without zero pages (like the model guest's)."""
     region = Region.allocate(size)
     region.array.reshape(-1, PAGE)[:, :8] = np.arange(1, region.pages + 1, dtype=np.uint64)[:, None].view(np.uint8)
@@ -54,7 +54,7 @@ def _buffer(size: int) -> Region:
 
 def run_migration(b: Bench, sc: Scenario) -> list[Figure]:
     size, mode, workload = int(sc.arg("size")), sc.arg("mode"), sc.arg("workload")
-    buffer = _buffer(size) if workload == "buffer" else None
+    buffer = buffer_region(size) if workload == "buffer" else None
     guest = GuestConfig(
         workload="idle" if buffer is not None else workload,
         rate=0.0 if workload in ("idle", "buffer") else b.dirty_rate, seed=1
@@ -322,4 +322,4 @@ def run_channels(b: Bench, sc: Scenario) -> list[Figure]:
     ]
 
 
-__all__ = ["run_baselines", "run_channels", "run_faults", "run_hints", "run_migration", "run_zero"]
+__all__ = ["buffer_region", "run_baselines", "run_channels", "run_faults", "run_hints", "run_migration", "run_zero"]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from livemig.benchmark import kinds_micro, kinds_migration, kinds_prefault, kinds_tls
+from livemig.benchmark import kinds_attach, kinds_micro, kinds_migration, kinds_prefault, kinds_tls
 from livemig.benchmark.baselines import Baselines
 from livemig.benchmark.figures import GROUPS, SKIPPED, Figure, failed_figure
 from livemig.benchmark.report import Report, StepFn, machine_info
@@ -76,16 +76,18 @@ class Bench:
 
     def migrate(self, size: int, guest: GuestConfig | Workload, config: MigrationConfig,
                 dest: DestinationConfig | None = None,
-                factory: Callable[[], WorkloadFactory] | None = None) -> MigrationResult:
+                factory: Callable[[], WorkloadFactory] | None = None,
+                before: Callable[[str], None] | None = None) -> MigrationResult:
         """One loopback migration of ``guest`` (a fresh model guest of ``size`` bytes, or a workload)
-        to a destination with ``dest`` (default: the defaults) and ``factory`` (default: the standard one)."""
+        to a destination with ``dest`` (default: the defaults) and ``factory`` (default: the standard one);
+        ``before``: :func:`livemig.loopback.migrate_locally`'s."""
         # The destination's silence timeout counts time between events, and a long first round
         # (4 GiB on a loaded machine) has none: allow two minutes, not the default 20 s.
         dest = replace(dest or DestinationConfig(), timeout=PEER_TIMEOUT_S)
         config = replace(config, timeout=PEER_TIMEOUT_S)
         result, _ = migrate_locally(
             guest, config, size=size, dest=dest, settle_s=self.settle_s, deadline_s=self.deadline_s,
-            factory=factory,
+            factory=factory, before=before,
         )
         # The model guest's memory is held by reference cycles: free it now, not at some later
         # collection, or a few 4 GiB runs in a row exhaust the machine.
@@ -112,6 +114,9 @@ KINDS: dict[str, Callable[[Bench, Scenario], list[Figure]]] = {
     "tls_channel_cost": kinds_tls.run_tls_channel_cost,
     "tls_faults": kinds_tls.run_tls_faults,
     "tls_handshake": kinds_tls.run_tls_handshake,
+    "attach-precopy": kinds_attach.run_attach_precopy,
+    "attach-sync": kinds_attach.run_attach_sync,
+    "attach-postcopy": kinds_attach.run_attach_postcopy,
 }
 
 __all__ = ["KINDS", "PEER_TIMEOUT_S", "Bench"]

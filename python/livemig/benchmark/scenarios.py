@@ -88,6 +88,9 @@ def scenarios(sizes: Sequence[int], quick: bool = False) -> list[Scenario]:
         )
     for size in sizes:
         out.append(Scenario(f"sync-{size_label(size)}", "scaling", "sync", (("size", size),)))
+    for size in sizes:  # another process's memory (docs/attach.md) beside the in-process kind
+        for kind in ("attach-precopy", "attach-sync", "attach-postcopy"):
+            out.append(Scenario(f"{kind}-{size_label(size)}", "attach", kind, (("size", size),)))
     for pages in BITMAP_PAGES:
         out.append(
             Scenario(f"bitmap-{size_label(pages * PAGE)}", "bitmap", "bitmap", (("pages", pages),))
@@ -112,7 +115,8 @@ def tls_scenarios(size: int) -> list[Scenario]:
 
 def needs_postcopy(sc: Scenario) -> bool:
     """The scenario runs a postcopy migration (userfaultfd on the destination)."""
-    return sc.kind in ("faults", "tls_faults") or (sc.kind == "migration" and sc.arg("mode") == "postcopy")
+    return sc.kind in ("faults", "tls_faults", "attach-postcopy") or (
+        sc.kind == "migration" and sc.arg("mode") == "postcopy")
 
 
 def select(all_scenarios: Sequence[Scenario], patterns: Sequence[str]) -> list[Scenario]:

@@ -1,5 +1,6 @@
 """``livemig listen ADDRESS``: accepts migrations and runs what arrives (the model guest, or a
-buffer workload) with the standard factory."""
+buffer workload) with the standard factory; with ``--attach SOCKET``, an attached process's memory
+goes straight into a destination process that attaches at SOCKET (or that ``--attach-exec`` starts)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from livemig.cli.params import (
     tls_options,
     tls_settings,
 )
-from livemig.errors import LivemigError, MigrationError
+from livemig.errors import LivemigError, MigrationError, WorkloadError
+from livemig.workload.attached import AttachFactory
 
 
 @main.command()
@@ -79,6 +81,14 @@ from livemig.errors import LivemigError, MigrationError
 @click.option("--refusal-log-interval", type=NumberType(0.0), default=wire.DEFAULT_GATE.log_interval_s,
               show_default=True, metavar="S",
               help="Refused connections after the first are summed up in one line per interval (0: one line each).")
+@click.option("--attach", "attach_path", type=click.Path(dir_okay=False), default=None, metavar="SOCKET",
+              help="Put incoming memory into the destination process that attaches at this Unix socket"
+              " (docs/attach.md); it runs once its memory is here.")
+@click.option("--attach-exec", default=None, metavar="COMMAND",
+              help="Start the destination process for each migration ({socket}, {size}, {role} and"
+              " {hashtable}, the example program, are filled in).")
+@click.option("--attach-wait", type=NumberType(0.0, positive=True), default=30.0, show_default=True, metavar="S",
+              help="Seconds to wait for the destination process to attach.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary table.")
 def listen(
     address: wire.Address,
@@ -106,6 +116,9 @@ def listen(
     keepalive_count: int,
     handshake_deadline: float,
     refusal_log_interval: float,
+    attach_path: str | None,
+    attach_exec: str | None,
+    attach_wait: float,
     quiet: bool,
 ) -> int:
     """Accept migrations on ADDRESS (host:port, [v6]:port or unix:/path; port 0: any free one)."""
@@ -147,44 +160,57 @@ def listen(
     )
     if events_file == "-" and as_json:
         raise usage("--events - and --json both write to stdout: write the events to a file")
+    if attach_exec is not None and attach_path is None:
+        raise usage("--attach-exec needs --attach SOCKET (where the started process attaches)")
+    factory: AttachFactory | None = None
+    if attach_path is not None:
+        try:
+            factory = AttachFactory(attach_path, launch_command=attach_exec, wait=attach_wait,
+                                    timeout=min(timeout, 10.0), end_launched=False)
+        except WorkloadError as e:
+            raise usage(str(e), "--attach") from None
     try:
-        limits = replace(wire.DEFAULT_GATE, handshake_s=handshake_deadline, log_interval_s=refusal_log_interval)
-        # --once serves one known source: its refusal ends the listener too, as its one error line
-        listener = wire.Listener(address, insecure=insecure, limits=limits, log=None if once else _log_refusal,
-                                 strict=once)
-    except OSError as e:
-        why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-        raise MigrationError(f"cannot listen on {address}: {why}") from None
-    console = stderr_console()
-    failed = False
-    with listener, ExitStack() as stack:
-        writer = events_output(stack, events_file)
-        if announce:
-            sys.stdout.write(f"{local.ANNOUNCE_PREFIX}{listener.address}\n")
-            sys.stdout.flush()
-        else:  # the port it got (port 0) is news to whoever started it
-            sys.stderr.write(f"livemig: listening on {listener.address}\n")
-            sys.stderr.flush()
-        while True:
-            returned = False
-            try:
-                with display.progress_display(console, progress) as reporter:
-                    summary = migration.serve(listener, config, reporter,
-                                              events=display.fan_out(reporter.event, writer))
-                returned = True
-            except (LivemigError, OSError) as e:
-                summary = migration.DestinationSummary(
-                    ok=False, mode="precopy", region_bytes=0, error=describe(e)
-                )
-            if not quiet and returned:
-                console.print(display.destination_table(summary))
-            if as_json:
-                print_json(summary.to_json())
-            if not summary.ok:
-                failed = True
-                error(f"migration failed: {summary.error or 'see the summary'}")
-            if once:
-                break
+        try:
+            limits = replace(wire.DEFAULT_GATE, handshake_s=handshake_deadline, log_interval_s=refusal_log_interval)
+            # --once serves one known source: its refusal ends the listener too, as its one error line
+            listener = wire.Listener(address, insecure=insecure, limits=limits, log=None if once else _log_refusal,
+                                     strict=once)
+        except OSError as e:
+            why = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise MigrationError(f"cannot listen on {address}: {why}") from None
+        console = stderr_console()
+        failed = False
+        with listener, ExitStack() as stack:
+            writer = events_output(stack, events_file)
+            if announce:
+                sys.stdout.write(f"{local.ANNOUNCE_PREFIX}{listener.address}\n")
+                sys.stdout.flush()
+            else:  # the port it got (port 0) is news to whoever started it
+                sys.stderr.write(f"livemig: listening on {listener.address}\n")
+                sys.stderr.flush()
+            while True:
+                returned = False
+                try:
+                    with display.progress_display(console, progress) as reporter:
+                        summary = migration.serve(listener, config, reporter, factory=factory,
+                                                  events=display.fan_out(reporter.event, writer))
+                    returned = True
+                except (LivemigError, OSError) as e:
+                    summary = migration.DestinationSummary(
+                        ok=False, mode="precopy", region_bytes=0, error=describe(e)
+                    )
+                if not quiet and returned:
+                    console.print(display.destination_table(summary))
+                if as_json:
+                    print_json(summary.to_json())
+                if not summary.ok:
+                    failed = True
+                    error(f"migration failed: {summary.error or 'see the summary'}")
+                if once:
+                    break
+    finally:
+        if factory is not None:
+            factory.close()
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
-"""``livemig migrate``: a model guest of ``--size`` bytes migrated to ``--to`` (or to a destination
-process started on loopback), with a live display, a summary, ``--json`` and ``--plot``."""
+"""``livemig migrate``: a model guest of ``--size`` bytes (or, ``--attach``, the memory of a process
+that attaches at a Unix socket) migrated to ``--to`` (or to a destination process started on
+loopback), with a live display, a summary, ``--json`` and ``--plot``."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ from livemig.cli.params import (
 from livemig.cli.signals import SignalsToControl
 from livemig.errors import LivemigError
 from livemig.guest import WORKLOADS, GuestConfig
+from livemig.workload.attached import attach_source
+from livemig.workload.base import Workload
 from livemig.workload.model import ModelGuest
 
 
@@ -73,6 +76,11 @@ def _config(cls: Any, **kwargs: Any) -> Any:
 @click.option("--threads", type=click.IntRange(1, 64), default=1, show_default=True, metavar="N",
               help="Guest writer threads (increment: always 1).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Guest random seed.")
+@click.option("--attach", "attach_path", type=click.Path(dir_okay=False), default=None, metavar="SOCKET",
+              help="Migrate the process that attaches at this Unix socket (docs/attach.md) instead of a model"
+              " guest; needs --to.")
+@click.option("--attach-wait", type=NumberType(0.0, positive=True), default=30.0, show_default=True, metavar="S",
+              help="Seconds to wait for the process to attach.")
 @click.option("--postcopy", is_flag=True, help="Switch to postcopy (default: precopy only).")
 @click.option("--postcopy-after", type=click.IntRange(min=0), default=None, metavar="N",
               help="Precopy rounds before postcopy (needs --postcopy).")
@@ -126,6 +134,8 @@ def migrate(
     fill: str,
     threads: int,
     seed: int,
+    attach_path: str | None,
+    attach_wait: float,
     postcopy: bool,
     postcopy_after: int | None,
     max_rounds: int | None,
@@ -168,6 +178,9 @@ def migrate(
         raise usage("the increment workload runs one writer thread"
                      " (its oracle needs address order)",
                      "--threads")
+    if attach_path is not None and to is None:
+        raise usage("--attach needs --to HOST:PORT (a destination that hosts the process's memory:"
+                    " `livemig listen --attach SOCKET`)", "--attach")
     memory = wire.physical_memory_bytes()
     if size > memory:
         raise usage(f"{size} bytes is more than this machine's memory", "--size")
@@ -259,11 +272,16 @@ def migrate(
                 address = str(to)
             if control_path is not None:
                 stack.enter_context(migration.ControlServer(control_path, control))
-            reporter.note(f"making the guest's {display.format_bytes(size)}")
-            model = ModelGuest(size, guest)
-            stack.callback(model.stop)
+            w: Workload
+            if attach_path is not None:
+                reporter.note(f"waiting for the process at {attach_path}")
+                w = attach_source(attach_path, wait=attach_wait, timeout=min(timeout, 10.0))
+            else:
+                reporter.note(f"making the guest's {display.format_bytes(size)}")
+                w = ModelGuest(size, guest)
+            stack.callback(w.stop)  # an attached process is detached: it runs on, or stays handed off
             with signals:
-                result = migration.migrate(address, model, config, reporter, control,
+                result = migration.migrate(address, w, config, reporter, control,
                                            events=display.fan_out(reporter.event, writer))
             returned = True
         except (LivemigError, OSError) as e:

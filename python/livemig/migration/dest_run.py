@@ -37,7 +37,13 @@ from livemig.migration.results import (
     encode_report,
 )
 from livemig.protocol import ACK_NEVER_RAN, BALLOON_CMD_DONE, AckKind, Command, EventKind
-from livemig.workload.base import Workload, WorkloadFactory
+from livemig.workload.base import (
+    Workload,
+    WorkloadFactory,
+    memory_complete,
+    process_info,
+    workload_gone,
+)
 
 
 def latency_summary(s: _core.LatencySnapshot) -> LatencySummary:
@@ -72,7 +78,7 @@ class DestinationRun:
             self.region = self.dest.as_region()
         if conn.negotiated.digests:
             self.dest.enable_digests()  # before the first page lands
-        if config.prefault:
+        if config.prefault and self.region.prefaultable:
             self.dest.start_prefault()  # before the receivers start: warm memory ahead of them
         self.link = DestLink.of(conn)
         extra_fds = [ch.fileno() for ch in conn.pages]
@@ -105,6 +111,9 @@ class DestinationRun:
                 continue  # a source still moving pages, or bytes, is not a silent one (this side may be slow)
             cause = f"the source was silent for {self.config.timeout} s" if ev is None else event_summary(ev)
             if ev is None or ev.kind == EventKind.FAILED:
+                gone = workload_gone(self.workload, 0.5) if self.postcopy else None
+                if gone is not None:  # a local failure (e.g. placing into a dead process): no resume helps
+                    raise MigrationError(f"{cause}: {gone}; its memory can no longer be completed")
                 if self.recovery.pausable(self.postcopy):  # the workload runs on, faulting threads wait
                     self.link = self.recovery.pause_and_resume(cause, self.link)
                     continue
@@ -272,9 +281,11 @@ class DestinationRun:
         self.progress.phase("complete")
         if self.postcopy:
             self._check_complete()
+            memory_complete(self.workload)  # (precopy: every page was in before it started)
         pc = self._postcopy_stats() if self.postcopy else PostcopyStats()
         return DestinationSummary(ok=True, mode=self.mode, region_bytes=self.dest.nbytes, postcopy=pc,
-                                  workload_kind=self.workload.kind, workload=self.workload)
+                                  workload_kind=self.workload.kind, workload_process=process_info(self.workload),
+                                  workload=self.workload)
 
     def _settled(self, summary: DestinationSummary, await_reuse: bool) -> bool:
         assert self.workload is not None

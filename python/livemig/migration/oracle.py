@@ -15,8 +15,9 @@ from livemig.migration.results import VerifyReport, WorkloadCheck
 
 
 def region_digests(region: Region) -> npt.NDArray[np.uint64]:
-    """A digest of every page of ``region`` (C++, GIL released)."""
-    return _core.page_digests(region.buffer, region.page_size)
+    """A digest of every page of ``region`` (C++, GIL released; an attached process's memfd holes
+    are not read)."""
+    return region.page_digests()
 
 
 def free_pages(hinted: _core.PageBitmap, dirty: _core.PageBitmap) -> _core.PageBitmap:

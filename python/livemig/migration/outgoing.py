@@ -19,7 +19,7 @@ from livemig.migration.results import (
     MigrationResult,
     Outcome,
     SourceWorkloadReport,
-    WorkloadCheck,
+    workload_check,
 )
 from livemig.migration.source_figures import hint_stats
 from livemig.migration.source_run import SourceRun
@@ -182,14 +182,7 @@ def _source_report(run: SourceRun, settle_s: float = 10.0) -> SourceWorkloadRepo
             break
         time.sleep(0.005)  # the workload's driver runs at its own pace
     s = port.status() if port is not None else None
-    check = None
-    if run.config.verify:
-        if running:
-            w.pause(run.config.pause_timeout_s)
-        c = w.check()
-        check = None if c is None else WorkloadCheck(c.ok, c.pages_checked, c.mismatches, c.detail)
-        if running:
-            w.resume()
+    check = workload_check(w, run.config.pause_timeout_s if running else None) if run.config.verify else None
     return SourceWorkloadReport(running=running, done_delivered=s.done_seen if s else True,
                                 held_pages=s.pages_held if s else 0, check=check)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from livemig.errors import MigrationError, ProtocolError
+from livemig.errors import LivemigError, MigrationError, ProtocolError
 from livemig.wire.tls import TlsReport
 
 if TYPE_CHECKING:
@@ -183,6 +183,20 @@ class WorkloadCheck:
     detail: str = ""
 
 
+def workload_check(w: Workload, pause_s: float | None = None) -> WorkloadCheck | None:
+    """``w``'s own check (paused for it first and resumed after, given ``pause_s``), or None when it
+    has none; one that is gone (an attached process died) checks nothing."""
+    try:
+        if pause_s is not None:
+            w.pause(pause_s)
+        c = w.check()
+        if pause_s is not None:
+            w.resume()
+    except LivemigError as e:
+        return WorkloadCheck(False, 0, 0, f"no check: {e}")
+    return None if c is None else WorkloadCheck(c.ok, c.pages_checked, c.mismatches, c.detail)
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     """The generic oracle (docs/design.md rule 10): the destination's pages as of the switchover
@@ -223,6 +237,7 @@ class WorkloadInfo:
 
     kind: str = ""
     stats: dict[str, int | float] = field(default_factory=dict)
+    process: dict[str, Any] = field(default_factory=dict)  #: an attached process: pid, name, role, memfd
 
 
 @dataclass
@@ -294,6 +309,7 @@ class DestinationSummary:
     pages_received: int = 0  #: pages read from the source (zero pages included), every connection
     tls: TlsReport = field(default_factory=TlsReport)  #: encryption on the (last) connection
     prefault: PrefaultReport = field(default_factory=PrefaultReport)
+    workload_process: dict[str, Any] = field(default_factory=dict)  #: an attached process: pid, name, ...
     workload: Workload | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -409,7 +425,8 @@ def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint6
             recoveries=d.get("recoveries", 0), placed_twice=d.get("placed_twice", 0),
             workload_kind=d.get("workload_kind", ""), pages_received=d.get("pages_received", 0),
             tls=TlsReport(**{k: v for k, v in d.get("tls", {}).items() if k in _TLS_FIELDS}),
-            prefault=_prefault(d.get("prefault", {})))
+            prefault=_prefault(d.get("prefault", {})),
+            workload_process=dict(d.get("workload_process", {})))
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"report: bad summary: {e}") from None
     digests = np.frombuffer(blob, dtype="<u8", count=ndig, offset=end).astype(np.uint64) if ndig else None
@@ -438,4 +455,5 @@ __all__ = [
     "WorkloadInfo",
     "decode_report",
     "encode_report",
+    "workload_check",
 ]

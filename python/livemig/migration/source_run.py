@@ -34,7 +34,7 @@ from livemig.migration.results import (
 from livemig.migration.source_figures import SourceFigures
 from livemig.protocol import ACK_NEVER_RAN, AckKind, Command, EventKind
 from livemig.source import Source
-from livemig.workload.base import Workload
+from livemig.workload.base import Workload, process_info
 
 _SLICE_S = 0.25  # a precopy pass runs in slices this long, so a cancel is seen within one
 _POLL_S = 0.1  # waits for the destination check for a cancel this often
@@ -62,7 +62,7 @@ class SourceRun:
         self.engine = Source(region)
         # The mode is what happened: postcopy once the start command went out (not the config's wish).
         self.result = MigrationResult(ok=False, mode="precopy", region_bytes=region.nbytes, page_size=region.page_size,
-                                      workload=WorkloadInfo(kind=workload.kind),
+                                      workload=WorkloadInfo(kind=workload.kind, process=process_info(workload)),
                                       downtime_limit_ms=config.downtime_limit_ms)
         self.link: SourceLink | None = None
         self.balloon = BalloonDriver(None, enabled=False)
@@ -347,8 +347,7 @@ class SourceRun:
         """A break once the destination's workload may run: pause, then resume over a new
         connection; the destination then says whether its workload runs (and resumes it)."""
         assert self.link is not None and self.recovery is not None
-        if not self.dest_ran:
-            self._last_words()
+        self._last_words()  # even after it ran: it may have failed on its own (its workload's process died)
         if not (self.dest_may_run and self.recovery.enabled()):
             self.link.teardown()
             raise MigrationError(cause)

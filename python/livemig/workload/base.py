@@ -102,6 +102,30 @@ class Workload(Protocol):
         ...
 
 
+def process_info(w: object) -> dict[str, object]:
+    """What a workload that lives in another process says of that process (pid, name, role,
+    memory) for the reports: its ``info()``; empty for workloads in this process."""
+    info = getattr(w, "info", None)
+    return dict(info()) if callable(info) else {}
+
+
+def workload_gone(w: object, wait: float) -> str | None:
+    """Why a workload that lives in another process is gone (the process died or let go), waiting
+    up to ``wait`` seconds for it to say so (its ``gone()``); None for workloads in this process
+    and for a process still there."""
+    gone = getattr(w, "gone", None)
+    return gone(wait) if callable(gone) else None
+
+
+def memory_complete(w: object) -> None:
+    """Tells a destination workload that every page it may read is in (postcopy's last page placed):
+    an attached process then gives up its userfaultfd. Optional (``memory_complete()``); most
+    workloads need nothing."""
+    done = getattr(w, "memory_complete", None)
+    if callable(done):
+        done()
+
+
 @runtime_checkable
 class WorkloadFactory(Protocol):
     """What a destination needs to rebuild workloads from their device state (``serve(factory=)``)."""
@@ -124,4 +148,5 @@ class WorkloadFactory(Protocol):
         ...
 
 
-__all__ = ["BalloonGuestStatus", "BalloonPort", "CheckResult", "Workload", "WorkloadFactory"]
+__all__ = ["BalloonGuestStatus", "BalloonPort", "CheckResult", "Workload", "WorkloadFactory", "memory_complete",
+           "process_info"]

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 from livemig.memory import Region
+from livemig.workload.attached import AttachFactory
 from livemig.workload.base import Workload, WorkloadFactory
 from livemig.workload.buffer import BufferFactory
 from livemig.workload.model import ModelGuestFactory
 
 
 class StandardFactory:
-    """Hosts the model guest and buffer workloads (and whatever ``extra`` maps kinds to). It makes
+    """Hosts the model guest, buffer and attach workloads (and whatever ``extra`` maps kinds to). An
+    attached process's memory lands in livemig's own region here and is copied into a process it
+    launches (:data:`livemig.workload.attached.LAUNCH_ENV`) at switchover; an :class:`AttachFactory`
+    with a socket puts it straight into a waiting process. It makes
     a model guest ahead of the switchover on every connection (cheap: its generation table), so a
     model guest's state lands in warm memory."""
 
     def __init__(self, extra: dict[str, WorkloadFactory] | None = None) -> None:
         self.model = ModelGuestFactory()
-        self.kinds: dict[str, WorkloadFactory] = {"model-guest": self.model, "buffer": BufferFactory(), **(extra or {})}
+        self.kinds: dict[str, WorkloadFactory] = {"model-guest": self.model, "buffer": BufferFactory(),
+                                                  "attach": AttachFactory(), **(extra or {})}
 
     def memory(self, nbytes: int, page_size: int) -> Region | None:
         return None

@@ -142,6 +142,9 @@ class Connection {
   void send_raw(std::span<const std::uint8_t> bytes);
   /// Closes the socket (the process sees livemig gone).
   void close() noexcept;
+  /// close(), and the process's descriptors too (memfd, userfaultfd, pagemap): the attachment is
+  /// over. Mappings made by map_region() stay valid (they hold the memfd's memory themselves).
+  void release() noexcept;
 
  private:
   struct Header {

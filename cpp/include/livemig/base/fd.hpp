@@ -40,6 +40,10 @@ class UniqueFd {
   int fd_ = -1;
 };
 
+/// A close-on-exec duplicate of `fd` (a descriptor borrowed from someone else, kept for as long
+/// as its new owner needs it). Throws KernelError("dup") naming `what`.
+UniqueFd dup_fd(int fd, const char* what);
+
 /// Owns one mmap()ed range; unmaps it on destruction. Move-only.
 class Mapping {
  public:

@@ -27,6 +27,10 @@ class Userfaultfd {
   /// naming a missing feature or permission.
   static Userfaultfd open(std::uint64_t required, std::uint64_t optional = 0, bool nonblock = true);
 
+  /// Takes over `fd`, a userfaultfd some process already negotiated (UFFDIO_API) and registered
+  /// (the attach protocol: the process's own), with `features` enabled on it. Nothing is checked.
+  static Userfaultfd adopt(UniqueFd fd, std::uint64_t features) noexcept;
+
   Userfaultfd() = default;
   Userfaultfd(Userfaultfd&&) noexcept = default;
   Userfaultfd& operator=(Userfaultfd&&) noexcept = default;
@@ -44,6 +48,8 @@ class Userfaultfd {
   void unregister_range(void* addr, std::size_t len);
   /// Wakes threads waiting on faults in [addr, addr + len). Throws KernelError("wake").
   void wake(void* addr, std::size_t len);
+  /// wake() for an address in the address space of the process that created the userfaultfd.
+  void wake_at(std::uint64_t addr, std::size_t len);
 
  private:
   UniqueFd fd_;

@@ -11,6 +11,11 @@
 //   stopped   stop() unregisters (the kernel wakes every waiter; a page still missing then reads as
 //             zero), joins the fault thread. Placement afterwards throws.
 //
+// Remote regions (another process's memory, docs/attach.md): the bytes are written through livemig's
+// mapping of the process's memfd in precopy; from start_postcopy on, placement goes only through the
+// process's userfaultfd (registered MISSING by the process) at the process's addresses, discards
+// punch holes in the memfd, and stop() leaves the registration to the process.
+//
 // Page units everywhere (page = 4 KiB base page; huge pages are not supported: hugetlb mappings fail
 // registration with UnsupportedError, and owned anonymous regions are madvise(MADV_NOHUGEPAGE)).
 //
@@ -36,6 +41,7 @@
 #include "livemig/base/latency_histogram.hpp"
 #include "livemig/bitmap/page_bitmap.hpp"
 #include "livemig/base/page_range.hpp"
+#include "livemig/base/remote.hpp"
 #include "livemig/base/userfaultfd.hpp"
 #include "livemig/dest/prefault.hpp"
 
@@ -111,6 +117,12 @@ class DestRegion {
   DestRegion(std::size_t bytes, bool memfd, std::size_t page_size);
   /// Adopts memory the caller keeps mapped for this object's lifetime (page-aligned, page-multiple).
   DestRegion(void* addr, std::size_t bytes, std::size_t page_size);
+  /// Another process's memory: `local` is livemig's read-write mapping of the process's memfd
+  /// (kept mapped by the caller for this object's lifetime); `remote` says where the process has
+  /// it and gives its userfaultfd (registered MISSING, MISSING_SHMEM) and memfd (duplicated here;
+  /// its pagemap is not used: a page is present when the memfd holds it). Throws like the adopting
+  /// constructor, KernelError("dup").
+  DestRegion(void* local, std::size_t bytes, std::size_t page_size, const RemoteMemory& remote);
   DestRegion(const DestRegion&) = delete;
   DestRegion& operator=(const DestRegion&) = delete;
   /// Stops (wakes every waiter, unregisters, joins) and unmaps an owned region.
@@ -124,6 +136,8 @@ class DestRegion {
   std::size_t page_bytes() const noexcept { return ps_; }
   /// True for an owned memfd (shared memory) region.
   bool is_memfd() const noexcept { return memfd_; }
+  /// True for another process's memory (the remote constructor).
+  bool is_remote() const noexcept { return remote_; }
   /// precopy, postcopy or stopped.
   State state() const noexcept { return state_.load(std::memory_order_acquire); }
   /// R: set only after a page was placed (or the kernel said EEXIST); cleared by discard/REMOVE.
@@ -140,7 +154,8 @@ class DestRegion {
   /// The internal queue (drained by Python and tests; unused when another sink is set).
   RequestQueue& queue() noexcept { return *queue_; }
 
-  /// Registers the region in MISSING mode and starts the fault thread. Throws UnsupportedError when
+  /// Registers the region in MISSING mode (a remote region: takes the process's registration) and
+  /// starts the fault thread. Throws UnsupportedError when
   /// the kernel or the mapping kind cannot do it (the message names what), std::logic_error when
   /// not in precopy.
   void start_postcopy();
@@ -248,10 +263,19 @@ class DestRegion {
   Mapping owned_;
   UniqueFd memfd_fd_;
   std::uint8_t* base_ = nullptr;
+  // The region's first byte as the kernel knows it (UFFDIO_*, fault messages, pagemap): base_, or
+  // the other process's address for a remote region.
+  std::uint64_t kaddr_ = 0;
   std::size_t bytes_ = 0;
   std::size_t pages_ = 0;
   std::size_t ps_ = 0;
   bool memfd_ = false;
+  // Remote regions: the process's descriptors (duplicates), taken over by start_postcopy.
+  bool remote_ = false;
+  UniqueFd remote_uffd_, remote_memfd_;
+  std::uint64_t remote_uffd_features_ = 0, remote_memfd_offset_ = 0;
+  // Remote discards: punches the runs out of the process's memfd.
+  void punch_holes(std::span<const PageRange> runs);
 
   std::shared_ptr<PageBitmap> received_;
   std::shared_ptr<PageBitmap> requested_;

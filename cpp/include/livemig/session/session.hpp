@@ -125,6 +125,9 @@ class SourceSession {
   bool serve_request(std::uint64_t first, std::uint32_t n);
   // Sends pages the scanner took on `w` and flushes; on failure puts them back (rule 7), rethrows.
   void send_taken(wire::FrameWriter& w, std::span<const PageRun> runs);
+  // Pages [first, first + n) read at `base`, or as ZERO runs where the source's file has holes.
+  void send_source_pages(wire::FrameWriter& w, std::uint64_t first, std::uint64_t n, const std::uint8_t* base,
+                         std::size_t ps);
   void pump(std::span<wire::FrameWriter* const> writers, std::chrono::steady_clock::time_point deadline,
             std::uint64_t max_pages, std::atomic<std::uint64_t>& budget_used);
 

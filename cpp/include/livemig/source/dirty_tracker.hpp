@@ -10,6 +10,11 @@
 // Explicit mode: the writer marks the pages it wrote itself (mark_written, an atomic fetch-or) and a
 // harvest takes those marks.
 //
+// Remote mode (another process's memory, docs/attach.md): the process registered its mapping with
+// its own userfaultfd (WP_ASYNC) and sent it with its pagemap; the tracker arms and harvests through
+// those, at the process's addresses. Stopping unprotects instead of unregistering: the registration
+// is the process's.
+//
 // Units: pages relative to the region's start; ranges half-open.
 #pragma once
 
@@ -21,6 +26,7 @@
 #include "livemig/base/errors.hpp"
 #include "livemig/base/fd.hpp"
 #include "livemig/bitmap/page_bitmap.hpp"
+#include "livemig/base/remote.hpp"
 #include "livemig/base/uapi.hpp"
 #include "livemig/base/userfaultfd.hpp"
 
@@ -35,13 +41,18 @@ class DirtyTracker {
   /// shared memory, PAGEMAP_SCAN) and KernelError for other failures; after it returns every page
   /// is write-protected (nothing counts as written yet).
   DirtyTracker(std::uint8_t* base, std::size_t npages, TrackMode mode, std::size_t page_size);
+  /// Kernel-mode tracking of `npages` pages of another process at `remote.addr`, through its
+  /// userfaultfd (registered in WP mode with WP_ASYNC) and pagemap, both duplicated here. Arms the
+  /// range (UFFDIO_WRITEPROTECT); throws KernelError when the kernel refuses (ESRCH: the process
+  /// is gone), UnsupportedError when the userfaultfd lacks WP_ASYNC.
+  DirtyTracker(const RemoteMemory& remote, std::size_t npages, std::size_t page_size);
   DirtyTracker(const DirtyTracker&) = delete;
   DirtyTracker& operator=(const DirtyTracker&) = delete;
   /// Unregisters the range (kernel mode); never throws.
   ~DirtyTracker();
 
   /// Ends tracking now (kernel mode: unregisters the range, which drops its write protection, and
-  /// closes the userfaultfd), so the memory is ordinary again while this object may live on
+  /// closes the userfaultfd; remote: unprotects the range and closes the duplicates), so the memory is ordinary again while this object may live on
   /// (docs/design.md rule 9). Later harvests report nothing. Not concurrent with harvest(); idempotent.
   void stop() noexcept;
   /// True once stop() ran.
@@ -50,6 +61,8 @@ class DirtyTracker {
   TrackMode mode() const noexcept { return mode_; }
   std::size_t pages() const noexcept { return npages_; }
   std::size_t page_size() const noexcept { return ps_; }
+  /// True for another process's memory.
+  bool remote() const noexcept { return remote_; }
 
   /// Calls fn(first_page, npages) for every run of pages written since the last harvest (or reset)
   /// and re-protects them, in address order. Not reentrant: one harvest at a time (callers
@@ -70,12 +83,15 @@ class DirtyTracker {
   std::uint64_t scan_calls() const noexcept { return scan_calls_.load(std::memory_order_relaxed); }
 
  private:
+  // Write-protects the whole range once (UFFDIO_WRITEPROTECT mode WP); throws KernelError.
+  void arm();
   // One PAGEMAP_SCAN over [start, end) with WP matching; fills vec_ (may be empty); returns the
   // number of regions or -1 with errno set. walk_end receives the kernel's walk end.
   long scan(std::uint64_t start, std::uint64_t end, page_region* vec, std::size_t vec_len,
             std::uint64_t* walk_end) const noexcept;
 
-  std::uint8_t* base_;
+  // The region's first byte as the kernel knows it: our own address, or the other process's.
+  std::uint64_t addr_;
   std::size_t npages_;
   TrackMode mode_;
   Userfaultfd uffd_;
@@ -86,6 +102,7 @@ class DirtyTracker {
   std::atomic<bool> stopped_{false};
   std::size_t ps_;
   unsigned page_shift_ = 12;
+  bool remote_ = false;
 };
 
 template <class Fn>
@@ -113,7 +130,7 @@ std::size_t DirtyTracker::harvest(Fn&& fn) {
     return reported;
   }
   if (stopped()) return 0;
-  const std::uint64_t start = reinterpret_cast<std::uintptr_t>(base_);
+  const std::uint64_t start = addr_;
   const std::uint64_t end = start + npages_ * ps_;
   std::uint64_t pos = start;
   while (pos < end) {

@@ -53,6 +53,10 @@ class Source {
   Source(std::size_t npages, TrackMode mode, Backing backing, std::size_t page_size);
   /// Adopts `npages` pages at `base` (page aligned, mapped, outliving this object), tracked in `mode`.
   Source(std::uint8_t* base, std::size_t npages, TrackMode mode, std::size_t page_size);
+  /// Another process's memory (docs/attach.md): pages are read at `local` (livemig's mapping of the
+  /// process's memfd, page aligned, outliving this object); writes are tracked in the process at
+  /// `remote.addr` through its userfaultfd and pagemap (DirtyTracker's remote mode).
+  Source(const std::uint8_t* local, std::size_t npages, const RemoteMemory& remote, std::size_t page_size);
   Source(const Source&) = delete;
   Source& operator=(const Source&) = delete;
 
@@ -105,6 +109,15 @@ class Source {
   /// The timeline set_timeline gave, or null.
   const std::shared_ptr<Timeline>& timeline() const noexcept { return timeline_; }
 
+  /// The first extent of [first, first + n) (n > 0): its length in pages, with `hole` set when the
+  /// memory's file holds none of them (another process's memfd: such pages read as zero, and
+  /// reading them through the mapping would allocate them in the process's memfd, so they go as
+  /// ZERO runs unread). Memory without such a file is one extent that is not a hole. Never throws:
+  /// when the file cannot tell, the pages count as data (read and sent).
+  std::uint64_t extent(std::uint64_t first, std::uint64_t n, bool& hole) const noexcept;
+  /// Pages extent() reported as holes (and the session sent unread).
+  std::uint64_t hole_pages() const noexcept { return hole_pages_.load(std::memory_order_relaxed); }
+
  private:
   struct Region {
     Mapping mapping;
@@ -113,6 +126,7 @@ class Source {
   };
   static Region make_region(std::size_t npages, Backing backing, std::size_t page_size);
   Source(Region region, std::size_t npages, TrackMode mode, std::size_t page_size);
+  Source(Region region, std::size_t npages, const RemoteMemory& remote, std::size_t page_size);
 
   Mapping mapping_;  // empty when adopted
   UniqueFd memfd_;
@@ -126,6 +140,11 @@ class Source {
   std::mutex sync_mu_;
   std::atomic<std::uint64_t> syncs_{0}, pages_written_{0};
   std::shared_ptr<Timeline> timeline_;  // the scanner points at it (no take runs once the Source goes)
+  // Another process's memfd (reopened: an offset of livemig's own) and the region's offset in
+  // it: extent()'s holes.
+  UniqueFd holes_fd_;
+  std::uint64_t holes_offset_ = 0;
+  mutable std::atomic<std::uint64_t> hole_pages_{0};
 };
 
 }  // namespace livemig
