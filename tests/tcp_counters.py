@@ -23,7 +23,8 @@ DROPS = ("TcpExt.RcvPruned", "TcpExt.OfoPruned", "TcpExt.TCPRcvQDrop", "TcpExt.T
 #: the retransmission was spurious, a timing artefact, nothing lost).
 RETRANS = "Tcp.RetransSegs"
 DUPLICATES = ("TcpExt.DelayedACKLost", "TcpExt.TCPDSACKOfoSent")
-SHOWN = DROPS + (RETRANS,) + DUPLICATES + ("TcpExt.TCPLossProbes", "TcpExt.TCPFastRetrans",
+PROBES = "TcpExt.TCPLossProbes"  #: tail-loss probes: sent when an ACK is late
+SHOWN = DROPS + (RETRANS,) + DUPLICATES + (PROBES, "TcpExt.TCPFastRetrans",
                                            "TcpExt.TCPSACKReorder", "TcpExt.TCPOFOQueue")
 
 CLONE_NEWNET = 0x40000000
