@@ -24,7 +24,8 @@ DROPS = ("TcpExt.RcvPruned", "TcpExt.OfoPruned", "TcpExt.TCPRcvQDrop", "TcpExt.T
 RETRANS = "Tcp.RetransSegs"
 DUPLICATES = ("TcpExt.DelayedACKLost", "TcpExt.TCPDSACKOfoSent")
 PROBES = "TcpExt.TCPLossProbes"  #: tail-loss probes: sent when an ACK is late
-SHOWN = DROPS + (RETRANS,) + DUPLICATES + (PROBES, "TcpExt.TCPFastRetrans",
+FAST = "TcpExt.TCPFastRetrans"  #: retransmits the receiver's SACKs asked for (reordering, here)
+SHOWN = DROPS + (RETRANS,) + DUPLICATES + (PROBES, FAST,
                                            "TcpExt.TCPSACKReorder", "TcpExt.TCPOFOQueue")
 
 CLONE_NEWNET = 0x40000000
