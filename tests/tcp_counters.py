@@ -23,7 +23,9 @@ DROPS = ("TcpExt.RcvPruned", "TcpExt.OfoPruned", "TcpExt.TCPRcvQDrop", "TcpExt.T
 #: the retransmission was spurious, a timing artefact, nothing lost).
 RETRANS = "Tcp.RetransSegs"
 DUPLICATES = ("TcpExt.DelayedACKLost", "TcpExt.TCPDSACKOfoSent")
-SHOWN = DROPS + (RETRANS,) + DUPLICATES + ("TcpExt.TCPLossProbes", "TcpExt.TCPFastRetrans",
+PROBES = "TcpExt.TCPLossProbes"  #: tail-loss probes: sent when an ACK is late
+FAST = "TcpExt.TCPFastRetrans"  #: retransmits the receiver's SACKs asked for (reordering, here)
+SHOWN = DROPS + (RETRANS,) + DUPLICATES + (PROBES, FAST,
                                            "TcpExt.TCPSACKReorder", "TcpExt.TCPOFOQueue")
 
 CLONE_NEWNET = 0x40000000
