@@ -191,7 +191,7 @@ void register_connection(py::module_& m) {
             const std::string s = b;
             c.send_raw({reinterpret_cast<const std::uint8_t*>(s.data()), s.size()});
           },
-          "Sends bytes as they are (tests of malformed input).")
+          py::arg("data"), "Sends bytes as they are (tests of malformed input).")
       .def("close", &Connection::close, "Closes the socket: the process sees livemig gone.")
       .def("release", &Connection::release,
            "close(), and the process's descriptors too; mappings already made stay valid.");
