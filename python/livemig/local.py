@@ -71,10 +71,13 @@ class LocalDestination:
             return self.process.returncode
 
     def stderr_text(self) -> str:
-        """What the destination wrote on stderr so far."""
-        self._stderr.flush()
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
+        """What the destination wrote on stderr so far. Read with pread: the file's offset is the
+        child's too (one open file), and a seek here would make its next line overwrite the first."""
+        fd, chunks, at = self._stderr.fileno(), [], 0
+        while chunk := os.pread(fd, 1 << 20, at):
+            chunks.append(chunk)
+            at += len(chunk)
+        return b"".join(chunks).decode(errors="replace")
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
