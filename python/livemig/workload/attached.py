@@ -28,7 +28,7 @@ from livemig.attach import AttachListener, end_process, launch
 from livemig.errors import ConnectionLost, LivemigError, ProtocolError, WorkloadError
 from livemig.memory import Region
 from livemig.protocol import BALLOON_CMD_DONE
-from livemig.workload.base import BalloonGuestStatus, CheckResult
+from livemig.workload.base import BalloonGuestStatus, CheckResult, kind_mismatch
 
 KIND = "attach"
 VERSION = 1
@@ -404,11 +404,7 @@ class AttachFactory:
         pass
 
     def accepts(self, kind: str, version: int) -> str | None:
-        if kind != KIND:
-            return f"this factory hosts {KIND!r} workloads, not {kind!r}"
-        if version != VERSION:
-            return f"{KIND!r} state version {version} is not the version this build reads ({VERSION})"
-        return None
+        return kind_mismatch(kind, version, KIND, VERSION)
 
     def build(self, kind: str, version: int, region: Region, state: bytes) -> AttachedWorkload:
         why = self.accepts(kind, version)

@@ -102,6 +102,16 @@ class Workload(Protocol):
         ...
 
 
+def kind_mismatch(kind: str, version: int, hosts: str, reads: int) -> str | None:
+    """Why a factory that hosts ``hosts`` workloads and reads state version ``reads`` cannot
+    rebuild a ``kind`` workload of state ``version`` (None: it can)."""
+    if kind != hosts:
+        return f"this factory hosts {hosts!r} workloads, not {kind!r}"
+    if version != reads:
+        return f"{hosts!r} state version {version} is not the version this build reads ({reads})"
+    return None
+
+
 def process_info(w: object) -> dict[str, object]:
     """What a workload that lives in another process says of that process (pid, name, role,
     memory) for the reports: its ``info()``; empty for workloads in this process."""

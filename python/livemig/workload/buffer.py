@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from livemig.errors import WorkloadError
 from livemig.memory import Region, Tracking
-from livemig.workload.base import CheckResult
+from livemig.workload.base import CheckResult, kind_mismatch
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -229,11 +229,7 @@ class BufferFactory:
         pass
 
     def accepts(self, kind: str, version: int) -> str | None:
-        if kind != KIND:
-            return f"this factory hosts {KIND!r} workloads, not {kind!r}"
-        if version != VERSION:
-            return f"{KIND!r} state version {version} is not the version this build reads ({VERSION})"
-        return None
+        return kind_mismatch(kind, version, KIND, VERSION)
 
     def build(self, kind: str, version: int, region: Region, state: bytes) -> BufferWorkload:
         why = self.accepts(kind, version)

@@ -13,7 +13,7 @@ from livemig import _core
 from livemig.errors import WorkloadError
 from livemig.guest import Guest, GuestConfig
 from livemig.memory import Region
-from livemig.workload.base import BalloonGuestStatus, CheckResult
+from livemig.workload.base import BalloonGuestStatus, CheckResult, kind_mismatch
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -166,11 +166,7 @@ class ModelGuestFactory:
         self._prepared = (region, guest, device)
 
     def accepts(self, kind: str, version: int) -> str | None:
-        if kind != KIND:
-            return f"this factory hosts {KIND!r} workloads, not {kind!r}"
-        if version != VERSION:
-            return f"{KIND!r} state version {version} is not the version this build reads ({VERSION})"
-        return None
+        return kind_mismatch(kind, version, KIND, VERSION)
 
     def build(self, kind: str, version: int, region: Region, state: bytes) -> ModelGuest:
         why = self.accepts(kind, version)
