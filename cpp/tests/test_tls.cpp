@@ -291,8 +291,9 @@ void psk_frames_both_ways() {
   c3.bound_batches(0);  // clamped to one record
   s3.bound_batches(1 << 30);  // clamped to the default
   frames_both_ways(c3, s3);
-  CHECK(c3.send_calls() >= kPages * kPage / (2 * 16384));  // about a send per one or two records
-  CHECK(c3.send_calls() > 4 * client.send_calls());
+  // At least a send per two records. No bound on the default channel's sends: partial sends and
+  // EAGAIN retries against a slow reader count too, so under load it can make as many (CI saw it).
+  CHECK(c3.send_calls() >= kPages * kPage / (2 * 16384));
 }
 
 // Postcopy's receiver: payloads land in the staging buffer, then go to placement.
