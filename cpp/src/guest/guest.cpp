@@ -195,7 +195,8 @@ Guest::Guest(std::uint8_t* region, std::size_t bytes, const GuestConfig& config,
       avail_(npages_),
       held_(npages_),
       gens_map_(Mapping::zeroed_words(npages_)),
-      gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())) {
+      gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())),
+      genned_(npages_) {
   init_layout();
   fill_initial();
 }
@@ -211,8 +212,9 @@ Guest::Guest(std::uint8_t* region, std::size_t bytes, std::span<const std::uint8
       avail_(npages_),
       held_(npages_),
       gens_map_(Mapping::zeroed_words(npages_)),
-      gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())) {
-  load_state(state, /*table_is_zero=*/true);
+      gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())),
+      genned_(npages_) {
+  load_state(state);
 }
 
 Guest::~Guest() { stop(); }
@@ -385,6 +387,7 @@ void Guest::writer_main(unsigned t) {
 
 void Guest::write_gen(std::uint64_t page) {
   const std::uint64_t g = ++gens_[page];
+  if (g == 1) genned_.set(page);
   write_page(reinterpret_cast<std::uint64_t*>(region_ + page * cfg_.page_size), words_, page, g);
   pages_written_.fetch_add(1, std::memory_order_relaxed);
 }
@@ -647,9 +650,7 @@ std::vector<std::uint8_t> Guest::export_state() const {
     o.put(s.free_cursor);
   }
   const std::span<const std::uint64_t> gens(gens_, npages_);
-  const auto written = static_cast<std::uint64_t>(std::count_if(gens.begin(), gens.end(), [](std::uint64_t g) {
-    return g != 0;
-  }));
+  const std::uint64_t written = genned_.count();
   const bool sparse = written < npages_ / 2;  // a pair is two words, a dense entry one
   o.buf.reserve(o.buf.size() + 2 * allocated_.byte_size() + 16 + (sparse ? written * 16 : npages_ * 8) + 8);
   std::vector<std::uint8_t> bm(allocated_.byte_size());
@@ -660,11 +661,10 @@ std::vector<std::uint8_t> Guest::export_state() const {
   o.put(static_cast<std::uint8_t>(sparse ? GenEncoding::Sparse : GenEncoding::Dense));
   o.put<std::uint64_t>(sparse ? written : npages_);
   if (sparse) {
-    for (std::uint64_t p = 0; p < npages_; ++p)
-      if (gens[p] != 0) {
-        o.put(p);
-        o.put(gens[p]);
-      }
+    genned_.for_each_set(0, npages_, [&](std::size_t p) {
+      o.put<std::uint64_t>(p);
+      o.put(gens[p]);
+    });
   } else {
     o.words(gens);
   }
@@ -677,10 +677,10 @@ void Guest::import_state(std::span<const std::uint8_t> state) {
     std::lock_guard lk(mu_);
     if (!threads_.empty()) throw std::invalid_argument("import_state needs a guest without threads (stop() first)");
   }
-  load_state(state, /*table_is_zero=*/false);
+  load_state(state);
 }
 
-void Guest::load_state(std::span<const std::uint8_t> state, bool table_is_zero) {
+void Guest::load_state(std::span<const std::uint8_t> state) {
   In in(state);
   const Header h = read_header(in, state);
   if (h.cfg.page_size != cfg_.page_size || h.npages != npages_)
@@ -752,13 +752,19 @@ void Guest::load_state(std::span<const std::uint8_t> state, bool table_is_zero) 
   avail_.complement();
   if (encoding == GenEncoding::Dense) {
     std::memcpy(gens_, g.data(), g.size());
+    genned_.reset();
+    for (std::uint64_t p = 0; p < npages_; ++p)
+      if (gens_[p] != 0) genned_.set(p);
   } else {
-    if (!table_is_zero) std::fill_n(gens_, npages_, std::uint64_t{0});
+    // Only the pages written so far hold a generation: clear those, not the whole table.
+    genned_.for_each_set(0, npages_, [&](std::size_t p) { gens_[p] = 0; });
+    genned_.reset();
     for (std::uint64_t i = 0; i < entries; ++i) {
       std::uint64_t page, gen;
       std::memcpy(&page, g.data() + i * 16, 8);
       std::memcpy(&gen, g.data() + i * 16 + 8, 8);
       gens_[page] = gen;
+      if (gen != 0) genned_.set(page);
     }
   }
   pages_held_.store(held_.count());

@@ -237,9 +237,8 @@ class Guest {
   void churn_one(Slice& s);
   std::uint64_t pick_allocated(Slice& s, std::uint64_t lo, std::uint64_t hi);
   void write_gen(std::uint64_t page);
-  // import_state without the thread check; `table_is_zero`: the generation table is untouched, so a
-  // sparse table only writes its entries.
-  void load_state(std::span<const std::uint8_t> state, bool table_is_zero);
+  // import_state without the thread check.
+  void load_state(std::span<const std::uint8_t> state);
   void driver_round(std::uint32_t id);
   void driver_release();
   bool quiescent() const;  // no threads, or all parked (requires mu_)
@@ -257,6 +256,9 @@ class Guest {
   // Written by the slice's writer thread; read when quiescent.
   Mapping gens_map_;
   std::uint64_t* gens_ = nullptr;
+  // Pages whose generation is not zero: export and import walk these, not the whole table, so the
+  // state's cost in the downtime follows what was written, not the region's size.
+  PageBitmap genned_;
   std::vector<Slice> slices_;
   std::uint64_t reserve_pages_ = 0;  // the driver leaves this many pages in the pool
 
