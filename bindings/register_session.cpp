@@ -110,6 +110,8 @@ void register_session(py::module_& m) {
       .def("postcopy_push", &SourceSession::postcopy_push, py::arg("max_seconds"),
            py::call_guard<py::gil_scoped_release>(),
            "Serve requests first, push the rest; returns when no dirty page is left or time is up.")
+      .def("end_extras", &SourceSession::end_extras, py::call_guard<py::gil_scoped_release>(),
+           "END on every extra page channel; later passes use main alone.")
       .def("end_urgent", &SourceSession::end_urgent, py::call_guard<py::gil_scoped_release>(),
            "END on the urgent channel once no request is being served on it.")
       .def("interrupt", &SourceSession::interrupt)

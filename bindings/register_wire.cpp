@@ -66,10 +66,12 @@ void register_enums(py::module_& m) {
       .value("COMPLETE", wire::Command::kComplete)
       .value("COMMITTED", wire::Command::kCommitted)
       .value("POSTCOPY_NEXT", wire::Command::kPostcopyNext)
+      .value("DRAIN", wire::Command::kDrain)
       .finalize();
   py::native_enum<wire::AckKind>(m, "AckKind", "enum.IntEnum", "Acknowledgement kinds on the return path.")
       .value("GUEST_RUNS", wire::AckKind::kGuestRuns)
       .value("SWITCHOVER", wire::AckKind::kSwitchover)
+      .value("DRAINED", wire::AckKind::kDrained)
       .finalize();
   py::native_enum<wire::ChannelKind>(m, "ChannelKind", "enum.IntEnum", "What a channel's socket is for (its HELLO says).")
       .value("MAIN", wire::ChannelKind::kMain)

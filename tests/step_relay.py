@@ -5,7 +5,9 @@ a frame matching the plan goes by in the planned direction, that frame and every
 that way are dropped, the end of the stream included (a lost link carries no FIN either), while
 the other direction flows on. Optionally every connection is cut a moment later, as keepalive
 would end a link that lost its acknowledgements. Later connections (the resumes) are relayed
-untouched. ``dropped`` records what was lost, so a test can check the loss really happened."""
+untouched. ``dropped`` records what was lost, so a test can check the loss really happened; ``log``
+records every frame of the first main channel as it went by, both ways, in the order the relay saw
+them (a frame one side sent in answer to another is logged after it)."""
 
 from __future__ import annotations
 
@@ -56,12 +58,14 @@ def _recv_exact(s: socket.socket, n: int) -> bytes | None:
 
 
 class StepRelay:
-    """Listens on 127.0.0.1 and relays to ``target`` ("host:port"), losing what ``loss`` says."""
+    """Listens on 127.0.0.1 and relays to ``target`` ("host:port"), losing what ``loss`` says
+    (None: nothing, the relay only logs)."""
 
-    def __init__(self, target: str, loss: Loss) -> None:
+    def __init__(self, target: str, loss: Loss | None = None) -> None:
         host, _, port = target.rpartition(":")
         self._target = (host, int(port))
-        self.loss = loss
+        self.loss = loss or Loss("to_source", FrameType.ERROR, count=-1)  # (no ERROR has count -1)
+        self.log: list[tuple[Direction, FrameType, int, int]] = []  #: (direction, type, count, arg)
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
@@ -158,6 +162,8 @@ class StepRelay:
                 if losing:
                     loss.dropped.append((FrameType(ftype), count, arg))
                     continue
+                with self._lock:
+                    self.log.append((direction, FrameType(ftype), count, arg))
                 dst.sendall(head + payload)
         except OSError:
             pass

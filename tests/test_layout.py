@@ -91,6 +91,6 @@ def test_protocol_numbers_come_from_the_core() -> None:
     assert protocol.FrameType is _core.FrameType and protocol.Command is _core.Command
     assert protocol.AckKind is _core.AckKind and protocol.ChannelKind is _core.ChannelKind
     assert protocol.BalloonState is _core.BalloonState
-    assert [int(c) for c in protocol.Command] == [1, 2, 3, 4, 5]
-    assert [int(k) for k in protocol.AckKind] == [0, 1]
+    assert [int(c) for c in protocol.Command] == [1, 2, 3, 4, 5, 6]
+    assert [int(k) for k in protocol.AckKind] == [0, 1, 2]
     assert protocol.BALLOON_FIRST_ROUND_ID == 0x80000001 and protocol.BALLOON_CMD_DONE == 1

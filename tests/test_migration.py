@@ -103,9 +103,14 @@ def test_prefaulted_pages_not_received_fault_in_postcopy(prefault: bool) -> None
     filled here once (never read as the prefault's zero page without a fault, never placed twice),
     and every page sent reads as the source's."""
     guest = GuestConfig(workload="idle", free_fraction=0.5, churn=50000.0, seed=5)
-    result, summary = run_migration(guest, MigrationConfig(postcopy=True, verify=True),
-                                    dest=DestinationConfig(timeout=20, prefault=prefault),
-                                    settle_s=10.0, await_reuse=True)
+    for _attempt in range(3):
+        # The prefault is best effort: on a loaded machine its threads may get no CPU before this
+        # small precopy ends, and then there is nothing to drop. Up to three tries for one that did.
+        result, summary = run_migration(guest, MigrationConfig(postcopy=True, verify=True),
+                                        dest=DestinationConfig(timeout=20, prefault=prefault),
+                                        settle_s=10.0, await_reuse=True)
+        if not prefault or (result.prefault.dropped_pages > 0 and result.prefault.tried):
+            break
     pf = result.prefault
     if prefault:
         assert pf.threads >= 1 and pf.tried and not pf.failed

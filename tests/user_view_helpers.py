@@ -190,6 +190,14 @@ def check_fields(run: Run) -> set[str]:
         ok(f"downtime_split.{step}", 0 <= ms <= j["downtime_ms"]
            and sum(j["downtime_split"].values()) == pytest.approx(j["downtime_ms"]), j["downtime_split"])
     _check_prefault(ok, j["prefault"], d["prefault"], pages, cfg.postcopy)
+    if "drain" in j:  # precopy-drain: sent before the pause, plus the final dirty set, is everything
+        dr = j["drain"]
+        ok("drain.sent_pages", not cfg.postcopy and not out.cuts
+           and dr["sent_pages"] + j["switchover_pages"] == j["pages_sent"] + j["zero_pages"], (dr, j["pages_sent"]))
+        ok("drain.received_pages", dr["received_pages"] == dr["sent_pages"], dr)
+        ok("drain.ms", 0 < dr["ms"] < j["total_ms"] - j["downtime_ms"], dr)
+    else:
+        ok("drain", cfg.postcopy, "a precopy run without its drain")
     want_rounds = cfg.postcopy_after if cfg.postcopy else cfg.max_rounds
     ok("precopy_rounds", j["precopy_rounds"] == len(j["rounds"]) == want_rounds, j["precopy_rounds"])
     # The relay saw every byte: the page passes plus a little control traffic (no cut lost any here).

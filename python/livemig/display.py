@@ -381,6 +381,9 @@ def summary_table(r: MigrationResult) -> Table:
     if ds.final_sync_ms or ds.resume_ms:
         t.add_row("downtime steps", f"final sync {ds.final_sync_ms:.2f} ms, last pages {ds.last_pages_ms:.2f} ms,"
                                     f" device state {ds.device_state_ms:.2f} ms, destination resume {ds.resume_ms:.2f} ms")
+    if r.drain is not None:
+        t.add_row("drain", f"{r.drain.ms:.2f} ms before the pause (the destination had applied"
+                           f" {r.drain.received_pages:,} of {r.drain.sent_pages:,} pages sent)")
     pf = r.prefault
     if pf.threads:
         t.add_row("prefault", f"{pf.threads} threads ({', '.join(f'{n}: {g:.2f} GB/s' for n, g in zip(pf.tried, pf.tried_gbps, strict=True))}),"

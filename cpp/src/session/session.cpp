@@ -323,6 +323,12 @@ bool SourceSession::serve_request(std::uint64_t first, std::uint32_t n) {
   return true;
 }
 
+void SourceSession::end_extras() {
+  std::vector<wire::FrameWriter*> ended;
+  ended.swap(extras_);  // passes from here on use main alone, even when an END below fails
+  for (auto* w : ended) w->send_end();
+}
+
 void SourceSession::end_urgent() {
   if (urgent_ == nullptr) return;
   std::lock_guard lk(urgent_mu_);

@@ -142,6 +142,8 @@ class DestinationRun:
             self.link.return_path.send_ack(AckKind.SWITCHOVER, 0)
         elif ev.command == Command.POSTCOPY_NEXT:  # postcopy follows this round: spend the precopy window
             self.link.conn.main.bound_queue("destination", self.config.postcopy_queue_bytes)
+        elif ev.command == Command.DRAIN:  # everything before it is applied (the extras ended first)
+            self.link.return_path.send_ack(AckKind.DRAINED, int(self.session.pages_received))
         elif ev.command == Command.COMMITTED:
             self.recovery.source_committed = True
 

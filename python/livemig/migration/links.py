@@ -65,10 +65,10 @@ class SourceLink:
             self.main.send_command(Command.POSTCOPY_NEXT)
 
     def end_extras(self) -> None:
-        """END on every extra page channel (they carry nothing after this)."""
-        for w in self.extras:
-            w.send_end()
-        self.extras = []
+        """END on every extra page channel (they carry nothing after this: later passes use main)."""
+        if self.extras:
+            self.extras = []
+            self.session.end_extras()
 
     def close_gracefully(self, timeout: float) -> None:
         """After a last word (ERROR) to the destination: ends every channel's sending side (a FIN
@@ -84,6 +84,15 @@ class SourceLink:
             ev = self.session.wait_event(left)
             if ev is None or (ev.kind in (EventKind.END, EventKind.FAILED) and ev.channel == 0):
                 return  # (the urgent channel's end, where requests come back, says nothing of main)
+
+    def await_end(self) -> None:
+        """After the destination's report: it ends the return path next, and closing first would
+        make its END fail. A destination that does not end it within a second is not waited for."""
+        deadline = time.monotonic() + 1.0
+        while (left := deadline - time.monotonic()) > 0:
+            ev = self.session.wait_event(left)
+            if ev is None or ev.kind in (EventKind.END, EventKind.FAILED, EventKind.PEER_ERROR):
+                return
 
     def teardown(self) -> None:
         """Pumps stopped, sockets shut down, return path joined, sockets closed (in that order, so

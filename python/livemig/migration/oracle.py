@@ -10,8 +10,9 @@ import numpy as np
 import numpy.typing as npt
 
 from livemig import _core
+from livemig.errors import ProtocolError
 from livemig.memory import Region
-from livemig.migration.results import VerifyReport, WorkloadCheck
+from livemig.migration.results import DestinationSummary, VerifyReport, WorkloadCheck
 
 
 def region_digests(region: Region) -> npt.NDArray[np.uint64]:
@@ -54,4 +55,16 @@ def without_digests(placed_twice: int, workload: WorkloadCheck | None) -> Verify
         placed_twice=placed_twice, digests=False, workload=workload)
 
 
-__all__ = ["compare", "free_pages", "region_digests", "without_digests"]
+
+def judge(summary: DestinationSummary, expected: npt.NDArray[np.uint64], got: npt.NDArray[np.uint64] | None,
+          excepted: _core.PageBitmap | None) -> None:
+    """The source's verdict on a destination's report: its digests against ``expected`` (the
+    source's, at switchover), into ``summary.verify`` and ``summary.ok``."""
+    if got is None:
+        raise ProtocolError("the destination negotiated digests but sent none with its report")
+    workload = summary.verify.workload if summary.verify is not None else None
+    summary.verify = compare(expected, got, excepted, summary.placed_twice, workload)
+    summary.ok = summary.ok and summary.verify.ok
+
+
+__all__ = ["compare", "free_pages", "judge", "region_digests", "without_digests"]

@@ -72,6 +72,8 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
         run.precopy()
         if config.postcopy:
             run.announce_postcopy()
+        else:
+            run.drain()
         step = "switchover"
         t_pause = run.switchover()
         if config.postcopy:

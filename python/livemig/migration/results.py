@@ -145,6 +145,15 @@ class DowntimeSplit:
 
 
 @dataclass(frozen=True)
+class DrainReport:
+    """Precopy's drain before the pause (capability ``precopy-drain``): COMMAND 6 to its ACK."""
+
+    ms: float = 0.0  #: from the extra channels' END to the destination's word, the workload running
+    sent_pages: int = 0  #: pages (zero runs included) the source had sent when it asked
+    received_pages: int = 0  #: pages the destination had received when it answered
+
+
+@dataclass(frozen=True)
 class PostcopyTimeline:
     """The source's view of postcopy in bins of ``bin_seconds`` from the start command (C++
     counters, core.Timeline): requests from the destination, pages taken to answer them, pages the
@@ -253,6 +262,7 @@ class MigrationResult:
     #: JSON, when that word was lost with a broken connection)
     downtime_ms: float = 0.0
     downtime_split: DowntimeSplit = field(default_factory=DowntimeSplit)  #: the downtime's steps
+    drain: DrainReport | None = None  #: precopy: the drain before the pause (None: not negotiated)
     precopy_rounds: int = 0
     bytes_sent: int = 0  #: bytes every channel carried to the destination, frame headers included
     pages_sent: int = 0  #: pages sent with data (precopy rounds, switchover, push and requests)
@@ -285,7 +295,7 @@ class MigrationResult:
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (the ``--json`` output)."""
         d = asdict(self)
-        for key in ("verify", "timeline", "interrupt"):
+        for key in ("verify", "timeline", "interrupt", "drain"):
             if d[key] is None:
                 del d[key]
         return d
@@ -437,6 +447,7 @@ __all__ = [
     "BalloonReport",
     "DestinationSummary",
     "DowntimeSplit",
+    "DrainReport",
     "HintStats",
     "InterruptReport",
     "LatencyBuckets",

@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from livemig import _core, wire
 from livemig.balloon import BalloonDriver
-from livemig.errors import LivemigError, MigrationError, ProtocolError
+from livemig.errors import LivemigError, MigrationError
 from livemig.migration import device_state, oracle
 from livemig.migration.config import MigrationConfig
 from livemig.migration.control import MigrationControl
@@ -27,6 +26,7 @@ from livemig.migration.recovery import ChannelBroken, NeverRan, SourceRecovery
 from livemig.migration.results import (
     DestinationSummary,
     DowntimeSplit,
+    DrainReport,
     MigrationResult,
     WorkloadInfo,
     decode_report,
@@ -242,24 +242,39 @@ class SourceRun:
         balloon = {"cmd_id": self.balloon.cmd_id, "last_round_id": self.balloon.last_round_id}
         return device_state.pack(self.kind_line(), balloon, self.workload.export_state())
 
-    def wait_ack(self, command: Command) -> float:
-        """Waits until the destination acknowledges ``command``: COMMAND 1 with AckKind.SWITCHOVER
-        (everything before it applied); COMMAND 2/3 with AckKind.GUEST_RUNS (its workload runs).
-        Returns when that word arrived (time.perf_counter() clock). After the start command (the
-        destination's workload may run) a silence or a break is ChannelBroken (recover, to learn
-        whether it runs), an answer that it never ran is NeverRan."""
+    def drain(self) -> None:
+        """Precopy, before the pause (``precopy-drain``): END on the extra channels, COMMAND 6 and
+        its ACK, so the destination applied every page sent and none is queued in the downtime."""
         assert self.link is not None
-        switchover = command == Command.SWITCHOVER
-        want = (AckKind.SWITCHOVER, 0) if switchover else (AckKind.GUEST_RUNS, int(command))
+        if self.config.postcopy or not self.link.conn.negotiated.precopy_drain:
+            return
+        t, sent = time.perf_counter(), self.figures.counts().pages_sent
+        self.link.end_extras()
+        self.link.main.send_command(Command.DRAIN)
+        ev = self.wait_ack(Command.DRAIN)
+        self.result.drain = DrainReport(ms=(ev.at - t) * 1e3, sent_pages=sent, received_pages=ev.ack_value)
+
+    def wait_ack(self, command: Command) -> _core.SessionEvent:
+        """Waits until the destination acknowledges ``command``: COMMAND 1 with AckKind.SWITCHOVER
+        and COMMAND 6 with AckKind.DRAINED (everything before it applied); COMMAND 2/3 with
+        AckKind.GUEST_RUNS (its workload runs). Returns that ACK (``at``: when it arrived, on the
+        time.perf_counter() clock). After the start command (the destination's workload may run) a
+        silence or a break is ChannelBroken (recover, to learn whether it runs), an answer that it
+        never ran is NeverRan."""
+        assert self.link is not None
+        kinds = {Command.SWITCHOVER: AckKind.SWITCHOVER, Command.DRAIN: AckKind.DRAINED}
+        want_kind = kinds.get(command, AckKind.GUEST_RUNS)
+        want_value = 0 if command == Command.SWITCHOVER else None if command == Command.DRAIN else int(command)
         broken = ChannelBroken if self.dest_may_run else MigrationError
         deadline = time.monotonic() + self.config.timeout
         while True:
             ev = self._event(max(0.0, deadline - time.monotonic()))
             if ev is None:
-                what = "acknowledge the switchover" if switchover else "resume the workload"
-                raise broken(f"the destination did not {what} within {self.config.timeout} s")
-            if ev.kind == EventKind.ACK and (ev.ack_kind, ev.ack_value) == want:
-                return ev.at
+                what = {Command.SWITCHOVER: "acknowledge the switchover", Command.DRAIN: "acknowledge the drain"}
+                raise broken(f"the destination did not {what.get(command, 'resume the workload')}"
+                             f" within {self.config.timeout} s")
+            if ev.kind == EventKind.ACK and ev.ack_kind == want_kind and want_value in (None, ev.ack_value):
+                return ev
             if ev.kind == EventKind.ACK and (ev.ack_kind, ev.ack_value) == (AckKind.GUEST_RUNS, ACK_NEVER_RAN):
                 self._last_words(never_ran=True)
             if ev.kind == EventKind.PEER_ERROR:
@@ -279,7 +294,7 @@ class SourceRun:
                 self.link.main.send_command(Command.COMPLETE)
             except (LivemigError, OSError) as e:
                 raise ChannelBroken(str(e)) from None
-            resumed_at = self.wait_ack(Command.COMPLETE)
+            resumed_at = self.wait_ack(Command.COMPLETE).at
         except ChannelBroken as e:
             self._resume(str(e))
             assert self.recovery is not None
@@ -444,9 +459,9 @@ class SourceRun:
                     self.link.main.send_end()  # the destination waits for this word that its report arrived
                 except (LivemigError, OSError):
                     pass
-                self._await_end()
+                self.link.await_end()
                 if expected is not None:
-                    self._judge(summary, expected, got)
+                    oracle.judge(summary, expected, got, self.excepted)
                 return summary
             if ev.kind in (EventKind.FAILED, EventKind.END) and self.dest_ran and self.recovery.enabled():
                 # The report did not come: the destination may still miss pages (postcopy) or only
@@ -458,23 +473,6 @@ class SourceRun:
                 continue
             if ev.kind in (EventKind.PEER_ERROR, EventKind.FAILED, EventKind.END):
                 raise MigrationError(f"destination: {event_summary(ev)}")
-
-    def _judge(self, summary: DestinationSummary, expected: Any, got: Any) -> None:
-        if got is None:
-            raise ProtocolError("the destination negotiated digests but sent none with its report")
-        workload = summary.verify.workload if summary.verify is not None else None
-        summary.verify = oracle.compare(expected, got, self.excepted, summary.placed_twice, workload)
-        summary.ok = summary.ok and summary.verify.ok
-
-    def _await_end(self) -> None:
-        """The destination ends the return path after its report; closing first would make its END
-        fail. A destination that does not end it within a second is not waited for."""
-        assert self.link is not None
-        deadline = time.monotonic() + 1.0
-        while (left := deadline - time.monotonic()) > 0:
-            ev = self.link.session.wait_event(left)
-            if ev is None or ev.kind in (EventKind.END, EventKind.FAILED, EventKind.PEER_ERROR):
-                return
 
     def cancel(self) -> None:
         """After a failure: the source workload gets DONE and keeps running, unless the destination

@@ -20,6 +20,7 @@ CAPABILITY_BITS: dict[str, int] = {
     "tls": 1 << 6,
     "urgent-requests": 1 << 7,
     "postcopy-next": 1 << 8,
+    "precopy-drain": 1 << 9,
 }
 """Capability names (docs/design.md) and their bits. Bits a peer sets that we do not know are
 ignored. ``digests``: the destination keeps a digest of every page it places and sends the table
@@ -30,7 +31,10 @@ sends its page requests on the urgent socket's other direction instead of main's
 background push keeps the socket busy (a resumed connection sends them on main, after its
 received bitmap). ``postcopy-next``: the source announces the last precopy round before a
 postcopy (COMMAND 5) and the destination bounds its main channel's queue then, so the window it
-advertised in precopy is spent before postcopy starts."""
+advertised in precopy is spent before postcopy starts. ``precopy-drain``: before a precopy
+switchover the source ends its extra channels and sends COMMAND 6, and pauses its workload only
+once the destination acknowledged that everything before it was applied, so no bulk data is
+queued in the sockets during the downtime."""
 ALL_CAPABILITIES: frozenset[str] = frozenset(CAPABILITY_BITS)
 #: Capabilities a side offers unless told otherwise (``digests`` is offered per migration).
 DEFAULT_CAPABILITIES: frozenset[str] = ALL_CAPABILITIES - {"digests"}
@@ -134,6 +138,11 @@ class Negotiated:
     def postcopy_next(self) -> bool:
         """The source sends COMMAND 5 as its last precopy round before a postcopy starts."""
         return "postcopy-next" in self.capabilities
+
+    @property
+    def precopy_drain(self) -> bool:
+        """Before a precopy pause the source waits for COMMAND 6's acknowledgement."""
+        return "precopy-drain" in self.capabilities
 
     @property
     def local_fill(self) -> bool:

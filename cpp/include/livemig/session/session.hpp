@@ -107,6 +107,8 @@ class SourceSession {
   /// passed; requests meanwhile on the urgent channel from a thread of their own (or, without one,
   /// first on main between background batches).
   SendStats postcopy_push(double max_seconds);
+  /// END on every extra page channel; later passes use main alone. Not concurrent with a pass.
+  void end_extras();
   /// Ends the urgent channel (END frame) once no request is being served on it; requests after this
   /// are queued and never served there. Call when the push drained and the destination runs.
   void end_urgent();

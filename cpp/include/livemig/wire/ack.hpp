@@ -12,9 +12,12 @@ enum class AckKind : std::uint32_t {
   kGuestRuns = 0,
   /// COMMAND 1 (switchover) arrived and everything sent before it was applied; value 0.
   kSwitchover = 1,
+  /// COMMAND 6 (drain) arrived and everything sent before it was applied; the value is the number
+  /// of pages received so far.
+  kDrained = 2,
 };
 /// The largest ack kind of this protocol version.
-inline constexpr std::uint32_t kMaxAckKind = 1;
+inline constexpr std::uint32_t kMaxAckKind = 2;
 /// AckKind::kGuestRuns value on a resume: the destination guest never ran (switchover broke).
 inline constexpr std::uint64_t kNeverRan = 0;
 

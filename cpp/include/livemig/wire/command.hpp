@@ -13,8 +13,10 @@ enum class Command : std::uint64_t {
   kCommitted = 4,      ///< precopy: the source saw the destination guest run and will not resume its own.
   kPostcopyNext = 5,   ///< postcopy follows the precopy round starting now: bound the main channel's queue
                        ///< (capability postcopy-next).
+  kDrain = 6,          ///< precopy, before the pause: answer AckKind::kDrained once everything before it is
+                       ///< applied (capability precopy-drain).
 };
 /// The largest command number of this protocol version.
-inline constexpr std::uint64_t kMaxCommand = 5;
+inline constexpr std::uint64_t kMaxCommand = 6;
 
 }  // namespace livemig::wire
