@@ -171,7 +171,7 @@ def test_list_names_the_scenarios_without_running_them() -> None:
     ("args", "message"),
     [
         (["--sizes", "12Q"], "'12Q' is not a size"),
-        (["--sizes", "1000T"], "needs four times that in memory"),
+        (["--sizes", "1000T"], "needs twice that in memory"),
         (["--sizes", ","], "give at least one size"),
         (["--repeat", "0"], "--repeat"),
         (["--scenario", "nothing-like-this"], "no scenario matches nothing-like-this"),

@@ -13,6 +13,8 @@ from livemig import display, wire
 from livemig.cli.base import error, main, print_json, stderr_console, usage
 from livemig.cli.params import parse_size
 
+_RESERVE = 2 << 30  #: memory a bench run needs beside two copies of its largest region
+
 
 def _parse_sizes(text: str) -> list[int]:
     try:
@@ -21,9 +23,10 @@ def _parse_sizes(text: str) -> list[int]:
         raise usage(str(e), "--sizes") from None
     if not sizes:
         raise usage("give at least one size, like 256M,1G", "--sizes")
-    # A migration holds the source, the destination and a raw baseline's two buffers at once.
-    if 4 * sizes[-1] > wire.physical_memory_bytes():
-        raise usage(f"{sizes[-1]} bytes needs four times that in memory,"
+    # A migration holds the source's and the destination's memory, a raw baseline its two buffers
+    # (one after the other, never together), plus tables, sockets and Python: 2 GiB kept for those.
+    if 2 * sizes[-1] + _RESERVE > wire.physical_memory_bytes():
+        raise usage(f"{sizes[-1]} bytes needs twice that in memory and 2 GiB more,"
                      " more than this machine has", "--sizes")
     return sizes
 
