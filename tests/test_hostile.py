@@ -411,7 +411,7 @@ def test_a_source_silent_in_postcopy_fails_the_destination_without_a_hang(listen
     pauses at its timeout, gives up when no resume comes by its resume deadline (its guest's
     blocked threads are woken, not waited for) and serves on."""
     state = Guest(np.zeros(REGION, np.uint8), GuestConfig(workload="increment")).export_state()
-    blob = device_state.pack(device_state.KindLine("model-guest", 1), {"cmd_id": 1, "last_round_id": None}, state)
+    blob = device_state.pack(device_state.KindLine(ModelGuest.kind, ModelGuest.version), {"cmd_id": 1, "last_round_id": None}, state)
     with _fake_source(listener.address, extra=0) as c:
         w = c.writer()
         w.send_device_state(blob)

@@ -64,13 +64,19 @@ class Pacer {
 // ---- state serialisation (little-endian, which is what x86-64 and arm64 Linux are) ----
 static_assert(std::endian::native == std::endian::little, "state bytes are little-endian");
 constexpr std::array<char, 8> kMagic{'L', 'M', 'G', 'U', 'E', 'S', 'T', '1'};
-constexpr std::uint32_t kStateVersion = 3;  // 2: word-wise checksum; 3: sparse generation table
+constexpr std::uint32_t kStateVersion = 4;  // 2: word-wise checksum; 3: sparse generation table; 4: page sets as runs
 
 // How the generation table travels: every word, or only the (page, generation) pairs of pages
 // written since the guest started. A guest that wrote few of its pages (the usual case: idle,
 // hotset, a random writer for a few seconds) then sends kilobytes instead of 8 bytes per page, and
 // the destination builds its table without touching the untouched rest.
 enum class GenEncoding : std::uint8_t { Dense = 0, Sparse = 1 };
+
+// How a page set (allocated, held) travels: its bitmap, or its runs of set pages as (first,
+// length) pairs when those are fewer bytes. A guest's sets are mostly long runs (all allocated, none
+// held), so the state stays kilobytes however large the region, and it is packed, sent and
+// checked inside the downtime.
+enum class SetEncoding : std::uint8_t { Bitmap = 0, Runs = 1 };
 
 
 class Out {
@@ -123,6 +129,46 @@ std::uint64_t fnv1a(std::span<const std::uint8_t> b) noexcept {
   }
   for (; i < b.size(); ++i) h = (h ^ b[i]) * 0x100000001B3ULL;
   return h;
+}
+
+void put_set(Out& o, const PageBitmap& b) {
+  const std::size_t limit = b.byte_size() / 16;  // runs cost 16 bytes each
+  std::size_t runs = 0;
+  b.for_each_run(0, b.size(), [&](std::size_t, std::size_t) { return ++runs <= limit; });
+  if (runs <= limit) {
+    o.put(static_cast<std::uint8_t>(SetEncoding::Runs));
+    o.put<std::uint64_t>(runs);
+    b.for_each_run(0, b.size(), [&](std::size_t first, std::size_t len) {
+      o.put<std::uint64_t>(first);
+      o.put<std::uint64_t>(len);
+    });
+    return;
+  }
+  o.put(static_cast<std::uint8_t>(SetEncoding::Bitmap));
+  std::vector<std::uint8_t> bm(b.byte_size());
+  b.export_bytes(bm);
+  o.bytes(bm);
+}
+
+// Reads a page set into `b` (all clear); throws std::invalid_argument when it is malformed.
+void get_set(In& in, PageBitmap& b) {
+  const auto encoding = static_cast<SetEncoding>(in.get<std::uint8_t>());
+  if (encoding == SetEncoding::Bitmap) {
+    if (!b.import_bytes(in.bytes(b.byte_size()))) throw std::invalid_argument("guest state: malformed page sets");
+    return;
+  }
+  if (encoding != SetEncoding::Runs) throw std::invalid_argument("guest state: unknown page set encoding");
+  const auto runs = in.get<std::uint64_t>();
+  if (runs > b.size() || runs * 16 > in.left()) throw std::invalid_argument("guest state: malformed page sets");
+  std::size_t next = 0;  // runs are in order, apart, non-empty and inside the region
+  for (std::uint64_t i = 0; i < runs; ++i) {
+    const auto first = in.get<std::uint64_t>();
+    const auto len = in.get<std::uint64_t>();
+    if (first < next || len == 0 || first >= b.size() || len > b.size() - first)
+      throw std::invalid_argument("guest state: malformed page sets");
+    b.set_range(first, first + len);
+    next = first + len + 1;
+  }
 }
 
 struct Header {
@@ -653,11 +699,8 @@ std::vector<std::uint8_t> Guest::export_state() const {
   const std::uint64_t written = genned_.count();
   const bool sparse = written < npages_ / 2;  // a pair is two words, a dense entry one
   o.buf.reserve(o.buf.size() + 2 * allocated_.byte_size() + 16 + (sparse ? written * 16 : npages_ * 8) + 8);
-  std::vector<std::uint8_t> bm(allocated_.byte_size());
-  allocated_.export_bytes(bm);
-  o.bytes(bm);
-  held_.export_bytes(bm);
-  o.bytes(bm);
+  put_set(o, allocated_);
+  put_set(o, held_);
   o.put(static_cast<std::uint8_t>(sparse ? GenEncoding::Sparse : GenEncoding::Dense));
   o.put<std::uint64_t>(sparse ? written : npages_);
   if (sparse) {
@@ -709,8 +752,8 @@ void Guest::load_state(std::span<const std::uint8_t> state) {
   }
   if (expect_begin != npages_) throw std::invalid_argument("guest state: writer slices do not cover the region");
   PageBitmap alloc(npages_), held(npages_);
-  if (!alloc.import_bytes(in.bytes(alloc.byte_size())) || !held.import_bytes(in.bytes(held.byte_size())))
-    throw std::invalid_argument("guest state: malformed page sets");
+  get_set(in, alloc);
+  get_set(in, held);
   PageBitmap both(npages_);
   both.or_with(alloc);
   both.and_with(held);

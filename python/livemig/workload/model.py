@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 KIND = "model-guest"
-VERSION = 1
+VERSION = 2  #: 2: the state's page sets travel as runs (guest state version 4)
 
 
 @dataclass(frozen=True)
