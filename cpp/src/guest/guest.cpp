@@ -242,7 +242,9 @@ Guest::Guest(std::uint8_t* region, std::size_t bytes, const GuestConfig& config,
       held_(npages_),
       gens_map_(Mapping::zeroed_words(npages_)),
       gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())),
-      genned_(npages_) {
+      genned_(npages_),
+      spare_alloc_(npages_),
+      spare_held_(npages_) {
   init_layout();
   fill_initial();
 }
@@ -259,7 +261,9 @@ Guest::Guest(std::uint8_t* region, std::size_t bytes, std::span<const std::uint8
       held_(npages_),
       gens_map_(Mapping::zeroed_words(npages_)),
       gens_(reinterpret_cast<std::uint64_t*>(gens_map_.data())),
-      genned_(npages_) {
+      genned_(npages_),
+      spare_alloc_(npages_),
+      spare_held_(npages_) {
   load_state(state);
 }
 
@@ -751,13 +755,15 @@ void Guest::load_state(std::span<const std::uint8_t> state) {
     expect_begin = s.end;
   }
   if (expect_begin != npages_) throw std::invalid_argument("guest state: writer slices do not cover the region");
-  PageBitmap alloc(npages_), held(npages_);
+  PageBitmap& alloc = spare_alloc_;
+  PageBitmap& held = spare_held_;
+  alloc.reset();
+  held.reset();
   get_set(in, alloc);
   get_set(in, held);
-  PageBitmap both(npages_);
-  both.or_with(alloc);
-  both.and_with(held);
-  if (both.count() != 0) throw std::invalid_argument("guest state: a page is both allocated and held");
+  for (std::size_t w = 0; w < alloc.word_count(); ++w)
+    if ((alloc.word(w).load(std::memory_order_relaxed) & held.word(w).load(std::memory_order_relaxed)) != 0)
+      throw std::invalid_argument("guest state: a page is both allocated and held");
   const auto encoding = static_cast<GenEncoding>(in.get<std::uint8_t>());
   const auto entries = in.get<std::uint64_t>();
   const std::uint64_t entry_bytes = encoding == GenEncoding::Sparse ? 16 : 8;

@@ -259,6 +259,9 @@ class Guest {
   // Pages whose generation is not zero: export and import walk these, not the whole table, so the
   // state's cost in the downtime follows what was written, not the region's size.
   PageBitmap genned_;
+  // Where an imported state's page sets are decoded and checked before anything changes: made with
+  // the guest (warm), so an import inside the downtime allocates and faults in nothing.
+  PageBitmap spare_alloc_, spare_held_;
   std::vector<Slice> slices_;
   std::uint64_t reserve_pages_ = 0;  // the driver leaves this many pages in the pool
 
