@@ -186,9 +186,14 @@ def check_fields(run: Run) -> set[str]:
     ok("total_ms", 0 < j["total_ms"] <= run.wall_ms, (j["total_ms"], run.wall_ms))
     ok("downtime_ms", 0 < j["downtime_ms"] < j["total_ms"])
     ok("downtime_limit_ms", j["downtime_limit_ms"] == cfg.downtime_limit_ms)
-    for step, ms in j["downtime_split"].items():  # the steps add up to the downtime
+    split = j["downtime_split"]
+    for step, ms in split.items():  # the steps add up to the downtime
         ok(f"downtime_split.{step}", 0 <= ms <= j["downtime_ms"]
-           and sum(j["downtime_split"].values()) == pytest.approx(j["downtime_ms"]), j["downtime_split"])
+           and sum(split.values()) == pytest.approx(j["downtime_ms"]), j["downtime_split"])
+    # The destination's own part of the resume step, on its clock: what its report says, and less
+    # than the step the source timed around it (the frames and the round trip are in that too).
+    own = j["destination_resume_ms"]
+    ok("destination_resume_ms", 0 < own < split["resume_ms"] and own == d["resume_ms"], (own, split, d["resume_ms"]))
     _check_prefault(ok, j["prefault"], d["prefault"], pages, cfg.postcopy)
     if "drain" in j:  # precopy-drain: sent before the pause, plus the final dirty set, is everything
         dr = j["drain"]

@@ -380,7 +380,8 @@ def summary_table(r: MigrationResult) -> Table:
     ds = r.downtime_split
     if ds.final_sync_ms or ds.resume_ms:
         t.add_row("downtime steps", f"final sync {ds.final_sync_ms:.2f} ms, last pages {ds.last_pages_ms:.2f} ms,"
-                                    f" device state {ds.device_state_ms:.2f} ms, destination resume {ds.resume_ms:.2f} ms")
+                                    f" device state {ds.device_state_ms:.2f} ms, destination resume {ds.resume_ms:.2f} ms"
+                                    f" ({r.destination_resume_ms:.2f} ms of it the destination's own)")
     if r.drain is not None:
         t.add_row("drain", f"{r.drain.ms:.2f} ms before the pause (the destination had applied"
                            f" {r.drain.received_pages:,} of {r.drain.sent_pages:,} pages sent)")

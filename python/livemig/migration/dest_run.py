@@ -91,6 +91,7 @@ class DestinationRun:
                                             self.missing_pages)
         factory.prepare(self.region)
         self.workload: Workload | None = None
+        self.resume_ms = 0.0  #: the start command read to the word that the workload runs sent
         self.mode: Mode = "precopy"
 
     @property
@@ -209,6 +210,7 @@ class DestinationRun:
                     self._never_ran(str(e))
                     raise
                 self._send_resumed_ack(ev.command)
+                self.resume_ms = (time.perf_counter() - ev.at) * 1e3
                 self.progress.emit("switchover", mode=self.mode)
                 port = self.workload.balloon if self.workload is not None else None
                 if port is not None:
@@ -287,7 +289,7 @@ class DestinationRun:
         pc = self._postcopy_stats() if self.postcopy else PostcopyStats()
         return DestinationSummary(ok=True, mode=self.mode, region_bytes=self.dest.nbytes, postcopy=pc,
                                   workload_kind=self.workload.kind, workload_process=process_info(self.workload),
-                                  workload=self.workload)
+                                  resume_ms=self.resume_ms, workload=self.workload)
 
     def _settled(self, summary: DestinationSummary, await_reuse: bool) -> bool:
         assert self.workload is not None

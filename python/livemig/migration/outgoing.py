@@ -106,6 +106,7 @@ def migrate(address: str, workload: Workload | int, *args: Any, **kwargs: Any) -
     r.postcopy, r.balloon, r.verify, r.error, r.ok, r.prefault = (
         summary.postcopy, summary.balloon, summary.verify, summary.error, summary.ok, summary.prefault)
     r.mode = summary.mode  # what the destination saw happen
+    r.destination_resume_ms = summary.resume_ms
     r.interrupt = _interrupt_report(run)
     r.workload.stats = workload.stats()
     monitor.end(r.ok, r.to_json(), r.error)

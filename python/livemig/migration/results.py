@@ -262,6 +262,9 @@ class MigrationResult:
     #: JSON, when that word was lost with a broken connection)
     downtime_ms: float = 0.0
     downtime_split: DowntimeSplit = field(default_factory=DowntimeSplit)  #: the downtime's steps
+    #: of downtime_split.resume_ms, the destination's own work on its clock (the start command read
+    #: to its word sent: the workload rebuilt from the device state and started)
+    destination_resume_ms: float = 0.0
     drain: DrainReport | None = None  #: precopy: the drain before the pause (None: not negotiated)
     precopy_rounds: int = 0
     bytes_sent: int = 0  #: bytes every channel carried to the destination, frame headers included
@@ -320,6 +323,7 @@ class DestinationSummary:
     tls: TlsReport = field(default_factory=TlsReport)  #: encryption on the (last) connection
     prefault: PrefaultReport = field(default_factory=PrefaultReport)
     workload_process: dict[str, Any] = field(default_factory=dict)  #: an attached process: pid, name, ...
+    resume_ms: float = 0.0  #: the start command read to the word that the workload runs sent
     workload: Workload | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -436,7 +440,7 @@ def decode_report(blob: bytes) -> tuple[DestinationSummary, npt.NDArray[np.uint6
             workload_kind=d.get("workload_kind", ""), pages_received=d.get("pages_received", 0),
             tls=TlsReport(**{k: v for k, v in d.get("tls", {}).items() if k in _TLS_FIELDS}),
             prefault=_prefault(d.get("prefault", {})),
-            workload_process=dict(d.get("workload_process", {})))
+            workload_process=dict(d.get("workload_process", {})), resume_ms=float(d.get("resume_ms", 0.0)))
     except (ValueError, KeyError, TypeError) as e:
         raise ProtocolError(f"report: bad summary: {e}") from None
     digests = np.frombuffer(blob, dtype="<u8", count=ndig, offset=end).astype(np.uint64) if ndig else None
