@@ -180,9 +180,8 @@ void register_source_class(py::module_& m) {
           "It keeps the Source alive.")
       .def("stop_tracking", &Source::stop_tracking, py::call_guard<py::gil_scoped_release>(),
            "End dirty tracking now: the memory is ordinary again (its write protection dropped).")
-      .def("sync", &Source::sync, py::arg("threads") = 1u, py::call_guard<py::gil_scoped_release>(),
-           "Fold writes since the last sync into D (clearing their H bits), the region's walk split among"
-           " `threads`; returns the pages written.")
+      .def("sync", &Source::sync, py::call_guard<py::gil_scoped_release>(),
+           "Fold writes since the last sync into D (clearing their H bits); returns the pages written.")
       .def(
           "mark_written",
           [](Source& s, py::ssize_t first, py::ssize_t n) {

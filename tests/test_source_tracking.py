@@ -16,7 +16,7 @@ import pytest
 from livemig import _core
 from livemig.errors import UnsupportedError
 from livemig.memory import Region
-from livemig.source import Source, TrackMode
+from livemig.source import Source
 
 from source_helpers import bits, device_for, make_source
 
@@ -97,33 +97,6 @@ def test_many_scattered_writes_cross_the_output_vector() -> None:
     assert bits(src.dirty) == set(written)
     assert src.counters().scan_calls - calls == 3  # 1024 + 1024 + 683
     assert src.sync() == 0
-
-
-@pytest.mark.parametrize("mode", ["kernel", "explicit"])
-def test_a_sync_split_among_threads_reports_each_write_once(mode: TrackMode) -> None:
-    """sync(threads) walks the region in parts (64 Ki pages at least each, whole bitmap words): the
-    pages on both sides of every boundary, the first and the last, and runs that cross a boundary,
-    are each reported once, and the counts match a single-threaded sync of the same writes. The
-    region is 1 GiB of which only the written pages are ever touched."""
-    pages = 1 << 18  # four parts of 64 Ki pages
-    src = make_source(pages, mode=mode)
-    _clean(src)
-    calls = src.counters().scan_calls
-    rng = np.random.default_rng(7)
-    boundaries = [k * (pages // 4) + d for k in range(1, 4) for d in (-2, -1, 0, 1)]
-    for threads in (4, 1, 2, 8, 3):
-        written = sorted({0, pages - 1, *boundaries, *rng.choice(pages, 500, replace=False).tolist()})
-        mem = src.memory
-        mem[np.array(written) * PAGE] += 1
-        if mode == "explicit":
-            for p in written:
-                src.mark_written(p)
-        assert src.sync(threads) == len(written)
-        assert bits(src.dirty) == set(written)
-        src.dirty.reset()
-    if mode == "kernel":
-        assert src.counters().scan_calls - calls >= 4 + 1 + 2 + 4 + 3  # one walk per part at least
-    assert src.sync(4) == 0
 
 
 def test_explicit_mode() -> None:

@@ -155,30 +155,28 @@ void scanner_senders_requests_writer() {
               static_cast<unsigned long long>(c.request_pages_dropped), static_cast<unsigned long long>(c.pages_put_back));
 }
 
-// Writers write [0, pages - kHinted) while a balloon thread hints the last kHinted pages (which the
-// writers never touch) and syncs run, split among `sync_threads`: hint resets of kernel tracking
-// and harvests interleave freely, and every written page is found exactly as written.
-void tracking_with_writers(std::size_t pages, unsigned sync_threads) {
-  constexpr std::size_t kHinted = 2048;
-  const std::size_t writable = pages - kHinted;
+void kernel_tracking_with_writers() {
+  constexpr std::size_t kPages = 4096;
   std::unique_ptr<Source> src;
   try {
-    src = std::make_unique<Source>(pages, TrackMode::Kernel, Backing::Anonymous, system_page_size());
+    src = std::make_unique<Source>(kPages, TrackMode::Kernel, Backing::Anonymous, system_page_size());
   } catch (const UnsupportedError& e) {
     test::skip(std::string("kernel dirty tracking unavailable: ") + e.what());
   }
   src->dirty()->reset();
-  std::vector<std::atomic<bool>> written(pages);
+  std::vector<std::atomic<bool>> written(kPages);
   std::atomic<int> running{2};
-  balloon::Recorder unused(pages);
-  balloon::Device sink(pages, unused);
+  // A guest balloon thread hints the upper half (which the writers never touch) while they write
+  // the lower half and syncs run: hint resets of kernel tracking and harvests interleave freely.
+  balloon::Recorder unused(kPages);
+  balloon::Device sink(kPages, unused);
   sink.set_target(std::shared_ptr<balloon::HintTarget>(std::shared_ptr<void>(), &src->hint_sink()));
   sink.host_request(balloon::kFirstRoundId);
   CHECK(sink.ack(balloon::kFirstRoundId));
   std::thread hinter([&] {
     std::mt19937 rng(5);
     while (running.load(std::memory_order_acquire) != 0) {
-      const std::size_t first = writable + rng() % (kHinted - 64);
+      const std::size_t first = kPages / 2 + rng() % (kPages / 2 - 64);
       CHECK(sink.hint(balloon::kFirstRoundId, first, 1 + rng() % 64));
     }
   });
@@ -187,30 +185,24 @@ void tracking_with_writers(std::size_t pages, unsigned sync_threads) {
     writers.emplace_back([&, t] {
       std::mt19937 rng(static_cast<unsigned>(t) + 3);
       for (int i = 0; i < 3000; ++i) {
-        const std::size_t p = rng() % writable;
+        const std::size_t p = rng() % (kPages / 2);
         written[p].store(true, std::memory_order_relaxed);
         reinterpret_cast<std::atomic<std::uint8_t>*>(src->data() + p * system_page_size())->fetch_add(1, std::memory_order_relaxed);
       }
       running.fetch_sub(1, std::memory_order_release);
     });
   }
-  while (running.load(std::memory_order_acquire) != 0) src->sync(sync_threads);
+  while (running.load(std::memory_order_acquire) != 0) src->sync();
   for (auto& t : writers) t.join();
   hinter.join();
   sink.host_stop();
-  src->sync(sync_threads);
+  src->sync();
   CHECK(sink.counters().hints_accepted > 0 && sink.counters().hints_failed == 0);
-  CHECK(src->dirty()->none(writable, pages));
-  for (std::size_t p = 0; p < pages; ++p) CHECK(src->dirty()->test(p) == written[p].load());
-  CHECK(src->sync(sync_threads) == 0);
-  std::printf("kernel tracking, syncs on %u thread(s): %zu pages written, all seen\n", sync_threads,
-              src->dirty()->count());
+  CHECK(src->dirty()->none(kPages / 2, kPages));
+  for (std::size_t p = 0; p < kPages; ++p) CHECK(src->dirty()->test(p) == written[p].load());
+  CHECK(src->sync() == 0);
+  std::printf("kernel tracking: %zu pages written, all seen\n", src->dirty()->count());
 }
-
-void kernel_tracking_with_writers() { tracking_with_writers(4096, 1); }
-
-// Four parts of 64 Ki pages (1 GiB of address space; only the written pages are ever touched).
-void split_sync_with_writers() { tracking_with_writers(std::size_t{1} << 18, 4); }
 
 }  // namespace
 
@@ -218,6 +210,5 @@ int main(int argc, char** argv) {
   return test::run(argc, argv,
                    {{"balloon_rounds", balloon_rounds},
                     {"scanner_senders_requests_writer", scanner_senders_requests_writer},
-                    {"kernel_tracking_with_writers", kernel_tracking_with_writers},
-                    {"split_sync_with_writers", split_sync_with_writers}});
+                    {"kernel_tracking_with_writers", kernel_tracking_with_writers}});
 }

@@ -125,11 +125,10 @@ class Source:
         """Where a workload's balloon device sends the hints it accepts (they land in D and H)."""
         return self._core.hint_target
 
-    def sync(self, threads: int = 1) -> int:
+    def sync(self) -> int:
         """Fold every write since the last sync into D (clearing H of written pages); returns the
-        number of pages written. ``threads`` > 1 splits the walk of the region (regions of at
-        least 64 Ki pages a thread): for a sync with the workload paused."""
-        return self._core.sync(threads)
+        number of pages written."""
+        return self._core.sync()
 
     def mark_written(self, first_page: int, npages: int = 1) -> None:
         """Explicit mode: record a write to ``npages`` pages from ``first_page``."""

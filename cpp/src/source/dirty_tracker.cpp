@@ -13,7 +13,7 @@
 namespace livemig {
 namespace {
 
-constexpr std::size_t kVecLen = DirtyTracker::kScanVecLen;  // regions per PAGEMAP_SCAN call (24 KiB)
+constexpr std::size_t kVecLen = 1024;  // regions per PAGEMAP_SCAN call (24 KiB)
 
 }  // namespace
 

@@ -2,13 +2,8 @@
 
 #include <sys/mman.h>
 
-#include <algorithm>
-#include <exception>
-#include <span>
 #include <stdexcept>
 #include <string>
-#include <thread>
-#include <vector>
 
 #include "livemig/base/errors.hpp"
 #include "livemig/base/holes.hpp"
@@ -90,7 +85,8 @@ std::uint64_t Source::extent(std::uint64_t first, std::uint64_t n, bool& hole) c
   return k;
 }
 
-std::size_t Source::fold_written(std::size_t first, std::size_t end, std::span<page_region> vec) {
+std::size_t Source::sync() {
+  std::lock_guard lock(sync_mu_);
   PageBitmap& d = *dirty_;
   PageBitmap& h = *hinted_;
   using Word = PageBitmap::Word;
@@ -107,57 +103,23 @@ std::size_t Source::fold_written(std::size_t first, std::size_t end, std::span<p
       h.word(acc_word).fetch_and(~acc, std::memory_order_acq_rel);
     acc = 0;
   };
-  const std::size_t n = tracker_.harvest_range(first, end, vec, [&](std::size_t run, std::size_t len) {
-    const std::size_t run_end = run + len;
-    const std::size_t w = run / kBits;
-    if ((run_end - 1) / kBits == w) {  // within one word
+  const std::size_t n = tracker_.harvest([&](std::size_t first, std::size_t len) {
+    const std::size_t end = first + len;
+    const std::size_t w = first / kBits;
+    if ((end - 1) / kBits == w) {  // within one word
       if (w != acc_word) {
         flush();
         acc_word = w;
       }
-      acc |= range_mask_for_word(w, run, run_end);
+      acc |= range_mask_for_word(w, first, end);
       return;
     }
     flush();
     acc_word = PageBitmap::npos;
-    d.set_range(run, run_end);
-    if (!h.none(run, run_end)) h.clear_range(run, run_end);
+    d.set_range(first, end);
+    if (!h.none(first, end)) h.clear_range(first, end);
   });
   flush();
-  return n;
-}
-
-std::size_t Source::sync(unsigned threads) {
-  std::lock_guard lock(sync_mu_);
-  const std::size_t pages = tracker_.pages();
-  // Parts of whole bitmap words (no word is shared between threads), at least 64 Ki pages each:
-  // below that a thread costs more than the walk it takes over.
-  constexpr std::size_t kMinPart = std::size_t{1} << 16;
-  const std::size_t parts = std::clamp<std::size_t>(std::min<std::size_t>(threads, pages / kMinPart), 1, 16);
-  std::size_t n = 0;
-  if (parts == 1) {
-    n = fold_written(0, pages, scan_vec_);
-  } else {
-    const std::size_t step = (pages / parts + 63) / 64 * 64;
-    std::vector<std::size_t> found(parts, 0);
-    std::vector<std::exception_ptr> errors(parts);
-    std::vector<std::vector<page_region>> vecs(parts - 1, std::vector<page_region>(DirtyTracker::kScanVecLen));
-    auto part = [&](std::size_t i, std::span<page_region> vec) {
-      try {
-        found[i] = fold_written(std::min(pages, i * step), i + 1 == parts ? pages : std::min(pages, (i + 1) * step), vec);
-      } catch (...) {
-        errors[i] = std::current_exception();
-      }
-    };
-    std::vector<std::thread> helpers;
-    helpers.reserve(parts - 1);
-    for (std::size_t i = 1; i < parts; ++i) helpers.emplace_back(part, i, std::span<page_region>(vecs[i - 1]));
-    part(0, scan_vec_);
-    for (auto& t : helpers) t.join();
-    for (auto& e : errors)
-      if (e) std::rethrow_exception(e);
-    for (std::size_t f : found) n += f;
-  }
   syncs_.fetch_add(1, std::memory_order_relaxed);
   pages_written_.fetch_add(n, std::memory_order_relaxed);
   return n;

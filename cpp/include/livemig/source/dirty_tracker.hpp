@@ -20,10 +20,7 @@
 
 #include <atomic>
 #include <cstddef>
-#include <algorithm>
 #include <cstdint>
-#include <span>
-#include <utility>
 #include <vector>
 
 #include "livemig/base/errors.hpp"
@@ -72,13 +69,6 @@ class DirtyTracker {
   /// serialise; concurrent reset() calls are fine). Returns the pages reported. Throws KernelError.
   template <class Fn>
   std::size_t harvest(Fn&& fn);
-  /// harvest() of pages [first, end) only, into the caller's `vec` (non-empty): harvests of
-  /// disjoint ranges may run at once, each on its own thread and vector. Explicit mode: `first`
-  /// and `end` on 64-page boundaries (or `end` the last page).
-  template <class Fn>
-  std::size_t harvest_range(std::size_t first, std::size_t end, std::span<page_region> vec, Fn&& fn);
-  /// Output entries a harvest_range vector should have (what harvest() itself uses).
-  static constexpr std::size_t kScanVecLen = 1024;
 
   /// Forgets writes to [first, first + n) (re-protects them) without reporting them. Thread safe,
   /// noexcept: returns false (changing nothing it can vouch for) if the kernel call failed.
@@ -117,16 +107,11 @@ class DirtyTracker {
 
 template <class Fn>
 std::size_t DirtyTracker::harvest(Fn&& fn) {
-  return harvest_range(0, npages_, vec_, std::forward<Fn>(fn));
-}
-
-template <class Fn>
-std::size_t DirtyTracker::harvest_range(std::size_t first_page, std::size_t end_page, std::span<page_region> vec,
-                                        Fn&& fn) {
   std::size_t reported = 0;
   if (mode_ == TrackMode::Explicit) {
-    const std::size_t words = std::min(written_.word_count(), PageBitmap::words_spanned(first_page, end_page));
-    for (std::size_t w = first_page / 64; w < first_page / 64 + words; ++w) {
+    std::size_t w = 0;
+    const std::size_t words = written_.word_count();
+    for (; w < words; ++w) {
       auto& word = written_.word(w);
       // Skip empty words without a locked RMW; a mark racing in after the load waits for the next
       // harvest, as if it came after this one. exchange is acq_rel: the marker's earlier writes to
@@ -144,25 +129,25 @@ std::size_t DirtyTracker::harvest_range(std::size_t first_page, std::size_t end_
     }
     return reported;
   }
-  if (stopped() || first_page >= end_page) return 0;
+  if (stopped()) return 0;
   const std::uint64_t start = addr_;
-  const std::uint64_t end = start + (std::uint64_t{end_page} << page_shift_);
-  std::uint64_t pos = start + (std::uint64_t{first_page} << page_shift_);
+  const std::uint64_t end = start + npages_ * ps_;
+  std::uint64_t pos = start;
   while (pos < end) {
     std::uint64_t walk_end = 0;
-    const long n = scan(pos, end, vec.data(), vec.size(), &walk_end);
+    const long n = scan(pos, end, vec_.data(), vec_.size(), &walk_end);
     ++scan_calls_;
     if (n < 0) throw_errno("pagemap_scan", "harvest of written pages", pos, (pos - start));
     // Shifts, not divisions: a 64-bit divide per region is measurable at tens of thousands of regions.
     for (long i = 0; i < n; ++i) {
-      const page_region& r = vec[static_cast<std::size_t>(i)];
+      const page_region& r = vec_[static_cast<std::size_t>(i)];
       const std::size_t first = (r.start - start) >> page_shift_, len = (r.end - r.start) >> page_shift_;
       fn(first, len);
       reported += len;
     }
     // A call that did not fill the vector walked to the end; its walk_end can be stale then
     // (see MACHINE-FIGURES), so it is trusted only when the vector was full.
-    if (static_cast<std::size_t>(n) < vec.size()) break;
+    if (static_cast<std::size_t>(n) < vec_.size()) break;
     if (walk_end <= pos) break;  // no progress: cannot happen with a full vector, but never loop
     pos = walk_end;
   }

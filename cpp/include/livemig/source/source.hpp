@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
-#include <span>
 #include <utility>
 #include <vector>
 
@@ -82,10 +81,8 @@ class Source {
   /// Precondition: the range is inside the region (the bindings check).
   void mark_written(std::size_t first, std::size_t n) noexcept { tracker_.mark_written(first, n); }
   /// Folds every write since the last sync into D (and clears those pages' H bits); returns the
-  /// pages found written. `threads` > 1 splits the region's walk among that many threads (for the
-  /// final sync, the workload paused: the walk is the downtime's). Serialised internally. Throws
-  /// KernelError (D keeps what it had, plus whatever a thread that succeeded folded in).
-  std::size_t sync(unsigned threads = 1);
+  /// pages found written. Serialised internally. Throws KernelError (D keeps what it had).
+  std::size_t sync();
   /// With the guest stopped and a final sync done: the discard and local-fill sets (rule 3, 4).
   SwitchoverSets switchover_sets() const;
   /// Ahead of switchover, guest running, after a sync: the pages sent and dirty again (D and S), as
@@ -128,8 +125,6 @@ class Source {
     std::uint8_t* base = nullptr;
   };
   static Region make_region(std::size_t npages, Backing backing, std::size_t page_size);
-  // One part of sync(): harvests pages [first, end) into D (clearing their H bits) with `vec`.
-  std::size_t fold_written(std::size_t first, std::size_t end, std::span<page_region> vec);
   Source(Region region, std::size_t npages, TrackMode mode, std::size_t page_size);
   Source(Region region, std::size_t npages, const RemoteMemory& remote, std::size_t page_size);
 
@@ -143,7 +138,6 @@ class Source {
   HintSink hints_;
   PageScanner scanner_;
   std::mutex sync_mu_;
-  std::vector<page_region> scan_vec_ = std::vector<page_region>(DirtyTracker::kScanVecLen);  // sync's own (under sync_mu_)
   std::atomic<std::uint64_t> syncs_{0}, pages_written_{0};
   std::shared_ptr<Timeline> timeline_;  // the scanner points at it (no take runs once the Source goes)
   // Another process's memfd (reopened: an offset of livemig's own) and the region's offset in
