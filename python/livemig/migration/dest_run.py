@@ -91,7 +91,7 @@ class DestinationRun:
                                             self.missing_pages)
         factory.prepare(self.region)
         self.workload: Workload | None = None
-        self.resume_ms = 0.0  #: the start command read to the word that the workload runs sent
+        self.resume_ms = 0.0  #: the start command read to the workload running (its word about to go)
         self.mode: Mode = "precopy"
 
     @property
@@ -209,8 +209,9 @@ class DestinationRun:
                 except (LivemigError, OSError) as e:
                     self._never_ran(str(e))
                     raise
-                self._send_resumed_ack(ev.command)
+                # (timed before the ack goes: after it, this thread may wait for the GIL)
                 self.resume_ms = (time.perf_counter() - ev.at) * 1e3
+                self._send_resumed_ack(ev.command)
                 self.progress.emit("switchover", mode=self.mode)
                 port = self.workload.balloon if self.workload is not None else None
                 if port is not None:

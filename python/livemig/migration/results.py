@@ -323,7 +323,7 @@ class DestinationSummary:
     tls: TlsReport = field(default_factory=TlsReport)  #: encryption on the (last) connection
     prefault: PrefaultReport = field(default_factory=PrefaultReport)
     workload_process: dict[str, Any] = field(default_factory=dict)  #: an attached process: pid, name, ...
-    resume_ms: float = 0.0  #: the start command read to the word that the workload runs sent
+    resume_ms: float = 0.0  #: the start command read to the workload running (its word about to go)
     workload: Workload | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
