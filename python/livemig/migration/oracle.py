@@ -21,12 +21,15 @@ def region_digests(region: Region) -> npt.NDArray[np.uint64]:
     return region.page_digests()
 
 
-def free_pages(hinted: _core.PageBitmap, dirty: _core.PageBitmap) -> _core.PageBitmap:
+def free_pages(hinted: _core.PageBitmap, dirty: _core.PageBitmap,
+               into: _core.PageBitmap | None = None) -> _core.PageBitmap:
     """What the comparison skips, taken at the final sync: the pages the workload declared free
     (hinted, H) and did not write since (not dirty, D). Their content is the workload's to forget:
     a hint drops the write tracking of the page (rule 5), so the destination may hold any older
-    version of it, or its fill value. Word operations in C++."""
-    bm = _core.PageBitmap(hinted.size)
+    version of it, or its fill value. Word operations in C++, into ``into`` when given (a bitmap
+    made before the pause: a fresh one is memory touched for the first time inside the downtime)."""
+    bm = into if into is not None else _core.PageBitmap(hinted.size)
+    bm.reset()
     bm.or_(hinted)
     bm.and_not(dirty)
     return bm

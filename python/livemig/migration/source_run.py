@@ -73,6 +73,7 @@ class SourceRun:
         self.dest_ran = False  #: the destination said its workload runs (ACK 0/2 or 0/3)
         self.paused = False  #: recovering: the connection is down
         self.excepted: _core.PageBitmap | None = None  #: free pages at the final sync (the oracle skips them)
+        self._excepted_into = _core.PageBitmap(self.engine.pages) if config.verify else None  # (made ahead)
         self._t_pause = 0.0
         self._steps: list[float] = []  #: the downtime's step ends (perf_counter): sync, last pages, device state
         self._hints_before: _core.BalloonCounters | None = None
@@ -229,7 +230,7 @@ class SourceRun:
         self._steps = [time.perf_counter()]
         self.result.switchover_pages = self.engine.dirty.count()
         if self.config.verify:
-            self.excepted = oracle.free_pages(self.engine.hinted, self.engine.dirty)
+            self.excepted = oracle.free_pages(self.engine.hinted, self.engine.dirty, self._excepted_into)
         if not self.config.postcopy:
             while not self._pass().drained:
                 pass
