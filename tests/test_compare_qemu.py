@@ -56,7 +56,7 @@ def test_the_report_judges_each_goal_as_a_ratio_to_qemu() -> None:
 
 
 def test_without_qemu_it_says_so_and_exits_0(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(qemu.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
     assert qemu.main(["--size", "64M", "--runs", "1"]) == 0
     assert "skipped: qemu-system-x86_64 is not installed" in capsys.readouterr().out
 
