@@ -275,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="precopy: idle, writer or both (default idle,writer; every size runs each)")
     p.add_argument("--downtime-limit", type=float, default=300.0,
                    help="precopy: the downtime limit in ms given to both (default 300, both engines' default)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="precopy: no uncounted migration of each engine at the largest size first")
     p.add_argument("--keep", help="keep QEMU's trace logs (precopy: the guest images) in this directory")
     a = p.parse_args(argv)
     if a.mode == "precopy":

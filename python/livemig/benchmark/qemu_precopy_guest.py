@@ -205,8 +205,8 @@ def ram_layout(mem_bytes: int) -> tuple[int, int, int]:
 
 def pace_for(rate: float) -> tuple[int, int]:
     """(PIT divisor, pages per tick) for about ``rate`` pages/s, at most MAX_TICK_HZ ticks/s."""
-    if not 0 < rate <= 64 * MAX_TICK_HZ:
-        raise ValueError(f"the writer's rate must be in (0, {64 * MAX_TICK_HZ}] pages/s, got {rate:g}")
+    if not PIT_HZ / 0xFFFF <= rate <= 64 * MAX_TICK_HZ:  # the PIT's slowest tick, 64 pages a tick
+        raise ValueError(f"the writer's rate must be in [19, {64 * MAX_TICK_HZ}] pages/s, got {rate:g}")
     ppt = max(1, math.ceil(rate / MAX_TICK_HZ))
     return max(1, min(0xFFFF, round(PIT_HZ * ppt / rate))), ppt
 
