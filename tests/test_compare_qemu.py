@@ -119,8 +119,8 @@ def test_the_precopy_guest_is_one_boot_sector_with_its_pace_and_layout(tmp_path:
 
 def _case(mem: int, qemu_ms: list[float], livemig_ms: list[float]) -> qemu_precopy.Case:
     c = qemu_precopy.Case(mem, writer=False)
-    c.qemu = [qemu_precopy.PrecopyRun(total_ms=t, downtime_ms=200) for t in qemu_ms]
-    c.livemig = [qemu_precopy.PrecopyRun(total_ms=t, downtime_ms=5) for t in livemig_ms]
+    c.qemu = [qemu_precopy.PrecopyRun(total_ms=t, downtime_ms=200, resumed_ms=t) for t in qemu_ms]
+    c.livemig = [qemu_precopy.PrecopyRun(total_ms=t, downtime_ms=5, resumed_ms=0.8 * t) for t in livemig_ms]
     return c
 
 
@@ -132,7 +132,8 @@ def test_the_precopy_report_judges_the_median_totals_against_each_sizes_goal() -
     text = "\n".join(lines)
     assert "<= 0.2: met" in text and "NOT" not in text and "no goal at this size" in text
     row = next(ln for ln in lines if ln.startswith("1G idle") and "met" in ln).split()
-    assert row[2:8] == ["0.125", "0.025", "480", "800", "/", "300"]  # ratios, 0.2 x 2400 ms, raw medians
+    # total, resumed (livemig's own), downtime ratios; 0.2 x 2400 ms; the raw copies' medians
+    assert row[2:9] == ["0.125", "0.100", "0.025", "480", "800", "/", "300"]
     lines.clear()
     four = _case(4 << 30, [10000, 10000, 10000], [2600, 2400, 3000])  # 2600 / 10000 > 0.25
     assert not qemu_precopy.report_precopy([one, four], lines.append)
@@ -154,3 +155,15 @@ def test_bad_precopy_arguments_exit_2(args: list[str], capsys: pytest.CaptureFix
         qemu.main(["--mode", "precopy", *args])
     assert e.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_livemig_report_gives_its_rounds_rate_and_when_the_destination_resumed() -> None:
+    r = qemu_precopy.livemig_run({
+        "total_ms": 650.0, "downtime_ms": 2.5, "precopy_rounds": 2, "bytes_sent": 1 << 30,
+        "rounds": [{"started_s": 0.025, "seconds": 0.4, "dirty_rate_pps": 2001.0},
+                   {"started_s": 0.425, "seconds": 0.01, "dirty_rate_pps": 1990.0}]})
+    assert r.total_ms == 650.0 and r.downtime_ms == 2.5 and r.rate == 1995.5
+    assert r.resumed_ms == pytest.approx(437.5)  # the last round's end, then the downtime
+    assert r.extra["rounds"] == 2
+    idle = qemu_precopy.livemig_run({"total_ms": 10.0, "downtime_ms": 1.0, "rounds": []})
+    assert idle.rate == 0.0 and idle.resumed_ms == 0.0
