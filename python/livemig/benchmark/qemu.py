@@ -10,7 +10,8 @@ postcopy once its first pass over RAM is done (``dirty-sync-count`` 2); livemig 
 (``postcopy_ram_fault_thread_request`` and the next ``postcopy_place_page`` of that page, both
 logged before the action with microsecond timestamps); its blocktime from ``query-migrate`` with
 the ``postcopy-blocktime`` capability. Nothing is installed: without ``qemu-system-x86_64``,
-``as`` or ``ld`` the comparison says so and stops."""
+``as`` or ``ld`` the comparison says so and stops. ``--mode precopy`` compares precopy instead
+(:mod:`livemig.benchmark.qemu_precopy`)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,6 @@ import argparse
 import json
 import os
 import re
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-QEMU = "qemu-system-x86_64"
-GUEST_START = 1 << 20  #: the first page the guest writes (below: BIOS data, its own code)
+from livemig.benchmark.qemu_precopy import precopy_main
+from livemig.benchmark.qemu_vm import GUEST_START, QEMU, Qmp, free_port, missing_tools
 
 #: The guest: real mode to flat 32-bit protected mode, then ``incb`` on each page's first byte,
 #: in address order, from GUEST_START to MEM_END (given to ``as`` with --defsym), over and over.
@@ -79,14 +78,6 @@ _TRACE = re.compile(r"^\d+@(\d+)\.(\d+):(postcopy_ram_fault_thread_request|postc
                     r"(?:Request for HVA=0x([0-9a-f]+)|host=(?:0x)?([0-9a-f]+))")
 
 
-def missing_tools() -> str | None:
-    """Why the comparison cannot run here (a tool it needs is not installed), or None."""
-    for tool in (QEMU, "as", "ld"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (QEMU: Debian's qemu-system-x86; as/ld: binutils)"
-    return None
-
-
 def build_guest(directory: Path, mem_bytes: int) -> Path:
     """Assembles the guest for ``mem_bytes`` of RAM into a bootable disk image; returns its path."""
     src, obj, img = directory / "guest.S", directory / "guest.o", directory / "guest.img"
@@ -122,46 +113,6 @@ def request_to_placed_us(trace: str) -> list[float]:
     return out
 
 
-class Qmp:
-    """A QMP connection (JSON lines on a Unix socket): commands and their answers."""
-
-    def __init__(self, path: Path, timeout: float = 30.0) -> None:
-        end = time.monotonic() + timeout
-        self.sock = socket.socket(socket.AF_UNIX)
-        while True:
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.02)  # polled: QEMU makes the socket when it is ready
-        self.sock.settimeout(timeout)
-        self.file = self.sock.makefile("rw")
-        json.loads(self.file.readline())  # the greeting
-        self("qmp_capabilities")
-
-    def __call__(self, command: str, **args: Any) -> Any:
-        """Runs ``command``; its "return" value (RuntimeError on an error answer)."""
-        self.file.write(json.dumps({"execute": command, "arguments": args}) + "\n")
-        self.file.flush()
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise RuntimeError(f"QEMU closed its monitor during {command}")
-            r = json.loads(line)
-            if "error" in r:
-                raise RuntimeError(f"QMP {command}: {r['error'].get('desc', r['error'])}")
-            if "return" in r:
-                return r["return"]
-
-    def hmp(self, line: str) -> str:
-        return str(self("human-monitor-command", **{"command-line": line}))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @dataclass
 class Run:
     """One migration's figures (times in ms, latencies in us)."""
@@ -184,12 +135,6 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return s[max(0, min(len(s) - 1, int(q * len(s) + 0.999999) - 1))]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_qemu(workdir: Path, image: Path, mem_bytes: int, accel: str, timeout: float = 600.0) -> Run:
     """One QEMU loopback migration of the guest: precopy, postcopy once the first pass over RAM
     is done, to completion."""
@@ -199,7 +144,7 @@ def run_qemu(workdir: Path, image: Path, mem_bytes: int, accel: str, timeout: fl
     events.write_text("postcopy_ram_fault_thread_request\npostcopy_place_page\npostcopy_place_page_zero\n")
     common = [QEMU, "-accel", accel, "-m", f"{mem_bytes >> 20}M", "-smp", "1", "-nodefaults", "-display", "none",
               "-drive", f"file={image},format=raw,if=ide,file.locking=off"]
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(common + ["-qmp", f"unix:{workdir / 'dst.sock'},server=on,wait=off", "-incoming", "defer",
                                    "-trace", f"events={events},file={workdir / 'trace.log'}", "-msg", "timestamp=on"],
@@ -315,14 +260,28 @@ def report(qemu: list[Run], livemig: list[Run], say: Callable[[str], None] = pri
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="compare_qemu", description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="256M", help="guest memory, MiB with an M suffix (default 256M)")
+    p.add_argument("--mode", default="postcopy", choices=["postcopy", "precopy"],
+                   help="postcopy (default): the fault path; precopy: idle and light-writer guests (issue 21)")
+    p.add_argument("--size", default=None,
+                   help="guest memory, MiB with an M suffix (default 256M); precopy: a list of M or G sizes"
+                   " (default 1G,4G)")
     p.add_argument("--runs", type=int, default=3, help="migrations of each, alternated (default 3)")
     p.add_argument("--accel", default="tcg", choices=["tcg", "kvm"],
                    help="QEMU accelerator (default tcg: a nested /dev/kvm may be too slow to boot)")
     p.add_argument("--rate", type=float, default=0.0,
-                   help="livemig's dirty rate in pages/s (default: what the QEMU guest did in the same round)")
-    p.add_argument("--keep", help="keep QEMU's trace logs in this directory")
+                   help="livemig's dirty rate in pages/s (default: what the QEMU guest did in the same round);"
+                   " precopy: the writer's rate on both sides (default 2000)")
+    p.add_argument("--guest", default="idle,writer",
+                   help="precopy: idle, writer or both (default idle,writer; every size runs each)")
+    p.add_argument("--downtime-limit", type=float, default=300.0,
+                   help="precopy: the downtime limit in ms given to both (default 300, both engines' default)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="precopy: no uncounted migration of each engine at the largest size first")
+    p.add_argument("--keep", help="keep QEMU's trace logs (precopy: the guest images) in this directory")
     a = p.parse_args(argv)
+    if a.mode == "precopy":
+        return precopy_main(p, a)
+    a.size = a.size or "256M"
     if not re.fullmatch(r"[1-9][0-9]*M", a.size) or a.runs < 1:
         p.error("--size takes MiB like 256M, --runs at least 1")
     mem = int(a.size[:-1]) << 20
