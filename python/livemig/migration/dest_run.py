@@ -307,7 +307,8 @@ class DestinationRun:
                           await_reuse: bool) -> DestinationSummary:
         """Lets the workload run on for up to ``settle_s``: until its balloon driver saw the device's
         last command and released what it held (and, with ``await_reuse``, until it wrote every page
-        it had hinted); then pauses it and, with ``verify``, has it check itself."""
+        it had hinted); then pauses it and, with ``verify``, has it check itself when the source
+        verifies."""
         w = self.workload
         assert w is not None
         deadline = time.monotonic() + settle_s
@@ -324,7 +325,11 @@ class DestinationRun:
         summary.placed_twice = int(self.dest.counters().placed_twice)
         summary.pages_received = int(self.session.pages_received)
         summary.prefault = self._prefault_report()
-        if verify:
+        # The workload checks itself when the source verifies (it offers `digests` only then), or
+        # cannot say so (this side withheld `digests`): otherwise nobody waits for that answer, and
+        # the source's migration would end only after it.
+        caps = self.link.conn.negotiated
+        if verify and (caps.digests or "digests" in self.config.disable_capabilities):
             self.progress.phase("verify")
             c = w.check()
             check = None if c is None else WorkloadCheck(c.ok, c.pages_checked, c.mismatches, c.detail)
