@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "livemig/base/errors.hpp"
+#include "livemig/wire/channel.hpp"
 
 namespace livemig {
 
@@ -412,16 +413,19 @@ class DestSession::WireRequestSink final : public RequestSink {
     try {
       SessionEvent e;
       e.kind = SessionEvent::Kind::Failed;
+      e.a = channel_;
       e.text = "return path: " + sender_->error();
       events_.push(std::move(e));
     } catch (...) {  // out of memory: the failure stays visible through the channel readers
     }
   }
-  /// Routes requests to `w` (nullptr: drop them). Waits for a request being sent.
-  void bind(wire::FrameWriter* w) {
+  /// Routes requests to `w` (nullptr: drop them), the socket of channel `channel` (its failure
+  /// event names it). Waits for a request being sent.
+  void bind(wire::FrameWriter* w, std::uint64_t channel) {
     std::unique_ptr<wire::RequestSender> next = w != nullptr ? std::make_unique<wire::RequestSender>(*w) : nullptr;
     std::lock_guard lk(mu_);
     sender_ = std::move(next);
+    channel_ = channel;
     reported_ = false;
   }
   void unbind() noexcept {
@@ -433,6 +437,7 @@ class DestSession::WireRequestSink final : public RequestSink {
   EventQueue& events_;
   std::mutex mu_;
   std::unique_ptr<wire::RequestSender> sender_;  // guarded by mu_
+  std::uint64_t channel_ = wire::kMainChannel;   // guarded by mu_
   bool reported_ = false;                        // guarded by mu_
 };
 
@@ -564,7 +569,10 @@ void DestSession::send_requests_on(wire::FrameWriter* w) {
 
 void DestSession::start() {
   if (!threads_.empty()) throw std::logic_error("the session already started");
-  sink_->bind(request_path_ != nullptr ? request_path_ : return_path_);
+  if (request_path_ != nullptr)
+    sink_->bind(request_path_, wire::kUrgentChannel);
+  else
+    sink_->bind(return_path_, wire::kMainChannel);
   region_->set_request_sink(sink_);
   start_readers();
 }
@@ -589,7 +597,7 @@ void DestSession::reattach(int main_fd, std::vector<int> extra_fds, int urgent_f
   }
   // The bitmap first: the source resyncs on it before it reads any request that follows.
   return_path.send_received_bitmap(*region_->received());
-  sink_->bind(&return_path);
+  sink_->bind(&return_path, wire::kMainChannel);
   // Faults taken while paused were marked requested but not sent: ask again (a request the source
   // also got before the break is served once; placement drops a duplicate, rule 1).
   const PageBitmap& requested = *region_->requested();

@@ -36,7 +36,14 @@ from livemig.migration.results import (
     WorkloadCheck,
     encode_report,
 )
-from livemig.protocol import ACK_NEVER_RAN, BALLOON_CMD_DONE, AckKind, Command, EventKind
+from livemig.protocol import (
+    ACK_NEVER_RAN,
+    BALLOON_CMD_DONE,
+    URGENT_CHANNEL,
+    AckKind,
+    Command,
+    EventKind,
+)
 from livemig.workload.base import (
     Workload,
     WorkloadFactory,
@@ -110,6 +117,8 @@ class DestinationRun:
             ev = self.session.wait_event(self.config.timeout)
             if ev is None and (self.session.pages_received, self.link.conn.unread_bytes()) != seen:
                 continue  # a source still moving pages, or bytes, is not a silent one (this side may be slow)
+            if ev is not None and ev.kind == EventKind.FAILED and ev.channel == URGENT_CHANNEL and self.postcopy:
+                ev = self._main_after_urgent(ev)
             cause = f"the source was silent for {self.config.timeout} s" if ev is None else event_summary(ev)
             if ev is None or ev.kind == EventKind.FAILED:
                 gone = workload_gone(self.workload, 0.5) if self.postcopy else None
@@ -127,6 +136,21 @@ class DestinationRun:
                 self.link.ended.add(ev.channel)
             self._note(ev)
             return ev
+
+    def _main_after_urgent(self, failed: _core.SessionEvent) -> _core.SessionEvent:
+        """The urgent socket failed (its reader, or a request sent on it): a source that aborts
+        ends that channel first and says why on main, after the pages it sent there. So main is
+        read first, for a second at most: its first event is acted on instead (an ERROR, main's
+        own end or failure, COMPLETE); when main says nothing, ``failed`` stands (a break)."""
+        deadline = time.monotonic() + 1.0
+        while (left := deadline - time.monotonic()) > 0:
+            ev = self.session.wait_event(left)
+            if ev is None:
+                break
+            if ev.kind in (EventKind.FAILED, EventKind.END) and ev.channel == URGENT_CHANNEL:
+                continue  # (the same channel again: its reader and its requests both report)
+            return ev
+        return failed
 
     def _note(self, ev: _core.SessionEvent) -> None:
         """Recovery's view of an event: COMMAND 1 is checked and acknowledged here."""
