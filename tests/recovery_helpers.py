@@ -102,11 +102,16 @@ def run_through_relay(
         proc.join(deadline_s)
         return out
     finally:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        q.close()
-        q.join_thread()
+        reap_destination(proc, q)
+
+
+def reap_destination(proc: mp.process.BaseProcess, q: Any) -> None:
+    """A destination child that is still there is killed; then it is joined and its queue closed."""
+    if proc.is_alive():
+        proc.kill()
+    proc.join()
+    q.close()
+    q.join_thread()
 
 
 def start_destination(ctx: Any, q: Any, dest: DestinationConfig, settle_s: float = 5.0,

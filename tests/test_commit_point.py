@@ -23,7 +23,7 @@ from livemig.migration import DestinationConfig, MigrationConfig, MigrationFaile
 from livemig.protocol import AckKind, Command, FrameType
 from livemig.workload import ModelGuest
 
-from recovery_helpers import PhaseHook, _dest_answer, start_destination
+from recovery_helpers import PhaseHook, _dest_answer, reap_destination, start_destination
 
 SIZE = 8 << 20
 GUEST = GuestConfig(workload="increment", rate=20000.0, free_fraction=0.5, seed=13)
@@ -65,11 +65,7 @@ def run_with_loss(loss: Loss, *, postcopy: bool, dest: DestinationConfig | None 
             connections = relay.connections
         return Ended(result, error, kind, payload, loss, connections)
     finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-        q.close()
-        q.join_thread()
+        reap_destination(proc, q)
 
 
 def _operator_decides(w: ModelGuest, e: MigrationFailed) -> None:

@@ -17,7 +17,7 @@ from livemig.migration import DestinationConfig, MigrationConfig, MigrationResul
 from livemig.protocol import AckKind, Command, FrameType
 from livemig.workload import ModelGuest
 
-from recovery_helpers import _dest_answer, start_destination
+from recovery_helpers import _dest_answer, reap_destination, start_destination
 
 SIZE = 16 << 20
 GUEST = GuestConfig(workload="random", rate=20000.0, seed=21)
@@ -38,11 +38,7 @@ def _migrate(dest: DestinationConfig) -> tuple[MigrationResult, list[Logged]]:
         assert kind == "summary", payload
         return result, log
     finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-        q.close()
-        q.join_thread()
+        reap_destination(proc, q)
 
 
 def _at(log: list[Logged], direction: Direction, ftype: FrameType, *, count: int | None = None,

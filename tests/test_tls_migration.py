@@ -22,6 +22,7 @@ from recovery_helpers import (
     PhaseHook,
     _dest_answer,
     assert_completed,
+    reap_destination,
     run_through_relay,
     start_destination,
 )
@@ -52,11 +53,7 @@ def _through_mitm(config: MigrationConfig, attack: Attack) -> tuple[Any, Any, Tl
         proc.join(30)
         return out, answer, relay
     finally:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        q.close()
-        q.join_thread()
+        reap_destination(proc, q)
 
 
 def test_a_flipped_byte_fails_precopy_cleanly_on_both_sides() -> None:
