@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from livemig.benchmark.qemu_precopy import precopy_main
-from livemig.benchmark.qemu_vm import GUEST_START, QEMU, Qmp, free_port, missing_tools
+from livemig.benchmark.qemu_vm import (
+    GUEST_START,
+    QEMU,
+    Qmp,
+    await_migration,
+    free_port,
+    missing_tools,
+)
 
 #: The guest: real mode to flat 32-bit protected mode, then ``incb`` on each page's first byte,
 #: in address order, from GUEST_START to MEM_END (given to ``as`` with --defsym), over and over.
@@ -173,18 +180,14 @@ def run_qemu(workdir: Path, image: Path, mem_bytes: int, accel: str, timeout: fl
         rate = ((p1 - p0) % 256) / (t1 - t0) * ((mem_bytes - GUEST_START) // 4096)
         src("migrate", uri=f"tcp:127.0.0.1:{port}")
         postcopy = False
-        while True:
-            info = src("query-migrate")
+
+        def switch(info: dict[str, Any]) -> None:  # to postcopy once the first pass is done
+            nonlocal postcopy
             if not postcopy and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
                 src("migrate-start-postcopy")
                 postcopy = True
-            if info.get("status") in ("completed", "failed", "cancelled"):
-                break
-            if time.monotonic() > end:
-                raise RuntimeError("the QEMU migration did not complete in time")
-            time.sleep(0.01)
-        if info["status"] != "completed":
-            raise RuntimeError(f"the QEMU migration ended {info['status']}: {info.get('error-desc', '')}")
+
+        info = await_migration(src, end, switch)
         dinfo = dst("query-migrate")
         for m in (src, dst):
             try:

@@ -36,7 +36,14 @@ from livemig.benchmark.qemu_precopy_guest import (
     pace_for,
     set_pace,
 )
-from livemig.benchmark.qemu_vm import GUEST_START, QEMU, Qmp, free_port, missing_tools
+from livemig.benchmark.qemu_vm import (
+    GUEST_START,
+    QEMU,
+    Qmp,
+    await_migration,
+    free_port,
+    missing_tools,
+)
 
 #: The goals of issue 21 (livemig total / QEMU total at most this), by guest size.
 GOALS = {1 * GIB: 0.2, 4 * GIB: 0.25}
@@ -134,15 +141,7 @@ def run_qemu_precopy(workdir: Path, image: Path, mem_bytes: int, accel: str, dow
         src.wait_touched(end)
         c0, t0 = src.read(COUNTER, "g"), time.monotonic()
         src.qmp("migrate", uri=f"tcp:127.0.0.1:{port}")
-        while True:
-            info = src.qmp("query-migrate")
-            if info.get("status") in ("completed", "failed", "cancelled"):
-                break
-            if time.monotonic() > end:
-                raise RuntimeError("the QEMU migration did not complete in time")
-            time.sleep(0.01)
-        if info["status"] != "completed":
-            raise RuntimeError(f"the QEMU migration ended {info['status']}: {info.get('error-desc', '')}")
+        info = await_migration(src.qmp, end)
         c1, t1 = dst.read(COUNTER, "g"), time.monotonic()  # the guest runs on at the destination
     finally:
         for vm in vms:

@@ -7,6 +7,7 @@ import json
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,4 +70,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-__all__ = ["GUEST_START", "QEMU", "Qmp", "free_port", "missing_tools"]
+def await_migration(qmp: Qmp, end: float, each: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Polls ``query-migrate`` on the source's monitor until the migration ends, ``each`` seeing
+    every answer first; returns the last answer. RuntimeError past ``end`` (time.monotonic()) or
+    when it ended other than completed."""
+    while True:
+        info: dict[str, Any] = qmp("query-migrate")
+        if each is not None:
+            each(info)
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            break
+        if time.monotonic() > end:
+            raise RuntimeError("the QEMU migration did not complete in time")
+        time.sleep(0.01)
+    if info["status"] != "completed":
+        raise RuntimeError(f"the QEMU migration ended {info['status']}: {info.get('error-desc', '')}")
+    return info
+
+
+__all__ = ["GUEST_START", "QEMU", "Qmp", "await_migration", "free_port", "missing_tools"]
